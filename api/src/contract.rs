@@ -1,0 +1,75 @@
+//! The stage contract: how a pod (or a local process of `rlt-trainer pipeline`) is told what
+//! to do. Every pod runs `rlt-trainer <role> <args...>`; the args come from the run spec (see
+//! the `args` builders added beside the spec), the per-pod facts come from these variables.
+
+/// The trainer binary's name inside the image (on PATH).
+pub const TRAINER_BIN: &str = "rlt-trainer";
+
+/// The roles, one subcommand each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Warmup,
+    ParamServer,
+    Learner,
+    Distill,
+    Eval,
+}
+
+impl Role {
+    pub fn subcommand(self) -> &'static str {
+        match self {
+            Role::Warmup => "warmup",
+            Role::ParamServer => "param-server",
+            Role::Learner => "learner",
+            Role::Distill => "distill",
+            Role::Eval => "eval",
+        }
+    }
+}
+
+/// Environment variables set on every stage pod. The trainer reads them as clap `env`
+/// fallbacks for the matching flags, so a local run can pass flags instead.
+pub mod env {
+    /// Name of the RltRun.
+    pub const RUN_NAME: &str = "RLT_RUN_NAME";
+    /// Root of the shared workspace volume (the run's directory is `<workspace>/<run>`).
+    pub const WORKSPACE: &str = "RLT_WORKSPACE";
+    /// Path of the rendered run configuration (the RltRun spec as YAML), mounted read-only.
+    pub const CONFIG: &str = "RLT_CONFIG";
+    /// The stage attempt (0-based); fences checkpoint writes (see `layout`).
+    pub const ATTEMPT: &str = "RLT_ATTEMPT";
+    /// This pod's index within its role (parameter-server shard / learner rank).
+    /// Learner pods of an Indexed Job get it from `JOB_COMPLETION_INDEX` via the operator.
+    pub const REPLICA_INDEX: &str = "RLT_REPLICA_INDEX";
+    /// Number of replicas in this role (parameter servers / learners).
+    pub const REPLICAS: &str = "RLT_REPLICAS";
+    /// Comma-separated `host:port` of every parameter server, in shard order.
+    pub const PARAM_SERVERS: &str = "RLT_PARAM_SERVERS";
+    /// Port the parameter server listens on for gRPC.
+    pub const RPC_PORT: &str = "RLT_RPC_PORT";
+    /// Port for `/metrics` (Prometheus) and `/status` (training figures as JSON).
+    pub const METRICS_PORT: &str = "RLT_METRICS_PORT";
+    /// `cpu` or `cuda`.
+    pub const DEVICE: &str = "RLT_DEVICE";
+}
+
+pub const DEFAULT_RPC_PORT: u16 = 50051;
+pub const DEFAULT_METRICS_PORT: u16 = 9090;
+/// Where the operator mounts the ConfigMap with the rendered run configuration.
+pub const CONFIG_MOUNT_DIR: &str = "/etc/rlt";
+pub const CONFIG_FILE: &str = "run.yaml";
+/// Where the operator mounts the shared workspace volume.
+pub const WORKSPACE_MOUNT_DIR: &str = "/workspace";
+
+/// Training figures the trainer publishes (learner 0's `/status`, and `rl/metrics.json`)
+/// and the operator copies into the run's status.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingFigures {
+    pub step: u64,
+    pub total_steps: u64,
+    pub mean_reward: Option<f64>,
+    pub solution_term: Option<f64>,
+    pub kl_term: Option<f64>,
+    pub tokens_per_second: Option<f64>,
+}
