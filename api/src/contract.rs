@@ -51,7 +51,13 @@ pub mod env {
     pub const METRICS_PORT: &str = "RLT_METRICS_PORT";
     /// `cpu` or `cuda`.
     pub const DEVICE: &str = "RLT_DEVICE";
+    /// The student a distillation pod works for (one Job per student).
+    pub const STUDENT: &str = "RLT_STUDENT";
 }
+
+/// HTTP path on parameter server 0's metrics port that serves the latest
+/// [`TrainingFigures`] as JSON; the operator polls it while RL runs.
+pub const STATUS_PATH: &str = "/status";
 
 pub const DEFAULT_RPC_PORT: u16 = 50051;
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
