@@ -32,6 +32,8 @@ fn spec() -> TinySpec {
 }
 
 fn job(root: &Path, model: &Path, examples: &[Example]) -> SftJob {
+    // One intra-op thread: tiny models, and tests run side by side on 2 cores.
+    tch::set_num_threads(1);
     let p = Prompts::short();
     SftJob {
         name: "warmup".into(),
@@ -68,8 +70,9 @@ fn loss_goes_down_on_the_synthetic_task() {
     };
     let out = run_sft(job(&root, &model, &examples), &cfg).unwrap();
     assert_eq!(out.total_steps, 64);
-    // Seeded run: the mean loss of the first 8 updates is ~5.5 (uniform over 272 tokens is
-    // 5.6); after 64 updates the format and the digits are learned to ~1.0.
+    eprintln!("loss {} -> {}", out.first_losses, out.last_losses);
+    // Seeded run: the mean loss of the first 8 updates is 4.79 (uniform over 272 tokens is
+    // 5.6), of the last 8 (after 64 updates) 1.68: the chat format and tags are learned.
     assert!(out.first_losses > 4.0, "first {}", out.first_losses);
     assert!(
         out.last_losses < 0.5 * out.first_losses,
@@ -113,6 +116,7 @@ fn warmup_cmd(model: &Path, ws: &Path) -> Command {
         "--log-every",
         "20",
     ]);
+    c.args(["--threads", "1"]);
     c.arg("--model").arg(model).arg("--workspace").arg(ws);
     c.env_remove("RLT_ATTEMPT")
         .env_remove("RLT_METRICS_PORT")
