@@ -131,13 +131,28 @@ fn run_rust(dir: &Path, w: &Workload, a: &BenchArgs, pad: i64) -> Result<Figures
         .collect();
     let (loss_mask, _) = right_pad(&mask_rows, 0, device);
     let targets: usize = w.rows.iter().zip(&w.starts).map(|(r, s)| r.len() - s).sum();
+    let profile = std::env::var_os("RLT_BENCH_PROFILE").is_some();
     let mut step = || {
+        let t = Instant::now();
         let loss = completion_loss(&lm.model, &ids, &loss_mask, targets);
+        let l = loss.double_value(&[]);
+        let t1 = t.elapsed();
         loss.backward();
+        let t2 = t.elapsed();
         clip_grad_norm(&opt.params(), 1.0);
+        let t3 = t.elapsed();
         opt.step(1e-5);
         opt.zero_grad();
-        loss.double_value(&[])
+        let t4 = t.elapsed();
+        if profile {
+            eprintln!(
+                "forward {t1:?} backward {:?} clip {:?} adamw {:?}",
+                t2 - t1,
+                t3 - t2,
+                t4 - t3
+            );
+        }
+        l
     };
     for _ in 0..a.warmup_iters {
         step();
