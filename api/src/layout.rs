@@ -99,7 +99,10 @@ mod tests {
 
     #[test]
     fn checkpoint_names_round_trip() {
-        assert_eq!(parse_checkpoint_name(&checkpoint_name(42, 3)), Some((42, 3)));
+        assert_eq!(
+            parse_checkpoint_name(&checkpoint_name(42, 3)),
+            Some((42, 3))
+        );
         assert_eq!(parse_checkpoint_name("step-x-attempt-1"), None);
         assert_eq!(parse_checkpoint_name("final"), None);
     }
@@ -108,7 +111,9 @@ mod tests {
     fn latest_checkpoint_skips_incomplete_and_future_attempts() {
         let tmp = std::env::temp_dir().join(format!("rlt-layout-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        for (step, attempt, complete) in [(10, 0, true), (20, 1, true), (30, 1, false), (40, 2, true)] {
+        for (step, attempt, complete) in
+            [(10, 0, true), (20, 1, true), (30, 1, false), (40, 2, true)]
+        {
             let d = tmp.join(checkpoint_name(step, attempt));
             std::fs::create_dir_all(&d).unwrap();
             if complete {

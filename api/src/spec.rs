@@ -1,0 +1,708 @@
+//! The `RltRun` custom resource (`rlt.dev/v1alpha1`): what a platform team writes.
+//!
+//! Every field has a default that is either the paper's recipe or the smallest thing that
+//! works, so a tiny CPU run is a dozen lines of YAML (`api/tests/good/tiny-cpu.yaml`). Bounds
+//! live in the schema (schemars attributes); cross-field rules are CEL
+//! (`x-kubernetes-validations`) so `kubectl apply` rejects a bad run naming the field, and
+//! [`crate::validate`] evaluates the very same schema client-side for `rlt-trainer pipeline`.
+//!
+//! Serde defaults and schema defaults come from the same functions, so a run read from a file
+//! and a run read back from the API server agree.
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration,
+};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub use crate::status::*;
+
+/// Longest run name: child names are `<run>-distill-<student>-<attempt>` and must stay a
+/// 63-character DNS label (the Job controller copies the Job name into a pod label).
+pub const MAX_RUN_NAME: usize = 24;
+/// Longest student name, for the same reason.
+pub const MAX_STUDENT_NAME: usize = 20;
+
+/// An RLT training run: warm-up -> RL -> distillation, each stage's pods run `rlt-trainer <role>`.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "rlt.dev",
+    version = "v1alpha1",
+    kind = "RltRun",
+    plural = "rltruns",
+    shortname = "rlt",
+    namespaced,
+    status = "RltRunStatus",
+    derive = "PartialEq",
+    doc = "An RLT (Reinforcement-Learned Teacher) training run: warm-up, RL, distillation.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Stage Progress", type_ = "string", json_path = ".status.progress"),
+    printcolumn(name = "Reward", type_ = "number", json_path = ".status.training.meanReward"),
+    printcolumn(name = "Attempt", type_ = "integer", json_path = ".status.attempt"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 24")
+        .message("metadata.name must be at most 24 characters (child object names derive from it)")
+        .field_path(".metadata.name")
+)]
+#[x_kube(validation = Rule::new("!self.distillation.enabled || size(self.distillation.students) > 0")
+    .message("distillation.students must list at least one student while distillation is enabled")
+    .field_path(".distillation.students"))]
+#[serde(rename_all = "camelCase")]
+pub struct RltRunSpec {
+    /// The trainer image (CPU or CUDA build); every stage pod runs `rlt-trainer <role>` in it.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+    /// Image pull policy of every stage pod.
+    #[serde(default = "defaults::pull_policy")]
+    pub image_pull_policy: PullPolicy,
+    /// Secrets for pulling the trainer image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// `cpu`, `cuda`, or `auto` (= `cuda` for pods that request `nvidia.com/gpu`).
+    #[serde(default = "defaults::device")]
+    pub device: Device,
+    /// The teacher's starting model (warm-up starts from it; with warm-up disabled RL does).
+    pub teacher: ModelRef,
+    /// The dataset of (question, solution[, reasoning trace]) rows.
+    pub dataset: Dataset,
+    /// The shared workspace volume mounted in every stage pod at `/workspace`.
+    #[serde(default)]
+    pub workspace: Workspace,
+    #[serde(default)]
+    pub warmup: WarmupStage,
+    #[serde(default)]
+    pub rl: RlStage,
+    #[serde(default)]
+    pub distillation: DistillationStage,
+    /// Scheduling of every stage pod; a stage's own `scheduling` overrides it field by field.
+    #[serde(default, skip_serializing_if = "Scheduling::is_empty")]
+    pub scheduling: Scheduling,
+    /// Service account of the stage pods (default: the namespace's `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_name: Option<String>,
+    /// Extra environment for every stage pod (e.g. `HF_HOME`); the contract's `RLT_*`
+    /// variables cannot be overridden.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub env: Vec<EnvVar>,
+    /// Stops the current stage's pods; setting it back to false continues the stage from its
+    /// last checkpoint (as a new attempt). Kueue drives this field.
+    #[serde(default)]
+    pub suspend: bool,
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// A model: either a Hugging Face checkpoint directory or a tiny random model the trainer
+/// creates deterministically (tests, CPU demos). Exactly one of the two.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("has(self.path) != has(self.tiny)").message("exactly one of path or tiny must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRef {
+    /// Checkpoint directory (config.json, tokenizer.json, *.safetensors): absolute, or
+    /// relative to the workspace root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiny: Option<TinyModel>,
+}
+
+/// A tiny random Qwen2-style model; the same numbers always give the same weights.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("self.hiddenSize % self.heads == 0").message("tiny.hiddenSize must be a multiple of tiny.heads"),
+    validation = Rule::new("self.heads % self.kvHeads == 0").message("tiny.heads must be a multiple of tiny.kvHeads"),
+    validation = Rule::new("self.hiddenSize / self.heads % 2 == 0").message("tiny.hiddenSize / tiny.heads (the head size) must be even for rotary embeddings")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TinyModel {
+    #[serde(default = "defaults::tiny_hidden")]
+    #[schemars(range(min = 8, max = 4096))]
+    pub hidden_size: u32,
+    #[serde(default = "defaults::tiny_layers")]
+    #[schemars(range(min = 1, max = 64))]
+    pub layers: u32,
+    #[serde(default = "defaults::tiny_heads")]
+    #[schemars(range(min = 1, max = 64))]
+    pub heads: u32,
+    #[serde(default = "defaults::tiny_kv_heads")]
+    #[schemars(range(min = 1, max = 64))]
+    pub kv_heads: u32,
+    #[serde(default = "defaults::tiny_intermediate")]
+    #[schemars(range(min = 8, max = 16384))]
+    pub intermediate_size: u32,
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub seed: u64,
+}
+
+impl Default for TinyModel {
+    fn default() -> Self {
+        TinyModel {
+            hidden_size: defaults::tiny_hidden(),
+            layers: defaults::tiny_layers(),
+            heads: defaults::tiny_heads(),
+            kv_heads: defaults::tiny_kv_heads(),
+            intermediate_size: defaults::tiny_intermediate(),
+            seed: 0,
+        }
+    }
+}
+
+/// The training data: a file, or the generated multi-step arithmetic task. Exactly one.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("has(self.path) != has(self.synthetic)").message("exactly one of path or synthetic must be set"),
+    validation = Rule::new("has(self.path) || self.format == 'auto'").message("format applies to a dataset path only")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct Dataset {
+    /// A JSON, JSONL or Parquet file: absolute, or relative to the workspace root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub path: Option<String>,
+    /// `stratos` (Bespoke-Stratos conversations), `custom` (question, solution, optional
+    /// reasoning_trace columns), or `auto` (detected from the first row).
+    #[serde(default = "defaults::dataset_format")]
+    pub format: DatasetFormat,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synthetic: Option<SyntheticDataset>,
+    /// Use only the first `limit` rows (all when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub limit: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetFormat {
+    Auto,
+    Stratos,
+    Custom,
+}
+
+/// Generated multi-step arithmetic questions with worked solutions.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SyntheticDataset {
+    #[serde(default = "defaults::synthetic_rows")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub rows: u32,
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub seed: u64,
+}
+
+impl Default for SyntheticDataset {
+    fn default() -> Self {
+        SyntheticDataset {
+            rows: defaults::synthetic_rows(),
+            seed: 0,
+        }
+    }
+}
+
+/// The shared workspace: an existing claim, or a claim the operator creates (and that goes
+/// away with the run).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!has(self.claimName) || (!has(self.size) && !has(self.storageClassName))")
+    .message("claimName (an existing PVC) excludes size and storageClassName (a PVC the operator creates)"))]
+#[serde(rename_all = "camelCase")]
+pub struct Workspace {
+    /// Use this existing PersistentVolumeClaim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: Option<String>,
+    /// Size of the claim the operator creates (default 10Gi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub size: Option<String>,
+    /// Storage class of the claim the operator creates (default: the cluster's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
+    /// Access modes of the claim the operator creates. Multi-node runs need ReadWriteMany.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    pub access_modes: Vec<AccessMode>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum AccessMode {
+    ReadWriteOnce,
+    ReadWriteMany,
+    ReadWriteOncePod,
+}
+
+/// Pod placement; every field optional. A stage's `scheduling` overrides the run's per field.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Scheduling {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub scheduler_name: Option<String>,
+}
+
+impl Scheduling {
+    pub fn is_empty(&self) -> bool {
+        *self == Scheduling::default()
+    }
+
+    /// `self` (a stage's) overriding `base` (the run's), field by field.
+    pub fn over(&self, base: &Scheduling) -> Scheduling {
+        Scheduling {
+            node_selector: if self.node_selector.is_empty() {
+                base.node_selector.clone()
+            } else {
+                self.node_selector.clone()
+            },
+            tolerations: if self.tolerations.is_empty() {
+                base.tolerations.clone()
+            } else {
+                self.tolerations.clone()
+            },
+            affinity: self.affinity.clone().or_else(|| base.affinity.clone()),
+            priority_class_name: self
+                .priority_class_name
+                .clone()
+                .or_else(|| base.priority_class_name.clone()),
+            scheduler_name: self
+                .scheduler_name
+                .clone()
+                .or_else(|| base.scheduler_name.clone()),
+        }
+    }
+}
+
+/// Warm-up: supervised fine-tuning of the teacher on the teacher format.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmupStage {
+    /// `false` skips warm-up: RL starts from `spec.teacher` as given.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// Data-parallel ranks (an Indexed Job).
+    #[serde(default = "defaults::one")]
+    #[schemars(range(min = 1, max = 256))]
+    pub replicas: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default = "defaults::warmup_epochs")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub epochs: u32,
+    #[serde(default = "defaults::warmup_lr")]
+    #[schemars(range(min = 0.0, max = 1.0), extend("exclusiveMinimum" = true))]
+    pub learning_rate: f64,
+    #[serde(default = "defaults::batch16")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub batch_size: u32,
+    /// Longest training sequence in tokens.
+    #[serde(default = "defaults::max_length")]
+    #[schemars(range(min = 16, max = 1048576))]
+    pub max_length: u32,
+    /// Optimizer steps between resumable checkpoints.
+    #[serde(default = "defaults::checkpoint_interval")]
+    #[schemars(range(min = 1))]
+    pub checkpoint_interval: u32,
+    #[serde(default, skip_serializing_if = "Scheduling::is_empty")]
+    pub scheduling: Scheduling,
+}
+
+/// RL: GRPO with the RLT reward; parameter servers hold the teacher, learners sample and score.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.groupSize >= 2").message("rl.groupSize must be at least 2: advantages are relative to the group").field_path(".groupSize"))]
+#[serde(rename_all = "camelCase")]
+pub struct RlStage {
+    /// Parameter-server shards (a StatefulSet behind a headless Service).
+    #[serde(default = "defaults::one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub param_servers: u32,
+    /// Learner ranks (an Indexed Job).
+    #[serde(default = "defaults::one")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub learners: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param_server_resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learner_resources: Option<ResourceRequirements>,
+    /// The frozen student that scores explanations (default: `spec.teacher`, the paper's
+    /// same-family student). Must share the teacher's tokenizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub student: Option<ModelRef>,
+    #[serde(default = "defaults::rl_steps")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub steps: u32,
+    #[serde(default = "defaults::rl_lr")]
+    #[schemars(range(min = 0.0, max = 1.0), extend("exclusiveMinimum" = true))]
+    pub learning_rate: f64,
+    /// Prompts (question, solution) per step; each gets `groupSize` explanations.
+    #[serde(default = "defaults::batch16")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub batch_size: u32,
+    #[serde(default = "defaults::group_size")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub group_size: u32,
+    /// Teacher sampling temperature.
+    #[serde(default = "defaults::temperature")]
+    #[schemars(range(min = 0.0, max = 10.0), extend("exclusiveMinimum" = true))]
+    pub temperature: f64,
+    #[serde(default = "defaults::max_new_tokens")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_new_tokens: u32,
+    #[serde(default)]
+    pub reward: RewardSpec,
+    /// GRPO KL penalty towards the reference model.
+    #[serde(default = "defaults::beta")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub beta: f64,
+    #[serde(default)]
+    pub reference_sync: ReferenceSync,
+    /// Steps between parameter-server checkpoints.
+    #[serde(default = "defaults::checkpoint_interval")]
+    #[schemars(range(min = 1))]
+    pub checkpoint_interval: u32,
+    #[serde(default, skip_serializing_if = "Scheduling::is_empty")]
+    pub scheduling: Scheduling,
+}
+
+/// The RLT reward: solution term (student log-probs of the solution) minus KL term.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RewardSpec {
+    #[serde(default = "defaults::w_solution_mean")]
+    #[schemars(range(min = 0.0))]
+    pub solution_mean_weight: f64,
+    #[serde(default = "defaults::w_solution_min")]
+    #[schemars(range(min = 0.0))]
+    pub solution_min_weight: f64,
+    #[serde(default = "defaults::w_kl_mean")]
+    #[schemars(range(min = 0.0))]
+    pub kl_mean_weight: f64,
+    #[serde(default = "defaults::w_kl_max")]
+    #[schemars(range(min = 0.0))]
+    pub kl_max_weight: f64,
+    /// Added to the reward when the teacher's output does not parse into the expected tags.
+    #[serde(default = "defaults::format_penalty")]
+    #[schemars(range(max = 0.0))]
+    pub format_penalty: f64,
+    /// Temperature of the student's logits when scoring the solution.
+    #[serde(default = "defaults::temperature")]
+    #[schemars(range(min = 0.0, max = 10.0), extend("exclusiveMinimum" = true))]
+    pub student_temperature: f64,
+}
+
+/// Soft re-sync of the GRPO reference model towards the policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferenceSync {
+    #[serde(default = "defaults::sync_interval")]
+    #[schemars(range(min = 1))]
+    pub interval: u32,
+    /// reference = mix * policy + (1 - mix) * reference.
+    #[serde(default = "defaults::sync_mix")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub mix: f64,
+}
+
+/// Distillation: the RL teacher writes explanations for the dataset; each student is
+/// fine-tuned on them (one Job per student).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.traceSplitting.maxTokensPerTrace <= self.maxLength")
+    .message("distillation.traceSplitting.maxTokensPerTrace must not exceed distillation.maxLength")
+    .field_path(".traceSplitting.maxTokensPerTrace"))]
+#[serde(rename_all = "camelCase")]
+pub struct DistillationStage {
+    /// `false` stops the run after RL.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub students: Vec<Student>,
+    #[serde(default = "defaults::distill_epochs")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub epochs: u32,
+    #[serde(default = "defaults::warmup_lr")]
+    #[schemars(range(min = 0.0, max = 1.0), extend("exclusiveMinimum" = true))]
+    pub learning_rate: f64,
+    #[serde(default = "defaults::batch16")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub batch_size: u32,
+    #[serde(default = "defaults::max_length")]
+    #[schemars(range(min = 16, max = 1048576))]
+    pub max_length: u32,
+    #[serde(default)]
+    pub trace_splitting: TraceSplitting,
+    #[serde(default = "defaults::checkpoint_interval")]
+    #[schemars(range(min = 1))]
+    pub checkpoint_interval: u32,
+    #[serde(default, skip_serializing_if = "Scheduling::is_empty")]
+    pub scheduling: Scheduling,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Student {
+    /// Names the student's Job and its workspace directory `distill/<name>/`.
+    #[schemars(
+        length(min = 1, max = 20),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    pub model: ModelRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Multi-trace collection: a student with a short context gets several shorter traces per
+/// row instead of one truncated trace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TraceSplitting {
+    #[serde(default = "defaults::max_tokens_per_trace")]
+    #[schemars(range(min = 16, max = 1048576))]
+    pub max_tokens_per_trace: u32,
+    #[serde(default = "defaults::one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub traces: u32,
+}
+
+/// How often a failed stage is retried (each retry is a new attempt that resumes from the
+/// stage's last checkpoint) before the run goes `Failed`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailurePolicy {
+    #[serde(default = "defaults::retries")]
+    #[schemars(range(min = 0, max = 100))]
+    pub retries: u32,
+}
+
+macro_rules! default_via {
+    ($($t:ty => $f:path),* $(,)?) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                $f()
+            }
+        }
+    )*};
+}
+default_via!(
+    WarmupStage => defaults::warmup,
+    RlStage => defaults::rl,
+    DistillationStage => defaults::distillation,
+    RewardSpec => defaults::reward,
+    ReferenceSync => defaults::reference_sync,
+    TraceSplitting => defaults::trace_splitting,
+    FailurePolicy => defaults::failure_policy,
+);
+
+/// The defaults, one function each, shared by serde and the schema. Where the paper gives a
+/// number (Cetin, Zhao, Tang 2025), it is the paper's.
+pub mod defaults {
+    use super::*;
+
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn one() -> u32 {
+        1
+    }
+    pub fn pull_policy() -> PullPolicy {
+        PullPolicy::IfNotPresent
+    }
+    pub fn device() -> Device {
+        Device::Auto
+    }
+    pub fn dataset_format() -> DatasetFormat {
+        DatasetFormat::Auto
+    }
+    pub fn synthetic_rows() -> u32 {
+        256
+    }
+    pub fn tiny_hidden() -> u32 {
+        64
+    }
+    pub fn tiny_layers() -> u32 {
+        2
+    }
+    pub fn tiny_heads() -> u32 {
+        4
+    }
+    pub fn tiny_kv_heads() -> u32 {
+        2
+    }
+    pub fn tiny_intermediate() -> u32 {
+        128
+    }
+    pub fn workspace() -> Workspace {
+        Workspace::default()
+    }
+    pub fn warmup_epochs() -> u32 {
+        10
+    }
+    pub fn warmup_lr() -> f64 {
+        1e-5
+    }
+    pub fn batch16() -> u32 {
+        16
+    }
+    pub fn max_length() -> u32 {
+        16384
+    }
+    pub fn checkpoint_interval() -> u32 {
+        50
+    }
+    pub fn rl_steps() -> u32 {
+        125
+    }
+    pub fn rl_lr() -> f64 {
+        1e-6
+    }
+    pub fn group_size() -> u32 {
+        64
+    }
+    pub fn temperature() -> f64 {
+        0.7
+    }
+    pub fn max_new_tokens() -> u32 {
+        4096
+    }
+    pub fn beta() -> f64 {
+        0.04
+    }
+    pub fn w_solution_mean() -> f64 {
+        1.0
+    }
+    pub fn w_solution_min() -> f64 {
+        0.01
+    }
+    pub fn w_kl_mean() -> f64 {
+        3.0
+    }
+    pub fn w_kl_max() -> f64 {
+        0.03
+    }
+    pub fn format_penalty() -> f64 {
+        -1.0
+    }
+    pub fn sync_interval() -> u32 {
+        32
+    }
+    pub fn sync_mix() -> f64 {
+        0.9
+    }
+    pub fn distill_epochs() -> u32 {
+        3
+    }
+    pub fn max_tokens_per_trace() -> u32 {
+        16384
+    }
+    pub fn retries() -> u32 {
+        2
+    }
+    pub fn warmup() -> WarmupStage {
+        WarmupStage {
+            enabled: true,
+            replicas: 1,
+            resources: None,
+            epochs: warmup_epochs(),
+            learning_rate: warmup_lr(),
+            batch_size: batch16(),
+            max_length: max_length(),
+            checkpoint_interval: checkpoint_interval(),
+            scheduling: Scheduling::default(),
+        }
+    }
+    pub fn rl() -> RlStage {
+        RlStage {
+            param_servers: 1,
+            learners: 1,
+            param_server_resources: None,
+            learner_resources: None,
+            student: None,
+            steps: rl_steps(),
+            learning_rate: rl_lr(),
+            batch_size: batch16(),
+            group_size: group_size(),
+            temperature: temperature(),
+            max_new_tokens: max_new_tokens(),
+            reward: reward(),
+            beta: beta(),
+            reference_sync: reference_sync(),
+            checkpoint_interval: checkpoint_interval(),
+            scheduling: Scheduling::default(),
+        }
+    }
+    pub fn reward() -> RewardSpec {
+        RewardSpec {
+            solution_mean_weight: w_solution_mean(),
+            solution_min_weight: w_solution_min(),
+            kl_mean_weight: w_kl_mean(),
+            kl_max_weight: w_kl_max(),
+            format_penalty: format_penalty(),
+            student_temperature: temperature(),
+        }
+    }
+    pub fn reference_sync() -> ReferenceSync {
+        ReferenceSync {
+            interval: sync_interval(),
+            mix: sync_mix(),
+        }
+    }
+    pub fn distillation() -> DistillationStage {
+        DistillationStage {
+            enabled: true,
+            students: Vec::new(),
+            epochs: distill_epochs(),
+            learning_rate: warmup_lr(),
+            batch_size: batch16(),
+            max_length: max_length(),
+            trace_splitting: trace_splitting(),
+            checkpoint_interval: checkpoint_interval(),
+            scheduling: Scheduling::default(),
+        }
+    }
+    pub fn trace_splitting() -> TraceSplitting {
+        TraceSplitting {
+            max_tokens_per_trace: max_tokens_per_trace(),
+            traces: 1,
+        }
+    }
+    pub fn failure_policy() -> FailurePolicy {
+        FailurePolicy { retries: retries() }
+    }
+}
+
+impl RltRunSpec {
+    /// The model RL scores explanations with (`rl.student`, else the teacher as given).
+    pub fn rl_student(&self) -> &ModelRef {
+        self.rl.student.as_ref().unwrap_or(&self.teacher)
+    }
+}

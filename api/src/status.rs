@@ -1,0 +1,126 @@
+//! `RltRun.status`, following the Kubernetes API conventions: `conditions` are the truth,
+//! `phase` is derived from them for display (`kubectl get rltruns`).
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// Condition types. Per-stage completion, plus `Suspended`, `InvalidSpec` and the terminal
+/// `Succeeded` / `Failed`.
+pub mod condition {
+    pub const WARMUP_COMPLETE: &str = "WarmupComplete";
+    pub const RL_COMPLETE: &str = "RLComplete";
+    pub const DISTILLATION_COMPLETE: &str = "DistillationComplete";
+    pub const SUSPENDED: &str = "Suspended";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const SUCCEEDED: &str = "Succeeded";
+    pub const FAILED: &str = "Failed";
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RltRunStatus {
+    /// Derived from the conditions, for display only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The generation the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Stage progress for display, e.g. `rl 40/125`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// Attempt of the current (or last) stage, for display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(default, skip_serializing_if = "StagesStatus::is_empty")]
+    pub stages: StagesStatus,
+    /// Latest training figures read from parameter server 0 while RL runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum Phase {
+    Pending,
+    WarmUp,
+    RL,
+    Distillation,
+    Succeeded,
+    Failed,
+    Suspended,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::WarmUp => "WarmUp",
+            Phase::RL => "RL",
+            Phase::Distillation => "Distillation",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+            Phase::Suspended => "Suspended",
+        }
+    }
+    pub const ALL: [Phase; 7] = [
+        Phase::Pending,
+        Phase::WarmUp,
+        Phase::RL,
+        Phase::Distillation,
+        Phase::Succeeded,
+        Phase::Failed,
+        Phase::Suspended,
+    ];
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StagesStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<StageStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rl: Option<StageStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distillation: Option<StageStatus>,
+}
+
+impl StagesStatus {
+    pub fn is_empty(&self) -> bool {
+        *self == StagesStatus::default()
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StageStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// Times this stage's pods were (re)started, 0-based; stamped on the pods as
+    /// `RLT_ATTEMPT` and used to fence checkpoints. Resuming after suspend is a new attempt.
+    #[serde(default)]
+    pub attempt: u32,
+    /// Failed attempts; the run fails when this exceeds `failurePolicy.retries`.
+    #[serde(default)]
+    pub failures: u32,
+    /// Distillation: the students whose Job succeeded (kept across attempts, so a retry only
+    /// reruns the students that did not finish).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub completed_students: Vec<String>,
+    /// Workspace path of what the stage produced (distillation: the `distill/` directory,
+    /// one `<student>/final` per student).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingStatus {
+    pub step: u64,
+    pub total_steps: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_reward: Option<f64>,
+}

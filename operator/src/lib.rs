@@ -1,0 +1,19 @@
+//! The rlt-operator: reconciles `RltRun`s into the stage graph.
+//!
+//! - [`reconcile`]: the pure decision logic, (run, observed children) -> (children to apply
+//!   and delete, new status, events); no I/O, unit-tested per phase transition;
+//! - [`children`]: the child objects of a run (ConfigMap, PVC, Jobs, StatefulSet, Service),
+//!   built from the spec and the stage contract; [`observe`]: what the reconciler reads back;
+//! - [`controller`]: the thin layer doing the API calls (server-side apply) around it;
+//! - [`leader`], [`metrics`], [`http`], [`figures`]: leader election, Prometheus metrics,
+//!   the health/metrics endpoint, RL training figures;
+//! - [`crdgen`]: the generated CRD files.
+pub mod children;
+pub mod controller;
+pub mod crdgen;
+pub mod figures;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod observe;
+pub mod reconcile;

@@ -1,0 +1,291 @@
+//! What the reconciler needs to know about a run's children, distilled from the API objects:
+//! which children exist (and their content hash), how each Job ended, and what is wrong with
+//! each pod (image pull, scheduling, OOM, exit code). Pure functions of the objects.
+use crate::children::{
+    Kind, Stage, ANNOTATION_HASH, CONTAINER, LABEL_ATTEMPT, LABEL_STAGE, LABEL_STUDENT,
+};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use rlt_api::contract::TrainingFigures;
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Observed {
+    /// Every owned child (Jobs included), by kind and name.
+    pub children: Vec<ObservedChild>,
+    pub jobs: Vec<ObservedJob>,
+    pub pods: Vec<ObservedPod>,
+    /// Parameter server 0's latest figures, when the controller could read them.
+    pub figures: Option<TrainingFigures>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObservedChild {
+    pub kind: Kind,
+    pub name: String,
+    pub hash: Option<String>,
+    /// Being deleted: neither re-applied nor deleted again.
+    pub deleting: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobState {
+    Running,
+    Complete,
+    Failed { reason: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObservedJob {
+    pub name: String,
+    pub state: JobState,
+    pub deleting: bool,
+}
+
+/// Something wrong with a pod, lifted into the run's condition and an Event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// `ImagePullBackOff`, `Unschedulable`, `OOMKilled`, `Error`, `CrashLoopBackOff`, ...
+    pub reason: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObservedPod {
+    pub name: String,
+    pub stage: Option<Stage>,
+    pub attempt: Option<u32>,
+    pub student: Option<String>,
+    pub problem: Option<Problem>,
+}
+
+impl Observed {
+    pub fn child(&self, kind: Kind, name: &str) -> Option<&ObservedChild> {
+        self.children
+            .iter()
+            .find(|c| c.kind == kind && c.name == name)
+    }
+    pub fn job(&self, name: &str) -> Option<&ObservedJob> {
+        self.jobs.iter().find(|j| j.name == name)
+    }
+    /// The first problem among the pods of one stage attempt (and student).
+    pub fn problem(&self, stage: Stage, attempt: u32, student: Option<&str>) -> Option<&Problem> {
+        self.pods
+            .iter()
+            .filter(|p| p.stage == Some(stage) && p.attempt == Some(attempt))
+            .filter(|p| student.is_none() || p.student.as_deref() == student)
+            .find_map(|p| p.problem.as_ref())
+    }
+}
+
+pub fn child(kind: Kind, meta: &ObjectMeta) -> ObservedChild {
+    ObservedChild {
+        kind,
+        name: meta.name.clone().unwrap_or_default(),
+        hash: meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_HASH))
+            .cloned(),
+        deleting: meta.deletion_timestamp.is_some(),
+    }
+}
+
+pub fn job(job: &Job) -> ObservedJob {
+    let conds = job.status.as_ref().and_then(|s| s.conditions.as_ref());
+    let is = |t: &str| {
+        conds
+            .into_iter()
+            .flatten()
+            .find(|c| c.type_ == t && c.status == "True")
+    };
+    let state = if is("Complete").is_some() {
+        JobState::Complete
+    } else if let Some(c) = is("Failed").or_else(|| is("FailureTarget")) {
+        JobState::Failed {
+            reason: c.reason.clone().unwrap_or_else(|| "Failed".into()),
+            message: c.message.clone().unwrap_or_default(),
+        }
+    } else {
+        JobState::Running
+    };
+    ObservedJob {
+        name: job.metadata.name.clone().unwrap_or_default(),
+        state,
+        deleting: job.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+pub fn pod(pod: &Pod) -> ObservedPod {
+    let labels = pod.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    ObservedPod {
+        stage: label(LABEL_STAGE).as_deref().and_then(Stage::from_label),
+        attempt: label(LABEL_ATTEMPT).and_then(|a| a.parse().ok()),
+        student: label(LABEL_STUDENT),
+        problem: pod_problem(&name, pod),
+        name,
+    }
+}
+
+const WAITING_PROBLEMS: &[&str] = &[
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// The most telling problem of a pod: a failed container first (OOM, exit code), then a
+/// container that cannot start, then a pod that cannot be scheduled.
+pub fn pod_problem(name: &str, pod: &Pod) -> Option<Problem> {
+    let status = pod.status.as_ref()?;
+    let containers: Vec<&ContainerStatus> = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .collect();
+    for c in &containers {
+        let terminated = c
+            .state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .or_else(|| c.last_state.as_ref().and_then(|s| s.terminated.as_ref()));
+        if let Some(t) = terminated.filter(|t| t.exit_code != 0) {
+            let what = if c.name == CONTAINER {
+                "the trainer".to_string()
+            } else {
+                format!("container {}", c.name)
+            };
+            let (reason, message) = match t.reason.as_deref() {
+                Some("OOMKilled") => (
+                    "OOMKilled".to_string(),
+                    format!(
+                        "pod {name}: {what} was OOMKilled (exit code {}): raise its memory limit",
+                        t.exit_code
+                    ),
+                ),
+                _ => {
+                    let tail = t
+                        .message
+                        .as_deref()
+                        .map(|m| format!(": {}", last_line(m)))
+                        .unwrap_or_default();
+                    (
+                        "Error".to_string(),
+                        format!("pod {name}: {what} exited with code {}{tail}", t.exit_code),
+                    )
+                }
+            };
+            return Some(Problem { reason, message });
+        }
+    }
+    for c in &containers {
+        if let Some(w) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) {
+            let reason = w.reason.clone().unwrap_or_default();
+            if WAITING_PROBLEMS.contains(&reason.as_str()) {
+                let detail = w
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default();
+                return Some(Problem {
+                    message: format!("pod {name}: {reason}{detail}"),
+                    reason,
+                });
+            }
+        }
+    }
+    let unschedulable = status.conditions.iter().flatten().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
+    });
+    if let Some(c) = unschedulable {
+        let detail = c
+            .message
+            .as_deref()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        return Some(Problem {
+            reason: "Unschedulable".into(),
+            message: format!("pod {name} cannot be scheduled{detail}"),
+        });
+    }
+    None
+}
+
+/// Termination messages can be long logs; the last line is the error.
+fn last_line(m: &str) -> &str {
+    m.trim_end().lines().last().unwrap_or(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod_from(status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "labels": {"rlt.dev/stage": "rl", "rlt.dev/attempt": "2"}},
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn lifts_each_pod_failure_kind() {
+        let cases = [
+            (json!({"containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"x\""}}}]}),
+             "ImagePullBackOff", "pod p: ImagePullBackOff: Back-off pulling image \"x\""),
+            (json!({"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}),
+             "Unschedulable", "pod p cannot be scheduled: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+            (json!({"containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]}),
+             "OOMKilled", "pod p: the trainer was OOMKilled (exit code 137): raise its memory limit"),
+            (json!({"containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": false, "restartCount": 3,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"reason": "Error", "exitCode": 2, "message": "loading\nerror: config.json not found"}}}]}),
+             "Error", "pod p: the trainer exited with code 2: error: config.json not found"),
+        ];
+        for (status, reason, message) in cases {
+            let p = pod(&pod_from(status));
+            let problem = p.problem.expect(reason);
+            assert_eq!(
+                (problem.reason.as_str(), problem.message.as_str()),
+                (reason, message)
+            );
+            assert_eq!((p.stage, p.attempt), (Some(Stage::Rl), Some(2)));
+        }
+        let healthy = pod(&pod_from(
+            json!({"containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": true,
+            "restartCount": 0, "state": {"running": {}}}]}),
+        ));
+        assert_eq!(healthy.problem, None);
+    }
+
+    #[test]
+    fn job_states() {
+        let j = |conds: serde_json::Value| {
+            job(&serde_json::from_value(
+                json!({"metadata": {"name": "j"}, "status": {"conditions": conds}}),
+            )
+            .unwrap())
+        };
+        assert_eq!(j(json!([])).state, JobState::Running);
+        assert_eq!(
+            j(json!([{"type": "Complete", "status": "True"}])).state,
+            JobState::Complete
+        );
+        assert_eq!(
+            j(json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}])).state,
+            JobState::Failed { reason: "BackoffLimitExceeded".into(), message: "Job has reached the specified backoff limit".into() }
+        );
+    }
+}

@@ -1,0 +1,631 @@
+//! The decision logic: (run, observed children, now) -> (children to apply and delete, new
+//! status, events). Pure: no I/O, no clock, so every phase transition is a unit test and the
+//! controller is idempotent (the same inputs give the same plan; a reconcile that finds
+//! nothing to change returns an empty plan and the controller writes nothing).
+//!
+//! The stage machine, per run:
+//! - the ConfigMap (rendered config) and the workspace PVC always exist;
+//! - the current stage is the first whose `<Stage>Complete` condition is not True (a
+//!   disabled stage is completed with reason `Skipped`);
+//! - its workload is applied for the stage's current attempt; a failed workload is a failed
+//!   attempt: retried as attempt+1 up to `failurePolicy.retries`, then the run is `Failed`;
+//! - `suspend` deletes the current workload; resuming starts it again as attempt+1 (the
+//!   trainer resumes from the last checkpoint at or below its attempt);
+//! - `Succeeded` / `Failed` are sticky: a finished run never recreates children.
+use crate::children::{self, names, Child, Ctx, Kind, Stage};
+use crate::observe::{JobState, Observed};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use rlt_api::layout::RunDir;
+use rlt_api::spec::RltRun;
+use rlt_api::status::{
+    condition as cond, Phase, RltRunStatus, StageStatus, StagesStatus, TrainingStatus,
+};
+use rlt_api::{contract, validate};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+/// A Kubernetes Event to publish on the run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub type_: EventType,
+    pub reason: String,
+    pub note: String,
+}
+
+/// What the controller must do. Empty when nothing changed.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Plan {
+    /// Children to server-side apply (absent, or their content hash changed).
+    pub apply: Vec<Child>,
+    /// Children to delete (background propagation).
+    pub delete: Vec<(Kind, String)>,
+    /// The new status, only when it differs from the current one.
+    pub status: Option<RltRunStatus>,
+    pub events: Vec<Event>,
+    /// RL is running: the controller should poll parameter server 0 for training figures.
+    pub poll_figures: bool,
+}
+
+impl Plan {
+    /// Nothing to write (polling is a read).
+    pub fn is_noop(&self) -> bool {
+        self.apply.is_empty()
+            && self.delete.is_empty()
+            && self.status.is_none()
+            && self.events.is_empty()
+    }
+}
+
+fn complete_condition(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Warmup => cond::WARMUP_COMPLETE,
+        Stage::Rl => cond::RL_COMPLETE,
+        Stage::Distillation => cond::DISTILLATION_COMPLETE,
+    }
+}
+
+fn stage_phase(stage: Stage) -> Phase {
+    match stage {
+        Stage::Warmup => Phase::WarmUp,
+        Stage::Rl => Phase::RL,
+        Stage::Distillation => Phase::Distillation,
+    }
+}
+
+/// Condition bookkeeping that never churns: an unchanged condition is left byte-for-byte
+/// alone, and `lastTransitionTime` moves only when the status flips.
+struct Conditions<'a> {
+    list: &'a mut Vec<Condition>,
+    generation: Option<i64>,
+    now: &'a Time,
+}
+
+impl Conditions<'_> {
+    fn get(&self, type_: &str) -> Option<&Condition> {
+        self.list.iter().find(|c| c.type_ == type_)
+    }
+    fn is_true(&self, type_: &str) -> bool {
+        self.get(type_).is_some_and(|c| c.status == "True")
+    }
+    /// Sets a condition; returns true when its status or reason changed.
+    fn set(&mut self, type_: &str, status: bool, reason: &str, message: &str) -> bool {
+        let status = if status { "True" } else { "False" };
+        let new = |ltt: Time| Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: self.generation,
+            last_transition_time: ltt,
+        };
+        match self.list.iter_mut().find(|c| c.type_ == type_) {
+            None => {
+                self.list.push(new(self.now.clone()));
+                true
+            }
+            Some(c) => {
+                let changed = c.status != status || c.reason != reason;
+                let ltt = if c.status != status {
+                    self.now.clone()
+                } else {
+                    c.last_transition_time.clone()
+                };
+                let updated = new(ltt);
+                if *c != updated {
+                    *c = updated;
+                }
+                changed
+            }
+        }
+    }
+}
+
+/// `phase` is derived from the conditions (and whether the current stage has started).
+pub fn derive_phase(status: &RltRunStatus) -> Phase {
+    let is_true = |t: &str| {
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == t && c.status == "True")
+    };
+    if is_true(cond::FAILED) {
+        return Phase::Failed;
+    }
+    if is_true(cond::SUCCEEDED) {
+        return Phase::Succeeded;
+    }
+    if is_true(cond::SUSPENDED) {
+        return Phase::Suspended;
+    }
+    match Stage::ALL
+        .into_iter()
+        .find(|s| !is_true(complete_condition(*s)))
+    {
+        None => Phase::Succeeded,
+        Some(s)
+            if stage_status(status, s)
+                .and_then(|st| st.start_time.as_ref())
+                .is_some() =>
+        {
+            stage_phase(s)
+        }
+        Some(_) => Phase::Pending,
+    }
+}
+
+fn stage_status(status: &RltRunStatus, stage: Stage) -> Option<&StageStatus> {
+    match stage {
+        Stage::Warmup => status.stages.warmup.as_ref(),
+        Stage::Rl => status.stages.rl.as_ref(),
+        Stage::Distillation => status.stages.distillation.as_ref(),
+    }
+}
+
+fn stage_status_mut(stages: &mut StagesStatus, stage: Stage) -> &mut StageStatus {
+    let slot = match stage {
+        Stage::Warmup => &mut stages.warmup,
+        Stage::Rl => &mut stages.rl,
+        Stage::Distillation => &mut stages.distillation,
+    };
+    slot.get_or_insert_with(StageStatus::default)
+}
+
+fn enabled(run: &RltRun, stage: Stage) -> bool {
+    match stage {
+        Stage::Warmup => run.spec.warmup.enabled,
+        Stage::Rl => true,
+        Stage::Distillation => run.spec.distillation.enabled,
+    }
+}
+
+/// Artifact paths as the pods see them (`/workspace/<run>/...`).
+fn artifact(run: &str, stage: Stage) -> String {
+    let dir = RunDir::new(contract::WORKSPACE_MOUNT_DIR, run);
+    let path = match stage {
+        Stage::Warmup => dir.warmup().final_dir(),
+        Stage::Rl => dir.rl().final_dir(),
+        Stage::Distillation => dir.root().join("distill"),
+    };
+    path.display().to_string()
+}
+
+/// Keeps condition messages readable in `kubectl describe` and under the API's 32 KiB limit.
+fn clip(message: String) -> String {
+    const MAX: usize = 1024;
+    if message.len() <= MAX {
+        return message;
+    }
+    let mut end = MAX;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &message[..end])
+}
+
+struct Planner<'a> {
+    run: &'a RltRun,
+    obs: &'a Observed,
+    ctx: Ctx<'a>,
+    plan: Plan,
+}
+
+impl Planner<'_> {
+    fn event(&mut self, type_: EventType, reason: &str, note: String) {
+        self.plan.events.push(Event {
+            type_,
+            reason: reason.into(),
+            note,
+        });
+    }
+
+    /// Applies a child unless the observed one already has the same content hash. Jobs are
+    /// create-only (their pod template is immutable); a new attempt is a new Job.
+    fn ensure(&mut self, child: Child) {
+        match self.obs.child(child.kind(), child.name()) {
+            Some(o) if o.deleting => {}
+            Some(_) if child.kind() == Kind::Job || child.kind() == Kind::PersistentVolumeClaim => {
+            }
+            Some(o) if o.hash.as_deref() == child.hash() => {}
+            _ => self.plan.apply.push(child),
+        }
+    }
+
+    fn delete(&mut self, kind: Kind, name: &str) {
+        if self.obs.child(kind, name).is_some_and(|o| !o.deleting)
+            && !self
+                .plan
+                .delete
+                .iter()
+                .any(|(k, n)| *k == kind && n == name)
+        {
+            self.plan.delete.push((kind, name.to_string()));
+        }
+    }
+
+    fn delete_param_servers(&mut self) {
+        let name = names::param_servers(&self.ctx.name);
+        self.delete(Kind::StatefulSet, &name);
+        self.delete(Kind::Service, &name);
+    }
+
+    /// Deletes the stage's Jobs: all of them, or only those still running.
+    fn delete_stage_jobs(&mut self, stage: Stage, only_running: bool) {
+        let run = self.ctx.name.clone();
+        let doomed: Vec<String> = self
+            .obs
+            .jobs
+            .iter()
+            .filter(|j| names::stage_of_job(&j.name, &run) == Some(stage))
+            .filter(|j| !only_running || j.state == JobState::Running)
+            .map(|j| j.name.clone())
+            .collect();
+        for name in doomed {
+            self.delete(Kind::Job, &name);
+        }
+    }
+
+    /// Deletes the stage's Jobs of attempts other than `attempt` (failed or superseded).
+    fn delete_stale_jobs(&mut self, stage: Stage, keep: &[String]) {
+        let run = self.ctx.name.clone();
+        let stale: Vec<String> = self
+            .obs
+            .jobs
+            .iter()
+            .filter(|j| {
+                names::stage_of_job(&j.name, &run) == Some(stage) && !keep.contains(&j.name)
+            })
+            .map(|j| j.name.clone())
+            .collect();
+        for name in stale {
+            self.delete(Kind::Job, &name);
+        }
+    }
+
+    /// The stage's Jobs for an attempt, as (student, Job).
+    fn stage_jobs(
+        &self,
+        stage: Stage,
+        attempt: u32,
+        done: &[String],
+    ) -> Vec<(Option<String>, Child)> {
+        match stage {
+            Stage::Warmup => vec![(None, children::warmup_job(&self.ctx, attempt))],
+            Stage::Rl => vec![(None, children::learner_job(&self.ctx, attempt))],
+            Stage::Distillation => self
+                .run
+                .spec
+                .distillation
+                .students
+                .iter()
+                .filter(|s| !done.contains(&s.name))
+                .map(|s| {
+                    (
+                        Some(s.name.clone()),
+                        children::distill_job(&self.ctx, s, attempt),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The outcome of looking at the current stage's workload.
+enum Outcome {
+    Running { problem: Option<(String, String)> },
+    Complete,
+    Failed { message: String },
+}
+
+/// Decides what to do for a run given what exists. See the module docs for the stage machine.
+pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
+    let old = run.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    let mut p = Planner {
+        run,
+        obs,
+        ctx: Ctx::new(run),
+        plan: Plan::default(),
+    };
+    status.observed_generation = run.metadata.generation;
+    let mut conds = Conditions {
+        list: &mut status.conditions,
+        generation: run.metadata.generation,
+        now,
+    };
+
+    // Sticky terminal states: nothing is (re)created; what still runs is stopped.
+    if conds.is_true(cond::SUCCEEDED) || conds.is_true(cond::FAILED) {
+        p.delete_param_servers();
+        for stage in Stage::ALL {
+            p.delete_stage_jobs(stage, true);
+        }
+        return finish(p, old, status);
+    }
+
+    // What the schema cannot catch: report, create nothing, do not crash-loop.
+    let errors = validate::semantic_errors(run);
+    if !errors.is_empty() {
+        let message = clip(validate::render(&errors).replace('\n', "; "));
+        if conds.set(cond::INVALID_SPEC, true, "InvalidSpec", &message) {
+            p.event(EventType::Warning, "InvalidSpec", message);
+        }
+        return finish(p, old, status);
+    }
+    if conds.get(cond::INVALID_SPEC).is_some() {
+        conds.set(cond::INVALID_SPEC, false, "Valid", "");
+    }
+
+    p.ensure(children::config_map(&p.ctx));
+    if let Some(pvc) = children::workspace_pvc(&p.ctx) {
+        p.ensure(pvc);
+    }
+
+    for stage in Stage::ALL {
+        if !enabled(run, stage) && !conds.is_true(complete_condition(stage)) {
+            conds.set(
+                complete_condition(stage),
+                true,
+                "Skipped",
+                &format!("spec.{}.enabled is false", stage.label()),
+            );
+        }
+    }
+
+    let retries = run.spec.failure_policy.retries;
+    let stage_count = Stage::ALL.iter().filter(|s| enabled(run, **s)).count();
+    // At most one stage completes and the next starts per pass; loop so a reconcile that
+    // sees a stage finish starts the next one right away.
+    loop {
+        let Some(stage) = Stage::ALL
+            .into_iter()
+            .find(|s| !conds.is_true(complete_condition(*s)))
+        else {
+            if conds.set(
+                cond::SUCCEEDED,
+                true,
+                "AllStagesComplete",
+                "every stage succeeded",
+            ) {
+                p.event(
+                    EventType::Normal,
+                    "Succeeded",
+                    "every stage succeeded".into(),
+                );
+            }
+            p.delete_param_servers();
+            status.progress = Some(format!("{stage_count}/{stage_count} done"));
+            break;
+        };
+        if stage != Stage::Rl {
+            p.delete_param_servers();
+        }
+        let stage_no = Stage::ALL
+            .iter()
+            .filter(|s| enabled(run, **s) && **s <= stage)
+            .count();
+
+        if run.spec.suspend {
+            if conds.set(
+                cond::SUSPENDED,
+                true,
+                "Suspended",
+                &format!(
+                    "spec.suspend is true: the {} pods are stopped",
+                    stage.label()
+                ),
+            ) {
+                p.event(
+                    EventType::Normal,
+                    "Suspended",
+                    format!("{} pods stopped", stage.label()),
+                );
+            }
+            p.delete_stage_jobs(stage, true);
+            if stage == Stage::Rl {
+                p.delete(Kind::StatefulSet, &names::param_servers(&p.ctx.name));
+            }
+            status.progress = Some(format!(
+                "{stage_no}/{stage_count} {} suspended",
+                stage.label()
+            ));
+            break;
+        }
+        if conds.is_true(cond::SUSPENDED) {
+            conds.set(cond::SUSPENDED, false, "Resumed", "spec.suspend is false");
+            let st = stage_status_mut(&mut status.stages, stage);
+            if st.start_time.is_some() {
+                st.attempt += 1;
+            }
+            let attempt = st.attempt;
+            p.event(
+                EventType::Normal,
+                "Resumed",
+                format!(
+                    "{} resumes from its last checkpoint as attempt {attempt}",
+                    stage.label()
+                ),
+            );
+        }
+
+        let st = stage_status_mut(&mut status.stages, stage);
+        if st.start_time.is_none() {
+            st.start_time = Some(now.clone());
+            p.event(
+                EventType::Normal,
+                "StageStarted",
+                format!("{} started", stage.label()),
+            );
+        }
+        let mut attempt = st.attempt;
+        let mut done = st.completed_students.clone();
+
+        // Look at this attempt's Jobs.
+        let jobs = p.stage_jobs(stage, attempt, &done);
+        let mut outcome = Outcome::Running { problem: None };
+        let mut all_complete = true;
+        for (student, job) in &jobs {
+            match obs.job(job.name()).map(|j| &j.state) {
+                Some(JobState::Complete) => {
+                    if let Some(s) = student {
+                        done.push(s.clone());
+                    }
+                }
+                Some(JobState::Failed { reason, message }) => {
+                    all_complete = false;
+                    let pod = obs
+                        .problem(stage, attempt, student.as_deref())
+                        .map(|pr| pr.message.clone());
+                    let detail = pod.unwrap_or_else(|| format!("{reason}: {message}"));
+                    outcome = Outcome::Failed {
+                        message: format!("job {} failed: {detail}", job.name()),
+                    };
+                    break;
+                }
+                _ => all_complete = false,
+            }
+        }
+        if all_complete {
+            outcome = Outcome::Complete;
+        } else if let Outcome::Running { problem } = &mut outcome {
+            *problem = obs
+                .problem(stage, attempt, None)
+                .map(|pr| (pr.reason.clone(), pr.message.clone()));
+        }
+        stage_status_mut(&mut status.stages, stage).completed_students = done.clone();
+
+        match outcome {
+            Outcome::Complete => {
+                let st = stage_status_mut(&mut status.stages, stage);
+                st.completion_time = Some(now.clone());
+                st.artifact = Some(artifact(&p.ctx.name, stage));
+                conds.set(
+                    complete_condition(stage),
+                    true,
+                    "Succeeded",
+                    &format!("{} succeeded in attempt {attempt}", stage.label()),
+                );
+                p.event(
+                    EventType::Normal,
+                    "StageSucceeded",
+                    format!("{} succeeded", stage.label()),
+                );
+                if stage == Stage::Rl {
+                    p.delete_param_servers();
+                }
+                continue;
+            }
+            Outcome::Failed { message } => {
+                let st = stage_status_mut(&mut status.stages, stage);
+                st.failures += 1;
+                let failures = st.failures;
+                let reason = format!("{}Failed", stage_phase(stage).as_str());
+                if failures > retries {
+                    let message = clip(format!(
+                        "{message} (attempt {attempt}; {failures} failures, retries {retries})"
+                    ));
+                    conds.set(complete_condition(stage), false, &reason, &message);
+                    conds.set(cond::FAILED, true, &reason, &message);
+                    p.event(EventType::Warning, &reason, message);
+                    p.delete_stage_jobs(stage, true);
+                    p.delete_param_servers();
+                    status.progress =
+                        Some(format!("{stage_no}/{stage_count} {} failed", stage.label()));
+                    break;
+                }
+                st.attempt += 1;
+                attempt = st.attempt;
+                let message = clip(format!("{message}; retrying as attempt {attempt} ({failures} of {retries} retries used)"));
+                conds.set(complete_condition(stage), false, "Retrying", &message);
+                p.event(EventType::Warning, "Retrying", message);
+            }
+            Outcome::Running { problem } => {
+                let (reason, message) = problem
+                    .unwrap_or_else(|| ("Running".into(), format!("attempt {attempt} running")));
+                if conds.set(
+                    complete_condition(stage),
+                    false,
+                    &reason,
+                    &clip(message.clone()),
+                ) && reason != "Running"
+                {
+                    p.event(EventType::Warning, &reason, clip(message));
+                }
+            }
+        }
+
+        // The workload of the (possibly new) attempt.
+        let jobs = p.stage_jobs(stage, attempt, &done);
+        let keep: Vec<String> = jobs.iter().map(|(_, j)| j.name().to_string()).collect();
+        p.delete_stale_jobs(stage, &keep);
+        if stage == Stage::Rl {
+            p.ensure(children::param_server_service(&p.ctx));
+            p.ensure(children::param_server_set(&p.ctx, attempt));
+            p.plan.poll_figures = true;
+        }
+        for (_, job) in jobs {
+            p.ensure(job);
+        }
+
+        status.progress = Some(match stage {
+            Stage::Rl => {
+                if let Some(f) = &obs.figures {
+                    status.training = Some(TrainingStatus {
+                        step: f.step,
+                        total_steps: f.total_steps,
+                        mean_reward: f.mean_reward,
+                    });
+                }
+                match &status.training {
+                    Some(t) => format!("{stage_no}/{stage_count} rl {}/{}", t.step, t.total_steps),
+                    None => format!("{stage_no}/{stage_count} rl"),
+                }
+            }
+            Stage::Distillation => {
+                format!(
+                    "{stage_no}/{stage_count} distill {}/{}",
+                    done.len(),
+                    run.spec.distillation.students.len()
+                )
+            }
+            Stage::Warmup => format!("{stage_no}/{stage_count} warmup"),
+        });
+        break;
+    }
+    finish(p, old, status)
+}
+
+/// Derives phase and the display attempt, emits the phase-change Event, and keeps the status
+/// only if anything changed.
+fn finish(mut p: Planner, old: RltRunStatus, mut status: RltRunStatus) -> Plan {
+    let phase = derive_phase(&status);
+    let old_phase = old.phase.unwrap_or(Phase::Pending);
+    if status.phase != Some(phase) {
+        if phase != old_phase {
+            p.event(
+                EventType::Normal,
+                "PhaseChanged",
+                format!("{} -> {}", old_phase.as_str(), phase.as_str()),
+            );
+        }
+        status.phase = Some(phase);
+    }
+    let current = Stage::ALL
+        .into_iter()
+        .rev()
+        .find_map(|s| stage_status(&status, s).map(|st| st.attempt));
+    status.attempt = current;
+    if status != old {
+        p.plan.status = Some(status);
+    }
+    p.plan
+}
+
+/// The name of the run the plan is for (for logs).
+pub fn run_key(run: &RltRun) -> String {
+    format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any())
+}

@@ -1,0 +1,575 @@
+//! The stage machine, one test per behaviour a platform team depends on. A tiny in-memory
+//! "cluster" applies each plan (children created, deleted, status written), so a test walks
+//! a run through its life the way the controller would.
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use rlt_api::contract::TrainingFigures;
+use rlt_api::status::{condition as cond, Phase};
+use rlt_api::RltRun;
+use rlt_operator::children::{Child, Kind, Stage};
+use rlt_operator::observe::{JobState, Observed, ObservedChild, ObservedJob, ObservedPod, Problem};
+use rlt_operator::reconcile::{reconcile, EventType, Plan};
+
+const TINY: &str = include_str!("../../api/tests/good/tiny-cpu.yaml");
+
+fn run_from(yaml: &str) -> RltRun {
+    let mut run = rlt_api::parse_yaml(yaml).unwrap();
+    run.metadata.namespace = Some("ml".into());
+    run.metadata.uid = Some("uid-1".into());
+    run.metadata.generation = Some(1);
+    run
+}
+
+fn at(secs: i64) -> Time {
+    Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + secs).unwrap())
+}
+
+/// The run plus what exists in the cluster.
+struct World {
+    run: RltRun,
+    obs: Observed,
+    clock: i64,
+}
+
+impl World {
+    fn new(run: RltRun) -> World {
+        World {
+            run,
+            obs: Observed::default(),
+            clock: 0,
+        }
+    }
+
+    /// One reconcile; the plan is applied to the world.
+    fn step(&mut self) -> Plan {
+        self.clock += 10;
+        let plan = reconcile(&self.run, &self.obs, &at(self.clock));
+        for child in &plan.apply {
+            self.obs
+                .children
+                .retain(|c| !(c.kind == child.kind() && c.name == child.name()));
+            self.obs.children.push(ObservedChild {
+                kind: child.kind(),
+                name: child.name().into(),
+                hash: child.hash().map(Into::into),
+                deleting: false,
+            });
+            if child.kind() == Kind::Job && self.obs.job(child.name()).is_none() {
+                self.obs.jobs.push(ObservedJob {
+                    name: child.name().into(),
+                    state: JobState::Running,
+                    deleting: false,
+                });
+            }
+        }
+        for (kind, name) in &plan.delete {
+            self.obs
+                .children
+                .retain(|c| !(c.kind == *kind && &c.name == name));
+            if *kind == Kind::Job {
+                self.obs.jobs.retain(|j| &j.name != name);
+                self.obs.pods.clear();
+            }
+        }
+        if let Some(status) = &plan.status {
+            self.run.status = Some(status.clone());
+        }
+        plan
+    }
+
+    fn set_job(&mut self, name: &str, state: JobState) {
+        let job = self
+            .obs
+            .jobs
+            .iter_mut()
+            .find(|j| j.name == name)
+            .unwrap_or_else(|| panic!("no job {name}"));
+        job.state = state;
+    }
+
+    fn status(&self) -> &rlt_api::RltRunStatus {
+        self.run.status.as_ref().unwrap()
+    }
+
+    fn phase(&self) -> Phase {
+        self.status().phase.unwrap()
+    }
+
+    fn condition(&self, type_: &str) -> (String, String, String) {
+        let c = self
+            .status()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap_or_else(|| panic!("no condition {type_}"));
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    fn bump_spec(&mut self, edit: impl FnOnce(&mut RltRun)) {
+        edit(&mut self.run);
+        *self.run.metadata.generation.as_mut().unwrap() += 1;
+    }
+}
+
+fn applied(plan: &Plan) -> Vec<(Kind, String)> {
+    plan.apply
+        .iter()
+        .map(|c| (c.kind(), c.name().to_string()))
+        .collect()
+}
+
+fn reasons(plan: &Plan) -> Vec<&str> {
+    plan.events.iter().map(|e| e.reason.as_str()).collect()
+}
+
+fn fail(reason: &str) -> JobState {
+    JobState::Failed {
+        reason: reason.into(),
+        message: "Job has reached the specified backoff limit".into(),
+    }
+}
+
+fn problem_pod(stage: Stage, attempt: u32, reason: &str, message: &str) -> ObservedPod {
+    ObservedPod {
+        name: "pod-x".into(),
+        stage: Some(stage),
+        attempt: Some(attempt),
+        student: None,
+        problem: Some(Problem {
+            reason: reason.into(),
+            message: message.into(),
+        }),
+    }
+}
+
+/// Walks a world to the start of RL.
+fn at_rl() -> World {
+    let mut w = World::new(run_from(TINY));
+    w.step();
+    w.set_job("tiny-cpu-warmup-0", JobState::Complete);
+    w.step();
+    assert_eq!(w.phase(), Phase::RL);
+    w
+}
+
+#[test]
+fn new_run_creates_config_workspace_and_warmup_job() {
+    let mut w = World::new(run_from(TINY));
+    let plan = w.step();
+    assert_eq!(
+        applied(&plan),
+        vec![
+            (Kind::ConfigMap, "tiny-cpu-config".to_string()),
+            (
+                Kind::PersistentVolumeClaim,
+                "tiny-cpu-workspace".to_string()
+            ),
+            (Kind::Job, "tiny-cpu-warmup-0".to_string()),
+        ]
+    );
+    assert!(plan.delete.is_empty());
+    assert_eq!(w.phase(), Phase::WarmUp);
+    assert_eq!(w.status().attempt, Some(0));
+    assert_eq!(w.status().progress.as_deref(), Some("1/3 warmup"));
+    assert_eq!(w.status().observed_generation, Some(1));
+    assert_eq!(w.condition(cond::WARMUP_COMPLETE).0, "False");
+    assert_eq!(reasons(&plan), vec!["StageStarted", "PhaseChanged"]);
+    assert_eq!(plan.events[1].note, "Pending -> WarmUp");
+    assert!(!plan.poll_figures);
+}
+
+#[test]
+fn reconcile_with_nothing_changed_writes_nothing() {
+    let mut w = World::new(run_from(TINY));
+    w.step();
+    let before = w.run.status.clone();
+    let again = w.step();
+    assert!(again.is_noop(), "{again:#?}");
+    assert_eq!(w.run.status, before, "no timestamps rewritten");
+    // Same in RL, with the same figures polled twice.
+    let mut w = at_rl();
+    w.obs.figures = Some(TrainingFigures {
+        step: 2,
+        total_steps: 4,
+        mean_reward: Some(-0.5),
+        ..Default::default()
+    });
+    assert!(w.step().status.is_some());
+    let again = w.step();
+    assert!(again.is_noop() && again.poll_figures, "{again:#?}");
+}
+
+#[test]
+fn warmup_success_starts_rl_with_param_servers_and_learners() {
+    let mut w = World::new(run_from(TINY));
+    w.step();
+    w.set_job("tiny-cpu-warmup-0", JobState::Complete);
+    let plan = w.step();
+    assert_eq!(
+        applied(&plan),
+        vec![
+            (Kind::Service, "tiny-cpu-ps".to_string()),
+            (Kind::StatefulSet, "tiny-cpu-ps".to_string()),
+            (Kind::Job, "tiny-cpu-learner-0".to_string()),
+        ]
+    );
+    assert_eq!(w.phase(), Phase::RL);
+    assert_eq!(w.condition(cond::WARMUP_COMPLETE).0, "True");
+    let warmup = w.status().stages.warmup.clone().unwrap();
+    assert_eq!(
+        warmup.artifact.as_deref(),
+        Some("/workspace/tiny-cpu/warmup/final")
+    );
+    assert!(warmup.completion_time.is_some());
+    assert!(plan.poll_figures);
+    assert_eq!(
+        reasons(&plan),
+        vec!["StageSucceeded", "StageStarted", "PhaseChanged"]
+    );
+    assert_eq!(plan.events[2].note, "WarmUp -> RL");
+}
+
+#[test]
+fn rl_figures_are_copied_into_status() {
+    let mut w = at_rl();
+    w.obs.figures = Some(TrainingFigures {
+        step: 3,
+        total_steps: 4,
+        mean_reward: Some(0.25),
+        ..Default::default()
+    });
+    let plan = w.step();
+    assert_eq!(plan.apply.len() + plan.delete.len(), 0);
+    let t = w.status().training.clone().unwrap();
+    assert_eq!((t.step, t.total_steps, t.mean_reward), (3, 4, Some(0.25)));
+    assert_eq!(w.status().progress.as_deref(), Some("2/3 rl 3/4"));
+}
+
+#[test]
+fn rl_success_removes_param_servers_and_starts_one_distill_job_per_student() {
+    let yaml = TINY.replace("students: [{name: student, model: {tiny: {seed: 2}}}]", "students: [{name: small, model: {tiny: {seed: 2}}}, {name: big, model: {tiny: {seed: 3, layers: 4}}}]");
+    let mut w = World::new(run_from(&yaml));
+    w.step();
+    w.set_job("tiny-cpu-warmup-0", JobState::Complete);
+    w.step();
+    w.set_job("tiny-cpu-learner-0", JobState::Complete);
+    let plan = w.step();
+    assert_eq!(
+        plan.delete,
+        vec![
+            (Kind::StatefulSet, "tiny-cpu-ps".to_string()),
+            (Kind::Service, "tiny-cpu-ps".to_string())
+        ]
+    );
+    assert_eq!(
+        applied(&plan),
+        vec![
+            (Kind::Job, "tiny-cpu-distill-small-0".to_string()),
+            (Kind::Job, "tiny-cpu-distill-big-0".to_string())
+        ]
+    );
+    assert_eq!(w.phase(), Phase::Distillation);
+    assert_eq!(w.status().progress.as_deref(), Some("3/3 distill 0/2"));
+    w.set_job("tiny-cpu-distill-big-0", JobState::Complete);
+    w.step();
+    assert_eq!(w.status().progress.as_deref(), Some("3/3 distill 1/2"));
+    assert_eq!(
+        w.status()
+            .stages
+            .distillation
+            .as_ref()
+            .unwrap()
+            .completed_students,
+        vec!["big".to_string()]
+    );
+    w.set_job("tiny-cpu-distill-small-0", JobState::Complete);
+    let plan = w.step();
+    assert_eq!(w.phase(), Phase::Succeeded);
+    assert_eq!(w.condition(cond::SUCCEEDED).0, "True");
+    assert_eq!(
+        reasons(&plan),
+        vec!["StageSucceeded", "Succeeded", "PhaseChanged"]
+    );
+    assert_eq!(
+        w.status()
+            .stages
+            .distillation
+            .as_ref()
+            .unwrap()
+            .artifact
+            .as_deref(),
+        Some("/workspace/tiny-cpu/distill")
+    );
+}
+
+#[test]
+fn succeeded_is_sticky_even_when_children_are_gone() {
+    let mut w = at_rl();
+    w.set_job("tiny-cpu-learner-0", JobState::Complete);
+    w.step();
+    w.set_job("tiny-cpu-distill-student-0", JobState::Complete);
+    w.step();
+    assert_eq!(w.phase(), Phase::Succeeded);
+    w.obs = Observed::default(); // Jobs expired, ConfigMap deleted by hand...
+    let plan = w.step();
+    assert!(plan.is_noop(), "{plan:#?}");
+    w.bump_spec(|r| r.spec.rl.steps = 1000); // ...or the spec edited afterwards.
+    let plan = w.step();
+    assert!(plan.apply.is_empty() && plan.delete.is_empty() && plan.events.is_empty());
+    assert_eq!(w.phase(), Phase::Succeeded);
+}
+
+#[test]
+fn failed_attempts_are_retried_up_to_the_policy_then_the_run_fails() {
+    let mut w = World::new(run_from(TINY)); // failurePolicy.retries defaults to 2
+    w.step();
+    for attempt in 0..2u32 {
+        let job = format!("tiny-cpu-warmup-{attempt}");
+        w.obs.pods = vec![problem_pod(
+            Stage::Warmup,
+            attempt,
+            "OOMKilled",
+            "pod p: the trainer was OOMKilled (exit code 137): raise its memory limit",
+        )];
+        w.set_job(&job, fail("BackoffLimitExceeded"));
+        let plan = w.step();
+        let next = format!("tiny-cpu-warmup-{}", attempt + 1);
+        assert_eq!(plan.delete, vec![(Kind::Job, job.clone())]);
+        assert_eq!(applied(&plan), vec![(Kind::Job, next)]);
+        let (status, reason, message) = w.condition(cond::WARMUP_COMPLETE);
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "Retrying"));
+        assert!(
+            message.contains("OOMKilled")
+                && message.contains(&format!("retrying as attempt {}", attempt + 1)),
+            "{message}"
+        );
+        assert_eq!(plan.events[0].type_, EventType::Warning);
+        assert_eq!(w.status().attempt, Some(attempt + 1));
+        assert_eq!(w.phase(), Phase::WarmUp);
+    }
+    w.obs.pods = vec![];
+    w.set_job("tiny-cpu-warmup-2", fail("BackoffLimitExceeded"));
+    let plan = w.step();
+    assert!(plan.apply.is_empty());
+    assert_eq!(w.phase(), Phase::Failed);
+    let (status, reason, message) = w.condition(cond::FAILED);
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "WarmUpFailed"));
+    assert!(
+        message.contains("job tiny-cpu-warmup-2 failed: BackoffLimitExceeded"),
+        "{message}"
+    );
+    assert_eq!(reasons(&plan), vec!["WarmUpFailed", "PhaseChanged"]);
+    // Sticky: nothing is recreated, even with the failed Job gone.
+    w.obs.jobs.clear();
+    w.obs.children.retain(|c| c.kind != Kind::Job);
+    assert!(w.step().is_noop());
+}
+
+#[test]
+fn failed_rl_stops_the_param_servers() {
+    let mut w = at_rl();
+    w.bump_spec(|r| r.spec.failure_policy.retries = 0);
+    w.step();
+    w.set_job("tiny-cpu-learner-0", fail("BackoffLimitExceeded"));
+    let plan = w.step();
+    assert_eq!(w.phase(), Phase::Failed);
+    assert!(plan
+        .delete
+        .contains(&(Kind::StatefulSet, "tiny-cpu-ps".to_string())));
+    assert_eq!(w.condition(cond::FAILED).1, "RLFailed");
+}
+
+#[test]
+fn pod_problems_are_lifted_into_the_condition_and_an_event_once() {
+    for (reason, message) in [
+        (
+            "ImagePullBackOff",
+            "pod p: ImagePullBackOff: Back-off pulling image \"rlt-trainer:cpu\"",
+        ),
+        (
+            "Unschedulable",
+            "pod p cannot be scheduled: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+        ),
+        ("CrashLoopBackOff", "pod p: CrashLoopBackOff"),
+    ] {
+        let mut w = at_rl();
+        w.obs.pods = vec![problem_pod(Stage::Rl, 0, reason, message)];
+        let plan = w.step();
+        assert_eq!(
+            w.condition(cond::RL_COMPLETE),
+            ("False".into(), reason.into(), message.into())
+        );
+        assert_eq!(plan.events.len(), 1);
+        assert_eq!(
+            (
+                plan.events[0].type_,
+                plan.events[0].reason.as_str(),
+                plan.events[0].note.as_str()
+            ),
+            (EventType::Warning, reason, message)
+        );
+        assert!(w.step().is_noop(), "the same problem is reported once");
+        w.obs.pods.clear();
+        w.step();
+        assert_eq!(w.condition(cond::RL_COMPLETE).1, "Running");
+    }
+}
+
+#[test]
+fn suspend_stops_the_stage_and_resume_continues_as_a_new_attempt_with_new_templates() {
+    let mut w = at_rl();
+    w.bump_spec(|r| r.spec.suspend = true);
+    let plan = w.step();
+    assert_eq!(
+        plan.delete,
+        vec![
+            (Kind::Job, "tiny-cpu-learner-0".to_string()),
+            (Kind::StatefulSet, "tiny-cpu-ps".to_string())
+        ]
+    );
+    assert!(plan.apply.is_empty());
+    assert_eq!(w.phase(), Phase::Suspended);
+    assert_eq!(w.condition(cond::SUSPENDED).0, "True");
+    assert!(!plan.poll_figures);
+    assert!(w.step().is_noop());
+
+    // Kueue admits the run on other nodes: the pod templates change while suspended.
+    w.bump_spec(|r| {
+        r.spec.suspend = false;
+        r.spec
+            .rl
+            .scheduling
+            .node_selector
+            .insert("pool".into(), "gpu-b".into());
+    });
+    let plan = w.step();
+    assert_eq!(w.phase(), Phase::RL);
+    assert_eq!(w.condition(cond::SUSPENDED).1, "Resumed");
+    assert_eq!(w.status().stages.rl.as_ref().unwrap().attempt, 1);
+    assert_eq!(
+        w.status().stages.rl.as_ref().unwrap().failures,
+        0,
+        "a resume is not a failure"
+    );
+    let job = plan.apply.iter().find_map(|c| match c {
+        Child::Job(j) => Some(j.clone()),
+        _ => None,
+    });
+    let job = job.expect("a new learner Job");
+    assert_eq!(job.metadata.name.as_deref(), Some("tiny-cpu-learner-1"));
+    let pod = job.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.node_selector.unwrap()["pool"], "gpu-b");
+    assert!(applied(&plan).contains(&(Kind::StatefulSet, "tiny-cpu-ps".to_string())));
+    assert!(reasons(&plan).contains(&"Resumed"));
+}
+
+#[test]
+fn suspended_before_start_creates_no_pods_and_resumes_at_attempt_zero() {
+    let mut run = run_from(TINY);
+    run.spec.suspend = true;
+    let mut w = World::new(run);
+    let plan = w.step();
+    assert!(!applied(&plan).iter().any(|(k, _)| *k == Kind::Job));
+    assert_eq!(w.phase(), Phase::Suspended);
+    w.bump_spec(|r| r.spec.suspend = false);
+    let plan = w.step();
+    assert_eq!(
+        applied(&plan),
+        vec![(Kind::Job, "tiny-cpu-warmup-0".to_string())]
+    );
+}
+
+#[test]
+fn skipped_stages_start_rl_from_the_teacher_and_stop_after_rl() {
+    let yaml = TINY
+        .replace(
+            "warmup: {epochs: 1, batchSize: 4, maxLength: 256}",
+            "warmup: {enabled: false}",
+        )
+        .replace("  distillation:\n", "  distillation:\n    enabled: false\n");
+    let mut w = World::new(run_from(&yaml));
+    let plan = w.step();
+    assert!(applied(&plan).contains(&(Kind::Job, "tiny-cpu-learner-0".to_string())));
+    assert!(!applied(&plan).iter().any(|(_, n)| n.contains("warmup")));
+    assert_eq!(w.condition(cond::WARMUP_COMPLETE).1, "Skipped");
+    assert_eq!(w.phase(), Phase::RL);
+    assert_eq!(w.status().progress.as_deref(), Some("1/1 rl"));
+    w.set_job("tiny-cpu-learner-0", JobState::Complete);
+    let plan = w.step();
+    assert_eq!(w.phase(), Phase::Succeeded);
+    assert!(plan.apply.is_empty());
+    assert_eq!(w.condition(cond::DISTILLATION_COMPLETE).1, "Skipped");
+}
+
+#[test]
+fn invalid_spec_is_a_condition_not_a_crash_and_creates_nothing() {
+    let mut run = run_from(TINY);
+    run.spec.env.push(k8s_openapi::api::core::v1::EnvVar {
+        name: "RLT_ATTEMPT".into(),
+        value: Some("7".into()),
+        ..Default::default()
+    });
+    let mut w = World::new(run);
+    let plan = w.step();
+    assert!(plan.apply.is_empty());
+    let (status, reason, message) = w.condition(cond::INVALID_SPEC);
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "InvalidSpec"));
+    assert!(
+        message.starts_with("spec.env[0].name: RLT_ATTEMPT is set by the operator"),
+        "{message}"
+    );
+    assert_eq!(w.phase(), Phase::Pending);
+    assert_eq!(plan.events[0].type_, EventType::Warning);
+    assert!(w.step().is_noop());
+    // Fixing the spec proceeds.
+    w.bump_spec(|r| r.spec.env.clear());
+    let plan = w.step();
+    assert!(applied(&plan).contains(&(Kind::Job, "tiny-cpu-warmup-0".to_string())));
+    assert_eq!(w.condition(cond::INVALID_SPEC).0, "False");
+}
+
+#[test]
+fn spec_edits_update_the_config_but_never_a_running_job() {
+    let mut w = World::new(run_from(TINY));
+    w.step();
+    w.bump_spec(|r| r.spec.warmup.epochs = 2);
+    let plan = w.step();
+    assert_eq!(
+        applied(&plan),
+        vec![(Kind::ConfigMap, "tiny-cpu-config".to_string())]
+    );
+    assert_eq!(w.status().observed_generation, Some(2));
+}
+
+#[test]
+fn a_deleted_running_job_is_recreated_with_the_same_name() {
+    let mut w = World::new(run_from(TINY));
+    w.step();
+    w.obs.jobs.clear();
+    w.obs.children.retain(|c| c.kind != Kind::Job);
+    let plan = w.step();
+    assert_eq!(
+        applied(&plan),
+        vec![(Kind::Job, "tiny-cpu-warmup-0".to_string())]
+    );
+    assert!(plan.status.is_none() && plan.events.is_empty());
+}
+
+#[test]
+fn a_lost_status_write_is_recovered_without_duplicates() {
+    // The operator created the Job, then died before writing status.
+    let mut w = World::new(run_from(TINY));
+    let first = w.step();
+    w.run.status = None;
+    let plan = w.step();
+    assert!(plan.apply.is_empty(), "{:?}", applied(&plan));
+    assert_eq!(
+        plan.status,
+        first.status.map(|mut s| {
+            s.stages.warmup.as_mut().unwrap().start_time = Some(at(20));
+            s.conditions
+                .iter_mut()
+                .for_each(|c| c.last_transition_time = at(20));
+            s
+        })
+    );
+}
