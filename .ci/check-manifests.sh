@@ -17,7 +17,7 @@ helm template rlt-operator "$CHART" --namespace rlt-system >"$tmp/default.yaml"
 helm template rlt-operator "$CHART" --namespace rlt-system -f .ci/values/nondefault.yaml >"$tmp/nondefault.yaml"
 grep -q 'kind: CustomResourceDefinition' "$tmp/default.yaml"
 grep -q 'helm.sh/resource-policy: keep' "$tmp/default.yaml"
-! grep -q 'kind: CustomResourceDefinition' "$tmp/nondefault.yaml"
+if grep -q 'kind: CustomResourceDefinition' "$tmp/nondefault.yaml"; then echo 'crds.install=false still renders the CRD' >&2; exit 1; fi
 grep -q -- '--leader-elect' "$tmp/nondefault.yaml"
 # ServiceMonitor has no schema in the Kubernetes set; everything else must validate strictly.
 kubernetes-validate --quiet --strict -k "$K8S_VERSION" "$tmp/default.yaml" "$tmp/nondefault.yaml" 2>&1 \
@@ -41,11 +41,19 @@ python3 - crds/rltruns.rlt.dev.yaml "$tmp/rltrun.schema.json" <<'PY'
 import json, sys, yaml
 crd = yaml.safe_load(open(sys.argv[1]))
 (version,) = [v for v in crd["spec"]["versions"] if v["served"]]
-json.dump(version["schema"]["openAPIV3Schema"], open(sys.argv[2], "w"))
+schema = version["schema"]["openAPIV3Schema"]
+# OpenAPI v3.0 schemas use draft-04's boolean exclusiveMinimum/Maximum.
+schema["$schema"] = "http://json-schema.org/draft-04/schema#"
+json.dump(schema, open(sys.argv[2], "w"))
 PY
 kubernetes-validate --quiet --strict -k "$K8S_VERSION" crds/rltruns.rlt.dev.yaml
 samples=(manifests/*.yaml)
 check-jsonschema --schemafile "$tmp/rltrun.schema.json" "${samples[@]}"
+
+echo "--- docs/rltrun-reference.md is what the CRD generates"
+python3 scripts/crd-reference.py crds/rltruns.rlt.dev.yaml >"$tmp/reference.md"
+diff -u docs/rltrun-reference.md "$tmp/reference.md" || {
+  echo "docs/rltrun-reference.md is stale: python3 scripts/crd-reference.py crds/rltruns.rlt.dev.yaml > docs/rltrun-reference.md" >&2; exit 1; }
 
 echo "--- shellcheck"
 shellcheck -x scripts/dev scripts/render-kustomize images/build.sh e2e/kind.sh .ci/run .ci/*.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes the RltRun field reference (markdown) from the generated CRD's schema, so the docs
 are never a hand-kept copy. Usage: crd-reference.py CRD.yaml > docs/rltrun-reference.md"""
+import json
 import sys
 
 import yaml
@@ -25,15 +26,25 @@ def bounds(s):
             v = s[key]
             if key in ("minimum", "maximum") and s.get("exclusive" + key[:1].upper() + key[1:]):
                 sym = sym[0]
-            out.append(f"{sym} {v}")
+            out.append(f"{sym} {num(v)}")
     for key, sym in (("exclusiveMinimum", ">"), ("exclusiveMaximum", "<")):
         if isinstance(s.get(key), (int, float)) and not isinstance(s.get(key), bool):
-            out.append(f"{sym} {s[key]}")
+            out.append(f"{sym} {num(s[key])}")
     if "enum" in s:
         out.append("one of " + ", ".join(f"`{e}`" for e in s["enum"]))
     if "pattern" in s:
         out.append(f"pattern `{s['pattern']}`")
     return "; ".join(out)
+
+
+def num(v):
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def fmt_default(v):
+    if isinstance(v, (dict, list)):
+        return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()
+    return json.dumps(num(v)) if isinstance(v, str) else str(num(v)).lower() if isinstance(v, bool) else str(num(v))
 
 
 def cell(text):
@@ -55,7 +66,7 @@ def walk(s, path, required, rows, rules):
         p = f"{path}.{name}" if path else name
         default = sub.get("default")
         rows.append((p, type_of(sub), "yes" if name in required else "",
-                     "" if default is None else f"`{yaml.safe_dump(default, default_flow_style=True).strip()}`".replace("\n", " "),
+                     "" if default is None else f"`{fmt_default(default)}`",
                      bounds(sub), sub.get("description", "")))
         # Kubernetes core types (resources, affinity, tolerations...) are documented upstream.
         if sub.get("x-kubernetes-preserve-unknown-fields") or p.endswith(("affinity", "tolerations", "resources", "nodeSelector", "imagePullSecrets")):
