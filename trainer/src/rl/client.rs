@@ -143,7 +143,6 @@ impl ShardClients {
             let what = format!("hello to parameter server {} at {}", i, self.addrs[i]);
             let r = with_backoff(&what, self.retry_for, || {
                 let mut c = c.clone();
-                let req = req.clone();
                 async move { c.hello(req).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -292,7 +291,6 @@ impl ShardClients {
             };
             with_backoff(&what, self.retry_for, || {
                 let mut c = c.clone();
-                let req = req.clone();
                 async move { c.done(req).await }
             })
             .await?;
@@ -360,6 +358,7 @@ fn merge_pulls(parts: Vec<Part>, include_reference: bool) -> Result<Pulled> {
 
 /// Makes sure shard `i` got this learner's gradients for `step` (replaying earlier steps to a
 /// server that restarted behind), then pulls its weights of version `step + 1`.
+#[allow(clippy::too_many_arguments)]
 async fn sync_shard(
     what: String,
     c: Client,

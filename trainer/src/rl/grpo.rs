@@ -48,7 +48,7 @@ pub fn group_advantages(rewards: &Tensor, group: i64) -> Tensor {
 /// Whether the reference model is re-synced after optimizer step `step` (1-based count of
 /// applied updates).
 pub fn ref_sync_due(step: u64, cfg: &GrpoConfig) -> bool {
-    cfg.ref_sync_every > 0 && step > 0 && step % cfg.ref_sync_every == 0
+    cfg.ref_sync_every > 0 && step > 0 && step.is_multiple_of(cfg.ref_sync_every)
 }
 
 /// The reference re-sync of one tensor, in place: `ref <- alpha * policy + (1 - alpha) * ref`.

@@ -276,7 +276,9 @@ impl ParamServer {
         let grads: Vec<Tensor> = grads.into_iter().map(|g| g * scale).collect();
         inner.state.apply(&grads, &self.cfg.adamw, &self.cfg.grpo);
         let version = inner.state.version;
-        if version % self.cfg.checkpoint_every.max(1) == 0 || version == self.cfg.total_steps {
+        if version.is_multiple_of(self.cfg.checkpoint_every.max(1))
+            || version == self.cfg.total_steps
+        {
             let path = inner
                 .state
                 .save(&self.cfg.stage_dir.shard(self.cfg.shard), self.cfg.attempt)?;

@@ -85,15 +85,13 @@ impl ShardState {
     pub fn apply(&mut self, grads: &[Tensor], opt: &AdamWConfig, grpo: &GrpoConfig) {
         assert_eq!(grads.len(), self.params.len());
         let step = self.version + 1;
-        for i in 0..self.params.len() {
-            adamw_step(
-                &mut self.params[i],
-                &grads[i],
-                &mut self.exp_avg[i],
-                &mut self.exp_avg_sq[i],
-                step,
-                opt,
-            );
+        let slots = self
+            .params
+            .iter_mut()
+            .zip(self.exp_avg.iter_mut())
+            .zip(self.exp_avg_sq.iter_mut());
+        for (((p, m), v), g) in slots.zip(grads) {
+            adamw_step(p, g, m, v, step, opt);
         }
         self.version = step;
         if ref_sync_due(step, grpo) {

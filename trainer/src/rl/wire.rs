@@ -65,15 +65,18 @@ pub fn tensor_chunks(name: &str, t: &Tensor, kind: u32) -> Vec<pb::TensorChunk> 
 }
 
 /// Collects chunks into whole tensors, checking each arrives complete and consistent.
+/// A tensor being assembled: (shape, values, values received so far).
+type Partial = (Vec<i64>, Vec<f32>, usize);
+
 #[derive(Default)]
 pub struct Assembler {
-    partial: BTreeMap<(u32, String), (Vec<i64>, Vec<f32>, usize)>,
+    partial: BTreeMap<(u32, String), Partial>,
     pub bytes: u64,
 }
 
 impl Assembler {
     pub fn add(&mut self, c: pb::TensorChunk) -> Result<()> {
-        if c.data.len() % 4 != 0 {
+        if !c.data.len().is_multiple_of(4) {
             bail!(
                 "chunk of {:?} has {} bytes, not a whole number of f32",
                 c.name,
