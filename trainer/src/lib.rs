@@ -1,1 +1,27 @@
+//! The RLT trainer core: a tch (libtorch) Qwen2 model that loads and saves Hugging Face
+//! checkpoints, a batched KV-cache sampler, the data formats, and the warm-up (SFT) stage.
+//!
+//! Stable public API (other roles build on it; changes stay additive):
+//! - [`config::Qwen2Config`], [`config::TinySpec`]
+//! - [`model::Qwen2`] (`forward(ids, mask, cache) -> logits`, `forward_hidden`, `lm_logits`), [`model::KvCache`]
+//! - [`checkpoint::CausalLm`] (`random`, `tiny`, `load`, `save`), [`checkpoint::save_checkpoint`],
+//!   [`checkpoint::load_checkpoint`], [`checkpoint::save_dir_atomically`], [`checkpoint::init_tiny`]
+//! - [`tokenizer::Tokenizer`] (`tiny`, `from_dir`, `save`, `encode`, `decode`, `pad_id`, `eos_ids`)
+//! - [`sampling::generate`] -> [`sampling::Generation`] (tokens, sampling log-probs, masks)
+//! - [`logprobs`]: per-token log-probs of given targets, completion NLL
+//! - [`device`]: `--device` / `--dtype` parsing
+//! - [`rl`]: the RL stage (RLT reward, GRPO, parameter servers and learners)
+pub mod bench;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod logprobs;
+pub mod metrics;
+pub mod model;
+pub mod optim;
 pub mod rl;
+pub mod sampling;
+pub mod sft;
+pub mod tokenizer;

@@ -1,1 +1,48 @@
-fn main() {}
+//! `rlt-trainer <role>`: one subcommand per role of the RLT pipeline.
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use rlt_trainer::cli;
+
+#[derive(Parser)]
+#[command(name = "rlt-trainer", version, about = "RLT trainer (tch/libtorch)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a tiny random Qwen2 model and the tiny tokenizer as a checkpoint directory.
+    InitTiny(cli::InitTinyArgs),
+    /// Sample continuations of prompts from a checkpoint (a smoke test of a model).
+    Generate(cli::GenerateArgs),
+    /// Warm-up stage: supervised fine-tuning of the teacher on the teacher format.
+    Warmup(cli::WarmupArgs),
+    /// Write the synthetic arithmetic task (train.jsonl, heldout.jsonl).
+    Synth(cli::SynthArgs),
+    /// Time the SFT step and batched sampling here and in transformers, side by side.
+    Bench(rlt_trainer::bench::BenchArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::InitTiny(a) => cli::init_tiny(a),
+        Command::Generate(a) => cli::generate(a),
+        Command::Warmup(a) => cli::warmup(a).map(|_| ()),
+        Command::Synth(a) => cli::synth(a),
+        Command::Bench(a) => rlt_trainer::bench::bench(a),
+    }
+}

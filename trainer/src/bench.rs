@@ -1,0 +1,282 @@
+//! `rlt-trainer bench`: the SFT training step and batched sampling, timed in rlt-trainer and in
+//! Hugging Face transformers (trainer/bench/hf_bench.py) on the same checkpoint, the same batch
+//! and the same torch build, at two model sizes; prints both and the ratio.
+use crate::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
+use crate::config::TinySpec;
+use crate::device::{parse_device, parse_kind};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::sampling::{generate, right_pad, SamplingConfig, SplitMix64};
+use crate::sft::completion_loss;
+use crate::tokenizer::Tokenizer;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind};
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Sizes to run: tiny (~0.1M params), small (~23M params).
+    #[arg(long, value_delimiter = ',', default_value = "tiny,small")]
+    pub sizes: Vec<String>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Training batch: rows x tokens (no padding; the first quarter of each row is prompt).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Sampling batch: prompts of 16..=prompt_len tokens (left padding), max_new_tokens each.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup_iters: usize,
+    /// Intra-op threads for both sides (default: libtorch's default).
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// Where to write the checkpoints (default: a temporary directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Python with torch + transformers.
+    #[arg(long, env = "RLT_PYTHON", default_value = "python3")]
+    pub python: String,
+    /// Skip the transformers side.
+    #[arg(long)]
+    pub rust_only: bool,
+}
+
+pub fn size_spec(name: &str) -> Result<TinySpec> {
+    Ok(match name {
+        "tiny" => TinySpec {
+            hidden_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            intermediate_size: 176,
+            seed: 1,
+        },
+        "small" => TinySpec {
+            hidden_size: 512,
+            num_hidden_layers: 8,
+            num_attention_heads: 8,
+            num_key_value_heads: 2,
+            intermediate_size: 1408,
+            seed: 1,
+        },
+        other => bail!("unknown bench size {other:?} (tiny, small)"),
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Figures {
+    pub sft_seconds: f64,
+    pub sft_tokens_per_second: f64,
+    pub sample_seconds: f64,
+    pub sample_tokens_per_second: f64,
+}
+
+struct Workload {
+    rows: Vec<Vec<i64>>,
+    starts: Vec<usize>,
+    prompts: Vec<Vec<i64>>,
+}
+
+fn workload(a: &BenchArgs, seed: u64) -> Workload {
+    let mut rng = SplitMix64::new(seed);
+    let rows: Vec<Vec<i64>> = (0..a.batch)
+        .map(|_| (0..a.seq_len).map(|_| rng.below(256) as i64).collect())
+        .collect();
+    let starts = vec![a.seq_len / 4; a.batch];
+    let lo = 16.min(a.prompt_len);
+    let prompts = (0..a.batch)
+        .map(|_| {
+            let n = lo + rng.below((a.prompt_len - lo + 1) as u64) as usize;
+            (0..n).map(|_| rng.below(256) as i64).collect()
+        })
+        .collect();
+    Workload {
+        rows,
+        starts,
+        prompts,
+    }
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(_) = device {
+        tch::Cuda::synchronize(0);
+    }
+}
+
+fn run_rust(dir: &Path, w: &Workload, a: &BenchArgs, pad: i64) -> Result<Figures> {
+    let device = parse_device(&a.device)?;
+    let (lm, _) = load_checkpoint(dir, device, parse_kind(&a.dtype)?)?;
+    let mut opt = AdamW::for_var_store(&lm.vs, AdamWConfig::default());
+    let (ids, _) = right_pad(&w.rows, pad, device);
+    let mask_rows: Vec<Vec<i64>> = w
+        .rows
+        .iter()
+        .zip(&w.starts)
+        .map(|(r, &s)| (0..r.len()).map(|i| (i >= s) as i64).collect())
+        .collect();
+    let (loss_mask, _) = right_pad(&mask_rows, 0, device);
+    let targets: usize = w.rows.iter().zip(&w.starts).map(|(r, s)| r.len() - s).sum();
+    let mut step = || {
+        let loss = completion_loss(&lm.model, &ids, &loss_mask, targets);
+        loss.backward();
+        clip_grad_norm(&opt.params(), 1.0);
+        opt.step(1e-5);
+        opt.zero_grad();
+        loss.double_value(&[])
+    };
+    for _ in 0..a.warmup_iters {
+        step();
+    }
+    sync(device);
+    let t = Instant::now();
+    for _ in 0..a.iters {
+        step();
+    }
+    sync(device);
+    let sft = t.elapsed().as_secs_f64() / a.iters as f64;
+    let n_tokens: usize = w.rows.iter().map(Vec::len).sum();
+
+    let cfg = SamplingConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        stop_tokens: vec![],
+        seed: 0,
+    };
+    for _ in 0..a.warmup_iters {
+        generate(&lm.model, &w.prompts, pad, &cfg)?;
+    }
+    sync(device);
+    let t = Instant::now();
+    let mut generated = 0;
+    for _ in 0..a.iters {
+        let g = generate(&lm.model, &w.prompts, pad, &cfg)?;
+        generated = g.tokens.numel();
+    }
+    sync(device);
+    let samp = t.elapsed().as_secs_f64() / a.iters as f64;
+    Ok(Figures {
+        sft_seconds: sft,
+        sft_tokens_per_second: n_tokens as f64 / sft,
+        sample_seconds: samp,
+        sample_tokens_per_second: generated as f64 / samp,
+    })
+}
+
+fn run_python(dir: &Path, w: &Workload, a: &BenchArgs, pad: i64, threads: i32) -> Result<Figures> {
+    let spec = json!({
+        "model": dir, "device": a.device, "dtype": a.dtype, "threads": threads,
+        "train_rows": w.rows, "completion_starts": w.starts, "pad_id": pad,
+        "prompts": w.prompts, "max_new_tokens": a.max_new_tokens,
+        "temperature": a.temperature, "top_p": a.top_p,
+        "iters": a.iters, "warmup_iters": a.warmup_iters,
+    });
+    let spec_path = dir.join("bench_spec.json");
+    std::fs::write(&spec_path, spec.to_string())?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/hf_bench.py");
+    let out = std::process::Command::new(&a.python)
+        .arg(&script)
+        .arg(&spec_path)
+        .output()
+        .with_context(|| format!("running {} {}", a.python, script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "transformers bench failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .map_err(|e| anyhow!("parsing transformers bench output: {e}\n{stdout}"))?;
+    let f = |a: &str, b: &str| {
+        v[a][b]
+            .as_f64()
+            .ok_or_else(|| anyhow!("missing {a}.{b} in {v}"))
+    };
+    Ok(Figures {
+        sft_seconds: f("sft", "seconds_per_step")?,
+        sft_tokens_per_second: f("sft", "tokens_per_second")?,
+        sample_seconds: f("sampling", "seconds_per_batch")?,
+        sample_tokens_per_second: f("sampling", "tokens_per_second")?,
+    })
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if let Some(t) = a.threads {
+        tch::set_num_threads(t);
+    }
+    let threads = tch::get_num_threads();
+    let root = a
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("rlt-bench-{}", std::process::id())));
+    let tok = Tokenizer::tiny();
+    println!(
+        "device {} dtype {} threads {threads}; SFT batch {}x{} tokens; sampling {} prompts <= {} tokens + {} new (T={}, top-p={})",
+        a.device, a.dtype, a.batch, a.seq_len, a.batch, a.prompt_len, a.max_new_tokens, a.temperature, a.top_p
+    );
+    println!(
+        "{:<6} {:>7}  {:<9} {:>22} {:>22} {:>8}",
+        "size", "params", "workload", "rlt-trainer", "transformers", "speed-up"
+    );
+    for size in &a.sizes {
+        let spec = size_spec(size)?;
+        let dir = root.join(size);
+        let lm = CausalLm::tiny(&spec, &tok, Device::Cpu, Kind::Float)?;
+        let params = lm.num_parameters();
+        save_checkpoint(&dir, &lm, &tok)?;
+        drop(lm);
+        let w = workload(&a, 42);
+        let ours = run_rust(&dir, &w, &a, tok.pad_id())?;
+        let theirs = if a.rust_only {
+            None
+        } else {
+            Some(run_python(&dir, &w, &a, tok.pad_id(), threads)?)
+        };
+        let p = format!("{:.1}M", params as f64 / 1e6);
+        let cell = |s: f64, tps: f64| format!("{:>9.1} ms {:>7.0} tok/s", s * 1e3, tps);
+        let rows = [
+            (
+                "sft step",
+                ours.sft_seconds,
+                ours.sft_tokens_per_second,
+                theirs.map(|t| (t.sft_seconds, t.sft_tokens_per_second)),
+            ),
+            (
+                "sampling",
+                ours.sample_seconds,
+                ours.sample_tokens_per_second,
+                theirs.map(|t| (t.sample_seconds, t.sample_tokens_per_second)),
+            ),
+        ];
+        for (name, s, tps, other) in rows {
+            let (theirs_cell, ratio) = match other {
+                Some((ts, ttps)) => (cell(ts, ttps), format!("{:.2}x", ts / s)),
+                None => ("-".into(), "-".into()),
+            };
+            println!(
+                "{size:<6} {p:>7}  {name:<9} {} {theirs_cell:>22} {ratio:>8}",
+                cell(s, tps)
+            );
+        }
+    }
+    if a.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    Ok(())
+}

@@ -1,0 +1,366 @@
+//! Argument types and entry points of the `rlt-trainer` subcommands (kept in the library so
+//! other roles and tests can call them directly).
+use crate::checkpoint;
+use crate::config::TinySpec;
+use crate::device::{parse_device, parse_kind};
+use crate::sampling::{generate as sample, SamplingConfig};
+use anyhow::Result;
+use clap::Args;
+use rlt_api::contract::env;
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, env = env::DEVICE, default_value = "cpu")]
+    pub device: String,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// libtorch intra-op CPU threads (default: libtorch's choice, one per core). Tiny models
+    /// run faster on 1, especially on a busy machine.
+    #[arg(long)]
+    pub threads: Option<i32>,
+}
+
+impl DeviceArgs {
+    /// Applies `--threads` and parses `--device` / `--dtype`.
+    pub fn resolve(&self) -> Result<(tch::Device, tch::Kind)> {
+        if let Some(t) = self.threads {
+            tch::set_num_threads(t.max(1));
+        }
+        Ok((parse_device(&self.device)?, parse_kind(&self.dtype)?))
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TinyArgs {
+    #[arg(long, default_value_t = 64)]
+    pub hidden_size: i64,
+    #[arg(long, default_value_t = 2)]
+    pub layers: i64,
+    #[arg(long, default_value_t = 4)]
+    pub heads: i64,
+    #[arg(long, default_value_t = 2)]
+    pub kv_heads: i64,
+    #[arg(long, default_value_t = 176)]
+    pub intermediate_size: i64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl TinyArgs {
+    pub fn spec(&self) -> TinySpec {
+        TinySpec {
+            hidden_size: self.hidden_size,
+            num_hidden_layers: self.layers,
+            num_attention_heads: self.heads,
+            num_key_value_heads: self.kv_heads,
+            intermediate_size: self.intermediate_size,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct InitTinyArgs {
+    /// Output checkpoint directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub tiny: TinyArgs,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+pub fn init_tiny(a: InitTinyArgs) -> Result<()> {
+    checkpoint::init_tiny(&a.out, &a.tiny.spec(), parse_kind(&a.dtype)?)?;
+    tracing::info!(out = %a.out.display(), "wrote tiny checkpoint");
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt text; repeat for a batch.
+    #[arg(long, required = true)]
+    pub prompt: Vec<String>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let (device, kind) = a.device.resolve()?;
+    let (lm, tok) = checkpoint::load_checkpoint(&a.model, device, kind)?;
+    let prompts = a
+        .prompt
+        .iter()
+        .map(|p| tok.encode(p))
+        .collect::<Result<Vec<_>>>()?;
+    let cfg = SamplingConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        stop_tokens: tok.eos_ids().to_vec(),
+        seed: a.seed,
+    };
+    let out = sample(&lm.model, &prompts, tok.pad_id(), &cfg)?;
+    for (p, ids) in a.prompt.iter().zip(out.token_lists()) {
+        println!("{p}{}", tok.decode(&ids)?);
+    }
+    Ok(())
+}
+
+/// Which system prompts the chat formats use.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptStyle {
+    /// Full-length prompts (real models).
+    Standard,
+    /// One-line prompts (tiny byte-level models).
+    Short,
+}
+
+impl PromptStyle {
+    pub fn prompts(self) -> crate::data::Prompts {
+        match self {
+            PromptStyle::Standard => crate::data::Prompts::standard(),
+            PromptStyle::Short => crate::data::Prompts::short(),
+        }
+    }
+}
+
+/// Where the dataset comes from.
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Dataset file: .json / .jsonl (Bespoke-Stratos or question/solution/reasoning_trace rows).
+    #[arg(long, required_unless_present = "synthetic")]
+    pub data: Option<PathBuf>,
+    /// Instead of --data: this many generated synthetic arithmetic examples (train split).
+    #[arg(long, conflicts_with = "data")]
+    pub synthetic: Option<usize>,
+    /// Skip malformed rows (each one counted and logged) instead of failing.
+    #[arg(long)]
+    pub skip_malformed: bool,
+    #[arg(long, value_enum, default_value = "standard")]
+    pub prompts: PromptStyle,
+}
+
+impl DataArgs {
+    pub fn load(&self) -> Result<Vec<crate::data::Example>> {
+        use crate::data::synthetic;
+        if let Some(n) = self.synthetic {
+            let all = synthetic::generate(&synthetic::SyntheticSpec {
+                count: n,
+                ..Default::default()
+            });
+            return Ok(synthetic::split(all, SYNTHETIC_HELD_OUT, 0).0);
+        }
+        let path = self
+            .data
+            .as_ref()
+            .expect("clap requires --data or --synthetic");
+        let loaded = crate::data::load_examples(path, self.skip_malformed)?;
+        if !loaded.skipped.is_empty() {
+            tracing::warn!(skipped = loaded.skipped.len(), file = %path.display(), "malformed rows skipped");
+            for (row, why) in &loaded.skipped {
+                tracing::warn!(file = %path.display(), %row, reason = %why, "skipped row");
+            }
+        }
+        tracing::info!(rows = loaded.examples.len(), skipped = loaded.skipped.len(), file = %path.display(), "dataset loaded");
+        Ok(loaded.examples)
+    }
+}
+
+/// Fraction of synthetic questions held out from training (see `synth`).
+pub const SYNTHETIC_HELD_OUT: f64 = 0.1;
+
+#[derive(Args, Debug, Clone)]
+pub struct StageArgs {
+    /// Root of the shared workspace.
+    #[arg(long, env = env::WORKSPACE)]
+    pub workspace: PathBuf,
+    /// Name of the run (its directory under the workspace).
+    #[arg(long = "run", env = env::RUN_NAME)]
+    pub run: String,
+    /// Stage attempt; fences checkpoint writes.
+    #[arg(long, env = env::ATTEMPT, default_value_t = 0)]
+    pub attempt: u32,
+    /// Serve Prometheus /metrics and /status on this port.
+    #[arg(long, env = env::METRICS_PORT)]
+    pub metrics_port: Option<u16>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SftArgs {
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 1e-5)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub beta2: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    #[arg(long, default_value_t = 4096)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: u64,
+    #[arg(long, default_value_t = 2)]
+    pub keep_checkpoints: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    #[arg(long, default_value_t = 10)]
+    pub log_every: u64,
+}
+
+impl SftArgs {
+    pub fn config(&self) -> crate::sft::SftConfig {
+        crate::sft::SftConfig {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            lr: self.lr,
+            warmup_ratio: self.warmup_ratio,
+            adamw: crate::optim::AdamWConfig {
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: 1e-8,
+                weight_decay: self.weight_decay,
+            },
+            clip_grad_norm: self.clip,
+            max_len: self.max_len,
+            checkpoint_every: self.checkpoint_every,
+            keep_checkpoints: self.keep_checkpoints,
+            seed: self.seed,
+            max_steps: self.max_steps,
+            log_every: self.log_every,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct WarmupArgs {
+    /// Teacher checkpoint directory to fine-tune (HF layout; see `init-tiny`).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub stage: StageArgs,
+    #[command(flatten)]
+    pub sft: SftArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Starts the metrics server when a port is given.
+pub fn publish(port: Option<u16>) -> Result<Option<crate::metrics::Published>> {
+    let Some(port) = port else { return Ok(None) };
+    let p = crate::metrics::Published::default();
+    let bound = crate::metrics::serve(port, p.clone())?;
+    tracing::info!(port = bound, "serving /metrics and /status");
+    Ok(Some(p))
+}
+
+pub fn warmup(a: WarmupArgs) -> Result<crate::sft::SftOutcome> {
+    use std::io::IsTerminal;
+    let prompts = a.data.prompts.prompts();
+    let examples = a.data.load()?;
+    let mut pairs = Vec::with_capacity(examples.len());
+    let mut no_trace = 0;
+    for (i, e) in examples.iter().enumerate() {
+        match crate::data::teacher_chat(&prompts, e) {
+            Ok(p) => pairs.push(p),
+            Err(err) if a.data.skip_malformed => {
+                no_trace += 1;
+                tracing::warn!(row = i, "skipped: {err}");
+            }
+            Err(err) => anyhow::bail!(
+                "dataset row {i}: {err} (the warm-up teaches explanations from reasoning traces)"
+            ),
+        }
+    }
+    if no_trace > 0 {
+        tracing::warn!(skipped = no_trace, "rows without a reasoning trace skipped");
+    }
+    let (device, kind) = a.device.resolve()?;
+    let job = crate::sft::SftJob {
+        name: "warmup".into(),
+        stage: rlt_api::layout::RunDir::new(&a.stage.workspace, &a.stage.run).warmup(),
+        attempt: a.stage.attempt,
+        init_model: a.model,
+        device,
+        kind,
+        pairs,
+        published: publish(a.stage.metrics_port)?,
+        progress_bar: std::io::stderr().is_terminal(),
+    };
+    let out = crate::sft::run_sft(job, &a.sft.config())?;
+    tracing::info!(
+        final_dir = %out.final_dir.display(),
+        steps = out.total_steps,
+        steps_run = out.steps_run,
+        first_loss = out.first_losses,
+        last_loss = out.last_losses,
+        tokens_per_s = out.tokens_per_second as u64,
+        "warm-up complete"
+    );
+    println!("{}", out.final_dir.display());
+    Ok(out)
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// Output directory: train.jsonl and heldout.jsonl (custom format).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 2000)]
+    pub count: usize,
+    #[arg(long, default_value_t = 2)]
+    pub min_steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub max_steps: usize,
+    #[arg(long, default_value_t = 9)]
+    pub max_operand: i64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = SYNTHETIC_HELD_OUT)]
+    pub held_out: f64,
+}
+
+pub fn synth(a: SynthArgs) -> Result<()> {
+    use crate::data::synthetic;
+    let spec = synthetic::SyntheticSpec {
+        count: a.count,
+        min_steps: a.min_steps,
+        max_steps: a.max_steps,
+        max_operand: a.max_operand,
+        seed: a.seed,
+    };
+    let (train, held) = synthetic::split(synthetic::generate(&spec), a.held_out, a.seed);
+    crate::data::write_jsonl(&a.out.join("train.jsonl"), &train)?;
+    crate::data::write_jsonl(&a.out.join("heldout.jsonl"), &held)?;
+    tracing::info!(train = train.len(), held_out = held.len(), out = %a.out.display(), "wrote synthetic task");
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! `config.json` of a Qwen2 checkpoint, read and written in Hugging Face's field names so that
+//! a directory we save opens in transformers and theirs opens here. Fields we do not use are
+//! kept in `extra` and written back unchanged.
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Qwen2Config {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    /// Grouped-query attention: heads share key/value heads. Defaults to `num_attention_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<i64>,
+    /// Qwen2 derives it as hidden_size / heads; some configs state it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<i64>,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: i64,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    /// transformers 5 moved this into `rope_parameters.rope_theta`; [`Qwen2Config::rope_theta`]
+    /// reads either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn default_max_positions() -> i64 {
+    32768
+}
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+
+/// The size of a tiny random model: what a "tiny" model reference names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TinySpec {
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub intermediate_size: i64,
+    pub seed: u64,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        TinySpec {
+            hidden_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            intermediate_size: 176,
+            seed: 0,
+        }
+    }
+}
+
+impl Qwen2Config {
+    /// A config for a tiny random model over a tokenizer of `vocab_size` tokens.
+    pub fn tiny(spec: &TinySpec, vocab_size: i64) -> Self {
+        let mut extra = Map::new();
+        extra.insert(
+            "architectures".into(),
+            serde_json::json!(["Qwen2ForCausalLM"]),
+        );
+        extra.insert("model_type".into(), "qwen2".into());
+        extra.insert("hidden_act".into(), "silu".into());
+        extra.insert("attention_dropout".into(), 0.0.into());
+        extra.insert("initializer_range".into(), 0.02.into());
+        extra.insert("use_sliding_window".into(), false.into());
+        extra.insert("use_cache".into(), true.into());
+        Qwen2Config {
+            vocab_size,
+            hidden_size: spec.hidden_size,
+            intermediate_size: spec.intermediate_size,
+            num_hidden_layers: spec.num_hidden_layers,
+            num_attention_heads: spec.num_attention_heads,
+            num_key_value_heads: Some(spec.num_key_value_heads),
+            head_dim: None,
+            max_position_embeddings: 4096,
+            rms_norm_eps: 1e-6,
+            rope_theta: Some(10000.0),
+            tie_word_embeddings: true,
+            extra,
+        }
+    }
+
+    pub fn kv_heads(&self) -> i64 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_theta
+            .or_else(|| {
+                self.extra
+                    .get("rope_parameters")?
+                    .get("rope_theta")?
+                    .as_f64()
+            })
+            .unwrap_or(10000.0)
+    }
+
+    /// Checks the shape facts the model relies on, naming the offending field.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+        ];
+        for (name, v) in positive {
+            if v <= 0 {
+                bail!("config field `{name}` must be positive, got {v}");
+            }
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            bail!(
+                "config field `hidden_size` ({}) must be divisible by `num_attention_heads` ({})",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            bail!(
+                "config field `num_attention_heads` ({}) must be a multiple of `num_key_value_heads` ({})",
+                self.num_attention_heads,
+                self.kv_heads()
+            );
+        }
+        if self.head_dim() % 2 != 0 {
+            bail!(
+                "head dimension {} must be even for rotary embeddings",
+                self.head_dim()
+            );
+        }
+        if let Some(Value::String(t)) = self.extra.get("model_type") {
+            if t != "qwen2" {
+                bail!("config field `model_type` is {t:?}; this trainer implements \"qwen2\"");
+            }
+        }
+        if let Some(Value::String(a)) = self.extra.get("hidden_act") {
+            if a != "silu" {
+                bail!("config field `hidden_act` is {a:?}; only \"silu\" is supported");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Qwen2Config =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("in {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn to_file(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Number of parameters of the model this config describes.
+    pub fn num_parameters(&self) -> i64 {
+        let (h, i, v, d) = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.vocab_size,
+            self.head_dim(),
+        );
+        let (q, kv) = (self.num_attention_heads * d, self.kv_heads() * d);
+        let attn = h * q + q + 2 * (h * kv + kv) + q * h;
+        let layer = attn + 3 * h * i + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_hidden_layers * layer + h + head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_hf_config_with_rope_parameters_and_keeps_unknown_fields() {
+        let text = r#"{"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+            "model_type": "qwen2", "bos_token_id": 1}"#;
+        let cfg: Qwen2Config = serde_json::from_str(text).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.rope_theta(), 1e6);
+        assert_eq!(cfg.head_dim(), 8);
+        let back: Value = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(back["bos_token_id"], 1);
+    }
+
+    #[test]
+    fn invalid_shapes_name_the_field() {
+        let mut cfg = Qwen2Config::tiny(&TinySpec::default(), 100);
+        cfg.num_key_value_heads = Some(3);
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("num_key_value_heads"), "{err}");
+        cfg.num_key_value_heads = Some(2);
+        cfg.extra.insert("model_type".into(), "llama".into());
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("model_type"));
+    }
+}

@@ -1,0 +1,39 @@
+//! `--device` and `--dtype` values.
+use anyhow::{bail, Result};
+use tch::{Device, Kind};
+
+/// `cpu`, `cuda` (GPU 0), `cuda:N`, or `auto` (CUDA when available).
+pub fn parse_device(s: &str) -> Result<Device> {
+    Ok(match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        "auto" => Device::cuda_if_available(),
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Device::Cuda(i),
+            _ => bail!("unknown device {s:?}: expected cpu, cuda, cuda:N or auto"),
+        },
+    })
+}
+
+/// `f32`/`float32` or `bf16`/`bfloat16`.
+pub fn parse_kind(s: &str) -> Result<Kind> {
+    Ok(match s {
+        "f32" | "float32" | "fp32" => Kind::Float,
+        "bf16" | "bfloat16" => Kind::BFloat16,
+        s => bail!("unknown dtype {s:?}: expected f32 or bf16"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices_and_dtypes() {
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        assert_eq!(parse_device("cuda:1").unwrap(), Device::Cuda(1));
+        assert!(parse_device("tpu").unwrap_err().to_string().contains("tpu"));
+        assert_eq!(parse_kind("bf16").unwrap(), Kind::BFloat16);
+        assert!(parse_kind("int8").is_err());
+    }
+}

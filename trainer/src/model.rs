@@ -1,0 +1,421 @@
+//! The Qwen2 decoder: token embedding, RMSNorm, rotary position embeddings, grouped-query
+//! attention with q/k/v bias, SwiGLU MLP, tied or untied LM head.
+//!
+//! Variable names follow Hugging Face's (`model.layers.N.self_attn.q_proj.weight`, ...), so a
+//! `VarStore` built here loads and saves `*.safetensors` that transformers reads.
+//!
+//! Positions come from the attention mask (`cumsum(mask) - 1`), as transformers' `generate`
+//! computes them: a left-padded row gets the same positions, hence the same logits, as the same
+//! row without padding. That is what lets the RL and distillation code batch ragged sequences.
+use crate::config::Qwen2Config;
+use tch::{nn, nn::Module, Kind, Tensor};
+
+/// Key/value cache for incremental decoding: one `(k, v)` pair per layer, each
+/// `[batch, kv_heads, seq, head_dim]` (before the grouped heads are repeated).
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: (0..num_layers).map(|_| None).collect(),
+        }
+    }
+    /// Number of positions already cached.
+    pub fn seq_len(&self) -> i64 {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.size()[2],
+            _ => 0,
+        }
+    }
+    /// Keeps only the given batch rows (e.g. after some sequences finished).
+    pub fn select_rows(&mut self, rows: &Tensor) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(0, rows);
+            *v = v.index_select(0, rows);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: nn::Path, size: i64, eps: f64) -> Self {
+        RmsNorm {
+            weight: p.var("weight", &[size], nn::Init::Const(1.0)),
+            eps,
+        }
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        // As transformers does: normalise in f32, cast back, then scale.
+        let kind = xs.kind();
+        let x = xs.to_kind(Kind::Float);
+        let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let x = (x * (var + self.eps).rsqrt()).to_kind(kind);
+        &self.weight * x
+    }
+}
+
+fn linear(p: nn::Path, inp: i64, out: i64, bias: bool) -> nn::Linear {
+    let cfg = nn::LinearConfig {
+        ws_init: nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        },
+        bs_init: bias.then_some(nn::Init::Const(0.0)),
+        bias,
+    };
+    nn::linear(p, inp, out, cfg)
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: nn::Linear,
+    k_proj: nn::Linear,
+    v_proj: nn::Linear,
+    o_proj: nn::Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size().last().copied().unwrap() / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[x2.neg(), x1], -1)
+}
+
+impl Attention {
+    fn new(p: nn::Path, cfg: &Qwen2Config) -> Self {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim());
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.kv_heads());
+        Attention {
+            q_proj: linear(&p / "q_proj", h, heads * d, true),
+            k_proj: linear(&p / "k_proj", h, kv_heads * d, true),
+            v_proj: linear(&p / "v_proj", h, kv_heads * d, true),
+            o_proj: linear(&p / "o_proj", heads * d, h, false),
+            heads,
+            kv_heads,
+            head_dim: d,
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttnMask,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().unwrap();
+        let d = self.head_dim;
+        let q = self
+            .q_proj
+            .forward(x)
+            .view([b, t, self.heads, d])
+            .transpose(1, 2);
+        let k = self
+            .k_proj
+            .forward(x)
+            .view([b, t, self.kv_heads, d])
+            .transpose(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .view([b, t, self.kv_heads, d])
+            .transpose(1, 2);
+        let q = &q * cos + rotate_half(&q) * sin;
+        let k = &k * cos + rotate_half(&k) * sin;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
+                    None => (k, v),
+                };
+                *slot = Some((kv.0.shallow_clone(), kv.1.shallow_clone()));
+                kv
+            }
+            None => (k, v),
+        };
+        let k = repeat_kv(&k, self.heads / self.kv_heads);
+        let v = repeat_kv(&v, self.heads / self.kv_heads);
+        let y = match mask {
+            AttnMask::Causal => Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                true,
+                None,
+                false,
+            ),
+            AttnMask::None => Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                false,
+                None,
+                false,
+            ),
+            AttnMask::Explicit(m) => {
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false)
+            }
+        };
+        self.o_proj
+            .forward(&y.transpose(1, 2).reshape([b, t, self.heads * d]))
+    }
+}
+
+/// `[b, kv, s, d]` -> `[b, kv * n, s, d]`, each kv head repeated for its group of query heads.
+fn repeat_kv(x: &Tensor, n: i64) -> Tensor {
+    if n == 1 {
+        return x.shallow_clone();
+    }
+    let (b, kv, s, d) = x.size4().unwrap();
+    x.unsqueeze(2)
+        .expand([b, kv, n, s, d], false)
+        .reshape([b, kv * n, s, d])
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: nn::Linear,
+    up_proj: nn::Linear,
+    down_proj: nn::Linear,
+}
+
+impl Mlp {
+    fn new(p: nn::Path, cfg: &Qwen2Config) -> Self {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Mlp {
+            gate_proj: linear(&p / "gate_proj", h, i, false),
+            up_proj: linear(&p / "up_proj", h, i, false),
+            down_proj: linear(&p / "down_proj", i, h, false),
+        }
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.down_proj
+            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+/// How attention is masked for one forward call.
+enum AttnMask {
+    /// No padding, no cache: plain causal (lets torch pick its fused kernels).
+    Causal,
+    /// One new token per row attending to everything before it.
+    None,
+    /// `[b, 1, t, s]` boolean, true = may attend.
+    Explicit(Tensor),
+}
+
+/// The Qwen2 causal language model.
+#[derive(Debug)]
+pub struct Qwen2 {
+    embed_tokens: nn::Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `None` when the head is tied to the embedding.
+    lm_head: Option<nn::Linear>,
+    inv_freq: Tensor,
+    config: Qwen2Config,
+}
+
+impl Qwen2 {
+    /// Creates the variables under `root` (pass `vs.root()`), randomly initialised as
+    /// transformers does (normal(0, 0.02) weights, zero biases, unit norms).
+    pub fn new(root: &nn::Path, config: &Qwen2Config) -> Self {
+        let p = root / "model";
+        let embed_cfg = nn::EmbeddingConfig {
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+            ..Default::default()
+        };
+        let embed_tokens = nn::embedding(
+            &p / "embed_tokens",
+            config.vocab_size,
+            config.hidden_size,
+            embed_cfg,
+        );
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let lp = &p / "layers" / i;
+                DecoderLayer {
+                    self_attn: Attention::new(&lp / "self_attn", config),
+                    mlp: Mlp::new(&lp / "mlp", config),
+                    input_layernorm: RmsNorm::new(
+                        &lp / "input_layernorm",
+                        config.hidden_size,
+                        config.rms_norm_eps,
+                    ),
+                    post_attention_layernorm: RmsNorm::new(
+                        &lp / "post_attention_layernorm",
+                        config.hidden_size,
+                        config.rms_norm_eps,
+                    ),
+                }
+            })
+            .collect();
+        let norm = RmsNorm::new(&p / "norm", config.hidden_size, config.rms_norm_eps);
+        let lm_head = (!config.tie_word_embeddings).then(|| {
+            linear(
+                root / "lm_head",
+                config.hidden_size,
+                config.vocab_size,
+                false,
+            )
+        });
+        let d = config.head_dim();
+        // 1 / theta^(2i/d), computed as transformers does (f32 pow of the scalar base).
+        let exponents = Tensor::arange_start_step(0, d, 2, (Kind::Int64, root.device()))
+            .to_kind(Kind::Float)
+            / d as f64;
+        let inv_freq = Tensor::pow_scalar(config.rope_theta(), &exponents).reciprocal();
+        Qwen2 {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            config: config.clone(),
+        }
+    }
+
+    pub fn config(&self) -> &Qwen2Config {
+        &self.config
+    }
+
+    pub fn device(&self) -> tch::Device {
+        self.inv_freq.device()
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Logits `[batch, seq, vocab]` (in the model's dtype) for `input_ids` `[batch, seq]`.
+    ///
+    /// `attention_mask` (`[batch, past + seq]`, 1 = token, 0 = padding; any integer or bool
+    /// kind) covers the cached positions and the new ones, as in transformers. `None` means no
+    /// padding. With a `cache`, the new keys/values are appended to it.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let h = self.forward_hidden(input_ids, attention_mask, cache);
+        self.lm_logits(&h)
+    }
+
+    /// The final hidden states `[batch, seq, hidden]` (after the last norm); apply
+    /// [`Qwen2::lm_logits`] to the positions you need to save computing the full vocabulary.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let (b, t) = input_ids.size2().expect("input_ids must be [batch, seq]");
+        let device = input_ids.device();
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let s = past + t;
+        let (positions, mask) = match attention_mask {
+            Some(m) => {
+                assert_eq!(
+                    m.size(),
+                    [b, s],
+                    "attention_mask must be [batch, past + seq]"
+                );
+                let m = m.to_kind(Kind::Int64);
+                let pos = (m.cumsum(-1, Kind::Int64) - 1)
+                    .clamp_min(0)
+                    .narrow(1, past, t);
+                // Key j is visible to query i (absolute past + i) if j <= past + i and j is a
+                // token. A query always sees itself, so padding rows stay finite (their outputs
+                // are never used).
+                let q_abs = Tensor::arange_start(past, s, (Kind::Int64, device)).view([t, 1]);
+                let k_abs = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
+                let causal = k_abs.le_tensor(&q_abs).view([1, 1, t, s]);
+                let keys = m.gt(0).view([b, 1, 1, s]);
+                let diag = k_abs.eq_tensor(&q_abs).view([1, 1, t, s]);
+                (
+                    pos,
+                    AttnMask::Explicit(causal.logical_and(&keys).logical_or(&diag)),
+                )
+            }
+            None => {
+                let pos = Tensor::arange_start(past, s, (Kind::Int64, device))
+                    .view([1, t])
+                    .expand([b, t], false);
+                let mask = if past == 0 && t > 1 {
+                    AttnMask::Causal
+                } else if t == 1 {
+                    AttnMask::None
+                } else {
+                    let q_abs = Tensor::arange_start(past, s, (Kind::Int64, device)).view([t, 1]);
+                    let k_abs = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
+                    AttnMask::Explicit(k_abs.le_tensor(&q_abs).view([1, 1, t, s]))
+                };
+                (pos, mask)
+            }
+        };
+        let mut x = self.embed_tokens.forward(input_ids);
+        let kind = x.kind();
+        // Rotary tables in f32, cast to the model's dtype, as transformers does.
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        let (cos, sin) = (emb.cos().to_kind(kind), emb.sin().to_kind(kind));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let a = layer.self_attn.forward(
+                &layer.input_layernorm.forward(&x),
+                &cos,
+                &sin,
+                &mask,
+                slot,
+            );
+            x = &x + a;
+            x = &x
+                + layer
+                    .mlp
+                    .forward(&layer.post_attention_layernorm.forward(&x));
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Projects hidden states onto the vocabulary (tied: the embedding matrix).
+    pub fn lm_logits(&self, hidden: &Tensor) -> Tensor {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(&self.embed_tokens.ws.tr()),
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Batched generation with a KV cache: temperature, top-p, stop tokens, a new-token limit,
+//! left padding, deterministic under a seed.
+//!
+//! Besides the tokens it returns what RL needs: the log-prob of every sampled token under
+//! the distribution it was sampled from (`log_softmax(logits / temperature)`, before the
+//! top-p cut, as vLLM/TRL report them) and the mask of real generated tokens.
+use crate::logprobs::token_logprobs;
+use crate::model::Qwen2;
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingConfig {
+    pub max_new_tokens: usize,
+    /// 0 = greedy (argmax).
+    pub temperature: f64,
+    /// Nucleus sampling: sample among the most likely tokens whose mass reaches `top_p`; 1 = off.
+    pub top_p: f64,
+    /// A row stops after emitting any of these (the stop token is kept, masked 1).
+    pub stop_tokens: Vec<i64>,
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            max_new_tokens: 128,
+            temperature: 1.0,
+            top_p: 1.0,
+            stop_tokens: vec![],
+            seed: 0,
+        }
+    }
+}
+
+/// The result of [`generate`]; all tensors on the model's device.
+#[derive(Debug)]
+pub struct Generation {
+    /// `[batch, prompt_len]` prompts, left-padded with the pad id.
+    pub prompt_ids: Tensor,
+    /// `[batch, prompt_len]` 1 = prompt token, 0 = padding (i64).
+    pub prompt_mask: Tensor,
+    /// `[batch, new]` generated ids; the pad id after a row stopped.
+    pub tokens: Tensor,
+    /// `[batch, new]` f32 sampling-time log-probs of `tokens` (0 where `mask` is 0).
+    pub logprobs: Tensor,
+    /// `[batch, new]` 1 = generated token (the stop token included), 0 = after the stop (i64).
+    pub mask: Tensor,
+    /// Per row: true if it emitted a stop token, false if it hit `max_new_tokens`.
+    pub stopped: Vec<bool>,
+}
+
+impl Generation {
+    /// The generated ids of each row, up to and including its stop token.
+    pub fn token_lists(&self) -> Vec<Vec<i64>> {
+        let toks =
+            Vec::<Vec<i64>>::try_from(self.tokens.to_device(Device::Cpu)).unwrap_or_default();
+        let mask = Vec::<Vec<i64>>::try_from(self.mask.to_device(Device::Cpu)).unwrap_or_default();
+        toks.into_iter()
+            .zip(mask)
+            .map(|(t, m)| {
+                t.into_iter()
+                    .zip(m)
+                    .filter(|(_, m)| *m == 1)
+                    .map(|(t, _)| t)
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Prompt and generation side by side: (`[batch, prompt_len + new]` ids, mask).
+    pub fn full_sequences(&self) -> (Tensor, Tensor) {
+        (
+            Tensor::cat(&[&self.prompt_ids, &self.tokens], 1),
+            Tensor::cat(&[&self.prompt_mask, &self.mask], 1),
+        )
+    }
+}
+
+/// Left-pads token lists into (`[batch, max_len]` ids, mask) on `device`.
+pub fn left_pad(rows: &[Vec<i64>], pad_id: i64, device: Device) -> (Tensor, Tensor) {
+    let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(rows.len() * len);
+    let mut mask = Vec::with_capacity(rows.len() * len);
+    for r in rows {
+        ids.extend(std::iter::repeat_n(pad_id, len - r.len()).chain(r.iter().copied()));
+        mask.extend(
+            std::iter::repeat_n(0i64, len - r.len()).chain(std::iter::repeat_n(1, r.len())),
+        );
+    }
+    let shape = [rows.len() as i64, len as i64];
+    (
+        Tensor::from_slice(&ids).view(shape).to(device),
+        Tensor::from_slice(&mask).view(shape).to(device),
+    )
+}
+
+/// Right-pads token lists into (`[batch, max_len]` ids, mask) on `device` (for training).
+pub fn right_pad(rows: &[Vec<i64>], pad_id: i64, device: Device) -> (Tensor, Tensor) {
+    let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(rows.len() * len);
+    let mut mask = Vec::with_capacity(rows.len() * len);
+    for r in rows {
+        ids.extend(
+            r.iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad_id, len - r.len())),
+        );
+        mask.extend(
+            std::iter::repeat_n(1i64, r.len()).chain(std::iter::repeat_n(0, len - r.len())),
+        );
+    }
+    let shape = [rows.len() as i64, len as i64];
+    (
+        Tensor::from_slice(&ids).view(shape).to(device),
+        Tensor::from_slice(&mask).view(shape).to(device),
+    )
+}
+
+/// SplitMix64: the sampler's own uniform source, so a seed fixes the output independently of
+/// libtorch's global generator and of the device.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in [0, n).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// Picks one token per row from `logits` `[batch, vocab]` (f32): (ids `[batch]`, log-probs `[batch]`).
+pub fn sample_tokens(
+    logits: &Tensor,
+    cfg: &SamplingConfig,
+    rng: &mut SplitMix64,
+) -> (Tensor, Tensor) {
+    let logits = logits.to_kind(Kind::Float);
+    let (b, v) = logits.size2().unwrap();
+    let ids = if cfg.temperature <= 0.0 {
+        logits.argmax(-1, false)
+    } else {
+        let probs = (&logits / cfg.temperature).softmax(-1, Kind::Float);
+        let (sorted, order) = if cfg.top_p < 1.0 {
+            let (sorted, order) = probs.sort(-1, true);
+            // Keep a token while the mass before it is below top_p (the first always stays).
+            let before = sorted.cumsum(-1, Kind::Float) - &sorted;
+            (sorted.masked_fill(&before.ge(cfg.top_p), 0.0), Some(order))
+        } else {
+            (probs, None)
+        };
+        let cdf = sorted.cumsum(-1, Kind::Float);
+        let u: Vec<f32> = (0..b).map(|_| rng.next_f64() as f32).collect();
+        let u = Tensor::from_slice(&u).to(logits.device()).unsqueeze(1) * cdf.narrow(1, v - 1, 1);
+        let pos = cdf
+            .lt_tensor(&u)
+            .sum_dim_intlist(-1, true, Kind::Int64)
+            .clamp_max(v - 1);
+        match order {
+            Some(order) => order.gather(-1, &pos, false).squeeze_dim(-1),
+            None => pos.squeeze_dim(-1),
+        }
+    };
+    let lp = token_logprobs(&logits, &ids, cfg.temperature);
+    (ids, lp)
+}
+
+/// Generates continuations of `prompts` (token lists, left-padded into one batch).
+pub fn generate(
+    model: &Qwen2,
+    prompts: &[Vec<i64>],
+    pad_id: i64,
+    cfg: &SamplingConfig,
+) -> Result<Generation> {
+    if prompts.is_empty() {
+        bail!("generate: no prompts");
+    }
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        bail!("generate: prompt {i} is empty");
+    }
+    let device = model.device();
+    let (prompt_ids, prompt_mask) = left_pad(prompts, pad_id, device);
+    let b = prompts.len() as i64;
+    let mut rng = SplitMix64::new(cfg.seed);
+    let stop = Tensor::from_slice(&cfg.stop_tokens).to(device);
+    tch::no_grad(|| {
+        let mut cache = model.new_cache();
+        let p = prompt_ids.size()[1];
+        let hidden = model.forward_hidden(&prompt_ids, Some(&prompt_mask), Some(&mut cache));
+        let mut logits = model.lm_logits(&hidden.narrow(1, p - 1, 1)).squeeze_dim(1);
+        let mut mask_all = prompt_mask.shallow_clone();
+        let mut done = Tensor::zeros([b], (Kind::Bool, device));
+        let (mut toks, mut lps, mut valid) = (vec![], vec![], vec![]);
+        for step in 0..cfg.max_new_tokens {
+            let (tok, lp) = sample_tokens(&logits, cfg, &mut rng);
+            let live = done.logical_not();
+            let tok = tok.where_self(&live, &Tensor::full([b], pad_id, (Kind::Int64, device)));
+            lps.push(lp.where_self(&live, &Tensor::zeros([b], (Kind::Float, device))));
+            valid.push(live.to_kind(Kind::Int64));
+            if !cfg.stop_tokens.is_empty() {
+                done = done.logical_or(&Tensor::isin(&tok, &stop, false, false));
+            }
+            toks.push(tok.shallow_clone());
+            if step + 1 == cfg.max_new_tokens || done.all().int64_value(&[]) == 1 {
+                break;
+            }
+            mask_all = Tensor::cat(
+                &[&mask_all, &Tensor::ones([b, 1], (Kind::Int64, device))],
+                1,
+            );
+            logits = model
+                .forward(&tok.unsqueeze(1), Some(&mask_all), Some(&mut cache))
+                .squeeze_dim(1);
+        }
+        let stopped = Vec::<i64>::try_from(done.to_kind(Kind::Int64).to_device(Device::Cpu))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| d != 0)
+            .collect();
+        let stack = |v: &[Tensor], kind| {
+            if v.is_empty() {
+                Tensor::zeros([b, 0], (kind, device))
+            } else {
+                Tensor::stack(v, 1)
+            }
+        };
+        Ok(Generation {
+            tokens: stack(&toks, Kind::Int64),
+            logprobs: stack(&lps, Kind::Float),
+            mask: stack(&valid, Kind::Int64),
+            prompt_ids: prompt_ids.shallow_clone(),
+            prompt_mask: prompt_mask.shallow_clone(),
+            stopped,
+        })
+    })
+}

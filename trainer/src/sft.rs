@@ -1,0 +1,443 @@
+//! Supervised fine-tuning on (prompt, completion) pairs with the loss on completion tokens
+//! only: the warm-up stage (teacher format) and, later, the students' distillation fine-tune.
+//!
+//! Resumable: every `checkpoint_every` updates the model (HF layout), the AdamW state and the
+//! step go into `<stage>/checkpoints/step-N-attempt-A/` (atomically, `COMPLETE` last); a
+//! restarted run picks the latest complete one and continues with the same data order
+//! (shuffles are a function of (seed, epoch), the position a function of the step). A
+//! non-finite loss or gradient stops with an error before the update, so the last checkpoint
+//! stays the last good state.
+use crate::checkpoint::{load_checkpoint, save_dir_atomically, CausalLm};
+use crate::data::PromptCompletion;
+use crate::metrics::Published;
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::sampling::{right_pad, SplitMix64};
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use rlt_api::contract::TrainingFigures;
+use rlt_api::layout::{
+    checkpoint_name, latest_checkpoint, parse_checkpoint_name, StageDir, COMPLETE_MARKER,
+};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SftConfig {
+    pub epochs: usize,
+    /// Examples per optimizer update (split into `grad_accum` micro-batches).
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub adamw: AdamWConfig,
+    pub clip_grad_norm: f64,
+    /// Longer examples are cut to this many tokens (counted in the outcome).
+    pub max_len: usize,
+    pub checkpoint_every: u64,
+    /// Older checkpoints of this stage beyond this many are deleted.
+    pub keep_checkpoints: usize,
+    pub seed: u64,
+    /// Stop after this many updates (default: epochs x batches per epoch).
+    pub max_steps: Option<u64>,
+    pub log_every: u64,
+}
+
+impl Default for SftConfig {
+    /// The RLT warm-up recipe: 10 epochs, batch 16, lr 1e-5 cosine with 5% warm-up,
+    /// AdamW betas (0.9, 0.95), weight decay 1e-4, clip 1.0.
+    fn default() -> Self {
+        SftConfig {
+            epochs: 10,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 1e-5,
+            warmup_ratio: 0.05,
+            adamw: AdamWConfig::default(),
+            clip_grad_norm: 1.0,
+            max_len: 4096,
+            checkpoint_every: 100,
+            keep_checkpoints: 2,
+            seed: 0,
+            max_steps: None,
+            log_every: 10,
+        }
+    }
+}
+
+/// What to fine-tune, on what, and where to write.
+pub struct SftJob {
+    /// Stage name for logs and metric names (`warmup`, `distill`).
+    pub name: String,
+    pub stage: StageDir,
+    pub attempt: u32,
+    /// Initial checkpoint directory (used unless a checkpoint of this stage exists).
+    pub init_model: PathBuf,
+    pub device: Device,
+    pub kind: Kind,
+    pub pairs: Vec<PromptCompletion>,
+    pub published: Option<Published>,
+    pub progress_bar: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub step: u64,
+    pub total_steps: u64,
+    pub attempt: u32,
+    pub last_loss: f64,
+    pub resumed_from_step: Option<u64>,
+    pub config: SftConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SftOutcome {
+    pub final_dir: PathBuf,
+    pub total_steps: u64,
+    /// Steps run by this process (0 when the stage was already complete).
+    pub steps_run: u64,
+    pub resumed_from_step: Option<u64>,
+    /// Mean loss of the first and last `log_every` steps run by this process.
+    pub first_losses: f64,
+    pub last_losses: f64,
+    pub tokens_per_second: f64,
+    /// Examples cut to `max_len`.
+    pub truncated: usize,
+}
+
+struct Encoded {
+    ids: Vec<i64>,
+    /// Index of the first completion token.
+    completion_start: usize,
+}
+
+fn encode_pairs(
+    tok: &Tokenizer,
+    pairs: &[PromptCompletion],
+    max_len: usize,
+) -> Result<(Vec<Encoded>, usize)> {
+    let mut out = Vec::with_capacity(pairs.len());
+    let mut truncated = 0;
+    for (i, p) in pairs.iter().enumerate() {
+        let mut ids = tok
+            .encode(&p.prompt)
+            .with_context(|| format!("example {i}"))?;
+        let start = ids.len();
+        ids.extend(
+            tok.encode(&p.completion)
+                .with_context(|| format!("example {i}"))?,
+        );
+        if start + 1 >= max_len {
+            bail!("example {i}: its prompt alone has {start} tokens, max_len is {max_len}; raise --max-len");
+        }
+        if ids.len() > max_len {
+            ids.truncate(max_len);
+            truncated += 1;
+        }
+        out.push(Encoded {
+            ids,
+            completion_start: start,
+        });
+    }
+    Ok((out, truncated))
+}
+
+/// Epoch `e`'s order of the examples: a Fisher-Yates shuffle seeded by (seed, e).
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = SplitMix64::new(seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
+    for i in (1..n).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    order
+}
+
+struct Gauges {
+    step: prometheus::IntGauge,
+    total: prometheus::IntGauge,
+    loss: prometheus::Gauge,
+    lr: prometheus::Gauge,
+    grad_norm: prometheus::Gauge,
+    tps: prometheus::Gauge,
+}
+
+impl Gauges {
+    fn new(name: &str, p: &Option<Published>) -> Result<Self> {
+        let g = Gauges {
+            step: prometheus::IntGauge::new(format!("rlt_{name}_step"), "optimizer updates done")?,
+            total: prometheus::IntGauge::new(
+                format!("rlt_{name}_total_steps"),
+                "optimizer updates planned",
+            )?,
+            loss: prometheus::Gauge::new(
+                format!("rlt_{name}_loss"),
+                "completion cross-entropy of the last update",
+            )?,
+            lr: prometheus::Gauge::new(
+                format!("rlt_{name}_learning_rate"),
+                "learning rate of the last update",
+            )?,
+            grad_norm: prometheus::Gauge::new(
+                format!("rlt_{name}_grad_norm"),
+                "gradient norm before clipping",
+            )?,
+            tps: prometheus::Gauge::new(
+                format!("rlt_{name}_tokens_per_second"),
+                "tokens processed per second",
+            )?,
+        };
+        if let Some(p) = p {
+            for c in [&g.loss, &g.lr, &g.grad_norm, &g.tps] {
+                p.registry.register(Box::new(c.clone()))?;
+            }
+            p.registry.register(Box::new(g.step.clone()))?;
+            p.registry.register(Box::new(g.total.clone()))?;
+        }
+        Ok(g)
+    }
+}
+
+fn prune_checkpoints(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let (step, _) = parse_checkpoint_name(e.file_name().to_str()?)?;
+            e.path()
+                .join(COMPLETE_MARKER)
+                .exists()
+                .then(|| (step, e.path()))
+        })
+        .collect();
+    found.sort();
+    let n = found.len();
+    for (_, path) in found.into_iter().take(n.saturating_sub(keep.max(1))) {
+        let _ = std::fs::remove_dir_all(path);
+    }
+}
+
+/// Summed negative log-likelihood of the tokens marked in `loss_mask` (`[batch, seq]`, 1 =
+/// completion token) of right-padded `ids`, divided by `denominator` (the number of completion
+/// tokens of the whole optimizer batch, so micro-batch gradients add up to the batch mean).
+pub fn completion_loss(
+    model: &crate::model::Qwen2,
+    ids: &Tensor,
+    loss_mask: &Tensor,
+    denominator: usize,
+) -> Tensor {
+    // Right padding needs no attention mask: real tokens never attend to later pads.
+    let t = ids.size()[1];
+    let lp = crate::logprobs::sequence_logprobs(model, ids, None, 1.0);
+    let m = loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
+    -(lp * m).sum(Kind::Float) / denominator.max(1) as f64
+}
+
+/// Runs (or resumes, or finds already done) one SFT stage.
+pub fn run_sft(job: SftJob, cfg: &SftConfig) -> Result<SftOutcome> {
+    if cfg.batch_size == 0 || cfg.batch_size.checked_rem(cfg.grad_accum) != Some(0) {
+        bail!(
+            "batch size {} must be a positive multiple of grad_accum {}",
+            cfg.batch_size,
+            cfg.grad_accum
+        );
+    }
+    if job.pairs.is_empty() {
+        bail!("no training examples");
+    }
+    let final_dir = job.stage.final_dir();
+    let steps_per_epoch = job.pairs.len().div_ceil(cfg.batch_size) as u64;
+    let total_steps = cfg.max_steps.unwrap_or(cfg.epochs as u64 * steps_per_epoch);
+    if final_dir.join(COMPLETE_MARKER).exists() {
+        tracing::info!(stage = %job.name, dir = %final_dir.display(), "stage output already complete; nothing to do");
+        return Ok(SftOutcome {
+            final_dir,
+            total_steps,
+            steps_run: 0,
+            resumed_from_step: None,
+            first_losses: f64::NAN,
+            last_losses: f64::NAN,
+            tokens_per_second: 0.0,
+            truncated: 0,
+        });
+    }
+    let ckpt_root = job.stage.checkpoints();
+    let resume = latest_checkpoint(&ckpt_root, job.attempt);
+    let (lm, tok) = match &resume {
+        Some((step, dir)) => {
+            tracing::info!(stage = %job.name, step, dir = %dir.display(), "resuming from checkpoint");
+            load_checkpoint(dir, job.device, job.kind)?
+        }
+        None => load_checkpoint(&job.init_model, job.device, job.kind)?,
+    };
+    let mut opt = AdamW::for_var_store(&lm.vs, cfg.adamw);
+    let start = match &resume {
+        Some((step, dir)) => {
+            opt.load(&dir.join(OPTIMIZER_FILE))?;
+            *step
+        }
+        None => 0,
+    };
+    let (data, truncated) = encode_pairs(&tok, &job.pairs, cfg.max_len)?;
+    if truncated > 0 {
+        tracing::warn!(truncated, max_len = cfg.max_len, "examples cut to max_len");
+    }
+    let sched = LrSchedule::with_warmup_ratio(cfg.lr, total_steps, cfg.warmup_ratio);
+    let gauges = Gauges::new(&job.name, &job.published)?;
+    gauges.total.set(total_steps as i64);
+    let bar = if job.progress_bar {
+        let b = indicatif::ProgressBar::new(total_steps);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_prefix(job.name.clone());
+        b.set_position(start);
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    tracing::info!(stage = %job.name, examples = data.len(), total_steps, start, params = lm.num_parameters(), "training");
+
+    let micro = cfg.batch_size / cfg.grad_accum;
+    let mut order_epoch = u64::MAX;
+    let mut order = vec![];
+    let (mut losses, mut first_losses) = (Vec::new(), None);
+    let mut last_loss = f64::NAN;
+    let (mut tokens, t0) = (0usize, Instant::now());
+    let mut window = (0usize, Instant::now());
+    for step in start..total_steps {
+        let epoch = step / steps_per_epoch;
+        if epoch != order_epoch {
+            order = epoch_order(data.len(), cfg.seed, epoch);
+            order_epoch = epoch;
+        }
+        let k = (step % steps_per_epoch) as usize * cfg.batch_size;
+        let batch: Vec<&Encoded> = order[k..(k + cfg.batch_size).min(order.len())]
+            .iter()
+            .map(|&i| &data[i])
+            .collect();
+        let targets: usize = batch.iter().map(|e| e.ids.len() - e.completion_start).sum();
+        opt.zero_grad();
+        let mut loss_value = 0.0;
+        for chunk in batch.chunks(micro) {
+            let rows: Vec<Vec<i64>> = chunk.iter().map(|e| e.ids.clone()).collect();
+            let (ids, _) = right_pad(&rows, tok.pad_id(), job.device);
+            let loss_rows: Vec<Vec<i64>> = chunk
+                .iter()
+                .map(|e| {
+                    (0..e.ids.len())
+                        .map(|i| (i >= e.completion_start) as i64)
+                        .collect()
+                })
+                .collect();
+            let (loss_mask, _) = right_pad(&loss_rows, 0, job.device);
+            let loss = completion_loss(&lm.model, &ids, &loss_mask, targets);
+            loss.backward();
+            loss_value += loss.double_value(&[]);
+            tokens += rows.iter().map(Vec::len).sum::<usize>();
+        }
+        if !loss_value.is_finite() {
+            bail!("{}: loss is {loss_value} at step {step}; stopping (last good checkpoint kept in {})", job.name, ckpt_root.display());
+        }
+        let grad_norm = clip_grad_norm(&opt.params(), cfg.clip_grad_norm);
+        if !grad_norm.is_finite() {
+            bail!("{}: gradient norm is {grad_norm} at step {step}; stopping (last good checkpoint kept in {})", job.name, ckpt_root.display());
+        }
+        let lr = sched.lr(step);
+        opt.step(lr);
+        last_loss = loss_value;
+        losses.push(loss_value);
+        let done = step + 1;
+        let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        gauges.step.set(done as i64);
+        gauges.loss.set(loss_value);
+        gauges.lr.set(lr);
+        gauges.grad_norm.set(grad_norm);
+        gauges.tps.set(tps);
+        if let Some(p) = &job.published {
+            p.set_figures(TrainingFigures {
+                step: done,
+                total_steps,
+                tokens_per_second: Some(tps),
+                ..Default::default()
+            });
+        }
+        bar.set_position(done);
+        bar.set_message(format!("loss {loss_value:.4}"));
+        if done % cfg.log_every.max(1) == 0 || done == total_steps {
+            let n = losses.len().min(cfg.log_every.max(1) as usize);
+            let mean = losses[losses.len() - n..].iter().sum::<f64>() / n as f64;
+            first_losses.get_or_insert(mean);
+            let wtps = (tokens - window.0) as f64 / window.1.elapsed().as_secs_f64().max(1e-9);
+            window = (tokens, Instant::now());
+            if bar.is_hidden() {
+                tracing::info!(stage = %job.name, step = done, total_steps, loss = mean, lr, grad_norm, tokens_per_s = wtps as u64, "step");
+            }
+        }
+        if done % cfg.checkpoint_every.max(1) == 0 && done < total_steps {
+            let dir = ckpt_root.join(checkpoint_name(done, job.attempt));
+            let state = TrainerState {
+                step: done,
+                total_steps,
+                attempt: job.attempt,
+                last_loss,
+                resumed_from_step: resume.as_ref().map(|r| r.0),
+                config: cfg.clone(),
+            };
+            save_dir_atomically(&dir, |tmp| {
+                lm.save(tmp)?;
+                tok.save(tmp)?;
+                opt.save(&tmp.join(OPTIMIZER_FILE))?;
+                std::fs::write(
+                    tmp.join(TRAINER_STATE_FILE),
+                    serde_json::to_string_pretty(&state)?,
+                )?;
+                Ok(())
+            })?;
+            prune_checkpoints(&ckpt_root, cfg.keep_checkpoints);
+            tracing::info!(stage = %job.name, step = done, dir = %dir.display(), "checkpoint saved");
+        }
+    }
+    bar.finish_and_clear();
+    let state = TrainerState {
+        step: total_steps,
+        total_steps,
+        attempt: job.attempt,
+        last_loss,
+        resumed_from_step: resume.as_ref().map(|r| r.0),
+        config: cfg.clone(),
+    };
+    save_final(&final_dir, &lm, &tok, &state)?;
+    let n = losses.len().min(cfg.log_every.max(1) as usize).max(1);
+    let last_losses = losses.iter().rev().take(n).sum::<f64>() / n as f64;
+    Ok(SftOutcome {
+        final_dir,
+        total_steps,
+        steps_run: total_steps - start,
+        resumed_from_step: resume.map(|r| r.0),
+        first_losses: first_losses.unwrap_or(last_losses),
+        last_losses,
+        tokens_per_second: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        truncated,
+    })
+}
+
+fn save_final(dir: &Path, lm: &CausalLm, tok: &Tokenizer, state: &TrainerState) -> Result<()> {
+    save_dir_atomically(dir, |tmp| {
+        lm.save(tmp)?;
+        tok.save(tmp)?;
+        std::fs::write(
+            tmp.join(TRAINER_STATE_FILE),
+            serde_json::to_string_pretty(state)?,
+        )
+        .with_context(|| format!("writing {}", tmp.display()))
+    })
+}

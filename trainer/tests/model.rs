@@ -1,0 +1,236 @@
+//! Model, checkpoint and sampler behaviour on tiny random models (CPU, f32).
+use rlt_trainer::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
+use rlt_trainer::config::{Qwen2Config, TinySpec};
+use rlt_trainer::logprobs::sequence_logprobs;
+use rlt_trainer::sampling::{generate, left_pad, SamplingConfig};
+use rlt_trainer::tokenizer::Tokenizer;
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rlt-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn tiny() -> (CausalLm, Tokenizer) {
+    let tok = Tokenizer::tiny();
+    let spec = TinySpec {
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        intermediate_size: 64,
+        seed: 7,
+    };
+    (
+        CausalLm::tiny(&spec, &tok, Device::Cpu, Kind::Float).unwrap(),
+        tok,
+    )
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn same_seed_same_weights_and_save_load_round_trip() {
+    let (lm, tok) = tiny();
+    let (lm2, _) = tiny();
+    let ids = Tensor::from_slice(&tok.encode("Hello, world! 12+34=46").unwrap()).unsqueeze(0);
+    let a = lm.model.forward(&ids, None, None);
+    assert_eq!(max_abs_diff(&a, &lm2.model.forward(&ids, None, None)), 0.0);
+
+    let dir = tmpdir("roundtrip");
+    save_checkpoint(&dir, &lm, &tok).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "COMPLETE",
+    ] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    let (back, tok2) = load_checkpoint(&dir, Device::Cpu, Kind::Float).unwrap();
+    assert!(tok2.same_vocab(&tok));
+    let mut cfg = back.config.clone();
+    assert_eq!(cfg.extra.remove("torch_dtype"), Some("float32".into()));
+    cfg.extra.remove("dtype");
+    assert_eq!(cfg, lm.config);
+    assert_eq!(max_abs_diff(&a, &back.model.forward(&ids, None, None)), 0.0);
+
+    // Sharded save (tiny shard limit) loads to the same logits.
+    let sharded = tmpdir("sharded");
+    lm.save_sharded(&sharded, 20_000).unwrap();
+    assert!(sharded.join("model.safetensors.index.json").exists());
+    assert!(sharded.join("model-00002-of-").parent().is_some());
+    let back = CausalLm::load(&sharded, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(max_abs_diff(&a, &back.model.forward(&ids, None, None)), 0.0);
+
+    // bf16 load stays close.
+    let bf = CausalLm::load(&dir, Device::Cpu, Kind::BFloat16).unwrap();
+    let d = max_abs_diff(&a, &bf.model.forward(&ids, None, None).to_kind(Kind::Float));
+    assert!(d < 0.05, "bf16 logits differ by {d}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&sharded).unwrap();
+}
+
+#[test]
+fn wrong_shape_checkpoint_is_rejected_by_name() {
+    let (lm, tok) = tiny();
+    let dir = tmpdir("wrongshape");
+    save_checkpoint(&dir, &lm, &tok).unwrap();
+    // Claim a bigger intermediate size than the weights have.
+    let mut cfg: Qwen2Config = Qwen2Config::from_file(&dir.join("config.json")).unwrap();
+    cfg.intermediate_size = 128;
+    cfg.to_file(&dir.join("config.json")).unwrap();
+    let err = format!(
+        "{:#}",
+        CausalLm::load(&dir, Device::Cpu, Kind::Float).unwrap_err()
+    );
+    assert!(err.contains("mlp") && err.contains("shape"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn cache_and_left_padding_match_full_forward() {
+    let (lm, tok) = tiny();
+    let ids = tok.encode("The quick brown fox jumps").unwrap();
+    let n = ids.len() as i64;
+    let full = lm
+        .model
+        .forward(&Tensor::from_slice(&ids).unsqueeze(0), None, None);
+    // Incremental: prefix of 10, then one token at a time.
+    let mut cache = lm.model.new_cache();
+    let mut parts = vec![lm.model.forward(
+        &Tensor::from_slice(&ids[..10]).unsqueeze(0),
+        None,
+        Some(&mut cache),
+    )];
+    for &t in &ids[10..] {
+        parts.push(lm.model.forward(
+            &Tensor::from_slice(&[t]).unsqueeze(0),
+            None,
+            Some(&mut cache),
+        ));
+    }
+    let inc = Tensor::cat(&parts, 1);
+    assert!(
+        max_abs_diff(&full, &inc) < 1e-4,
+        "cache vs full: {}",
+        max_abs_diff(&full, &inc)
+    );
+    // Left-padded in a batch with a longer row: the real positions give the same logits.
+    let other = tok
+        .encode("A much longer sentence that forces padding of the first")
+        .unwrap();
+    let (batch, mask) = left_pad(&[ids.clone(), other], tok.pad_id(), Device::Cpu);
+    let padded = lm.model.forward(&batch, Some(&mask), None);
+    let pad = batch.size()[1] - n;
+    let row = padded.get(0).narrow(0, pad, n).unsqueeze(0);
+    assert!(
+        max_abs_diff(&full, &row) < 1e-4,
+        "padded vs unpadded: {}",
+        max_abs_diff(&full, &row)
+    );
+}
+
+#[test]
+fn sampled_logprobs_match_a_full_forward_without_cache() {
+    let (lm, tok) = tiny();
+    let prompts: Vec<Vec<i64>> = ["1+1=", "What is 7*6? Answer:", "x"]
+        .iter()
+        .map(|p| tok.encode(p).unwrap())
+        .collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: 12,
+        temperature: 0.7,
+        top_p: 0.9,
+        stop_tokens: vec![],
+        seed: 3,
+    };
+    let g = generate(&lm.model, &prompts, tok.pad_id(), &cfg).unwrap();
+    let (ids, mask) = g.full_sequences();
+    let lp = tch::no_grad(|| sequence_logprobs(&lm.model, &ids, Some(&mask), cfg.temperature));
+    let p = g.prompt_ids.size()[1];
+    let recomputed = lp.narrow(1, p - 1, g.tokens.size()[1]) * g.mask.to_kind(Kind::Float);
+    let d = max_abs_diff(&recomputed, &g.logprobs);
+    assert!(d < 1e-4, "sampling log-probs differ from recomputed by {d}");
+    assert!(g.logprobs.lt(0.0).any().int64_value(&[]) == 1);
+
+    // Same seed, same output; another seed, another output.
+    let g2 = generate(&lm.model, &prompts, tok.pad_id(), &cfg).unwrap();
+    assert_eq!(g.token_lists(), g2.token_lists());
+    let g3 = generate(
+        &lm.model,
+        &prompts,
+        tok.pad_id(),
+        &SamplingConfig {
+            seed: 4,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    assert_ne!(g.token_lists(), g3.token_lists());
+}
+
+#[test]
+fn greedy_stops_on_stop_tokens_and_masks_after() {
+    let (lm, tok) = tiny();
+    let prompts = vec![
+        tok.encode("abc").unwrap(),
+        tok.encode("hello there").unwrap(),
+    ];
+    let greedy = SamplingConfig {
+        max_new_tokens: 8,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let g = generate(&lm.model, &prompts, tok.pad_id(), &greedy).unwrap();
+    let lists = g.token_lists();
+    assert_eq!(lists[0].len(), 8);
+    // Greedy continuation of row 0 equals argmax of a full forward, step by step.
+    let mut seq = prompts[0].clone();
+    for &t in &lists[0] {
+        let logits = lm
+            .model
+            .forward(&Tensor::from_slice(&seq).unsqueeze(0), None, None);
+        assert_eq!(
+            logits
+                .get(0)
+                .get(seq.len() as i64 - 1)
+                .argmax(-1, false)
+                .int64_value(&[]),
+            t
+        );
+        seq.push(t);
+    }
+    // Make row 0's third greedy token a stop token: it ends there, the rest is masked.
+    let stop = lists[0][2];
+    let g = generate(
+        &lm.model,
+        &prompts,
+        tok.pad_id(),
+        &SamplingConfig {
+            stop_tokens: vec![stop],
+            ..greedy
+        },
+    )
+    .unwrap();
+    let lists2 = g.token_lists();
+    let first = lists2[0].iter().position(|&t| t == stop).unwrap();
+    assert_eq!(lists2[0].len(), first + 1);
+    assert!(g.stopped[0]);
+    let m = Vec::<i64>::try_from(g.mask.get(0)).unwrap();
+    assert!(m[first + 1..].iter().all(|&x| x == 0));
+    assert_eq!(
+        g.logprobs
+            .get(0)
+            .narrow(0, first as i64 + 1, m.len() as i64 - first as i64 - 1)
+            .abs()
+            .sum(Kind::Float)
+            .double_value(&[]),
+        0.0
+    );
+}
