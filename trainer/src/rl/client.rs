@@ -104,6 +104,7 @@ impl ShardClients {
                     format!("parameter server address {a:?} is not a valid host:port")
                 })?
                 .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
                 .connect_lazy();
             clients.push(
                 Client::new(ch)
@@ -374,6 +375,9 @@ async fn sync_shard(
         async move {
             let hello = pb::HelloRequest { protocol: PROTOCOL_VERSION, learner, num_learners };
             let mut at = c.hello(hello).await?.into_inner().version;
+            if at < step {
+                tracing::warn!(shard = i, from = at, to = step, "parameter server is behind (restarted from a checkpoint); replaying this learner's gradients");
+            }
             while at <= step {
                 let msgs = replay.get(&at).ok_or_else(|| {
                     tonic::Status::failed_precondition(format!(

@@ -227,7 +227,9 @@ impl ParamServer {
                     .await
             })
         });
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        // No Nagle: pushes and pulls are request/response, delayed ACKs would add ~40 ms each.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
             .add_service(pb::param_server_server::ParamServerServer::new(
                 self.clone(),
