@@ -10,6 +10,7 @@
 //! - [`sampling::generate`] -> [`sampling::Generation`] (tokens, sampling log-probs, masks)
 //! - [`logprobs`]: per-token log-probs of given targets, completion NLL
 //! - [`device`]: `--device` / `--dtype` parsing
+//! - [`rl`]: the RL stage (RLT reward, GRPO, parameter servers and learners)
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod logprobs;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod rl;
 pub mod sampling;
 pub mod sft;
 pub mod tokenizer;

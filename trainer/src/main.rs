@@ -22,6 +22,12 @@ enum Command {
     Synth(cli::SynthArgs),
     /// Time the SFT step and batched sampling here and in transformers, side by side.
     Bench(rlt_trainer::bench::BenchArgs),
+    /// RL stage: a parameter server owning one shard of the teacher and its AdamW state.
+    ParamServer(rlt_trainer::rl::cli::ParamServerArgs),
+    /// RL stage: a learner (sample, score with the frozen student, GRPO gradients).
+    Learner(rlt_trainer::rl::cli::LearnerArgs),
+    /// Time RL steps (generation, scoring, backward, communication) for 1 vs 2 learners.
+    RlBench(rlt_trainer::rl::bench::RlBenchArgs),
 }
 
 fn main() {
@@ -44,5 +50,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Warmup(a) => cli::warmup(a).map(|_| ()),
         Command::Synth(a) => cli::synth(a),
         Command::Bench(a) => rlt_trainer::bench::bench(a),
+        Command::ParamServer(a) => rlt_trainer::rl::cli::param_server(a),
+        Command::Learner(a) => rlt_trainer::rl::cli::learner(a),
+        Command::RlBench(a) => rlt_trainer::rl::bench::rl_bench(a),
     }
 }

@@ -1,0 +1,282 @@
+//! `rlt-trainer rl-bench`: time per RL step split into generation, reward scoring, backward
+//! and communication, for 1 vs 2 learners (same total groups per step) against parameter
+//! servers on loopback, on a tiny and a ~24M-parameter model, with bytes moved per step.
+//!
+//! Everything runs in this process: servers as tokio tasks on 127.0.0.1, each learner on its
+//! own thread with its own models (as separate pods would), over real gRPC.
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use rlt_api::layout::RunDir;
+use tch::{Device, Kind};
+
+use super::grpo::GrpoConfig;
+use super::learner::{run_learner, LearnerConfig, Models, StepReport};
+use super::optim::AdamWConfig;
+use super::param_server::{read_checkpoint_tensors, ParamServer, ServerConfig};
+use super::reward::RewardConfig;
+use super::rollout::RolloutConfig;
+use crate::checkpoint::{save_checkpoint, CausalLm};
+use crate::config::TinySpec;
+use crate::data::synthetic::{generate, SyntheticSpec};
+use crate::data::Prompts;
+use crate::device::{parse_device, parse_kind};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Args, Debug)]
+pub struct RlBenchArgs {
+    /// Model sizes to run: `tiny`, `medium` (~24M parameters).
+    #[arg(long, value_delimiter = ',', default_value = "tiny,medium")]
+    pub sizes: Vec<String>,
+    /// Learner counts to compare.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub learners: Vec<usize>,
+    #[arg(long, default_value_t = 2)]
+    pub servers: usize,
+    /// Timed steps (one more is run first as warm-up and not counted).
+    #[arg(long, default_value_t = 3)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 4)]
+    pub groups_per_step: usize,
+    #[arg(long, default_value_t = 8)]
+    pub group_size: usize,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Scratch directory (default: a temporary one).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+fn spec(size: &str) -> Result<TinySpec> {
+    Ok(match size {
+        "tiny" => TinySpec {
+            hidden_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            intermediate_size: 176,
+            seed: 1,
+        },
+        "medium" => TinySpec {
+            hidden_size: 512,
+            num_hidden_layers: 8,
+            num_attention_heads: 8,
+            num_key_value_heads: 4,
+            intermediate_size: 1408,
+            seed: 1,
+        },
+        other => anyhow::bail!("unknown size {other:?} (tiny or medium)"),
+    })
+}
+
+/// Averages of the timed steps over learners (phases: the slowest learner's; communication:
+/// the least of the learners', i.e. without waiting for a slower peer).
+#[derive(Debug, Default)]
+struct Row {
+    params: i64,
+    step: f64,
+    generation: f64,
+    scoring: f64,
+    backward: f64,
+    communication: f64,
+    bytes: f64,
+}
+
+pub fn rl_bench(a: RlBenchArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let kind = parse_kind(&a.dtype)?;
+    let root = a.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("rlt-rl-bench-{}", std::process::id()))
+    });
+    println!(
+        "RL step time on {device:?} ({} parameter servers on loopback gRPC; {} groups x {} samples per step, \
+         up to {} new tokens; mean of {} steps after 1 warm-up)",
+        a.servers, a.groups_per_step, a.group_size, a.max_new_tokens, a.steps
+    );
+    println!(
+        "{:<7} {:>7} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>6} {:>10}",
+        "model",
+        "params",
+        "learners",
+        "step s",
+        "gen s",
+        "score s",
+        "bwd s",
+        "comm s",
+        "comm%",
+        "MB/step"
+    );
+    for size in &a.sizes {
+        let dir = root.join(size);
+        let tok = Tokenizer::tiny();
+        let teacher = dir.join("teacher");
+        let student = dir.join("student");
+        let s = spec(size)?;
+        save_checkpoint(
+            &teacher,
+            &CausalLm::tiny(&s, &tok, Device::Cpu, Kind::Float)?,
+            &tok,
+        )?;
+        save_checkpoint(
+            &student,
+            &CausalLm::tiny(&TinySpec { seed: 2, ..s }, &tok, Device::Cpu, Kind::Float)?,
+            &tok,
+        )?;
+        for &m in &a.learners {
+            let r = run_one(
+                &a,
+                &dir.join(format!("run-{m}")),
+                &teacher,
+                &student,
+                m,
+                device,
+                kind,
+            )?;
+            println!(
+                "{:<7} {:>6.1}M {:>8} | {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} | {:>5.1}% {:>10.2}",
+                size,
+                r.params as f64 / 1e6,
+                m,
+                r.step,
+                r.generation,
+                r.scoring,
+                r.backward,
+                r.communication,
+                100.0 * r.communication / r.step,
+                r.bytes / 1e6
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+fn run_one(
+    a: &RlBenchArgs,
+    ws: &Path,
+    teacher: &Path,
+    student: &Path,
+    learners: usize,
+    device: Device,
+    kind: Kind,
+) -> Result<Row> {
+    let _ = std::fs::remove_dir_all(ws);
+    let total = a.steps + 1;
+    let grpo = GrpoConfig::default();
+    let adamw = AdamWConfig {
+        lr: 1e-5,
+        ..AdamWConfig::default()
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let initial = read_checkpoint_tensors(teacher)?;
+    let params: i64 = initial.values().map(|t| t.numel() as i64).sum();
+    let mut addrs = Vec::new();
+    let mut handles = Vec::new();
+    for shard in 0..a.servers {
+        let cfg = ServerConfig {
+            shard,
+            num_shards: a.servers,
+            num_learners: learners,
+            total_steps: total,
+            adamw,
+            grpo: grpo.clone(),
+            checkpoint_every: 1000,
+            stage_dir: RunDir::new(ws, "bench").rl(),
+            attempt: 0,
+        };
+        let server = ParamServer::new(cfg, &initial)?;
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        addrs.push(listener.local_addr()?.to_string());
+        handles.push(rt.spawn(server.serve(listener, None)));
+    }
+    let reports: Arc<Mutex<Vec<Vec<StepReport>>>> =
+        Arc::new(Mutex::new(vec![Vec::new(); learners]));
+    let examples = generate(&SyntheticSpec {
+        count: 64,
+        seed: 0,
+        ..Default::default()
+    });
+    let threads: Vec<_> = (0..learners)
+        .map(|rank| {
+            let (teacher, student, addrs, reports, examples) = (
+                teacher.to_path_buf(),
+                student.to_path_buf(),
+                addrs.clone(),
+                reports.clone(),
+                examples.clone(),
+            );
+            let rollout = RolloutConfig {
+                group_size: a.group_size,
+                max_new_tokens: a.max_new_tokens,
+                temperature: 0.7,
+                top_p: 1.0,
+                reward: RewardConfig::default(),
+                grpo: grpo.clone(),
+                seed: 0,
+            };
+            let cfg = LearnerConfig {
+                param_servers: addrs,
+                learner: rank,
+                learners,
+                groups_per_step: a.groups_per_step,
+                rollout,
+                retry_for: Duration::from_secs(30),
+                final_dir: None,
+            };
+            std::thread::spawn(move || -> Result<()> {
+                let models = Models::load(&teacher, &student, device, kind)?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(run_learner(
+                    &models,
+                    &examples,
+                    &Prompts::short(),
+                    &cfg,
+                    |r| {
+                        reports.lock().unwrap()[rank].push(r.clone());
+                    },
+                ))
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a learner thread panicked"))??;
+    }
+    for h in handles {
+        rt.block_on(h).context("server task")??;
+    }
+    let reports = reports.lock().unwrap();
+    let mut row = Row {
+        params,
+        ..Row::default()
+    };
+    let n = a.steps as f64;
+    for step in 1..total as usize {
+        let at: Vec<&StepReport> = reports.iter().map(|r| &r[step]).collect();
+        let max = |f: &dyn Fn(&StepReport) -> f64| at.iter().map(|r| f(r)).fold(0.0, f64::max);
+        row.step += max(&|r| r.total) / n;
+        row.generation += max(&|r| r.times.generation) / n;
+        row.scoring += max(&|r| r.times.scoring) / n;
+        row.backward += max(&|r| r.times.backward) / n;
+        row.communication += at
+            .iter()
+            .map(|r| r.communication)
+            .fold(f64::INFINITY, f64::min)
+            / n;
+        row.bytes += at
+            .iter()
+            .map(|r| (r.bytes_pushed + r.bytes_pulled) as f64)
+            .sum::<f64>()
+            / n;
+    }
+    Ok(row)
+}

@@ -1,0 +1,315 @@
+//! One learner's work for one RL step on its groups: sample G explanations per (question,
+//! solution) from the teacher, build the student chats, score them with the frozen student,
+//! compute RLT rewards and GRPO advantages, and accumulate the policy gradient.
+//!
+//! Everything is in token space: the teacher prompt, the student chat around the explanation,
+//! and the solution are tokenized once as separate pieces, and the explanation's sampled ids
+//! are spliced between them. The explanation is therefore the very same ids in the teacher's
+//! and the student's chats, and its spans (and the solution's) are known exactly, with no
+//! re-tokenisation to align (this needs one shared tokenizer; checked at start-up).
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use tch::{Kind, Tensor};
+
+use super::grpo::{group_advantages, grpo_sequence_loss, GrpoConfig};
+use super::reward::{
+    parse_completion, rlt_reward, RewardBreakdown, RewardConfig, RewardInputs, Span,
+};
+use crate::checkpoint::CausalLm;
+use crate::logprobs::sequence_logprobs;
+use crate::sampling::{generate, left_pad, SamplingConfig};
+
+/// One (question, solution) as token pieces.
+#[derive(Debug, Clone)]
+pub struct GroupPrompt {
+    /// The teacher's prompt, ending right after the opening explanation tag.
+    pub teacher_prompt: Vec<i64>,
+    /// The student chat up to where the thought begins (system; question; thought opening).
+    pub student_prefix: Vec<i64>,
+    /// Between the thought and the solution text (thought closing, solution opening).
+    pub student_middle: Vec<i64>,
+    /// The solution text whose log-probs the reward scores.
+    pub solution: Vec<i64>,
+    /// After the solution (solution closing, end of turn).
+    pub student_suffix: Vec<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RolloutConfig {
+    /// G: explanations sampled per (question, solution).
+    pub group_size: usize,
+    pub max_new_tokens: usize,
+    /// Teacher sampling temperature (also the temperature of its KL-term log-probs).
+    pub temperature: f64,
+    pub top_p: f64,
+    pub reward: RewardConfig,
+    pub grpo: GrpoConfig,
+    pub seed: u64,
+}
+
+/// Token ids the rollout needs from the tokenizer.
+#[derive(Debug, Clone)]
+pub struct SpecialIds {
+    pub pad: i64,
+    /// Generation stops at these (end of turn / text).
+    pub stop: Vec<i64>,
+    /// The closing explanation tag as ids (one id with the tiny tokenizer, text otherwise).
+    pub end_explanation: Vec<i64>,
+}
+
+/// Seconds spent per phase, summed over a learner's groups.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PhaseTimes {
+    pub generation: f64,
+    pub scoring: f64,
+    pub backward: f64,
+}
+
+/// What one learner contributes to a step.
+#[derive(Debug, Default)]
+pub struct StepContribution {
+    pub groups: usize,
+    pub samples: usize,
+    pub reward_sum: f64,
+    pub solution_sum: f64,
+    pub kl_sum: f64,
+    pub loss_sum: f64,
+    pub generated_tokens: usize,
+    pub well_formed: usize,
+    pub times: PhaseTimes,
+}
+
+/// The seed of one group's sampling: a function of (run seed, step, the group's index in the
+/// whole step), so the samples do not depend on how groups are split across learners.
+pub fn group_seed(seed: u64, step: u64, group: usize) -> u64 {
+    let mut x = seed
+        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (group as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^ (x >> 31)
+}
+
+/// The groups (indices into the step's list) a learner works on: a contiguous, balanced slice.
+pub fn learner_slice(groups: usize, learner: usize, learners: usize) -> std::ops::Range<usize> {
+    let base = groups / learners;
+    let extra = groups % learners;
+    let start = learner * base + learner.min(extra);
+    start..start + base + usize::from(learner < extra)
+}
+
+/// Runs one group and accumulates its gradient (of the group's mean sequence loss) into the
+/// teacher's variables. `global_group` is the group's index in the whole step (for its seed).
+#[allow(clippy::too_many_arguments)]
+pub fn run_group(
+    teacher: &CausalLm,
+    reference: &CausalLm,
+    student: &CausalLm,
+    prompt: &GroupPrompt,
+    ids: &SpecialIds,
+    cfg: &RolloutConfig,
+    step: u64,
+    global_group: usize,
+    out: &mut StepContribution,
+) -> Result<()> {
+    let g = cfg.group_size;
+    if g == 0 {
+        bail!("group size must be at least 1");
+    }
+
+    // 1. Generation: G explanations from the teacher prompt.
+    let t0 = Instant::now();
+    let prompts = vec![prompt.teacher_prompt.clone(); g];
+    let sampling = SamplingConfig {
+        max_new_tokens: cfg.max_new_tokens,
+        temperature: cfg.temperature,
+        top_p: cfg.top_p,
+        stop_tokens: ids.stop.clone(),
+        seed: group_seed(cfg.seed, step, global_group),
+    };
+    let gen = tch::no_grad(|| generate(&teacher.model, &prompts, ids.pad, &sampling))?;
+    let completions = gen.token_lists();
+    out.times.generation += t0.elapsed().as_secs_f64();
+
+    // 2. Scoring: the teacher's log-probs of its own sequences (with grad: the GRPO policy
+    // term; detached: the reward's KL term, at its sampling temperature), then the reward.
+    let t1 = Instant::now();
+    let (t_ids, t_mask) = gen.full_sequences();
+    let p_len = gen.prompt_ids.size()[1] as usize;
+    let policy_lp = with_first_column(sequence_logprobs(
+        &teacher.model,
+        &t_ids,
+        Some(&t_mask),
+        cfg.temperature,
+    ));
+    let detached = policy_lp.detach();
+    let (breakdown, well_formed) = score_completions(
+        student,
+        &detached,
+        p_len,
+        prompt,
+        &completions,
+        ids,
+        &cfg.reward,
+    );
+    let advantages = group_advantages(&breakdown.reward, g as i64);
+    out.times.scoring += t1.elapsed().as_secs_f64();
+
+    // 3. Policy gradient on the generated tokens (explanation, closing tag, end of turn).
+    let t2 = Instant::now();
+    let ref_lp = tch::no_grad(|| {
+        with_first_column(sequence_logprobs(
+            &reference.model,
+            &t_ids,
+            Some(&t_mask),
+            cfg.temperature,
+        ))
+    });
+    let gen_mask = Tensor::cat(&[gen.prompt_mask.zeros_like(), gen.mask.shallow_clone()], 1);
+    let per_seq = grpo_sequence_loss(
+        &policy_lp,
+        &detached,
+        &ref_lp,
+        &gen_mask,
+        &advantages,
+        &cfg.grpo,
+    );
+    let loss = per_seq.mean(Kind::Float);
+    loss.backward();
+    out.times.backward += t2.elapsed().as_secs_f64();
+
+    out.groups += 1;
+    out.samples += g;
+    out.loss_sum += loss.double_value(&[]);
+    out.reward_sum += breakdown.reward.sum(Kind::Double).double_value(&[]);
+    out.solution_sum += breakdown.solution.sum(Kind::Double).double_value(&[]);
+    out.kl_sum += breakdown.kl.sum(Kind::Double).double_value(&[]);
+    out.generated_tokens += completions.iter().map(Vec::len).sum::<usize>();
+    out.well_formed += well_formed.iter().filter(|&&w| w).count();
+    Ok(())
+}
+
+/// The RLT reward of a group's completions. `teacher_lp` `[G, P + N]` holds the teacher's
+/// log-probs of its sequences (prompt of length `prompt_len`, then the completion; column p
+/// scores token p). Builds each student chat around the explanation ids, scores it with the
+/// student (left-padded batch), and returns the reward parts and which completions parsed.
+pub fn score_completions(
+    student: &CausalLm,
+    teacher_lp: &Tensor,
+    prompt_len: usize,
+    prompt: &GroupPrompt,
+    completions: &[Vec<i64>],
+    ids: &SpecialIds,
+    cfg: &RewardConfig,
+) -> (RewardBreakdown, Vec<bool>) {
+    let mut rows = Vec::with_capacity(completions.len());
+    let mut parsed = Vec::with_capacity(completions.len());
+    for c in completions {
+        let p = parse_completion(c, &ids.end_explanation, &ids.stop);
+        let mut row = prompt.student_prefix.clone();
+        row.extend_from_slice(&p.explanation);
+        row.extend_from_slice(&prompt.student_middle);
+        row.extend_from_slice(&prompt.solution);
+        row.extend_from_slice(&prompt.student_suffix);
+        rows.push(row);
+        parsed.push(p);
+    }
+    let (s_ids, s_mask) = left_pad(&rows, ids.pad, student.device());
+    let s_len = s_ids.size()[1] as usize;
+    let mut s_expl = Vec::with_capacity(rows.len());
+    let mut s_sol = Vec::with_capacity(rows.len());
+    for (row, p) in rows.iter().zip(&parsed) {
+        let expl_start = s_len - row.len() + prompt.student_prefix.len();
+        s_expl.push(Span {
+            start: expl_start,
+            len: p.explanation.len(),
+        });
+        let sol_start = expl_start + p.explanation.len() + prompt.student_middle.len();
+        s_sol.push(Span {
+            start: sol_start,
+            len: prompt.solution.len(),
+        });
+    }
+    let student_lp = tch::no_grad(|| {
+        with_first_column(sequence_logprobs(
+            &student.model,
+            &s_ids,
+            Some(&s_mask),
+            cfg.student_temperature,
+        ))
+    });
+    let t_expl: Vec<Span> = parsed
+        .iter()
+        .map(|p| Span {
+            start: prompt_len,
+            len: p.explanation.len(),
+        })
+        .collect();
+    let well_formed: Vec<bool> = parsed.iter().map(|p| p.well_formed).collect();
+    let breakdown = rlt_reward(
+        &RewardInputs {
+            student_log_probs: &student_lp,
+            student_explanation: &s_expl,
+            student_solution: &s_sol,
+            teacher_log_probs: &teacher_lp.to_device(student.device()),
+            teacher_explanation: &t_expl,
+            well_formed: &well_formed,
+        },
+        cfg,
+    );
+    (breakdown, well_formed)
+}
+
+/// `[B, T-1]` log-probs (entry t scores token t+1) -> `[B, T]` with column p scoring token p.
+pub fn with_first_column(lp: Tensor) -> Tensor {
+    let b = lp.size()[0];
+    Tensor::cat(&[Tensor::zeros([b, 1], (Kind::Float, lp.device())), lp], 1)
+}
+
+/// The teacher's gradients (as accumulated by [`run_group`]), by variable name, in f32 on the
+/// CPU; zero for variables that got none.
+pub fn take_gradients(teacher: &CausalLm) -> BTreeMap<String, Tensor> {
+    let mut out = BTreeMap::new();
+    for (name, v) in teacher.vs.variables() {
+        let g = v.grad();
+        let g = if g.defined() {
+            g.to_kind(Kind::Float).to_device(tch::Device::Cpu)
+        } else {
+            Tensor::zeros(v.size(), (Kind::Float, tch::Device::Cpu))
+        };
+        out.insert(name, g.copy());
+    }
+    out
+}
+
+/// Clears the teacher's accumulated gradients.
+pub fn zero_gradients(teacher: &CausalLm) {
+    for (_, v) in teacher.vs.variables() {
+        let mut g = v.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+}
+
+/// Copies weights (by name) into a model's variables, converting dtype/device; every variable
+/// must be present with its shape.
+pub fn load_weights_into(lm: &CausalLm, weights: &BTreeMap<String, Tensor>) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    let vars = lm.vs.variables();
+    for (name, mut v) in vars {
+        let Some(w) = weights.get(&name) else {
+            bail!("the parameter servers hold no tensor for the model's {name:?}")
+        };
+        if w.size() != v.size() {
+            bail!(
+                "parameter {name:?} has shape {:?} on the parameter servers, the model needs {:?}",
+                w.size(),
+                v.size()
+            );
+        }
+        v.copy_(&w.to_kind(v.kind()).to_device(v.device()));
+    }
+    Ok(())
+}

@@ -1,0 +1,495 @@
+//! The RL stage end to end on loopback with tiny models: parameter servers and learners as
+//! real `rlt-trainer` processes, compared with the same steps run in one process.
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rlt_api::layout::RunDir;
+use rlt_trainer::checkpoint::{save_checkpoint, CausalLm};
+use rlt_trainer::cli::{DataArgs, PromptStyle};
+use rlt_trainer::config::TinySpec;
+use rlt_trainer::data::{Example, Prompts};
+use rlt_trainer::rl::grpo::GrpoConfig;
+use rlt_trainer::rl::learner::{LocalRun, Models};
+use rlt_trainer::rl::optim::AdamWConfig;
+use rlt_trainer::rl::reward::RewardConfig;
+use rlt_trainer::rl::rollout::RolloutConfig;
+use rlt_trainer::tokenizer::Tokenizer;
+use tch::{Device, Kind, Tensor};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rlt-trainer");
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rlt-rl-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn tiny_spec(seed: u64) -> TinySpec {
+    TinySpec {
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        intermediate_size: 64,
+        seed,
+    }
+}
+
+/// Tiny teacher and student checkpoints sharing the tiny tokenizer.
+fn tiny_models(root: &Path) -> (PathBuf, PathBuf) {
+    let tok = Tokenizer::tiny();
+    let teacher = root.join("teacher");
+    let student = root.join("student");
+    save_checkpoint(
+        &teacher,
+        &CausalLm::tiny(&tiny_spec(1), &tok, Device::Cpu, Kind::Float).unwrap(),
+        &tok,
+    )
+    .unwrap();
+    save_checkpoint(
+        &student,
+        &CausalLm::tiny(&tiny_spec(2), &tok, Device::Cpu, Kind::Float).unwrap(),
+        &tok,
+    )
+    .unwrap();
+    (teacher, student)
+}
+
+// Shared run settings (flags and the in-process equivalent).
+const STEPS: u64 = 4;
+const GROUPS: usize = 4;
+const G: usize = 4;
+const MAX_NEW: usize = 10;
+const LR: f64 = 2e-3;
+const REF_EVERY: u64 = 2;
+const EXAMPLES: usize = 12;
+
+fn rollout_cfg() -> RolloutConfig {
+    RolloutConfig {
+        group_size: G,
+        max_new_tokens: MAX_NEW,
+        temperature: 0.7,
+        top_p: 1.0,
+        reward: RewardConfig::default(),
+        grpo: grpo_cfg(),
+        seed: 7,
+    }
+}
+fn grpo_cfg() -> GrpoConfig {
+    GrpoConfig {
+        ref_sync_every: REF_EVERY,
+        ..GrpoConfig::default()
+    }
+}
+fn adamw_cfg() -> AdamWConfig {
+    AdamWConfig {
+        lr: LR,
+        ..AdamWConfig::default()
+    }
+}
+
+fn common_flags(steps: u64) -> Vec<String> {
+    [
+        "--steps",
+        &steps.to_string(),
+        "--lr",
+        &LR.to_string(),
+        "--ref-sync-every",
+        &REF_EVERY.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The learners' dataset: the same as `--synthetic EXAMPLES`.
+fn synthetic_examples() -> Vec<Example> {
+    DataArgs {
+        data: None,
+        synthetic: Some(EXAMPLES),
+        skip_malformed: false,
+        prompts: PromptStyle::Short,
+    }
+    .load()
+    .unwrap()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Cluster {
+    ws: PathBuf,
+    teacher: PathBuf,
+    student: PathBuf,
+    rpc: Vec<u16>,
+    metrics: u16,
+    learners: usize,
+    checkpoint_every: u64,
+    steps: u64,
+    logs: PathBuf,
+}
+
+impl Cluster {
+    fn server(&self, shard: usize, tag: &str) -> Child {
+        let log = std::fs::File::create(self.logs.join(format!("ps-{shard}-{tag}.log"))).unwrap();
+        Command::new(BIN)
+            .arg("param-server")
+            .args([
+                "--workspace",
+                self.ws.to_str().unwrap(),
+                "--run",
+                "run",
+                "--threads",
+                "1",
+            ])
+            .args([
+                "--replica-index",
+                &shard.to_string(),
+                "--replicas",
+                &self.rpc.len().to_string(),
+            ])
+            .args([
+                "--learners",
+                &self.learners.to_string(),
+                "--init",
+                self.teacher.to_str().unwrap(),
+            ])
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--rpc-port",
+                &self.rpc[shard].to_string(),
+            ])
+            .args(["--metrics-port", &self.metrics.to_string()])
+            .args(["--checkpoint-every", &self.checkpoint_every.to_string()])
+            .args(common_flags(self.steps))
+            .env_remove("RLT_REPLICA_INDEX")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn learner(&self, rank: usize) -> Child {
+        let log = std::fs::File::create(self.logs.join(format!("learner-{rank}.log"))).unwrap();
+        let servers: Vec<String> = self.rpc.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        Command::new(BIN)
+            .arg("learner")
+            .args([
+                "--workspace",
+                self.ws.to_str().unwrap(),
+                "--run",
+                "run",
+                "--threads",
+                "1",
+            ])
+            .args(["--param-servers", &servers.join(",")])
+            .args([
+                "--replica-index",
+                &rank.to_string(),
+                "--replicas",
+                &self.learners.to_string(),
+            ])
+            .args([
+                "--teacher",
+                self.teacher.to_str().unwrap(),
+                "--student",
+                self.student.to_str().unwrap(),
+            ])
+            .args(["--synthetic", &EXAMPLES.to_string(), "--prompts", "short"])
+            .args([
+                "--groups-per-step",
+                &GROUPS.to_string(),
+                "--group-size",
+                &G.to_string(),
+            ])
+            .args([
+                "--max-new-tokens",
+                &MAX_NEW.to_string(),
+                "--seed",
+                "7",
+                "--retry-secs",
+                "60",
+            ])
+            .args(common_flags(self.steps))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.logs.join(name)).unwrap_or_default()
+    }
+}
+
+fn wait_ok(child: &mut Child, what: &str, cluster: &Cluster, log: &str, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(
+                status.success(),
+                "{what} failed ({status}); its log:\n{}",
+                cluster.log(log)
+            );
+            return;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!(
+                "{what} did not finish within {limit:?}; its log:\n{}",
+                cluster.log(log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The same steps in one process.
+fn single_process_weights(teacher: &Path, student: &Path, steps: u64) -> BTreeMap<String, Tensor> {
+    let models = Models::load(teacher, student, Device::Cpu, Kind::Float).unwrap();
+    let examples = synthetic_examples();
+    let prompts: Vec<_> = examples
+        .iter()
+        .map(|e| models.group_prompt(&Prompts::short(), e).unwrap())
+        .collect();
+    let ids = models.special_ids().unwrap();
+    let mut run = LocalRun::new(&models, adamw_cfg(), grpo_cfg()).unwrap();
+    for _ in 0..steps {
+        run.step(&models, &prompts, &ids, &rollout_cfg(), GROUPS)
+            .unwrap();
+    }
+    run.weights()
+}
+
+fn final_weights(dir: &Path) -> BTreeMap<String, Tensor> {
+    assert!(
+        dir.join(rlt_api::layout::COMPLETE_MARKER).exists(),
+        "{} lacks its COMPLETE marker",
+        dir.display()
+    );
+    let lm = CausalLm::load(dir, Device::Cpu, Kind::Float).unwrap();
+    lm.vs.variables().into_iter().collect()
+}
+
+/// Largest absolute difference over all parameters; also checks the run moved the weights.
+fn max_diff(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f64 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .map(|(n, t)| (t - &b[n]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}
+
+fn start_cluster(
+    name: &str,
+    servers: usize,
+    learners: usize,
+    checkpoint_every: u64,
+    steps: u64,
+) -> Cluster {
+    let root = tmp(name);
+    let (teacher, student) = tiny_models(&root);
+    let logs = root.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    Cluster {
+        ws: root.join("ws"),
+        teacher,
+        student,
+        rpc: (0..servers).map(|_| free_port()).collect(),
+        metrics: free_port(),
+        learners,
+        checkpoint_every,
+        steps,
+        logs,
+    }
+}
+
+#[test]
+fn two_servers_two_learners_match_single_process_run() {
+    let c = start_cluster("dist", 2, 2, 2, STEPS);
+    let mut servers: Vec<Child> = (0..2).map(|i| c.server(i, "0")).collect();
+    let mut learners: Vec<Child> = (0..2).map(|i| c.learner(i)).collect();
+    // While it runs, server 0 serves the figures as JSON and Prometheus metrics.
+    let start = Instant::now();
+    let status = loop {
+        let body = http_get(c.metrics, rlt_api::contract::STATUS_PATH);
+        if let Some(f) =
+            body.and_then(|b| serde_json::from_str::<rlt_api::contract::TrainingFigures>(&b).ok())
+        {
+            if f.step >= 1 {
+                break f;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no /status with a step; log:\n{}",
+            c.log("ps-0-0.log")
+        );
+        assert_running(&mut servers, &mut learners, &c);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.total_steps, STEPS);
+    assert!(
+        status.mean_reward.is_some() && status.tokens_per_second.unwrap() > 0.0,
+        "{status:?}"
+    );
+    let metrics = http_get(c.metrics, "/metrics").unwrap_or_default();
+    assert!(
+        metrics.contains("rlt_rl_step") && metrics.contains("rlt_rl_mean_reward"),
+        "{metrics}"
+    );
+    for (i, l) in learners.iter_mut().enumerate() {
+        wait_ok(
+            l,
+            &format!("learner {i}"),
+            &c,
+            &format!("learner-{i}.log"),
+            Duration::from_secs(240),
+        );
+    }
+    for (i, s) in servers.iter_mut().enumerate() {
+        wait_ok(
+            s,
+            &format!("parameter server {i}"),
+            &c,
+            &format!("ps-{i}-0.log"),
+            Duration::from_secs(30),
+        );
+    }
+    let run = RunDir::new(&c.ws, "run");
+    let distributed = final_weights(&run.rl().final_dir());
+    let single = single_process_weights(&c.teacher, &c.student, STEPS);
+    let initial: BTreeMap<String, Tensor> = CausalLm::load(&c.teacher, Device::Cpu, Kind::Float)
+        .unwrap()
+        .vs
+        .variables()
+        .into_iter()
+        .collect();
+    let moved = max_diff(&single, &initial);
+    let diff = max_diff(&distributed, &single);
+    eprintln!("max |distributed - single| = {diff:e}; max |single - initial| = {moved:e}");
+    assert!(
+        moved > 1e-3,
+        "the run must change the weights (moved {moved})"
+    );
+    assert!(
+        diff < 1e-4,
+        "distributed run diverged from the single-process run: {diff}"
+    );
+    // Server 0 published the figures of the last step.
+    let figures: rlt_api::contract::TrainingFigures =
+        serde_json::from_slice(&std::fs::read(run.rl().metrics()).unwrap()).unwrap();
+    assert_eq!((figures.step, figures.total_steps), (STEPS, STEPS));
+    assert!(figures.mean_reward.unwrap().is_finite() && figures.kl_term.is_some());
+}
+
+#[test]
+fn killed_server_restarts_from_its_checkpoint_and_the_run_finishes_identically() {
+    let steps = 8;
+    let c = start_cluster("kill", 2, 1, 3, steps);
+    let mut servers: Vec<Child> = (0..2).map(|i| c.server(i, "0")).collect();
+    let mut learner = c.learner(0);
+    // Kill server 1 while the learner works on step 4 (versions 4 applied everywhere): its last
+    // checkpoint is version 3 (every 3 steps), so after the restart it is one version behind
+    // and the learner must replay its step-3 gradients before pushing step 4.
+    let metrics_file = RunDir::new(&c.ws, "run").rl().metrics();
+    let start = Instant::now();
+    loop {
+        let f = std::fs::read(&metrics_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<rlt_api::contract::TrainingFigures>(&b).ok());
+        if f.is_some_and(|f| f.step >= 4) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no step 4; log:\n{}",
+            c.log("ps-0-0.log")
+        );
+        assert_running(&mut servers, std::slice::from_mut(&mut learner), &c);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Server 1 applies the same step within moments of server 0.
+    std::thread::sleep(Duration::from_millis(50));
+    servers[1].kill().unwrap();
+    servers[1].wait().unwrap();
+    servers[1] = c.server(1, "1");
+    wait_ok(
+        &mut learner,
+        "learner",
+        &c,
+        "learner-0.log",
+        Duration::from_secs(240),
+    );
+    for (i, s) in servers.iter_mut().enumerate() {
+        wait_ok(
+            s,
+            &format!("parameter server {i}"),
+            &c,
+            &format!("ps-{i}-{}.log", i),
+            Duration::from_secs(30),
+        );
+    }
+    let restarted = c.log("ps-1-1.log");
+    assert!(
+        restarted.contains("resumed shard from checkpoint"),
+        "{restarted}"
+    );
+    let learner_log = c.log("learner-0.log");
+    assert!(
+        learner_log.contains("retrying"),
+        "the learner should have seen the server go away"
+    );
+    assert!(
+        learner_log.contains("replaying"),
+        "the learner should have replayed step 3:\n{learner_log}"
+    );
+    let distributed = final_weights(&RunDir::new(&c.ws, "run").rl().final_dir());
+    let single = single_process_weights(&c.teacher, &c.student, steps);
+    let diff = max_diff(&distributed, &single);
+    eprintln!("after a server kill: max |distributed - single| = {diff:e}");
+    assert!(diff < 1e-4, "the restarted run diverged: {diff}");
+}
+
+/// A plain HTTP/1.0 GET on loopback; the body, or None if the server is not up.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200")
+        .then(|| body.to_string())
+        .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_string()))
+}
+
+/// Fails the test at once (with the log) when a process died before its time.
+fn assert_running(servers: &mut [Child], learners: &mut [Child], c: &Cluster) {
+    for (i, s) in servers.iter_mut().enumerate() {
+        if let Some(st) = s.try_wait().unwrap() {
+            panic!(
+                "parameter server {i} exited early ({st}):\n{}",
+                c.log(&format!("ps-{i}-0.log"))
+            );
+        }
+    }
+    for (i, l) in learners.iter_mut().enumerate() {
+        if let Some(st) = l.try_wait().unwrap() {
+            panic!(
+                "learner {i} exited early ({st}):\n{}",
+                c.log(&format!("learner-{i}.log"))
+            );
+        }
+    }
+}
