@@ -229,17 +229,33 @@ impl<'a> Ctx<'a> {
 
 /// Stamps the content hash annotation (FNV-1a of the JSON, stable across processes).
 fn hashed<T: Serialize + Resource>(mut obj: T) -> T {
-    let json = serde_json::to_vec(&obj).expect("child serializes");
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in json {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
+    let hash = fnv(&serde_json::to_vec(&obj).expect("child serializes"));
     obj.meta_mut()
         .annotations
         .get_or_insert_with(Default::default)
-        .insert(ANNOTATION_HASH.into(), format!("{h:016x}"));
+        .insert(ANNOTATION_HASH.into(), hash);
     obj
+}
+
+/// FNV-1a: stable across processes and releases (unlike std's hasher).
+fn fnv(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The ConfigMap's content hash, computed from the spec without rendering the YAML, so the
+/// steady-state reconcile (config unchanged) never renders it.
+pub fn config_hash(run: &RltRun) -> String {
+    let mut spec = run.spec.clone();
+    spec.suspend = false;
+    fnv(
+        &serde_json::to_vec(&(&run.metadata.name, &run.metadata.namespace, &spec))
+            .expect("spec serializes"),
+    )
 }
 
 /// The rendered run configuration: the run as the user would write it, every default filled
@@ -270,7 +286,12 @@ pub fn config_map(ctx: &Ctx) -> Child {
         )])),
         ..Default::default()
     };
-    Child::ConfigMap(hashed(cm))
+    let mut cm = cm;
+    cm.metadata.annotations = Some(BTreeMap::from([(
+        ANNOTATION_HASH.to_string(),
+        config_hash(ctx.run),
+    )]));
+    Child::ConfigMap(cm)
 }
 
 /// The workspace claim, when the run does not name an existing one.

@@ -223,15 +223,20 @@ impl Planner<'_> {
         });
     }
 
-    /// Applies a child unless the observed one already has the same content hash. Jobs are
-    /// create-only (their pod template is immutable); a new attempt is a new Job.
+    /// Applies a child unless the observed one already has the same content hash.
     fn ensure(&mut self, child: Child) {
         match self.obs.child(child.kind(), child.name()) {
             Some(o) if o.deleting => {}
-            Some(_) if child.kind() == Kind::Job || child.kind() == Kind::PersistentVolumeClaim => {
-            }
             Some(o) if o.hash.as_deref() == child.hash() => {}
             _ => self.plan.apply.push(child),
+        }
+    }
+
+    /// Creates a child that is never updated (a Job's pod template is immutable: a new
+    /// attempt is a new Job; a PVC's size is the storage's business). Built only if absent.
+    fn create(&mut self, kind: Kind, name: &str, build: impl FnOnce(&Ctx) -> Child) {
+        if self.obs.child(kind, name).is_none() {
+            self.plan.apply.push(build(&self.ctx));
         }
     }
 
@@ -286,16 +291,17 @@ impl Planner<'_> {
         }
     }
 
-    /// The stage's Jobs for an attempt, as (student, Job).
+    /// The stage's Jobs for an attempt, as (student, Job name).
     fn stage_jobs(
         &self,
         stage: Stage,
         attempt: u32,
         done: &[String],
-    ) -> Vec<(Option<String>, Child)> {
+    ) -> Vec<(Option<String>, String)> {
+        let run = &self.ctx.name;
         match stage {
-            Stage::Warmup => vec![(None, children::warmup_job(&self.ctx, attempt))],
-            Stage::Rl => vec![(None, children::learner_job(&self.ctx, attempt))],
+            Stage::Warmup => vec![(None, names::warmup_job(run, attempt))],
+            Stage::Rl => vec![(None, names::learner_job(run, attempt))],
             Stage::Distillation => self
                 .run
                 .spec
@@ -306,11 +312,28 @@ impl Planner<'_> {
                 .map(|s| {
                     (
                         Some(s.name.clone()),
-                        children::distill_job(&self.ctx, s, attempt),
+                        names::distill_job(run, &s.name, attempt),
                     )
                 })
                 .collect(),
         }
+    }
+
+    fn create_job(&mut self, stage: Stage, attempt: u32, student: Option<&str>, name: &str) {
+        let run = self.run;
+        self.create(Kind::Job, name, |ctx| match stage {
+            Stage::Warmup => children::warmup_job(ctx, attempt),
+            Stage::Rl => children::learner_job(ctx, attempt),
+            Stage::Distillation => {
+                let s = run
+                    .spec
+                    .distillation
+                    .students
+                    .iter()
+                    .find(|s| Some(s.name.as_str()) == student);
+                children::distill_job(ctx, s.expect("job of a listed student"), attempt)
+            }
+        });
     }
 }
 
@@ -360,9 +383,19 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
         conds.set(cond::INVALID_SPEC, false, "Valid", "");
     }
 
-    p.ensure(children::config_map(&p.ctx));
-    if let Some(pvc) = children::workspace_pvc(&p.ctx) {
-        p.ensure(pvc);
+    let config = names::config_map(&p.ctx.name);
+    if obs
+        .child(Kind::ConfigMap, &config)
+        .and_then(|c| c.hash.clone())
+        != Some(children::config_hash(run))
+    {
+        p.ensure(children::config_map(&p.ctx));
+    }
+    if run.spec.workspace.claim_name.is_none() {
+        let pvc = names::workspace(&p.ctx.name);
+        p.create(Kind::PersistentVolumeClaim, &pvc, |ctx| {
+            children::workspace_pvc(ctx).expect("no existing claim")
+        });
     }
 
     for stage in Stage::ALL {
@@ -469,7 +502,7 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
         let mut outcome = Outcome::Running { problem: None };
         let mut all_complete = true;
         for (student, job) in &jobs {
-            match obs.job(job.name()).map(|j| &j.state) {
+            match obs.job(job).map(|j| &j.state) {
                 Some(JobState::Complete) => {
                     if let Some(s) = student {
                         done.push(s.clone());
@@ -482,7 +515,7 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
                         .map(|pr| pr.message.clone());
                     let detail = pod.unwrap_or_else(|| format!("{reason}: {message}"));
                     outcome = Outcome::Failed {
-                        message: format!("job {} failed: {detail}", job.name()),
+                        message: format!("job {job} failed: {detail}"),
                     };
                     break;
                 }
@@ -560,15 +593,15 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
 
         // The workload of the (possibly new) attempt.
         let jobs = p.stage_jobs(stage, attempt, &done);
-        let keep: Vec<String> = jobs.iter().map(|(_, j)| j.name().to_string()).collect();
+        let keep: Vec<String> = jobs.iter().map(|(_, j)| j.clone()).collect();
         p.delete_stale_jobs(stage, &keep);
         if stage == Stage::Rl {
             p.ensure(children::param_server_service(&p.ctx));
             p.ensure(children::param_server_set(&p.ctx, attempt));
             p.plan.poll_figures = true;
         }
-        for (_, job) in jobs {
-            p.ensure(job);
+        for (student, job) in jobs {
+            p.create_job(stage, attempt, student.as_deref(), &job);
         }
 
         status.progress = Some(match stage {

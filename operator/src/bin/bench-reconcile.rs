@@ -31,10 +31,14 @@ fn worlds() -> Vec<(RltRun, Observed)> {
             run.metadata.uid = Some(format!("uid-{i}"));
             run.metadata.generation = Some(1);
             let mut obs = Observed::default();
-            // Walk the run forward i % 4 stage completions (warm-up, RL, distillation, done).
-            for _ in 0..=(i % 4) {
+            // Walk the run forward i % 4 stage completions (warm-up, RL, distillation, done),
+            // then once more so the world is steady (what exists is what the run wants).
+            let completions = i % 4;
+            for step in 0..=completions {
                 let plan = reconcile(&run, &obs, &now);
                 for c in &plan.apply {
+                    obs.children
+                        .retain(|o| !(o.kind == c.kind() && o.name == c.name()));
                     obs.children.push(ObservedChild {
                         kind: c.kind(),
                         name: c.name().into(),
@@ -55,13 +59,24 @@ fn worlds() -> Vec<(RltRun, Observed)> {
                         .iter()
                         .any(|(k, n)| *k == c.kind && *n == c.name)
                 });
+                obs.jobs.retain(|j| {
+                    !plan
+                        .delete
+                        .iter()
+                        .any(|(k, n)| *k == Kind::Job && *n == j.name)
+                });
                 if let Some(s) = plan.status {
                     run.status = Some(s);
                 }
-                let last = obs.jobs.len();
-                if i % 4 > 0 && last > 0 {
-                    obs.jobs[last - 1].state = JobState::Complete;
+                if step < completions {
+                    obs.jobs
+                        .iter_mut()
+                        .for_each(|j| j.state = JobState::Complete);
                 }
+            }
+            let plan = reconcile(&run, &obs, &now);
+            if let Some(s) = plan.status {
+                run.status = Some(s);
             }
             if i % 8 == 1 {
                 obs.figures = Some(TrainingFigures {
