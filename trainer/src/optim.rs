@@ -314,6 +314,27 @@ mod tests {
     }
 
     #[test]
+    fn bf16_parameters_accumulate_small_updates_in_an_f32_master_copy() {
+        // 1 - 1e-3 rounds back to 1.0 in bf16: without the master copy the weight never moves.
+        let p = Tensor::from_slice(&[1.0f32])
+            .to_kind(Kind::BFloat16)
+            .set_requires_grad(true);
+        let cfg = AdamWConfig {
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new([("w".to_string(), p.shallow_clone())], cfg);
+        for _ in 0..10 {
+            opt.zero_grad();
+            p.sum(Kind::Float).backward();
+            opt.step(1e-3);
+        }
+        let master = opt.state()["master.w"].double_value(&[0]);
+        assert!((master - 0.99).abs() < 1e-4, "{master}");
+        assert!(p.double_value(&[0]) < 1.0);
+    }
+
+    #[test]
     fn clipping_bounds_the_global_norm() {
         let a = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
         let b = Tensor::from_slice(&[4.0f32]).set_requires_grad(true);

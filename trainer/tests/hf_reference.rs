@@ -42,6 +42,7 @@ const TEXT: &str = "<|im_start|>user\nCompute 17 * 3 + 4.<|im_end|>\n<|begin_of_
 
 /// Runs transformers on `dir` and checks it agrees with our model loaded from the same dir.
 fn compare(dir: &Path, tok: &Tokenizer, check_tokenizer: bool) {
+    tch::set_num_threads(1);
     let (lm, _) = load_checkpoint(dir, Device::Cpu, Kind::Float).unwrap();
     let prompts: Vec<Vec<i64>> = [
         "What is 2 + 2?",

@@ -14,6 +14,8 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 fn tiny() -> (CausalLm, Tokenizer) {
+    // One intra-op thread: tiny models, and nextest runs test processes side by side.
+    tch::set_num_threads(1);
     let tok = Tokenizer::tiny();
     let spec = TinySpec {
         hidden_size: 32,

@@ -102,7 +102,7 @@ fn warmup_cmd(model: &Path, ws: &Path) -> Command {
         "--epochs",
         "100",
         "--max-steps",
-        "240",
+        "120",
     ]);
     c.args([
         "--batch-size",
@@ -110,7 +110,7 @@ fn warmup_cmd(model: &Path, ws: &Path) -> Command {
         "--grad-accum",
         "2",
         "--checkpoint-every",
-        "20",
+        "10",
         "--lr",
         "1e-3",
         "--log-every",
@@ -177,10 +177,10 @@ fn killed_warmup_resumes_from_its_checkpoint() {
         &std::fs::read_to_string(stage.final_dir().join("trainer_state.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(state.step, 240);
+    assert_eq!(state.step, 120);
     let resumed = state.resumed_from_step.expect("the second run resumed");
     assert!(
-        resumed >= killed_at && resumed.is_multiple_of(20),
+        resumed >= killed_at && resumed.is_multiple_of(10),
         "resumed from {resumed}, killed at {killed_at}"
     );
 
