@@ -136,27 +136,38 @@ pub fn load_examples(path: &Path, skip_malformed: bool) -> Result<Loaded> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let rows: Vec<(String, Result<Value>)> = match ext {
         "jsonl" => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             text.lines()
                 .enumerate()
                 .filter(|(_, l)| !l.trim().is_empty())
-                .map(|(i, l)| (format!("line {}", i + 1), serde_json::from_str(l).map_err(|e| anyhow!("invalid JSON: {e}"))))
+                .map(|(i, l)| {
+                    (
+                        format!("line {}", i + 1),
+                        serde_json::from_str(l).map_err(|e| anyhow!("invalid JSON: {e}")),
+                    )
+                })
                 .collect()
         }
         "json" => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let v: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: invalid JSON", path.display()))?;
             let Value::Array(items) = v else {
                 bail!("{}: expected a JSON array of rows", path.display());
             };
-            items.into_iter().enumerate().map(|(i, v)| (format!("row {i}"), Ok(v))).collect()
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (format!("row {i}"), Ok(v)))
+                .collect()
         }
-        "parquet" => bail!(
-            "{}: Parquet input is not supported by this build; convert it to JSONL \
-             (e.g. `python -c \"import pandas as p; p.read_parquet('in.parquet').to_json('out.jsonl', orient='records', lines=True)\"`)",
+        "parquet" => parquet_rows(path)?,
+        _ => bail!(
+            "{}: unknown dataset extension {ext:?} (expected .json, .jsonl or .parquet)",
             path.display()
         ),
-        _ => bail!("{}: unknown dataset extension {ext:?} (expected .json, .jsonl or .parquet)", path.display()),
     };
     let mut out = Loaded::default();
     for (label, row) in rows {
@@ -174,6 +185,36 @@ pub fn load_examples(path: &Path, skip_malformed: bool) -> Result<Loaded> {
         );
     }
     Ok(out)
+}
+
+/// Parquet rows as JSON values (nested lists/structs become arrays/objects), row numbers 0-based.
+#[cfg(feature = "parquet")]
+fn parquet_rows(path: &Path) -> Result<Vec<(String, Result<Value>)>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let reader = SerializedFileReader::new(file)
+        .with_context(|| format!("{}: not a Parquet file", path.display()))?;
+    let rows = reader
+        .get_row_iter(None)
+        .with_context(|| format!("{}: reading rows", path.display()))?;
+    Ok(rows
+        .enumerate()
+        .map(|(i, r)| {
+            (
+                format!("row {i}"),
+                r.map(|row| row.to_json_value())
+                    .map_err(|e| anyhow!("unreadable row: {e}")),
+            )
+        })
+        .collect())
+}
+
+#[cfg(not(feature = "parquet"))]
+fn parquet_rows(path: &Path) -> Result<Vec<(String, Result<Value>)>> {
+    bail!(
+        "{}: this build has no Parquet support (build rlt-trainer with `--features parquet`)",
+        path.display()
+    )
 }
 
 /// Writes examples as JSONL in the custom format.

@@ -106,21 +106,23 @@ impl AdamW {
                     continue;
                 }
                 let g = g.to_kind(Kind::Float);
-                let _ = s
-                    .exp_avg
-                    .g_mul_scalar_(c.beta1)
-                    .g_add_(&(&g * (1.0 - c.beta1)));
-                let _ = s
-                    .exp_avg_sq
-                    .g_mul_scalar_(c.beta2)
-                    .g_add_(&(&g * &g * (1.0 - c.beta2)));
-                let denom = (&s.exp_avg_sq / bc2).sqrt() + c.eps;
-                let update = (&s.exp_avg / bc1) / denom * lr;
+                // torch.optim.AdamW's arithmetic, in place where it can be (two temporaries).
+                let _ = s.exp_avg.lerp_(&g, 1.0 - c.beta1);
+                let _ = s.exp_avg_sq.lerp_(&(&g * &g), 1.0 - c.beta2);
+                let step_size = lr / bc1;
+                if step_size == 0.0 {
+                    continue;
+                }
+                let mut denom = s.exp_avg_sq.sqrt();
+                let _ = denom
+                    .g_div_scalar_(bc2.sqrt())
+                    .g_add_scalar_(c.eps)
+                    .g_div_scalar_(-step_size);
                 let target = s.master.as_mut().unwrap_or(&mut s.param);
                 if c.weight_decay != 0.0 {
                     let _ = target.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 }
-                let _ = target.g_sub_(&update);
+                let _ = target.addcdiv_(&s.exp_avg, &denom);
                 if let Some(m) = &s.master {
                     s.param.copy_(m);
                 }
@@ -309,6 +311,27 @@ mod tests {
             .load_state(&state)
             .unwrap_err();
         assert!(err.to_string().contains("exp_avg.v"));
+    }
+
+    #[test]
+    fn bf16_parameters_accumulate_small_updates_in_an_f32_master_copy() {
+        // 1 - 1e-3 rounds back to 1.0 in bf16: without the master copy the weight never moves.
+        let p = Tensor::from_slice(&[1.0f32])
+            .to_kind(Kind::BFloat16)
+            .set_requires_grad(true);
+        let cfg = AdamWConfig {
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new([("w".to_string(), p.shallow_clone())], cfg);
+        for _ in 0..10 {
+            opt.zero_grad();
+            p.sum(Kind::Float).backward();
+            opt.step(1e-3);
+        }
+        let master = opt.state()["master.w"].double_value(&[0]);
+        assert!((master - 0.99).abs() < 1e-4, "{master}");
+        assert!(p.double_value(&[0]) < 1.0);
     }
 
     #[test]

@@ -47,6 +47,22 @@ fn stratos_fixture_becomes_teacher_and_student_chats() {
     );
 }
 
+#[cfg(feature = "parquet")]
+#[test]
+fn stratos_parquet_reads_like_the_jsonl() {
+    // Written by tests/fixtures/make_parquet.py (pyarrow) from the JSONL fixture.
+    let pq = load_examples(&fixture("stratos_sample.parquet"), false).unwrap();
+    let jsonl = load_examples(&fixture("stratos_sample.jsonl"), false).unwrap();
+    assert_eq!(pq.examples, jsonl.examples);
+    let garbage = tmpfile("garbage.parquet", "not parquet at all");
+    let err = format!("{:#}", load_examples(&garbage, false).unwrap_err());
+    assert!(
+        err.contains("garbage.parquet") && err.contains("Parquet"),
+        "{err}"
+    );
+    std::fs::remove_file(garbage).unwrap();
+}
+
 #[test]
 fn custom_fixture_with_optional_reasoning() {
     let loaded = load_examples(&fixture("custom_sample.json"), false).unwrap();
