@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Asserts a finished run left every artifact of the workspace layout (api/src/layout.rs):
 # HF checkpoints (config.json, tokenizer.json, *.safetensors, COMPLETE) for each stage's output,
-# and the raw distillation traces. Usage: check-artifacts.sh WORKSPACE RUN_NAME
+# for the warm-up and RL stages (distillation is not run locally yet). Usage: check-artifacts.sh WORKSPACE RUN_NAME
 set -euo pipefail
 ws="$1"
 run="$ws/$2"
@@ -15,13 +15,5 @@ checkpoint() {
 }
 checkpoint "$run/warmup/final"
 checkpoint "$run/rl/final"
-students=("$run"/distill/*/)
-[ -d "${students[0]}" ] || { echo "missing: $run/distill/<student>" >&2; exit 1; }
-for s in "${students[@]}"; do
-  s="${s%/}"
-  need "$s/traces.jsonl"
-  [ -s "$s/traces.jsonl" ] || { echo "empty: $s/traces.jsonl" >&2; fail=1; }
-  checkpoint "$s/final"
-done
 [ "$fail" -eq 0 ] && echo "artifacts: OK ($run)"
 exit "$fail"

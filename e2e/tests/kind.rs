@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, LogParams, Patch, PatchParams, PostParams,
+};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::Client;
 use serde_json::Value;
@@ -21,7 +23,9 @@ fn namespace() -> String {
 }
 
 fn timeout() -> Duration {
-    let secs = std::env::var("RLT_E2E_TIMEOUT_SECS").ok().and_then(|s| s.parse().ok());
+    let secs = std::env::var("RLT_E2E_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok());
     Duration::from_secs(secs.unwrap_or(1800))
 }
 
@@ -31,7 +35,8 @@ fn rltruns(client: &Client) -> Api<DynamicObject> {
 }
 
 fn tiny_run(name: &str) -> Result<DynamicObject> {
-    let mut obj: DynamicObject = serde_yaml::from_str(TINY_RUN).context("manifests/tiny-cpu.yaml")?;
+    let mut obj: DynamicObject =
+        serde_yaml::from_str(TINY_RUN).context("manifests/tiny-cpu.yaml")?;
     obj.metadata.name = Some(name.to_string());
     obj.metadata.namespace = Some(namespace());
     // The kind script loads the locally built CPU trainer image under this name.
@@ -43,7 +48,10 @@ fn tiny_run(name: &str) -> Result<DynamicObject> {
 }
 
 fn phase(obj: &DynamicObject) -> String {
-    obj.data["status"]["phase"].as_str().unwrap_or("").to_string()
+    obj.data["status"]["phase"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 async fn create_fresh(api: &Api<DynamicObject>, obj: &DynamicObject) -> Result<()> {
@@ -79,12 +87,18 @@ async fn watch_phases(
         each(&run).await?;
         if p == "Succeeded" || p == "Failed" {
             if p == "Failed" {
-                bail!("run {name} failed: {}", serde_json::to_string_pretty(&run.data["status"])?);
+                bail!(
+                    "run {name} failed: {}",
+                    serde_json::to_string_pretty(&run.data["status"])?
+                );
             }
             return Ok(seen);
         }
         if started.elapsed() > timeout() {
-            bail!("run {name} not finished after {:?}; phases seen {seen:?}", timeout());
+            bail!(
+                "run {name} not finished after {:?}; phases seen {seen:?}",
+                timeout()
+            );
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
@@ -93,11 +107,22 @@ async fn watch_phases(
 fn assert_phase_order(seen: &[String]) {
     let idx: Vec<usize> = seen
         .iter()
-        .map(|p| PHASES.iter().position(|q| q == p).unwrap_or_else(|| panic!("unexpected phase {p}")))
+        .map(|p| {
+            PHASES
+                .iter()
+                .position(|q| q == p)
+                .unwrap_or_else(|| panic!("unexpected phase {p}"))
+        })
         .collect();
-    assert!(idx.windows(2).all(|w| w[0] < w[1]), "phases out of order: {seen:?}");
+    assert!(
+        idx.windows(2).all(|w| w[0] < w[1]),
+        "phases out of order: {seen:?}"
+    );
     for needed in ["WarmUp", "RL", "Distillation", "Succeeded"] {
-        assert!(seen.iter().any(|p| p == needed), "phase {needed} never seen: {seen:?}");
+        assert!(
+            seen.iter().any(|p| p == needed),
+            "phase {needed} never seen: {seen:?}"
+        );
     }
 }
 
@@ -107,7 +132,11 @@ async fn workspace_listing(client: &Client, run: &DynamicObject) -> Result<Strin
     let claim = run.data["status"]["workspaceClaim"]
         .as_str()
         .map(str::to_string)
-        .or_else(|| run.data["spec"]["workspace"]["claimName"].as_str().map(str::to_string))
+        .or_else(|| {
+            run.data["spec"]["workspace"]["claimName"]
+                .as_str()
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| format!("{name}-workspace"));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace());
     let pod_name = format!("{name}-inspect");
@@ -154,21 +183,25 @@ async fn tiny_run_succeeds_with_artifacts_despite_a_lost_learner() -> Result<()>
     // the run to Succeeded anyway.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace());
     let mut deleted = false;
-    let seen = watch_phases(&api, name, async |run: &DynamicObject| {
-        if !deleted && phase(run) == "RL" {
-            let lp = ListParams::default().labels(&format!("rlt.dev/run={name},rlt.dev/role=learner"));
-            if let Some(pod) = pods.list(&lp).await?.items.into_iter().find(|p| {
-                p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-            }) {
-                let pod_name = pod.metadata.name.unwrap();
-                eprintln!("deleting learner pod {pod_name} mid-RL");
-                pods.delete(&pod_name, &DeleteParams::default()).await?;
-                deleted = true;
+    let seen =
+        watch_phases(&api, name, async |run: &DynamicObject| {
+            if !deleted && phase(run) == "RL" {
+                let lp = ListParams::default()
+                    .labels(&format!("rlt.dev/run={name},rlt.dev/role=learner"));
+                if let Some(pod) =
+                    pods.list(&lp).await?.items.into_iter().find(|p| {
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    })
+                {
+                    let pod_name = pod.metadata.name.unwrap();
+                    eprintln!("deleting learner pod {pod_name} mid-RL");
+                    pods.delete(&pod_name, &DeleteParams::default()).await?;
+                    deleted = true;
+                }
             }
-        }
-        Ok(())
-    })
-    .await?;
+            Ok(())
+        })
+        .await?;
     assert_phase_order(&seen);
 
     let run = api.get(name).await?;
@@ -179,20 +212,35 @@ async fn tiny_run_succeeds_with_artifacts_despite_a_lost_learner() -> Result<()>
         "rl/final/config.json",
         "rl/final/model.safetensors",
     ] {
-        assert!(listing.contains(&format!("/{name}/{artifact}")), "{artifact} missing:\n{listing}");
+        assert!(
+            listing.contains(&format!("/{name}/{artifact}")),
+            "{artifact} missing:\n{listing}"
+        );
     }
-    assert!(listing.contains("/traces.jsonl"), "no distillation traces:\n{listing}");
-    assert!(listing.lines().any(|l| l.contains("/distill/") && l.ends_with("/final")), "no distilled student:\n{listing}");
+    assert!(
+        listing.contains("/traces.jsonl"),
+        "no distillation traces:\n{listing}"
+    );
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.contains("/distill/") && l.ends_with("/final")),
+        "no distilled student:\n{listing}"
+    );
 
     // Terminal state is sticky: deleting a finished Job does not bring the stage back.
     let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace());
     let lp = ListParams::default().labels(&format!("rlt.dev/run={name}"));
     for job in jobs.list(&lp).await?.items {
-        jobs.delete(&job.metadata.name.unwrap(), &DeleteParams::background()).await?;
+        jobs.delete(&job.metadata.name.unwrap(), &DeleteParams::background())
+            .await?;
     }
     tokio::time::sleep(Duration::from_secs(15)).await;
     assert_eq!(phase(&api.get(name).await?), "Succeeded");
-    assert!(jobs.list(&lp).await?.items.is_empty(), "a finished run recreated its Jobs");
+    assert!(
+        jobs.list(&lp).await?.items.is_empty(),
+        "a finished run recreated its Jobs"
+    );
     api.delete(name, &DeleteParams::foreground()).await?;
     Ok(())
 }
@@ -205,10 +253,17 @@ async fn invalid_run_is_rejected_naming_the_field() -> Result<()> {
     let mut bad = tiny_run("e2e-invalid")?;
     bad.data["spec"]["rl"]["learningRate"] = serde_json::json!(-1.0);
     let err = api
-        .patch("e2e-invalid", &PatchParams::apply("rlt-e2e"), &Patch::Apply(&bad))
+        .patch(
+            "e2e-invalid",
+            &PatchParams::apply("rlt-e2e"),
+            &Patch::Apply(&bad),
+        )
         .await
         .expect_err("an RltRun with a negative learning rate was accepted");
     let msg = err.to_string();
-    assert!(msg.contains("spec.rl.learningRate"), "the rejection does not name the field: {msg}");
+    assert!(
+        msg.contains("spec.rl.learningRate"),
+        "the rejection does not name the field: {msg}"
+    );
     Ok(())
 }
