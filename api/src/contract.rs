@@ -79,3 +79,22 @@ pub struct TrainingFigures {
     pub kl_term: Option<f64>,
     pub tokens_per_second: Option<f64>,
 }
+
+/// The rendered run configuration mounted at `RLT_CONFIG`: the run as the user would write it
+/// (name, namespace, the spec with every default filled in), parsed back by the trainer with
+/// [`crate::parse_yaml`]. `suspend` is left out (always false): it is the operator's business,
+/// not the trainer's, and suspending must not rewrite the config.
+pub fn render_config(run: &crate::RltRun) -> String {
+    let mut spec = run.spec.clone();
+    spec.suspend = false;
+    let doc = crate::RltRun {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: run.metadata.name.clone(),
+            namespace: run.metadata.namespace.clone(),
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    };
+    serde_yaml::to_string(&doc).expect("an RltRun serializes")
+}

@@ -6,11 +6,13 @@
 //! - [`status`]: its status (conditions, phase, per-stage attempts and artifacts);
 //! - [`validate`]: client-side validation with the CRD's own schema and CEL rules
 //!   ([`validate::parse_yaml`] for a user's file, [`validate::validate`] for a typed run);
+//! - [`stage`]: the stages in order and the words of their progress;
 //! - [`contract`]: roles, env vars, ports, mounts; [`layout`]: the workspace layout.
 
 pub mod contract;
 pub mod layout;
 pub mod spec;
+pub mod stage;
 pub mod status;
 pub mod validate;
 

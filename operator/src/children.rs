@@ -33,27 +33,7 @@ pub const CONTAINER: &str = "trainer";
 /// The UID/GID the trainer runs as (non-root); the workspace is made group-writable for it.
 pub const RUN_AS: i64 = 65532;
 
-/// The three stages, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Stage {
-    Warmup,
-    Rl,
-    Distillation,
-}
-
-impl Stage {
-    pub const ALL: [Stage; 3] = [Stage::Warmup, Stage::Rl, Stage::Distillation];
-    pub fn label(self) -> &'static str {
-        match self {
-            Stage::Warmup => "warmup",
-            Stage::Rl => "rl",
-            Stage::Distillation => "distillation",
-        }
-    }
-    pub fn from_label(s: &str) -> Option<Stage> {
-        Stage::ALL.into_iter().find(|st| st.label() == s)
-    }
-}
+pub use rlt_api::stage::Stage;
 
 /// Kinds of children, for deletes and observed-object bookkeeping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -258,31 +238,12 @@ pub fn config_hash(run: &RltRun) -> String {
     )
 }
 
-/// The rendered run configuration: the run as the user would write it, every default filled
-/// in, mounted at `/etc/rlt/run.yaml`. The trainer parses it with `rlt_api::parse_yaml`.
-/// `suspend` is left out (always false): it is the operator's business, not the trainer's,
-/// and suspending must not rewrite the config.
-pub fn render_config(run: &RltRun) -> String {
-    let mut spec = run.spec.clone();
-    spec.suspend = false;
-    let doc = RltRun {
-        metadata: ObjectMeta {
-            name: run.metadata.name.clone(),
-            namespace: run.metadata.namespace.clone(),
-            ..Default::default()
-        },
-        spec,
-        status: None,
-    };
-    serde_yaml::to_string(&doc).expect("run serializes")
-}
-
 pub fn config_map(ctx: &Ctx) -> Child {
     let cm = ConfigMap {
         metadata: ctx.meta(names::config_map(&ctx.name), ctx.labels(None, None, None)),
         data: Some(BTreeMap::from([(
             contract::CONFIG_FILE.to_string(),
-            render_config(ctx.run),
+            contract::render_config(ctx.run),
         )])),
         ..Default::default()
     };

@@ -18,6 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use rlt_api::layout::RunDir;
 use rlt_api::spec::RltRun;
+use rlt_api::stage::{self, Detail};
 use rlt_api::status::{
     condition as cond, Phase, RltRunStatus, StageStatus, StagesStatus, TrainingStatus,
 };
@@ -58,22 +59,6 @@ impl Plan {
             && self.delete.is_empty()
             && self.status.is_none()
             && self.events.is_empty()
-    }
-}
-
-fn complete_condition(stage: Stage) -> &'static str {
-    match stage {
-        Stage::Warmup => cond::WARMUP_COMPLETE,
-        Stage::Rl => cond::RL_COMPLETE,
-        Stage::Distillation => cond::DISTILLATION_COMPLETE,
-    }
-}
-
-fn stage_phase(stage: Stage) -> Phase {
-    match stage {
-        Stage::Warmup => Phase::WarmUp,
-        Stage::Rl => Phase::RL,
-        Stage::Distillation => Phase::Distillation,
     }
 }
 
@@ -144,7 +129,7 @@ pub fn derive_phase(status: &RltRunStatus) -> Phase {
     }
     match Stage::ALL
         .into_iter()
-        .find(|s| !is_true(complete_condition(*s)))
+        .find(|s| !is_true(s.complete_condition()))
     {
         None => Phase::Succeeded,
         Some(s)
@@ -152,7 +137,7 @@ pub fn derive_phase(status: &RltRunStatus) -> Phase {
                 .and_then(|st| st.start_time.as_ref())
                 .is_some() =>
         {
-            stage_phase(s)
+            s.phase()
         }
         Some(_) => Phase::Pending,
     }
@@ -173,14 +158,6 @@ fn stage_status_mut(stages: &mut StagesStatus, stage: Stage) -> &mut StageStatus
         Stage::Distillation => &mut stages.distillation,
     };
     slot.get_or_insert_with(StageStatus::default)
-}
-
-fn enabled(run: &RltRun, stage: Stage) -> bool {
-    match stage {
-        Stage::Warmup => run.spec.warmup.enabled,
-        Stage::Rl => true,
-        Stage::Distillation => run.spec.distillation.enabled,
-    }
 }
 
 /// Artifact paths as the pods see them (`/workspace/<run>/...`).
@@ -399,9 +376,9 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
     }
 
     for stage in Stage::ALL {
-        if !enabled(run, stage) && !conds.is_true(complete_condition(stage)) {
+        if !stage.enabled(&run.spec) && !conds.is_true(stage.complete_condition()) {
             conds.set(
-                complete_condition(stage),
+                stage.complete_condition(),
                 true,
                 "Skipped",
                 &format!("spec.{}.enabled is false", stage.label()),
@@ -410,13 +387,13 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
     }
 
     let retries = run.spec.failure_policy.retries;
-    let stage_count = Stage::ALL.iter().filter(|s| enabled(run, **s)).count();
+    let stage_count = stage::enabled_stages(&run.spec).len();
     // At most one stage completes and the next starts per pass; loop so a reconcile that
     // sees a stage finish starts the next one right away.
     loop {
         let Some(stage) = Stage::ALL
             .into_iter()
-            .find(|s| !conds.is_true(complete_condition(*s)))
+            .find(|s| !conds.is_true(s.complete_condition()))
         else {
             if conds.set(
                 cond::SUCCEEDED,
@@ -431,7 +408,7 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
                 );
             }
             p.delete_param_servers();
-            status.progress = Some(format!("{stage_count}/{stage_count} done"));
+            status.progress = Some(stage::progress_done(stage_count));
             break;
         };
         if stage != Stage::Rl {
@@ -439,7 +416,7 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
         }
         let stage_no = Stage::ALL
             .iter()
-            .filter(|s| enabled(run, **s) && **s <= stage)
+            .filter(|s| s.enabled(&run.spec) && **s <= stage)
             .count();
 
         if run.spec.suspend {
@@ -462,9 +439,11 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
             if stage == Stage::Rl {
                 p.delete(Kind::StatefulSet, &names::param_servers(&p.ctx.name));
             }
-            status.progress = Some(format!(
-                "{stage_no}/{stage_count} {} suspended",
-                stage.label()
+            status.progress = Some(stage::progress(
+                stage_no,
+                stage_count,
+                stage,
+                &Detail::Suspended,
             ));
             break;
         }
@@ -537,7 +516,7 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
                 st.completion_time = Some(now.clone());
                 st.artifact = Some(artifact(&p.ctx.name, stage));
                 conds.set(
-                    complete_condition(stage),
+                    stage.complete_condition(),
                     true,
                     "Succeeded",
                     &format!("{} succeeded in attempt {attempt}", stage.label()),
@@ -556,31 +535,35 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
                 let st = stage_status_mut(&mut status.stages, stage);
                 st.failures += 1;
                 let failures = st.failures;
-                let reason = format!("{}Failed", stage_phase(stage).as_str());
+                let reason = format!("{}Failed", stage.phase().as_str());
                 if failures > retries {
                     let message = clip(format!(
                         "{message} (attempt {attempt}; {failures} failures, retries {retries})"
                     ));
-                    conds.set(complete_condition(stage), false, &reason, &message);
+                    conds.set(stage.complete_condition(), false, &reason, &message);
                     conds.set(cond::FAILED, true, &reason, &message);
                     p.event(EventType::Warning, &reason, message);
                     p.delete_stage_jobs(stage, true);
                     p.delete_param_servers();
-                    status.progress =
-                        Some(format!("{stage_no}/{stage_count} {} failed", stage.label()));
+                    status.progress = Some(stage::progress(
+                        stage_no,
+                        stage_count,
+                        stage,
+                        &Detail::Failed,
+                    ));
                     break;
                 }
                 st.attempt += 1;
                 attempt = st.attempt;
                 let message = clip(format!("{message}; retrying as attempt {attempt} ({failures} of {retries} retries used)"));
-                conds.set(complete_condition(stage), false, "Retrying", &message);
+                conds.set(stage.complete_condition(), false, "Retrying", &message);
                 p.event(EventType::Warning, "Retrying", message);
             }
             Outcome::Running { problem } => {
                 let (reason, message) = problem
                     .unwrap_or_else(|| ("Running".into(), format!("attempt {attempt} running")));
                 if conds.set(
-                    complete_condition(stage),
+                    stage.complete_condition(),
                     false,
                     &reason,
                     &clip(message.clone()),
@@ -604,7 +587,7 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
             p.create_job(stage, attempt, student.as_deref(), &job);
         }
 
-        status.progress = Some(match stage {
+        let detail = match stage {
             Stage::Rl => {
                 if let Some(f) = &obs.figures {
                     status.training = Some(TrainingStatus {
@@ -614,19 +597,20 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
                     });
                 }
                 match &status.training {
-                    Some(t) => format!("{stage_no}/{stage_count} rl {}/{}", t.step, t.total_steps),
-                    None => format!("{stage_no}/{stage_count} rl"),
+                    Some(t) => Detail::Steps {
+                        step: t.step,
+                        total: t.total_steps,
+                    },
+                    None => Detail::Running,
                 }
             }
-            Stage::Distillation => {
-                format!(
-                    "{stage_no}/{stage_count} distill {}/{}",
-                    done.len(),
-                    run.spec.distillation.students.len()
-                )
-            }
-            Stage::Warmup => format!("{stage_no}/{stage_count} warmup"),
-        });
+            Stage::Distillation => Detail::Students {
+                done: done.len(),
+                total: run.spec.distillation.students.len(),
+            },
+            Stage::Warmup => Detail::Running,
+        };
+        status.progress = Some(stage::progress(stage_no, stage_count, stage, &detail));
         break;
     }
     finish(p, old, status)

@@ -11,17 +11,25 @@
 //! - [`logprobs`]: per-token log-probs of given targets, completion NLL
 //! - [`device`]: `--device` / `--dtype` parsing
 //! - [`rl`]: the RL stage (RLT reward, GRPO, parameter servers and learners)
+//! - [`distill`]: the distillation stage; [`eval`]: benchmark accuracy
+//! - [`runconfig`]: the run configuration (`RLT_CONFIG`) as each role's flags
+//! - [`pipeline`]: every stage as local processes; [`bench_effect`]: what RL buys
 pub mod bench;
+pub mod bench_effect;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod distill;
+pub mod eval;
 pub mod logprobs;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod pipeline;
 pub mod rl;
+pub mod runconfig;
 pub mod sampling;
 pub mod sft;
 pub mod tokenizer;

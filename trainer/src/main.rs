@@ -28,6 +28,15 @@ enum Command {
     Learner(rlt_trainer::rl::cli::LearnerArgs),
     /// Time RL steps (generation, scoring, backward, communication) for 1 vs 2 learners.
     RlBench(rlt_trainer::rl::bench::RlBenchArgs),
+    /// Distillation: the teacher explains every dataset row, then the student is fine-tuned.
+    Distill(rlt_trainer::distill::DistillArgs),
+    /// Accuracy of a checkpoint on a benchmark file (MATH-500, AIME 2024, GPQA Diamond, custom).
+    Eval(rlt_trainer::eval::run::EvalArgs),
+    /// Run an RltRun's stages here as local processes, as the operator would on a cluster.
+    Pipeline(rlt_trainer::pipeline::PipelineArgs),
+    /// The effect of RL, measured: warm-up vs RL teacher reward, and students distilled from
+    /// each (and from solutions alone) by held-out accuracy and solution log-likelihood.
+    BenchEffect(rlt_trainer::bench_effect::BenchEffectArgs),
 }
 
 fn main() {
@@ -37,7 +46,16 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(Cli::parse()) {
+    // A role started with RLT_CONFIG (an operator pod) takes its flags from the run
+    // configuration; flags given on the command line win.
+    let argv = match rlt_trainer::runconfig::expand_argv(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = run(Cli::parse_from(argv)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -53,5 +71,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::ParamServer(a) => rlt_trainer::rl::cli::param_server(a),
         Command::Learner(a) => rlt_trainer::rl::cli::learner(a),
         Command::RlBench(a) => rlt_trainer::rl::bench::rl_bench(a),
+        Command::Distill(a) => rlt_trainer::distill::distill(a).map(|_| ()),
+        Command::Eval(a) => rlt_trainer::eval::run::eval(a).map(|_| ()),
+        Command::Pipeline(a) => rlt_trainer::pipeline::pipeline(a).map(|_| ()),
+        Command::BenchEffect(a) => rlt_trainer::bench_effect::bench_effect(a).map(|_| ()),
     }
 }

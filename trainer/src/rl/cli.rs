@@ -215,7 +215,7 @@ pub struct LearnerArgs {
     #[arg(long)]
     pub teacher: Option<PathBuf>,
     /// The frozen student checkpoint that scores explanations.
-    #[arg(long, env = env::STUDENT)]
+    #[arg(long)]
     pub student: PathBuf,
     #[command(flatten)]
     pub data: DataArgs,

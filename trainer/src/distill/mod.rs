@@ -1,0 +1,225 @@
+//! `rlt-trainer distill`: one student's distillation job.
+//!
+//! 1. The teacher (by default the RL stage's output) writes an explanation for every row of
+//!    the dataset into `distill/<student>/traces.jsonl` ([`collect`], resumable via
+//!    [`traces`]).
+//! 2. The student is fine-tuned on question -> explanation + solution in the student's format
+//!    with the loss on completion tokens only, by the same SFT code as the warm-up
+//!    ([`crate::sft::run_sft`]: checkpoints in `distill/<student>/checkpoints/`, resume after a
+//!    kill, the final HF checkpoint in `distill/<student>/final/`).
+//!
+//! Several students each get their own job (and `RLT_STUDENT`) and their own directory.
+pub mod collect;
+pub mod traces;
+
+use crate::checkpoint::load_checkpoint;
+use crate::cli::{DataArgs, DeviceArgs, SftArgs, StageArgs};
+use crate::data::{Example, Prompts};
+use crate::metrics::Published;
+use crate::sft::{run_sft, SftConfig, SftJob, SftOutcome};
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use collect::CollectConfig;
+use rlt_api::contract::{env, TrainingFigures};
+use rlt_api::layout::{RunDir, StageDir, COMPLETE_MARKER};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct DistillArgs {
+    /// The student's name: its directory `distill/<name>/` in the run.
+    #[arg(long = "student", env = env::STUDENT)]
+    pub student: String,
+    /// The student's starting checkpoint (HF layout).
+    #[arg(long)]
+    pub student_model: PathBuf,
+    /// The teacher checkpoint (default: the RL stage's output, `rl/final`).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// The student's context: the longest student chat (question, trace, solution) in tokens.
+    #[arg(long, default_value_t = 16384)]
+    pub max_tokens_per_trace: usize,
+    /// Most traces a row's explanation may be split into (multi-trace collection).
+    #[arg(long, default_value_t = 1)]
+    pub traces: usize,
+    /// Teacher sampling temperature for the explanations.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Rows per teacher generation batch.
+    #[arg(long, default_value_t = 16)]
+    pub collect_batch_size: usize,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub stage: StageArgs,
+    #[command(flatten)]
+    pub sft: SftArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// What one distillation job did.
+#[derive(Debug)]
+pub struct DistillOutcome {
+    pub traces_path: PathBuf,
+    pub rows: usize,
+    /// Rows collected by this process (0 when the file was already complete).
+    pub rows_collected: usize,
+    pub incomplete_rows: usize,
+    pub pairs: usize,
+    pub sft: SftOutcome,
+}
+
+pub fn distill(a: DistillArgs) -> Result<DistillOutcome> {
+    let run_dir = RunDir::new(&a.stage.workspace, &a.stage.run);
+    let (device, kind) = a.device.resolve()?;
+    let job = DistillJob {
+        name: a.student.clone(),
+        stage: run_dir.distill(&a.student),
+        teacher: a
+            .teacher
+            .clone()
+            .unwrap_or_else(|| run_dir.rl().final_dir()),
+        student_model: a.student_model.clone(),
+        examples: a.data.load()?,
+        prompts: a.data.prompts.prompts(),
+        collect: CollectConfig {
+            max_tokens_per_trace: a.max_tokens_per_trace,
+            traces: a.traces,
+            temperature: a.temperature,
+            top_p: a.top_p,
+            batch_size: a.collect_batch_size,
+            seed: a.sft.seed,
+        },
+        sft: a.sft.config(),
+        attempt: a.stage.attempt,
+        device,
+        kind,
+        published: crate::cli::publish(a.stage.metrics_port)?,
+    };
+    run_distill(job)
+}
+
+/// One student's distillation, wherever its directory is (the run's `distill/<student>/`, or
+/// a benchmark's).
+pub struct DistillJob {
+    pub name: String,
+    pub stage: StageDir,
+    pub teacher: PathBuf,
+    pub student_model: PathBuf,
+    pub examples: Vec<Example>,
+    pub prompts: Prompts,
+    pub collect: CollectConfig,
+    pub sft: SftConfig,
+    pub attempt: u32,
+    pub device: tch::Device,
+    pub kind: tch::Kind,
+    pub published: Option<Published>,
+}
+
+pub fn run_distill(job: DistillJob) -> Result<DistillOutcome> {
+    let DistillJob {
+        name,
+        stage,
+        teacher,
+        student_model,
+        examples,
+        prompts,
+        collect: cfg,
+        sft,
+        attempt,
+        device,
+        kind,
+        published,
+    } = job;
+    for (what, dir) in [("teacher", &teacher), ("student", &student_model)] {
+        if !dir.join(crate::checkpoint::CONFIG_FILE).exists() {
+            bail!(
+                "{what} checkpoint {} does not exist (no config.json)",
+                dir.display()
+            );
+        }
+    }
+    let student_tok = Tokenizer::from_dir(&student_model)?;
+
+    // 1. Explanations, resumable.
+    let traces_path = stage.traces();
+    let (mut file, done) = traces::TraceFile::open(&traces_path, |i| {
+        examples.get(i).map(|e| e.question.as_str())
+    })?;
+    let already = done.len();
+    let total = examples.len() as u64;
+    let show = |rows: usize| {
+        if let Some(p) = &published {
+            p.set_figures(TrainingFigures {
+                step: rows as u64,
+                total_steps: total,
+                ..Default::default()
+            });
+        }
+    };
+    if already < examples.len() {
+        let (teacher_lm, teacher_tok) = load_checkpoint(&teacher, device, kind)?;
+        if !teacher_tok.same_vocab(&student_tok) {
+            tracing::warn!("teacher and student tokenizers differ: trace budgets are counted in the student's tokens");
+        }
+        tracing::info!(student = %name, teacher = %teacher.display(), rows = total, resume_at = already, "collecting explanations");
+        let bar = crate::eval::run::progress_bar(total, &format!("traces {name}"));
+        bar.set_position(already as u64);
+        let mut rows = already;
+        show(rows);
+        collect::collect(
+            &teacher_lm,
+            &teacher_tok,
+            &student_tok,
+            &prompts,
+            &examples,
+            &mut file,
+            &cfg,
+            |n| {
+                rows += n;
+                show(rows);
+                bar.inc(n as u64)
+            },
+        )?;
+        bar.finish_and_clear();
+    }
+    drop(file);
+    let rows = traces::read_rows(&traces_path)?;
+    let incomplete_rows = rows.iter().filter(|r| !r.complete).count();
+    let multi = rows.iter().filter(|r| r.traces.len() > 1).count();
+    tracing::info!(file = %traces_path.display(), rows = rows.len(), multi_trace_rows = multi, incomplete_rows, "explanations ready");
+
+    // 2. The student's fine-tune (shared SFT code; it skips a finished stage itself).
+    let pairs = collect::student_pairs(&prompts, &rows, &examples);
+    let n_pairs = pairs.len();
+    let sft_job = SftJob {
+        name: "distill".into(),
+        stage: stage.clone(),
+        attempt,
+        init_model: student_model,
+        device,
+        kind,
+        pairs,
+        published,
+        progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let outcome = run_sft(sft_job, &sft).context("fine-tuning the student")?;
+    if !stage.final_dir().join(COMPLETE_MARKER).exists() {
+        bail!(
+            "the fine-tune finished without a complete {}",
+            stage.final_dir().display()
+        );
+    }
+    tracing::info!(student = %name, final_dir = %outcome.final_dir.display(), pairs = n_pairs, "distillation complete");
+    Ok(DistillOutcome {
+        traces_path,
+        rows: rows.len(),
+        rows_collected: rows.len() - already,
+        incomplete_rows,
+        pairs: n_pairs,
+        sft: outcome,
+    })
+}
