@@ -1,7 +1,10 @@
 //! `rlt-trainer bench-effect`: shows the effect of RL on the teacher instead of assuming it.
 //!
-//! On a run over the synthetic task (the pipeline is run first, or resumed when done), using
-//! the task's held-out split, which no stage trained on:
+//! On a run over the synthetic task (default `manifests/bench-effect-cpu.yaml`; the pipeline
+//! is run first, or resumed when done), using the task's held-out split, which no stage
+//! trained on. The run's RL student is first replaced by one fine-tuned on the task's format
+//! with gold reasoning (the paper's student is a pretrained instruct model; a random tiny one
+//! cannot read an explanation, so its reward would be noise).
 //!
 //! (a) the mean RLT reward of the warm-up teacher vs the RL teacher: the same number of
 //!     explanations per held-out row, the same sampling seeds, scored by the run's frozen RL
@@ -42,7 +45,7 @@ use tch::{Device, Kind, Tensor};
 #[derive(Args, Debug)]
 pub struct BenchEffectArgs {
     /// The RltRun YAML (synthetic dataset, warm-up and distillation enabled).
-    #[arg(default_value = "manifests/tiny-cpu.yaml")]
+    #[arg(default_value = "manifests/bench-effect-cpu.yaml")]
     pub config: PathBuf,
     /// Workspace root (its own, so the comparison never mixes with a demo run's outputs).
     #[arg(long, default_value = "runs/bench-effect")]

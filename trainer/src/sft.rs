@@ -167,6 +167,8 @@ struct Gauges {
 
 impl Gauges {
     fn new(name: &str, p: &Option<Published>) -> Result<Self> {
+        // Job names may carry hyphens (student names do); metric names may not.
+        let name = name.replace('-', "_");
         let g = Gauges {
             step: prometheus::IntGauge::new(format!("rlt_{name}_step"), "optimizer updates done")?,
             total: prometheus::IntGauge::new(

@@ -54,6 +54,7 @@ pub fn trace_budget(
 
 /// Collects traces for rows `file.rows()..examples.len()`, appending each batch to `file`.
 /// `on_rows` is told how many rows each batch finished (for a progress bar).
+#[allow(clippy::too_many_arguments)]
 pub fn collect(
     teacher: &CausalLm,
     teacher_tok: &Tokenizer,

@@ -22,6 +22,7 @@ mod state;
 use crate::runconfig::{read_run, Inputs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use rlt_api::contract::TrainingFigures;
 use rlt_api::layout::RunDir;
 use rlt_api::stage::{self, Detail, Stage};
 use rlt_api::status::Phase;
@@ -73,10 +74,8 @@ pub fn pipeline(a: PipelineArgs) -> Result<Outcome> {
     }
     table.row(Phase::Pending, String::new(), None, 0);
     // Missing model or dataset paths fail here, naming the field and the path.
-    let inputs = Inputs::prepare(&run, &workspace).map_err(|e| {
-        table.row(Phase::Failed, String::new(), None, 0);
-        e
-    })?;
+    let inputs = Inputs::prepare(&run, &workspace)
+        .inspect_err(|_| table.row(Phase::Failed, String::new(), None, 0))?;
 
     let stages = stage::enabled_stages(&run.spec);
     let count = stages.len();
@@ -87,7 +86,8 @@ pub fn pipeline(a: PipelineArgs) -> Result<Outcome> {
         device: device(&run),
         log: a.stage_log.clone(),
     };
-    let mut reward = None;
+    // The REWARD column is the RL stage's latest figure, also when a rerun skips RL.
+    let mut reward = read_figures(&run_dir.rl().metrics()).and_then(|f| f.mean_reward);
     for (i, stage) in stages.iter().copied().enumerate() {
         let no = i + 1;
         let outputs = stage.outputs(&run.spec, &run_dir);
@@ -120,19 +120,9 @@ pub fn pipeline(a: PipelineArgs) -> Result<Outcome> {
             );
             // RL steps show in the progress column as the operator shows parameter server 0's
             // figures; the other stages' figures drive only their progress bars.
-            let result = procs::run_stage(stage, &run, &env, attempt, &pending, &mut |figures| {
+            let result = procs::run_stage(stage, &run, &env, attempt, &pending, &mut |f| {
                 if stage == Stage::Rl {
-                    reward = figures.mean_reward.or(reward);
-                    let steps = Detail::Steps {
-                        step: figures.step,
-                        total: figures.total_steps,
-                    };
-                    table.row(
-                        stage.phase(),
-                        stage::progress(no, count, stage, &steps),
-                        reward,
-                        attempt,
-                    );
+                    show_rl_figures(&mut table, &mut reward, f, (no, count), attempt);
                 }
             });
             let missing: Vec<_> = stage
@@ -158,17 +148,7 @@ pub fn pipeline(a: PipelineArgs) -> Result<Outcome> {
                 // exited before the last poll).
                 if stage == Stage::Rl {
                     if let Some(f) = read_figures(&run_dir.rl().metrics()) {
-                        reward = f.mean_reward.or(reward);
-                        let steps = Detail::Steps {
-                            step: f.step,
-                            total: f.total_steps,
-                        };
-                        table.row(
-                            stage.phase(),
-                            stage::progress(no, count, stage, &steps),
-                            reward,
-                            attempt,
-                        );
+                        show_rl_figures(&mut table, &mut reward, &f, (no, count), attempt);
                     }
                 }
                 break;
@@ -204,8 +184,25 @@ pub fn pipeline(a: PipelineArgs) -> Result<Outcome> {
     })
 }
 
-fn read_figures(path: &std::path::Path) -> Option<rlt_api::contract::TrainingFigures> {
+fn read_figures(path: &std::path::Path) -> Option<TrainingFigures> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// An RL row with parameter server 0's figures, as the operator copies them into status.
+fn show_rl_figures(
+    table: &mut Table,
+    reward: &mut Option<f64>,
+    f: &TrainingFigures,
+    (no, count): (usize, usize),
+    attempt: u32,
+) {
+    *reward = f.mean_reward.or(*reward);
+    let steps = Detail::Steps {
+        step: f.step,
+        total: f.total_steps,
+    };
+    let progress = stage::progress(no, count, Stage::Rl, &steps);
+    table.row(Phase::RL, progress, *reward, attempt);
 }
 
 /// `RLT_DEVICE` for every process: the spec's device; `auto` lets the trainer pick CUDA when
