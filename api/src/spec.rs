@@ -309,7 +309,9 @@ pub struct WarmupStage {
     /// `false` skips warm-up: RL starts from `spec.teacher` as given.
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
-    /// Data-parallel ranks (an Indexed Job).
+    /// Data-parallel ranks (an Indexed Job). The trainer has no data-parallel warm-up yet, so
+    /// a value above 1 is refused (InvalidSpec) rather than run as ranks that race on one
+    /// checkpoint.
     #[serde(default = "defaults::one")]
     #[schemars(range(min = 1, max = 256))]
     pub replicas: u32,

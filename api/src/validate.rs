@@ -215,6 +215,16 @@ pub fn semantic_errors(run: &RltRun) -> Vec<FieldError> {
             }
         }
     }
+    if spec.warmup.enabled && spec.warmup.replicas > 1 {
+        errors.push(err(
+            "spec.warmup.replicas",
+            format!(
+                "{} ranks asked for, but the trainer has no data-parallel warm-up yet: use 1",
+                spec.warmup.replicas
+            ),
+            "semantic",
+        ));
+    }
     if let Some(size) = &spec.workspace.size {
         if !quantity().is_match(size) {
             errors.push(err(

@@ -226,6 +226,31 @@ fn warmup_success_starts_rl_with_param_servers_and_learners() {
         vec!["StageSucceeded", "StageStarted", "PhaseChanged"]
     );
     assert_eq!(plan.events[2].note, "WarmUp -> RL");
+    // A shard is ready once it serves gRPC.
+    let Some(Child::StatefulSet(sts)) = plan
+        .apply
+        .iter()
+        .find(|c| matches!(c, Child::StatefulSet(_)))
+    else {
+        panic!("no parameter-server StatefulSet")
+    };
+    let container = &sts
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    let probe = container
+        .readiness_probe
+        .as_ref()
+        .expect("a readiness probe");
+    assert_eq!(
+        probe.tcp_socket.as_ref().unwrap().port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("rpc".into())
+    );
 }
 
 #[test]

@@ -54,9 +54,7 @@ pub fn processes(stage: Stage, run: &RltRun, pending: &[String]) -> Vec<Proc> {
         })
     };
     match stage {
-        // The warm-up trainer has no data-parallel ranks yet, so one process does the work
-        // whatever `warmup.replicas` asks of a cluster.
-        Stage::Warmup => replicas(Role::Warmup, 1).collect(),
+        Stage::Warmup => replicas(Role::Warmup, spec.warmup.replicas).collect(),
         Stage::Rl => replicas(Role::ParamServer, spec.rl.param_servers)
             .chain(replicas(Role::Learner, spec.rl.learners))
             .collect(),
