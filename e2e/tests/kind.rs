@@ -177,7 +177,10 @@ async fn tiny_run_succeeds_with_artifacts_despite_a_lost_learner() -> Result<()>
     let client = Client::try_default().await?;
     let api = rltruns(&client);
     let name = "e2e-tiny";
-    create_fresh(&api, &tiny_run(name)?).await?;
+    let mut run = tiny_run(name)?;
+    // Long enough (a few minutes on a kind node) that a learner pod is surely seen running.
+    run.data["spec"]["rl"]["steps"] = Value::from(200);
+    create_fresh(&api, &run).await?;
 
     // Mid-RL, delete one learner pod: the Job's retry (within the failure policy) must carry
     // the run to Succeeded anyway.
@@ -202,6 +205,10 @@ async fn tiny_run_succeeds_with_artifacts_despite_a_lost_learner() -> Result<()>
             Ok(())
         })
         .await?;
+    assert!(
+        deleted,
+        "RL ended before a learner pod was seen Running: nothing was deleted"
+    );
     assert_phase_order(&seen);
 
     let run = api.get(name).await?;
