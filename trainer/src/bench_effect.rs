@@ -131,14 +131,13 @@ pub fn bench_effect(a: BenchEffectArgs) -> Result<EffectReport> {
             published: None,
             progress_bar: false,
         },
-        &SftConfig {
-            epochs: w.epochs as usize,
-            batch_size: w.batch_size as usize,
-            lr: w.learning_rate,
-            max_len: w.max_length as usize,
-            checkpoint_every: w.checkpoint_interval as u64,
-            ..SftConfig::default()
-        },
+        &sft_recipe(
+            w.epochs,
+            w.batch_size,
+            w.learning_rate,
+            w.max_length,
+            w.checkpoint_interval,
+        ),
     )
     .context("fine-tuning the RL student on the task's format")?
     .final_dir;
@@ -190,14 +189,13 @@ pub fn bench_effect(a: BenchEffectArgs) -> Result<EffectReport> {
         .cloned()
         .context("the run has no student")?;
     let d = &spec.distillation;
-    let sft = SftConfig {
-        epochs: d.epochs as usize,
-        batch_size: d.batch_size as usize,
-        lr: d.learning_rate,
-        max_len: d.max_length as usize,
-        checkpoint_every: d.checkpoint_interval as u64,
-        ..SftConfig::default()
-    };
+    let sft = sft_recipe(
+        d.epochs,
+        d.batch_size,
+        d.learning_rate,
+        d.max_length,
+        d.checkpoint_interval,
+    );
     let bench_dir = RunDir::new(run_dir.root(), "bench-effect");
     let from_warm = bench_dir.distill("from-warmup-teacher");
     run_distill(DistillJob {
@@ -299,6 +297,24 @@ pub fn bench_effect(a: BenchEffectArgs) -> Result<EffectReport> {
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     eprintln!("report: {}", path.display());
     Ok(report)
+}
+
+/// A stage's fine-tune settings from the spec (the rest at the trainer's defaults).
+fn sft_recipe(
+    epochs: u32,
+    batch_size: u32,
+    lr: f64,
+    max_len: u32,
+    checkpoint_every: u32,
+) -> SftConfig {
+    SftConfig {
+        epochs: epochs as usize,
+        batch_size: batch_size as usize,
+        lr,
+        max_len: max_len as usize,
+        checkpoint_every: checkpoint_every as u64,
+        ..SftConfig::default()
+    }
 }
 
 fn print_report(r: &EffectReport) {

@@ -259,17 +259,25 @@ pub fn role_flags(
         f.push(("--ref-mix-alpha", rl.reference_sync.mix.to_string()));
         f.push(("--ref-sync-every", rl.reference_sync.interval.to_string()));
     };
+    // The fine-tune flags warm-up and distillation share (both run the SFT code).
+    let sft = |f: &mut Vec<(&str, String)>, [epochs, batch, max_len, every]: [u32; 4], lr: f64| {
+        f.push(("--epochs", epochs.to_string()));
+        f.push(("--batch-size", batch.to_string()));
+        f.push(("--lr", lr.to_string()));
+        f.push(("--max-len", max_len.to_string()));
+        f.push(("--checkpoint-every", every.to_string()));
+    };
     match role {
         Role::Warmup => {
             let w = &spec.warmup;
             f.push(("--model", path(&inputs.teacher)));
             f.push(("--data", path(&inputs.train)));
             f.push(("--prompts", inputs.prompts.into()));
-            f.push(("--epochs", w.epochs.to_string()));
-            f.push(("--batch-size", w.batch_size.to_string()));
-            f.push(("--lr", w.learning_rate.to_string()));
-            f.push(("--max-len", w.max_length.to_string()));
-            f.push(("--checkpoint-every", w.checkpoint_interval.to_string()));
+            sft(
+                &mut f,
+                [w.epochs, w.batch_size, w.max_length, w.checkpoint_interval],
+                w.learning_rate,
+            );
         }
         Role::ParamServer => {
             f.push(("--learners", rl.learners.to_string()));
@@ -322,11 +330,11 @@ pub fn role_flags(
             f.push(("--traces", d.trace_splitting.traces.to_string()));
             f.push(("--temperature", rl.temperature.to_string()));
             f.push(("--collect-batch-size", d.batch_size.to_string()));
-            f.push(("--epochs", d.epochs.to_string()));
-            f.push(("--batch-size", d.batch_size.to_string()));
-            f.push(("--lr", d.learning_rate.to_string()));
-            f.push(("--max-len", d.max_length.to_string()));
-            f.push(("--checkpoint-every", d.checkpoint_interval.to_string()));
+            sft(
+                &mut f,
+                [d.epochs, d.batch_size, d.max_length, d.checkpoint_interval],
+                d.learning_rate,
+            );
         }
         Role::Eval => {}
     }

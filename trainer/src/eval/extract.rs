@@ -5,6 +5,7 @@
 //! one. Multiple-choice answers are a letter, read from the box or, failing that, from an
 //! explicit "answer is (X)" / "Answer: X" statement.
 
+use super::normalize::split_group;
 use crate::tokenizer::{BEGIN_OF_SOLUTION, END_OF_SOLUTION};
 
 /// The content of the last `\boxed{...}` / `\fbox{...}` in `text`, braces matched.
@@ -20,20 +21,7 @@ pub fn last_boxed(text: &str) -> Option<String> {
     let rest = &text[start.1..];
     let trimmed = rest.trim_start();
     if let Some(body) = trimmed.strip_prefix('{') {
-        let mut depth = 1usize;
-        for (i, c) in body.char_indices() {
-            match c {
-                '{' => depth += 1,
-                '}' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        return Some(body[..i].trim().to_string());
-                    }
-                }
-                _ => {}
-            }
-        }
-        None
+        split_group(body).map(|(content, _)| content.trim().to_string())
     } else if rest.starts_with(char::is_whitespace) {
         // `\boxed 5$`: the argument is the next token.
         let token: String = trimmed

@@ -137,7 +137,7 @@ fn unwrap_command(s: &str, cmd: &str) -> String {
 
 /// Splits `body` (just after an opening `{`) into the group's content and what follows its
 /// matching `}`.
-fn split_group(body: &str) -> Option<(&str, &str)> {
+pub(super) fn split_group(body: &str) -> Option<(&str, &str)> {
     let mut depth = 1usize;
     for (i, c) in body.char_indices() {
         match c {
