@@ -66,6 +66,11 @@ impl StageDir {
 
 /// Name of one checkpoint directory. The attempt fences writers: a pod of attempt A only writes
 /// `*-attempt-A` directories, so a straggler from an older attempt cannot clobber a newer one.
+/// Whether a stage output or checkpoint directory was written whole (its marker goes in last).
+pub fn is_complete(dir: &Path) -> bool {
+    dir.join(COMPLETE_MARKER).exists()
+}
+
 pub fn checkpoint_name(step: u64, attempt: u32) -> String {
     format!("step-{step:08}-attempt-{attempt}")
 }
@@ -87,7 +92,7 @@ pub fn latest_checkpoint(dir: &Path, attempt: u32) -> Option<(u64, PathBuf)> {
             let name = e.file_name().into_string().ok()?;
             let (step, a) = parse_checkpoint_name(&name)?;
             let path = e.path();
-            (a <= attempt && path.join(COMPLETE_MARKER).exists()).then_some((step, a, path))
+            (a <= attempt && is_complete(&path)).then_some((step, a, path))
         })
         .max_by_key(|(step, a, _)| (*step, *a))
         .map(|(step, _, path)| (step, path))

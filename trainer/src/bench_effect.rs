@@ -99,12 +99,8 @@ pub fn bench_effect(a: BenchEffectArgs) -> Result<EffectReport> {
         .with_context(|| format!("creating {}", a.workspace.display()))?;
     let workspace = a.workspace.canonicalize()?;
     let run_dir = RunDir::new(&workspace, &name);
-    let inputs = Inputs::prepare(&run, &workspace)?;
-    let prompts = if inputs.prompts == "short" {
-        Prompts::short()
-    } else {
-        Prompts::standard()
-    };
+    let mut inputs = Inputs::prepare(&run, &workspace)?;
+    let prompts = inputs.prompts.prompts();
     let train = data::load_examples(&inputs.train, false)?.examples;
     let device = Device::Cpu;
 
@@ -153,7 +149,7 @@ pub fn bench_effect(a: BenchEffectArgs) -> Result<EffectReport> {
         stage_log: "warn".into(),
     })?;
     let spec = &run.spec;
-    let inputs = Inputs::prepare(&run, &workspace)?;
+    inputs.rl_student = reader;
     let held_path = inputs
         .held_out
         .clone()
@@ -259,11 +255,7 @@ pub fn bench_effect(a: BenchEffectArgs) -> Result<EffectReport> {
         max_new_tokens: a.max_new_tokens,
         batch_size: 16,
         limit: None,
-        prompts: if inputs.prompts == "short" {
-            crate::cli::PromptStyle::Short
-        } else {
-            crate::cli::PromptStyle::Standard
-        },
+        prompts: inputs.prompts,
         out: None,
         keep_completions: false,
         device: crate::cli::DeviceArgs {

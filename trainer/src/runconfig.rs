@@ -16,12 +16,13 @@
 //!   workspace and must exist (the error names the field and the path);
 //! - [`role_flags`]: pure, spec + prepared inputs -> flags.
 use crate::checkpoint;
-use crate::cli::SYNTHETIC_HELD_OUT;
+use crate::cli::{PromptStyle, SYNTHETIC_HELD_OUT};
 use crate::config::TinySpec;
 use crate::data::{self, synthetic};
 use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
 use rlt_api::contract::{env, Role};
-use rlt_api::layout::{RunDir, COMPLETE_MARKER};
+use rlt_api::layout::{is_complete, RunDir, COMPLETE_MARKER};
 use rlt_api::spec::{Dataset, ModelRef, TinyModel};
 use rlt_api::RltRun;
 use std::ffi::OsString;
@@ -42,8 +43,8 @@ pub struct Inputs {
     pub train: PathBuf,
     /// The held-out rows of a synthetic dataset (evaluation only; no stage reads them).
     pub held_out: Option<PathBuf>,
-    /// `short` system prompts for tiny byte-level models, `standard` otherwise.
-    pub prompts: &'static str,
+    /// Short system prompts for tiny byte-level models, standard ones otherwise.
+    pub prompts: PromptStyle,
 }
 
 /// Where a run keeps its prepared inputs.
@@ -83,9 +84,9 @@ impl Inputs {
             .collect::<Result<_>>()?;
         let (train, held_out) = dataset_files(&spec.dataset, workspace, &run_dir)?;
         let prompts = if spec.teacher.tiny.is_some() {
-            "short"
+            PromptStyle::Short
         } else {
-            "standard"
+            PromptStyle::Standard
         };
         Ok(Inputs {
             teacher,
@@ -130,7 +131,7 @@ fn model_dir(m: &ModelRef, field: &str, workspace: &Path, run_dir: &RunDir) -> R
         }
         (None, Some(tiny)) => {
             let dir = inputs_dir(run_dir).join("models").join(tiny_name(tiny));
-            if !dir.join(COMPLETE_MARKER).exists() {
+            if !is_complete(&dir) {
                 let spec = tiny_spec(tiny);
                 write_once(&dir, |tmp| {
                     checkpoint::init_tiny(tmp, &spec, tch::Kind::Float)
@@ -172,10 +173,10 @@ fn write_once(dir: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Result<()>
     let _ = std::fs::remove_dir_all(&scratch);
     let built = scratch.join(name);
     build(&built)?;
-    if !built.join(COMPLETE_MARKER).exists() {
+    if !is_complete(&built) {
         std::fs::write(built.join(COMPLETE_MARKER), "")?;
     }
-    if std::fs::rename(&built, dir).is_err() && !dir.join(COMPLETE_MARKER).exists() {
+    if std::fs::rename(&built, dir).is_err() && !is_complete(dir) {
         bail!(
             "could not move {} into place at {}",
             built.display(),
@@ -203,7 +204,7 @@ fn dataset_files(
                 return Ok((file, None));
             };
             let dir = data_dir.join(format!("limit-{limit}"));
-            if !dir.join(COMPLETE_MARKER).exists() {
+            if !is_complete(&dir) {
                 let mut rows = data::load_examples(&file, false)
                     .with_context(|| "spec.dataset.path".to_string())?
                     .examples;
@@ -216,7 +217,7 @@ fn dataset_files(
         }
         (None, Some(s)) => {
             let dir = data_dir.join(format!("synthetic-{}-s{}", s.rows, s.seed));
-            if !dir.join(COMPLETE_MARKER).exists() {
+            if !is_complete(&dir) {
                 let spec = synthetic::SyntheticSpec {
                     count: s.rows as usize,
                     seed: s.seed,
@@ -250,6 +251,13 @@ pub fn role_flags(
 ) -> Result<Vec<(String, String)>> {
     let spec = &run.spec;
     let path = |p: &Path| p.display().to_string();
+    // The flag's own spelling (clap's value name), so it always parses back.
+    let prompts_flag = inputs
+        .prompts
+        .to_possible_value()
+        .expect("every prompt style has a name")
+        .get_name()
+        .to_string();
     let mut f: Vec<(&str, String)> = Vec::new();
     let rl = &spec.rl;
     let rl_optim = |f: &mut Vec<(&str, String)>| {
@@ -272,7 +280,7 @@ pub fn role_flags(
             let w = &spec.warmup;
             f.push(("--model", path(&inputs.teacher)));
             f.push(("--data", path(&inputs.train)));
-            f.push(("--prompts", inputs.prompts.into()));
+            f.push(("--prompts", prompts_flag.clone()));
             sft(
                 &mut f,
                 [w.epochs, w.batch_size, w.max_length, w.checkpoint_interval],
@@ -290,7 +298,7 @@ pub fn role_flags(
             f.push(("--teacher", path(&inputs.rl_init)));
             f.push(("--student", path(&inputs.rl_student)));
             f.push(("--data", path(&inputs.train)));
-            f.push(("--prompts", inputs.prompts.into()));
+            f.push(("--prompts", prompts_flag.clone()));
             f.push(("--groups-per-step", rl.batch_size.to_string()));
             f.push(("--group-size", rl.group_size.to_string()));
             f.push(("--max-new-tokens", rl.max_new_tokens.to_string()));
@@ -322,7 +330,7 @@ pub fn role_flags(
             };
             f.push(("--student-model", path(model)));
             f.push(("--data", path(&inputs.train)));
-            f.push(("--prompts", inputs.prompts.into()));
+            f.push(("--prompts", prompts_flag.clone()));
             f.push((
                 "--max-tokens-per-trace",
                 d.trace_splitting.max_tokens_per_trace.to_string(),

@@ -16,7 +16,7 @@ use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use rlt_api::contract::TrainingFigures;
 use rlt_api::layout::{
-    checkpoint_name, latest_checkpoint, parse_checkpoint_name, StageDir, COMPLETE_MARKER,
+    checkpoint_name, is_complete, latest_checkpoint, parse_checkpoint_name, StageDir,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -211,10 +211,7 @@ fn prune_checkpoints(dir: &Path, keep: usize) {
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let (step, _) = parse_checkpoint_name(e.file_name().to_str()?)?;
-            e.path()
-                .join(COMPLETE_MARKER)
-                .exists()
-                .then(|| (step, e.path()))
+            is_complete(&e.path()).then(|| (step, e.path()))
         })
         .collect();
     found.sort();
@@ -255,7 +252,7 @@ pub fn run_sft(job: SftJob, cfg: &SftConfig) -> Result<SftOutcome> {
     let final_dir = job.stage.final_dir();
     let steps_per_epoch = job.pairs.len().div_ceil(cfg.batch_size) as u64;
     let total_steps = cfg.max_steps.unwrap_or(cfg.epochs as u64 * steps_per_epoch);
-    if final_dir.join(COMPLETE_MARKER).exists() {
+    if is_complete(&final_dir) {
         tracing::info!(stage = %job.name, dir = %final_dir.display(), "stage output already complete; nothing to do");
         return Ok(SftOutcome {
             final_dir,

@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use collect::CollectConfig;
 use rlt_api::contract::{env, TrainingFigures};
-use rlt_api::layout::{RunDir, StageDir, COMPLETE_MARKER};
+use rlt_api::layout::{is_complete, RunDir, StageDir};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -207,7 +207,7 @@ pub fn run_distill(job: DistillJob) -> Result<DistillOutcome> {
         progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let outcome = run_sft(sft_job, &sft).context("fine-tuning the student")?;
-    if !stage.final_dir().join(COMPLETE_MARKER).exists() {
+    if !is_complete(&stage.final_dir()) {
         bail!(
             "the fine-tune finished without a complete {}",
             stage.final_dir().display()

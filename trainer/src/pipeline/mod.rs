@@ -23,7 +23,7 @@ use crate::runconfig::{read_run, Inputs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rlt_api::contract::TrainingFigures;
-use rlt_api::layout::RunDir;
+use rlt_api::layout::{is_complete, RunDir};
 use rlt_api::stage::{self, Detail, Stage};
 use rlt_api::status::Phase;
 use rlt_api::RltRun;
@@ -91,7 +91,7 @@ pub fn pipeline(a: PipelineArgs) -> Result<Outcome> {
     for (i, stage) in stages.iter().copied().enumerate() {
         let no = i + 1;
         let outputs = stage.outputs(&run.spec, &run_dir);
-        if outputs.iter().all(|(_, dir)| plan::is_complete(dir)) {
+        if outputs.iter().all(|(_, dir)| is_complete(dir)) {
             eprintln!(
                 "{}: already complete in {}, skipping",
                 stage.label(),
@@ -128,7 +128,7 @@ pub fn pipeline(a: PipelineArgs) -> Result<Outcome> {
             let missing: Vec<_> = stage
                 .outputs(&run.spec, &run_dir)
                 .into_iter()
-                .filter(|(_, dir)| !plan::is_complete(dir))
+                .filter(|(_, dir)| !is_complete(dir))
                 .map(|(_, dir)| dir)
                 .collect();
             let error = match result {

@@ -3,14 +3,9 @@
 //! parameter servers + learners for RL; one Job per student). The stages themselves and the
 //! words of their progress are `rlt_api::stage`'s, shared with the operator.
 use rlt_api::contract::Role;
-use rlt_api::layout::{RunDir, COMPLETE_MARKER};
+use rlt_api::layout::{is_complete, RunDir};
 use rlt_api::stage::Stage;
 use rlt_api::RltRun;
-use std::path::Path;
-
-pub fn is_complete(dir: &Path) -> bool {
-    dir.join(COMPLETE_MARKER).exists()
-}
 
 /// The students of the distillation stage still to run.
 pub fn pending_students(run: &RltRun, run_dir: &RunDir) -> Vec<String> {
@@ -73,6 +68,7 @@ pub fn processes(stage: Stage, run: &RltRun, pending: &[String]) -> Vec<Proc> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rlt_api::layout::COMPLETE_MARKER;
 
     fn run(yaml: &str) -> RltRun {
         rlt_api::parse_yaml(yaml).unwrap_or_else(|e| panic!("{}", rlt_api::validate::render(&e)))
