@@ -53,7 +53,20 @@ pub mod env {
     pub const DEVICE: &str = "RLT_DEVICE";
     /// The student a distillation pod works for (one Job per student).
     pub const STUDENT: &str = "RLT_STUDENT";
+    /// File the trainer writes its final error to before it exits non-zero; the operator
+    /// points it at the container's `terminationMessagePath`
+    /// ([`TERMINATION_LOG_PATH`](super::TERMINATION_LOG_PATH)), so the reason shows in the pod
+    /// status and in the run's condition.
+    pub const TERMINATION_LOG: &str = "RLT_TERMINATION_LOG";
+    /// Address the trainer's listeners (gRPC, `/metrics`, `/status`) bind; default `0.0.0.0`.
+    /// The operator does not set it; the e2e node agent sets it to the pod's IP, since the
+    /// pods it plays share the host's network.
+    pub const BIND_ADDRESS: &str = "RLT_BIND_ADDRESS";
 }
+
+/// The container's `terminationMessagePath`, where the trainer writes its final error
+/// (told by [`env::TERMINATION_LOG`]).
+pub const TERMINATION_LOG_PATH: &str = "/dev/termination-log";
 
 /// HTTP path on parameter server 0's metrics port that serves the latest
 /// [`TrainingFigures`] as JSON; the operator polls it while RL runs.

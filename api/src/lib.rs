@@ -7,10 +7,12 @@
 //! - [`validate`]: client-side validation with the CRD's own schema and CEL rules
 //!   ([`validate::parse_yaml`] for a user's file, [`validate::validate`] for a typed run);
 //! - [`stage`]: the stages in order and the words of their progress;
-//! - [`contract`]: roles, env vars, ports, mounts; [`layout`]: the workspace layout.
+//! - [`contract`]: roles, env vars, ports, mounts; [`layout`]: the workspace layout;
+//! - [`quantity`]: resource quantities compared as the API server compares them.
 
 pub mod contract;
 pub mod layout;
+pub mod quantity;
 pub mod spec;
 pub mod stage;
 pub mod status;

@@ -22,8 +22,107 @@ pub use crate::status::*;
 pub const MAX_RUN_NAME: usize = 24;
 /// Longest student name, for the same reason.
 pub const MAX_STUDENT_NAME: usize = 20;
+/// Digits of the largest stage attempt child names are sized for (an Indexed Job's pods
+/// are named `<job>-<index>`, itself a 63-character DNS label): attempts count failures
+/// (`failurePolicy.retries` <= 100) and resumes, so seven digits are never reached.
+pub const MAX_ATTEMPT_DIGITS: usize = 7;
+/// Largest seed: any u32, so a seed survives a round trip through any JSON reader.
+const MAX_SEED: u64 = u32::MAX as u64;
+/// Largest checkpoint / re-sync interval in steps.
+const MAX_INTERVAL: u32 = 1_000_000;
+/// A DNS-1123 subdomain (names of service accounts, claims, classes).
+const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// The root rules of an `RltRun`: its name becomes part of every child's name, so it must be a
+/// DNS label (Services need a leading letter) short enough for
+/// `<run>-distill-<student>-<attempt>-<index>` to stay one.
+const NAME_RULES: [(&str, &str); 2] = [
+    (
+        "size(self.metadata.name) <= 24",
+        "metadata.name must be at most 24 characters (child object names derive from it)",
+    ),
+    (
+        "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+        "metadata.name must be a DNS label starting with a letter (lower case letters, digits, '-'): child object names derive from it",
+    ),
+];
+
+/// The root schema, by hand because kube derives none with `metadata`: the name rules'
+/// `fieldPath: .metadata.name` must resolve to a declared property, or the API server refuses
+/// the CRD ("fieldPath must be a valid path"). Only `metadata.name` and `generateName` may be
+/// declared there; declaring them with `kind` and `apiVersion` also makes the API server type
+/// the CEL variable from this schema, and the name's `maxLength` (the API server's own limit,
+/// so it never preempts the rules' messages) bounds the rules' estimated cost.
+impl schemars::JsonSchema for RltRun {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "RltRun".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let spec = generator.subschema_for::<RltRunSpec>();
+        let status = generator.subschema_for::<Option<RltRunStatus>>();
+        let rules: Vec<serde_json::Value> = NAME_RULES
+            .iter()
+            .map(|(rule, message)| {
+                serde_json::json!({"rule": rule, "message": message, "fieldPath": ".metadata.name"})
+            })
+            .collect();
+        schemars::json_schema!({
+            "title": "RltRun",
+            "description": "An RLT (Reinforcement-Learned Teacher) training run: warm-up, RL, distillation.",
+            "type": "object",
+            "properties": {
+                "apiVersion": {"type": "string"},
+                "kind": {"type": "string"},
+                "metadata": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "maxLength": 253},
+                        "generateName": {"type": "string", "maxLength": 253}
+                    }
+                },
+                "spec": spec,
+                "status": status
+            },
+            "required": ["spec"],
+            "x-kubernetes-validations": rules
+        })
+    }
+}
+
+/// Bounds the `weight` of every preferred (anti-)affinity term to 1..100, as the API server
+/// does for pods; without a maximum a weight past i32 would be stored and break every typed
+/// read of the runs.
+fn bound_affinity_weights(schema: &mut schemars::Schema) {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(w) = map
+                    .get_mut("properties")
+                    .and_then(|p| p.get_mut("weight"))
+                    .and_then(serde_json::Value::as_object_mut)
+                {
+                    if w.get("type").and_then(serde_json::Value::as_str) == Some("integer") {
+                        w.insert("minimum".into(), 1.into());
+                        w.insert("maximum".into(), 100.into());
+                    }
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut value = schema.clone().to_value();
+    walk(&mut value);
+    if let Ok(bounded) = schemars::Schema::try_from(value) {
+        *schema = bounded;
+    }
+}
 
 /// An RLT training run: warm-up -> RL -> distillation, each stage's pods run `rlt-trainer <role>`.
+// Clippy reads the printcolumns' repeated `type_ = "string"` as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "rlt.dev",
@@ -40,9 +139,9 @@ pub const MAX_STUDENT_NAME: usize = 20;
     printcolumn(name = "Reward", type_ = "number", json_path = ".status.training.meanReward"),
     printcolumn(name = "Attempt", type_ = "integer", json_path = ".status.attempt"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("size(self.metadata.name) <= 24")
-        .message("metadata.name must be at most 24 characters (child object names derive from it)")
-        .field_path(".metadata.name")
+    // The root schema is written by hand (see `impl JsonSchema for RltRun`): kube derives no
+    // `metadata` property, which the name rules' `fieldPath` must resolve to.
+    schema = "manual"
 )]
 #[x_kube(validation = Rule::new("!self.distillation.enabled || size(self.distillation.students) > 0")
     .message("distillation.students must list at least one student while distillation is enabled")
@@ -57,7 +156,7 @@ pub struct RltRunSpec {
     pub image_pull_policy: PullPolicy,
     /// Secrets for pulling the trainer image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub image_pull_secrets: Vec<LocalObjectReference>,
     /// `cpu`, `cuda`, or `auto` (= `cuda` for pods that request `nvidia.com/gpu`).
     #[serde(default = "defaults::device")]
@@ -78,14 +177,16 @@ pub struct RltRunSpec {
     /// Scheduling of every stage pod; a stage's own `scheduling` overrides it field by field.
     #[serde(default, skip_serializing_if = "Scheduling::is_empty")]
     pub scheduling: Scheduling,
-    /// Service account of the stage pods (default: the namespace's `default`).
+    /// Service account of the stage pods (default: the namespace's `default`, without a
+    /// mounted API token: the trainer never calls the API server). Naming one mounts its token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub service_account_name: Option<String>,
-    /// Extra environment for every stage pod (e.g. `HF_HOME`); the contract's `RLT_*`
-    /// variables cannot be overridden.
+    /// Extra environment for every stage pod (e.g. `HF_HOME`), one entry per name. An entry
+    /// named `HOME` or `TMPDIR` replaces the operator's (both `/tmp`, the writable volume under
+    /// a read-only root filesystem); the contract's `RLT_*` variables cannot be overridden.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub env: Vec<EnvVar>,
     /// Stops the current stage's pods; setting it back to false continues the stage from its
     /// last checkpoint (as a new attempt). Kueue drives this field.
@@ -150,7 +251,7 @@ pub struct TinyModel {
     #[schemars(range(min = 8, max = 16384))]
     pub intermediate_size: u32,
     #[serde(default)]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_SEED))]
     pub seed: u64,
 }
 
@@ -187,7 +288,7 @@ pub struct Dataset {
     pub synthetic: Option<SyntheticDataset>,
     /// Use only the first `limit` rows (all when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1000000000))]
     pub limit: Option<u64>,
 }
 
@@ -207,7 +308,7 @@ pub struct SyntheticDataset {
     #[schemars(range(min = 1, max = 1000000))]
     pub rows: u32,
     #[serde(default)]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_SEED))]
     pub seed: u64,
 }
 
@@ -227,9 +328,10 @@ impl Default for SyntheticDataset {
     .message("claimName (an existing PVC) excludes size and storageClassName (a PVC the operator creates)"))]
 #[serde(rename_all = "camelCase")]
 pub struct Workspace {
-    /// Use this existing PersistentVolumeClaim.
+    /// Use this existing PersistentVolumeClaim. With several pods per stage on several
+    /// nodes it must be ReadWriteMany.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub claim_name: Option<String>,
     /// Size of the claim the operator creates (default 10Gi).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -237,9 +339,12 @@ pub struct Workspace {
     pub size: Option<String>,
     /// Storage class of the claim the operator creates (default: the cluster's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub storage_class_name: Option<String>,
-    /// Access modes of the claim the operator creates. Multi-node runs need ReadWriteMany.
+    /// Access modes of the claim the operator creates (default `[ReadWriteMany]`: every stage
+    /// but warm-up runs several pods at once, which may land on different nodes). A
+    /// single-node cluster whose storage has no ReadWriteMany (kind's) can ask for
+    /// `[ReadWriteOnce]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 4))]
     pub access_modes: Vec<AccessMode>,
@@ -262,12 +367,13 @@ pub struct Scheduling {
     #[schemars(length(max = 64))]
     pub tolerations: Vec<Toleration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = bound_affinity_weights)]
     pub affinity: Option<Affinity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub priority_class_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub scheduler_name: Option<String>,
 }
 
@@ -332,7 +438,7 @@ pub struct WarmupStage {
     pub max_length: u32,
     /// Optimizer steps between resumable checkpoints.
     #[serde(default = "defaults::checkpoint_interval")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_INTERVAL))]
     pub checkpoint_interval: u32,
     #[serde(default, skip_serializing_if = "Scheduling::is_empty")]
     pub scheduling: Scheduling,
@@ -389,7 +495,7 @@ pub struct RlStage {
     pub reference_sync: ReferenceSync,
     /// Steps between parameter-server checkpoints.
     #[serde(default = "defaults::checkpoint_interval")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_INTERVAL))]
     pub checkpoint_interval: u32,
     #[serde(default, skip_serializing_if = "Scheduling::is_empty")]
     pub scheduling: Scheduling,
@@ -425,8 +531,9 @@ pub struct RewardSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReferenceSync {
+    /// Steps between re-syncs.
     #[serde(default = "defaults::sync_interval")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_INTERVAL))]
     pub interval: u32,
     /// reference = mix * policy + (1 - mix) * reference.
     #[serde(default = "defaults::sync_mix")]
@@ -463,7 +570,7 @@ pub struct DistillationStage {
     #[serde(default)]
     pub trace_splitting: TraceSplitting,
     #[serde(default = "defaults::checkpoint_interval")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_INTERVAL))]
     pub checkpoint_interval: u32,
     #[serde(default, skip_serializing_if = "Scheduling::is_empty")]
     pub scheduling: Scheduling,

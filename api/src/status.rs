@@ -16,6 +16,9 @@ pub mod condition {
     pub const FAILED: &str = "Failed";
 }
 
+/// Largest integer every JSON reader holds exactly (2^53 - 1): the bound of the u64 counters.
+const MAX_JSON_INTEGER: u64 = (1 << 53) - 1;
+
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct RltRunStatus {
@@ -33,6 +36,7 @@ pub struct RltRunStatus {
     pub progress: Option<String>,
     /// Attempt of the current (or last) stage, for display.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = u32::MAX))]
     pub attempt: Option<u32>,
     #[serde(default, skip_serializing_if = "StagesStatus::is_empty")]
     pub stages: StagesStatus,
@@ -102,9 +106,11 @@ pub struct StageStatus {
     /// Times this stage's pods were (re)started, 0-based; stamped on the pods as
     /// `RLT_ATTEMPT` and used to fence checkpoints. Resuming after suspend is a new attempt.
     #[serde(default)]
+    #[schemars(range(max = u32::MAX))]
     pub attempt: u32,
     /// Failed attempts; the run fails when this exceeds `failurePolicy.retries`.
     #[serde(default)]
+    #[schemars(range(max = u32::MAX))]
     pub failures: u32,
     /// Distillation: the students whose Job succeeded (kept across attempts, so a retry only
     /// reruns the students that did not finish).
@@ -119,7 +125,9 @@ pub struct StageStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrainingStatus {
+    #[schemars(range(max = MAX_JSON_INTEGER))]
     pub step: u64,
+    #[schemars(range(max = MAX_JSON_INTEGER))]
     pub total_steps: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_reward: Option<f64>,

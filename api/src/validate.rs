@@ -6,9 +6,11 @@
 //! 1. the structural schema of the generated CRD: types, unknown fields (kubectl's strict
 //!    field validation), bounds, patterns, enums, list-map key uniqueness;
 //! 2. the CRD's CEL rules (`x-kubernetes-validations`), evaluated with kube's client-side CEL;
-//! 3. [`semantic_errors`]: what neither can say (contract env vars, path sanity, quantities).
+//! 3. [`semantic_errors`]: what neither can say (contract env vars, path sanity, quantities
+//!    and the API server's pod rules for them, which it only applies when a Job is created).
 //!
 //! The schema is the generated CRD's, never a copy, so the layers cannot drift from the CRD.
+use crate::quantity::{self, Quantity};
 use crate::spec::{ModelRef, RltRun};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use kube::CustomResourceExt;
@@ -92,18 +94,13 @@ pub fn validate_value(value: &Value) -> Result<RltRun, Vec<FieldError>> {
             errors.push(err(field, format!("must be {want}"), "semantic"));
         }
     }
-    match value.pointer("/metadata/name").and_then(Value::as_str) {
-        None => errors.push(err("metadata.name", "is required".into(), "semantic")),
-        Some(name) => {
-            // The length limit is a CEL rule of the CRD (checked below, like the server does).
-            if !dns_label().is_match(name) {
-                errors.push(err(
-                    "metadata.name",
-                    "must be a DNS label starting with a letter (lower case letters, digits, '-'): child object names derive from it".into(),
-                    "semantic",
-                ));
-            }
-        }
+    // The name's length and form are CEL rules of the CRD (checked below, like the server does).
+    if value
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .is_none()
+    {
+        errors.push(err("metadata.name", "is required".into(), "semantic"));
     }
     schema_errors(crd_schema(), value, "", &mut errors);
     if !errors.is_empty() {
@@ -154,6 +151,17 @@ pub fn semantic_errors(run: &RltRun) -> Vec<FieldError> {
     let mut errors = Vec::new();
     let spec = &run.spec;
     for (i, e) in spec.env.iter().enumerate() {
+        // The API server's rule for a container's env names (relaxed since 1.30).
+        if e.name.is_empty()
+            || e.name.contains('=')
+            || !e.name.chars().all(|c| (' '..='~').contains(&c))
+        {
+            errors.push(err(
+                &format!("spec.env[{i}].name"),
+                "must consist of printable ASCII characters other than '='".into(),
+                "semantic",
+            ));
+        }
         if e.name.starts_with("RLT_") {
             errors.push(err(
                 &format!("spec.env[{i}].name"),
@@ -203,17 +211,7 @@ pub fn semantic_errors(run: &RltRun) -> Vec<FieldError> {
         }
     }
     for (field, r) in resources {
-        for (kind, map) in [("requests", &r.requests), ("limits", &r.limits)] {
-            for (name, q) in map.iter().flatten() {
-                if !quantity().is_match(&q.0) {
-                    errors.push(err(
-                        &format!("{field}.{kind}.{name}"),
-                        format!("{:?} is not a Kubernetes quantity (e.g. 500m, 2Gi, 1)", q.0),
-                        "semantic",
-                    ));
-                }
-            }
-        }
+        resource_errors(&field, r, &mut errors);
     }
     if spec.warmup.enabled && spec.warmup.replicas > 1 {
         errors.push(err(
@@ -226,7 +224,7 @@ pub fn semantic_errors(run: &RltRun) -> Vec<FieldError> {
         ));
     }
     if let Some(size) = &spec.workspace.size {
-        if !quantity().is_match(size) {
+        if !quantity::is_quantity(size) {
             errors.push(err(
                 "spec.workspace.size",
                 format!("{size:?} is not a Kubernetes quantity (e.g. 10Gi)"),
@@ -255,19 +253,91 @@ fn path_errors(field: &str, path: &str, errors: &mut Vec<FieldError>) {
     }
 }
 
-fn dns_label() -> &'static Regex {
-    static RE: OnceLock<Regex> = OnceLock::new();
-    RE.get_or_init(|| Regex::new(r"^[a-z]([-a-z0-9]*[a-z0-9])?$").unwrap())
+/// The API server's rules for a container's `resources` (`ValidateResourceRequirements`),
+/// which it applies only when the operator creates a Job; here they make the run InvalidSpec
+/// before anything is created. Fields are named as the API server names them
+/// (`requests[nvidia.com/gpu]`).
+fn resource_errors(field: &str, r: &ResourceRequirements, errors: &mut Vec<FieldError>) {
+    let limits: Vec<(&String, Option<Quantity>)> = r
+        .limits
+        .iter()
+        .flatten()
+        .map(|(name, q)| (name, resource_quantity(field, "limits", name, &q.0, errors)))
+        .collect();
+    for (name, q) in r.requests.iter().flatten() {
+        let request = resource_quantity(field, "requests", name, &q.0, errors);
+        let at = format!("{field}.requests[{name}]");
+        match limits.iter().find(|(n, _)| *n == name) {
+            Some((_, limit)) => {
+                let (Some(request), Some(limit)) = (request, *limit) else {
+                    continue;
+                };
+                let shown = &r.limits.as_ref().expect("a limit was found")[name].0;
+                if request != limit && !quantity::overcommit_allowed(name) {
+                    errors.push(err(
+                        &at,
+                        format!("must be equal to {name} limit of {shown}"),
+                        "semantic",
+                    ));
+                } else if request > limit {
+                    errors.push(err(
+                        &at,
+                        format!("must be less than or equal to {name} limit of {shown}"),
+                        "semantic",
+                    ));
+                }
+            }
+            None if !quantity::overcommit_allowed(name) => errors.push(err(
+                &format!("{field}.limits[{name}]"),
+                "Limit must be set for non overcommitable resources".into(),
+                "semantic",
+            )),
+            None => {}
+        }
+    }
+    if r.claims.as_ref().is_some_and(|c| !c.is_empty()) {
+        errors.push(err(
+            &format!("{field}.claims"),
+            "is not supported: the stage pods declare no resourceClaims for it to name".into(),
+            "semantic",
+        ));
+    }
 }
 
-fn quantity() -> &'static Regex {
-    static RE: OnceLock<Regex> = OnceLock::new();
-    RE.get_or_init(|| {
-        Regex::new(
-            r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]+))?$",
-        )
-        .unwrap()
-    })
+/// One quantity of `requests` or `limits`, checked as the API server checks it.
+fn resource_quantity(
+    field: &str,
+    kind: &str,
+    name: &str,
+    q: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<Quantity> {
+    let at = format!("{field}.{kind}[{name}]");
+    if !name.contains('/') && !quantity::is_standard_container_resource(name) {
+        errors.push(err(
+            &at,
+            "must be a standard resource for containers".into(),
+            "semantic",
+        ));
+    }
+    let Some(value) = Quantity::parse(q) else {
+        errors.push(err(
+            &at,
+            format!("{q:?} is not a Kubernetes quantity (e.g. 500m, 2Gi, 1)"),
+            "semantic",
+        ));
+        return None;
+    };
+    if value.is_negative() {
+        errors.push(err(
+            &at,
+            "must be greater than or equal to 0".into(),
+            "semantic",
+        ));
+    } else if !quantity::is_native(name) && !value.is_integer() {
+        errors.push(err(&at, "must be an integer".into(), "semantic"));
+    }
+    Some(value)
 }
 
 fn err(field: &str, message: String, check: &str) -> FieldError {

@@ -288,3 +288,172 @@ fn yaml_syntax_errors_name_the_line() {
     let errors = parse_yaml("apiVersion: rlt.dev/v1alpha1\nkind: [\n").unwrap_err();
     assert!(errors[0].field.starts_with("line "), "{errors:?}");
 }
+
+/// Resolves a CEL rule's `fieldPath` (`.a.b`, `.a['k']`) from the schema node carrying the
+/// rule, the way the API server's `cel.ValidFieldPath` does: through declared `properties`
+/// (and `additionalProperties` for a map key). `None` when it names nothing declared.
+fn resolve_field_path<'a>(mut node: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut rest = path;
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix('.') {
+            let end = r.find(['.', '[']).unwrap_or(r.len());
+            node = node.get("properties")?.get(&r[..end])?;
+            rest = &r[end..];
+        } else if let Some(r) = rest.strip_prefix("['") {
+            let end = r.find("']")?;
+            node = node.get("additionalProperties")?;
+            rest = &r[end + 2..];
+        } else {
+            return None;
+        }
+    }
+    Some(node)
+}
+
+fn field_paths(schema: &Value, at: &str, out: &mut Vec<(String, String, bool)>) {
+    let Value::Object(map) = schema else { return };
+    for rule in map
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(fp) = rule.get("fieldPath").and_then(Value::as_str) {
+            out.push((
+                at.to_string(),
+                fp.to_string(),
+                resolve_field_path(schema, fp).is_some(),
+            ));
+        }
+    }
+    for (k, v) in map
+        .get("properties")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        field_paths(v, &format!("{at}.{k}"), out);
+    }
+    if let Some(items) = map.get("items") {
+        field_paths(items, &format!("{at}[*]"), out);
+    }
+    if let Some(v) = map.get("additionalProperties").filter(|v| v.is_object()) {
+        field_paths(v, &format!("{at}[*]"), out);
+    }
+}
+
+#[test]
+fn every_rule_field_path_resolves_to_a_declared_property() {
+    let mut paths = Vec::new();
+    field_paths(crd_schema(), "", &mut paths);
+    assert!(paths.len() >= 4, "{paths:?}");
+    let broken: Vec<_> = paths.iter().filter(|(_, _, ok)| !ok).collect();
+    assert!(
+        broken.is_empty(),
+        "the API server refuses a CRD whose fieldPath names no declared property \
+         (\"fieldPath must be a valid path\"): {broken:?}"
+    );
+}
+
+#[test]
+fn the_root_declares_only_what_the_api_server_allows() {
+    // At the root, `metadata` may only restrict `name` and `generateName` (anything else:
+    // "must not specify anything other than name and generateName").
+    let metadata = &crd_schema()["properties"]["metadata"];
+    let keys: BTreeSet<&str> = metadata
+        .as_object()
+        .expect("metadata is declared")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, BTreeSet::from(["type", "properties"]));
+    assert_eq!(metadata["type"], "object");
+    let props: BTreeSet<&str> = metadata["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(props, BTreeSet::from(["name", "generateName"]));
+    for k in ["kind", "apiVersion"] {
+        assert_eq!(crd_schema()["properties"][k]["type"], "string");
+    }
+}
+
+/// Every integer's largest value for its Rust type, from the schema's `format`.
+fn type_max(format: Option<&str>) -> Option<f64> {
+    match format {
+        Some("int32") => Some(i32::MAX as f64),
+        Some("uint32") => Some(u32::MAX as f64),
+        // u64 fields: bounded within JSON's exact integers (2^53).
+        Some("uint64") => Some(9007199254740991.0),
+        // Any integer the API server stores is an int64: nothing to bound.
+        Some("int64") => None,
+        other => panic!("integer format {other:?}: say what bounds it"),
+    }
+}
+
+fn integers(schema: &Value, at: &str, out: &mut Vec<(String, Value)>) {
+    let Value::Object(map) = schema else { return };
+    if map.get("type").and_then(Value::as_str) == Some("integer") {
+        out.push((at.to_string(), schema.clone()));
+    }
+    for (k, v) in map
+        .get("properties")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        integers(v, &format!("{at}.{k}"), out);
+    }
+    if let Some(items) = map.get("items") {
+        integers(items, &format!("{at}[0]"), out);
+    }
+    if let Some(v) = map.get("additionalProperties").filter(|v| v.is_object()) {
+        integers(v, &format!("{at}[*]"), out);
+    }
+}
+
+#[test]
+fn every_integer_is_bounded_to_fit_its_type() {
+    // A value the Rust type cannot hold would be stored, then break every typed read (the
+    // operator's LIST of all runs), not just this run.
+    let mut all = Vec::new();
+    integers(crd_schema(), "", &mut all);
+    assert!(all.len() >= 40, "found only {} integers", all.len());
+    let mut unbounded = Vec::new();
+    for (path, schema) in all {
+        let format = schema.get("format").and_then(Value::as_str);
+        let Some(max) = type_max(format) else {
+            continue;
+        };
+        let fits_above = schema["maximum"].as_f64().is_some_and(|m| m <= max);
+        let fits_below = !format.unwrap_or_default().starts_with('u')
+            || schema["minimum"].as_f64().is_some_and(|m| m >= 0.0);
+        if !(fits_above && fits_below) {
+            unbounded.push(format!("{path} ({format:?}): {schema}"));
+        }
+    }
+    assert!(
+        unbounded.is_empty(),
+        "integers without bounds that fit their type:\n{}",
+        unbounded.join("\n")
+    );
+}
+
+#[test]
+fn run_names_child_names_cannot_carry_are_refused_by_the_crd_itself() {
+    // The API server only asks for a DNS subdomain; the CRD's own rules must refuse the rest,
+    // or the run is accepted and its children are refused later.
+    for name in ["7b-run", "my.run", "a-run-name-longer-than-24", "run-"] {
+        let mut run = good_value();
+        set_path(&mut run, "metadata.name", json!(name));
+        let errors = validate_value(&run).expect_err(name);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field == "metadata.name" && e.check.starts_with("cel: ")),
+            "{name}: {errors:?}"
+        );
+    }
+}

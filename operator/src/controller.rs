@@ -1,16 +1,30 @@
 //! The thin I/O layer around [`crate::reconcile`]: read the run's children, ask the pure
-//! reconciler what to do, then do exactly that (server-side apply with field manager
-//! `rlt-operator`, background deletes, one status apply, Events). A plan with nothing to
-//! change makes no write at all.
+//! reconciler what to do, then do exactly that. A plan with nothing to change makes no write
+//! at all. The order of the writes:
+//!
+//! 1. the status, as a server-side apply conditional on the run's resourceVersion: the
+//!    decision (a retry, its failure count, a new attempt) is recorded before any child is
+//!    touched, and a reconcile from a stale cache gets a 409 and starts over instead of acting;
+//! 2. the children: server-side apply with field manager `rlt-operator` (forced only for
+//!    children the run is observed to own; a child not observed is first read by name, and a
+//!    same-named object the run does not own is reported as a conflict, never adopted), then
+//!    background deletes. A 4xx is not retried in a loop: it lands in the `Degraded`
+//!    condition and a Warning Event (a second status write); 5xx and network errors are
+//!    retried with backoff;
+//! 3. the Events, each with a per-transition `action` and a note within the API's limit.
+use crate::activity::{self, Activity};
 use crate::children::{Child, Kind, LABEL_RUN};
 use crate::figures::Figures;
+use crate::http::Health;
 use crate::metrics::Metrics;
-use crate::observe::{self, Observed};
-use crate::reconcile::{self, EventType, Plan};
+use crate::observe::{self, JobState, Observed};
+use crate::reconcile::{self, EventType, Plan, Rejection, CHILD_CONFLICT, CHILD_REJECTED};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Event as CoreEvent, PersistentVolumeClaim, Pod, Service,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -18,10 +32,12 @@ use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporte
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{predicates, watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
+use rlt_api::status::RltRunStatus;
 use rlt_api::RltRun;
 use serde::de::DeserializeOwned;
+use std::collections::HashMap;
 use std::fmt::Debug;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -36,6 +52,7 @@ pub enum Error {
 impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
             Error::Kube(kube::Error::Api(_)) => "api",
             Error::Kube(_) => "client",
         }
@@ -53,6 +70,15 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// Safety net re-reconcile when nothing happens.
     pub resync: Duration,
+    /// When a child write was refused (4xx): try again this much later (RBAC fixed, quota
+    /// raised, conflicting object removed), not in a tight loop.
+    pub rejected_retry: Duration,
+    /// While a stage Job has no pods: look again this often (its `FailedCreate` Events).
+    pub podless_recheck: Duration,
+    /// Failed reconciles (5xx, network, stale cache) are retried after this, doubling up to
+    /// `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
 }
 
 impl Default for Settings {
@@ -62,6 +88,10 @@ impl Default for Settings {
             debounce: Duration::from_secs(1),
             poll_interval: Duration::from_secs(15),
             resync: Duration::from_secs(300),
+            rejected_retry: Duration::from_secs(60),
+            podless_recheck: Duration::from_secs(15),
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
         }
     }
 }
@@ -73,6 +103,8 @@ pub struct Context {
     pub metrics: Metrics,
     pub figures: Figures,
     pub settings: Settings,
+    /// Consecutive failed reconciles per run, for the backoff.
+    failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
@@ -93,7 +125,16 @@ impl Context {
             metrics,
             figures,
             settings,
+            failures: Mutex::default(),
         }
+    }
+
+    /// The delay before retrying a run whose reconcile failed `n` times in a row.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let s = &self.settings;
+        s.min_backoff
+            .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+            .min(s.max_backoff)
     }
 }
 
@@ -115,8 +156,18 @@ fn owned(run: &RltRun, meta: &ObjectMeta) -> bool {
         .any(|o| Some(&o.uid) == run.metadata.uid.as_ref())
 }
 
-/// Reads everything the reconciler looks at.
-pub async fn observe(client: &Client, run: &RltRun) -> Result<Observed, kube::Error> {
+/// What one reconcile reads.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub observed: Observed,
+    pub activity: Activity,
+    /// A stage Job is running without pods: look again soon.
+    pub podless: bool,
+}
+
+/// Reads everything the reconciler looks at: the children by label, and the `FailedCreate`
+/// Events of Jobs that have had no pods for a while.
+pub async fn observe(client: &Client, run: &RltRun) -> Result<Snapshot, kube::Error> {
     let ns = run.namespace().unwrap_or_default();
     let sel = format!("{LABEL_RUN}={}", run.name_any());
     let (cms, pvcs, jobs, sets, svcs, pods) = futures::try_join!(
@@ -160,7 +211,36 @@ pub async fn observe(client: &Client, run: &RltRun) -> Result<Observed, kube::Er
     }
     obs.jobs = jobs.iter().map(observe::job).collect();
     obs.pods = pods.iter().map(observe::pod).collect();
-    Ok(obs)
+
+    let mut activity = Activity::from_pods(&pods);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let running = |j: &&Job| observe::job(j).state == JobState::Running;
+    // A Job with no pods at all right after creation is normal; one that stays so is stuck.
+    let podless = jobs
+        .iter()
+        .filter(running)
+        .any(|j| activity::is_podless(j, &pods, now, Duration::ZERO));
+    let events = Api::<CoreEvent>::namespaced(client.clone(), &ns);
+    for job in jobs
+        .iter()
+        .filter(running)
+        .filter(|j| activity::is_podless(j, &pods, now, activity::PODLESS_GRACE))
+    {
+        let Some(selector) = activity::failed_create_selector(job) else {
+            continue;
+        };
+        let found = events
+            .list(&ListParams::default().fields(&selector))
+            .await?;
+        if let Some(message) = activity::latest_failed_create(&found.items) {
+            activity.failed_create.push((job.name_any(), message));
+        }
+    }
+    Ok(Snapshot {
+        observed: obs,
+        activity,
+        podless,
+    })
 }
 
 fn now() -> Time {
@@ -175,141 +255,82 @@ pub async fn reconcile(run: Arc<RltRun>, ctx: Arc<Context>) -> Result<Action, Er
     ctx.metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
-    if let Err(e) = &result {
-        ctx.metrics
+    match &result {
+        Err(e) => ctx
+            .metrics
             .errors
             .with_label_values(&[e.metric_label()])
-            .inc();
+            .inc(),
+        Ok(_) => {
+            ctx.failures
+                .lock()
+                .unwrap()
+                .remove(&reconcile::run_key(&run));
+        }
     }
     result
 }
 
 async fn reconcile_inner(run: &RltRun, ctx: &Context) -> Result<Action, Error> {
-    let mut obs = observe(&ctx.client, run).await?;
+    let mut snap = observe(&ctx.client, run).await?;
     let time = now();
-    let mut plan = reconcile::reconcile(run, &obs, &time);
+    let mut plan = reconcile::reconcile_with(run, &snap.observed, &snap.activity, &time);
     if plan.poll_figures {
         // The figures only refine the status; a parameter server that is not up yet is normal.
-        obs.figures = ctx
-            .figures
-            .read(&run.name_any(), &run.namespace().unwrap_or_default())
-            .await;
-        if obs.figures.is_some() {
-            plan = reconcile::reconcile(run, &obs, &time);
+        snap.observed.figures = ctx.figures.read_observed(run, &snap.observed).await;
+        if snap.observed.figures.is_some() {
+            plan = reconcile::reconcile_with(run, &snap.observed, &snap.activity, &time);
         }
     }
-    execute(run, &plan, ctx).await?;
-    Ok(if plan.poll_figures {
-        Action::requeue(ctx.settings.poll_interval)
+    let rejected = execute(run, &snap.observed, &plan, ctx).await?;
+    let s = &ctx.settings;
+    let mut after = if plan.poll_figures {
+        s.poll_interval
     } else {
-        Action::requeue(ctx.settings.resync)
-    })
+        s.resync
+    };
+    if rejected {
+        after = after.min(s.rejected_retry);
+    }
+    if snap.podless {
+        after = after.min(s.podless_recheck);
+    }
+    Ok(Action::requeue(after))
 }
 
-/// Carries out a plan. Order: children first, then status, then Events, so a status never
-/// claims a child that failed to be written.
-pub async fn execute(run: &RltRun, plan: &Plan, ctx: &Context) -> Result<(), Error> {
-    let ns = run.namespace().unwrap_or_default();
-    let client = &ctx.client;
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    for child in &plan.apply {
-        let name = child.name().to_string();
-        match child {
-            Child::ConfigMap(o) => {
-                apply(
-                    Api::<ConfigMap>::namespaced(client.clone(), &ns),
-                    &name,
-                    o,
-                    &pp,
-                )
-                .await?
-            }
-            Child::Pvc(o) => {
-                apply(
-                    Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns),
-                    &name,
-                    o,
-                    &pp,
-                )
-                .await?
-            }
-            Child::Job(o) => {
-                apply(Api::<Job>::namespaced(client.clone(), &ns), &name, o, &pp).await?
-            }
-            Child::StatefulSet(o) => {
-                apply(
-                    Api::<StatefulSet>::namespaced(client.clone(), &ns),
-                    &name,
-                    o,
-                    &pp,
-                )
-                .await?
-            }
-            Child::Service(o) => {
-                apply(
-                    Api::<Service>::namespaced(client.clone(), &ns),
-                    &name,
-                    o,
-                    &pp,
-                )
-                .await?
-            }
-        }
-        info!(run = %reconcile::run_key(run), kind = ?child.kind(), %name, "applied");
-    }
-    for (kind, name) in &plan.delete {
-        let dp = DeleteParams::background();
-        let res = match kind {
-            Kind::ConfigMap => Api::<ConfigMap>::namespaced(client.clone(), &ns)
-                .delete(name, &dp)
-                .await
-                .map(|_| ()),
-            Kind::PersistentVolumeClaim => {
-                Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
-                    .delete(name, &dp)
-                    .await
-                    .map(|_| ())
-            }
-            Kind::Job => Api::<Job>::namespaced(client.clone(), &ns)
-                .delete(name, &dp)
-                .await
-                .map(|_| ()),
-            Kind::StatefulSet => Api::<StatefulSet>::namespaced(client.clone(), &ns)
-                .delete(name, &dp)
-                .await
-                .map(|_| ()),
-            Kind::Service => Api::<Service>::namespaced(client.clone(), &ns)
-                .delete(name, &dp)
-                .await
-                .map(|_| ()),
-        };
-        match res {
-            Ok(()) => info!(run = %reconcile::run_key(run), ?kind, %name, "deleted"),
-            // Already gone: the goal is reached.
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+/// Carries out a plan (see the module docs for the order). Returns whether a child write
+/// was refused.
+pub async fn execute(
+    run: &RltRun,
+    obs: &Observed,
+    plan: &Plan,
+    ctx: &Context,
+) -> Result<bool, Error> {
+    let mut resource_version = run.metadata.resource_version.clone();
     if let Some(status) = &plan.status {
-        let api = Api::<RltRun>::namespaced(client.clone(), &ns);
-        let body = serde_json::json!({
-            "apiVersion": RltRun::api_version(&()),
-            "kind": RltRun::kind(&()),
-            "status": status,
-        });
-        api.patch_status(&run.name_any(), &pp, &Patch::Apply(&body))
-            .await?;
+        resource_version = write_status(run, status, resource_version, ctx).await?;
+    }
+    let rejections = write_children(run, obs, plan, ctx).await?;
+    let status = plan
+        .status
+        .clone()
+        .or_else(|| run.status.clone())
+        .unwrap_or_default();
+    let (recorded, rejection_events) =
+        reconcile::record_child_writes(run, &status, &rejections, &now());
+    if let Some(status) = &recorded {
+        write_status(run, status, resource_version, ctx).await?;
     }
     let reference = run.object_ref(&());
-    for ev in &plan.events {
+    for ev in plan.events.iter().chain(&rejection_events) {
         let event = Event {
             type_: match ev.type_ {
                 EventType::Normal => KubeEventType::Normal,
                 EventType::Warning => KubeEventType::Warning,
             },
             reason: ev.reason.clone(),
-            note: Some(ev.note.clone()),
-            action: "Reconcile".into(),
+            note: Some(reconcile::truncate(&ev.note, reconcile::NOTE_MAX)),
+            action: ev.action.clone(),
             secondary: None,
         };
         // An Event that cannot be published must not fail the reconcile (the status has it).
@@ -317,26 +338,255 @@ pub async fn execute(run: &RltRun, plan: &Plan, ctx: &Context) -> Result<(), Err
             warn!(run = %reconcile::run_key(run), error = %e, "publishing event");
         }
     }
-    Ok(())
+    Ok(!rejections.is_empty())
 }
 
-async fn apply<K>(api: Api<K>, name: &str, obj: &K, pp: &PatchParams) -> Result<(), kube::Error>
+/// Server-side applies the status, conditional on `resource_version` (a stale cache gets a
+/// 409); returns the new resourceVersion.
+async fn write_status(
+    run: &RltRun,
+    status: &RltRunStatus,
+    resource_version: Option<String>,
+    ctx: &Context,
+) -> Result<Option<String>, Error> {
+    let api = Api::<RltRun>::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    let mut metadata = serde_json::json!({ "name": run.name_any() });
+    if let Some(rv) = &resource_version {
+        metadata["resourceVersion"] = rv.clone().into();
+    }
+    let body = serde_json::json!({
+        "apiVersion": RltRun::api_version(&()),
+        "kind": RltRun::kind(&()),
+        "metadata": metadata,
+        "status": status,
+    });
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let written = api
+        .patch_status(&run.name_any(), &pp, &Patch::Apply(&body))
+        .await?;
+    Ok(written.metadata.resource_version.or(resource_version))
+}
+
+/// Applies, then deletes, the plan's children; a refused write (4xx) is returned, not raised.
+/// After a refused apply the remaining applies are skipped (they depend on the earlier ones:
+/// a Job on its ConfigMap).
+async fn write_children(
+    run: &RltRun,
+    obs: &Observed,
+    plan: &Plan,
+    ctx: &Context,
+) -> Result<Vec<Rejection>, Error> {
+    let ns = run.namespace().unwrap_or_default();
+    let client = &ctx.client;
+    let mut rejections = Vec::new();
+    for child in &plan.apply {
+        let observed = obs.child(child.kind(), child.name()).is_some();
+        let res = match child {
+            Child::ConfigMap(o) => {
+                apply(
+                    Api::namespaced(client.clone(), &ns),
+                    run,
+                    child.kind(),
+                    o,
+                    observed,
+                )
+                .await
+            }
+            Child::Pvc(o) => {
+                apply(
+                    Api::namespaced(client.clone(), &ns),
+                    run,
+                    child.kind(),
+                    o,
+                    observed,
+                )
+                .await
+            }
+            Child::Job(o) => {
+                apply(
+                    Api::namespaced(client.clone(), &ns),
+                    run,
+                    child.kind(),
+                    o,
+                    observed,
+                )
+                .await
+            }
+            Child::StatefulSet(o) => {
+                apply(
+                    Api::namespaced(client.clone(), &ns),
+                    run,
+                    child.kind(),
+                    o,
+                    observed,
+                )
+                .await
+            }
+            Child::Service(o) => {
+                apply(
+                    Api::namespaced(client.clone(), &ns),
+                    run,
+                    child.kind(),
+                    o,
+                    observed,
+                )
+                .await
+            }
+        };
+        let rejection = res.or_else(|e| refused(child.kind(), child.name(), &ns, e))?;
+        let name = child.name();
+        match rejection {
+            Some(r) => {
+                warn!(run = %reconcile::run_key(run), kind = ?child.kind(), %name, reason = r.reason, message = %r.message, "child write refused");
+                rejections.push(r);
+                break;
+            }
+            None => info!(run = %reconcile::run_key(run), kind = ?child.kind(), %name, "applied"),
+        }
+    }
+    for (kind, name) in &plan.delete {
+        let dp = DeleteParams::background();
+        let c = client.clone();
+        let res = match kind {
+            Kind::ConfigMap => delete::<ConfigMap>(c, &ns, name, &dp).await,
+            Kind::PersistentVolumeClaim => delete::<PersistentVolumeClaim>(c, &ns, name, &dp).await,
+            Kind::Job => delete::<Job>(c, &ns, name, &dp).await,
+            Kind::StatefulSet => delete::<StatefulSet>(c, &ns, name, &dp).await,
+            Kind::Service => delete::<Service>(c, &ns, name, &dp).await,
+        };
+        match res {
+            Ok(()) => info!(run = %reconcile::run_key(run), ?kind, %name, "deleted"),
+            // Already gone: the goal is reached.
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                if let Some(r) = refused(*kind, name, &ns, e)? {
+                    warn!(run = %reconcile::run_key(run), ?kind, %name, message = %r.message, "child delete refused");
+                    rejections.push(r);
+                }
+            }
+        }
+    }
+    Ok(rejections)
+}
+
+async fn delete<K>(
+    client: Client,
+    ns: &str,
+    name: &str,
+    dp: &DeleteParams,
+) -> Result<(), kube::Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    Api::<K>::namespaced(client, ns)
+        .delete(name, dp)
+        .await
+        .map(|_| ())
+}
+
+/// A 4xx other than 408/429 is the API server's final word on this request: retrying the
+/// same write cannot help.
+fn is_final(code: u16) -> bool {
+    (400..500).contains(&code) && code != 408 && code != 429
+}
+
+/// Turns a refused write into a [`Rejection`]; anything else stays an error (retried).
+fn refused(kind: Kind, name: &str, ns: &str, e: kube::Error) -> Result<Option<Rejection>, Error> {
+    match e {
+        kube::Error::Api(s) if is_final(s.code) => Ok(Some(Rejection {
+            kind,
+            name: name.into(),
+            reason: if s.code == 409 {
+                CHILD_CONFLICT
+            } else {
+                CHILD_REJECTED
+            },
+            message: format!(
+                "{kind:?} {ns}/{name} was refused: {} {}: {}",
+                s.code, s.reason, s.message
+            ),
+        })),
+        e => Err(e.into()),
+    }
+}
+
+/// Server-side applies a child. One the run is observed to own is applied with `force` (the
+/// operator's desired state wins over manual edits). One not observed is read by name first:
+/// a same-named object the run does not own is a conflict, never adopted; when it is absent,
+/// the apply (which creates it) is not forced, so an object created meanwhile by someone else
+/// conflicts (409) rather than being taken over.
+async fn apply<K>(
+    api: Api<K>,
+    run: &RltRun,
+    kind: Kind,
+    obj: &K,
+    observed: bool,
+) -> Result<Option<Rejection>, kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + serde::Serialize + Debug,
 {
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let mut pp = PatchParams::apply(FIELD_MANAGER);
+    if observed {
+        pp = pp.force();
+    } else if let Some(existing) = api.get_opt(&name).await? {
+        if !owned(run, existing.meta()) {
+            return Ok(Some(not_owned(run, kind, &name, existing.meta())));
+        }
+        // Ours, only not listed (its labels were edited): take it back.
+        pp = pp.force();
+    }
     // SSA needs apiVersion/kind in the body; k8s-openapi types serialize them.
-    api.patch(name, pp, &Patch::Apply(obj)).await.map(|_| ())
+    api.patch(&name, &pp, &Patch::Apply(obj)).await?;
+    Ok(None)
 }
 
-fn error_policy(run: Arc<RltRun>, error: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(run = %reconcile::run_key(&run), %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(10))
+fn not_owned(run: &RltRun, kind: Kind, name: &str, meta: &ObjectMeta) -> Rejection {
+    let owners: Vec<String> = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .map(|o| format!("{}/{}", o.kind, o.name))
+        .collect();
+    let by = if owners.is_empty() {
+        "no owner".to_string()
+    } else {
+        format!("owned by {}", owners.join(", "))
+    };
+    Rejection {
+        kind,
+        name: name.into(),
+        reason: CHILD_CONFLICT,
+        message: format!(
+            "{kind:?} {}/{name} already exists and is not owned by this RltRun ({by}): \
+             rename or delete it; the operator never adopts it",
+            run.namespace().unwrap_or_default()
+        ),
+    }
+}
+
+/// Failed reconciles (5xx, network, a stale cache's 409 on the status) are retried with
+/// exponential backoff per run.
+fn error_policy(run: Arc<RltRun>, error: &Error, ctx: Arc<Context>) -> Action {
+    let n = {
+        let mut failures = ctx.failures.lock().unwrap();
+        let n = failures.entry(reconcile::run_key(&run)).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let after = ctx.backoff(n);
+    warn!(run = %reconcile::run_key(&run), %error, failures = n, retry_s = after.as_secs_f64(), "reconcile failed; retrying");
+    Action::requeue(after)
 }
 
 /// Runs the controller until shutdown. The main watch is filtered by generation (our own
 /// status writes do not trigger reconciles); children are watched by label; pods (their
-/// failures) map to their run through the `rlt.dev/run` label.
-pub async fn run(ctx: Arc<Context>) {
+/// failures) map to their run through the `rlt.dev/run` label. The RltRun watch's progress
+/// and the cache's first sync feed the health probes.
+pub async fn run(ctx: Arc<Context>, health: Health) {
     let client = ctx.client.clone();
     let ns = ctx.settings.namespace.clone();
     fn api<K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>>(
@@ -352,8 +602,22 @@ pub async fn run(ctx: Arc<Context>) {
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=rlt-operator");
     let (reader, writer) = reflector::store();
     ctx.metrics.set_store(reader.clone());
+    health.controller_started(Instant::now());
+    let progress = health.clone();
     let main = watcher(runs, watcher::Config::default())
         .default_backoff()
+        .map(move |event| {
+            match &event {
+                // The first full list is in the cache once the reflector applies InitDone.
+                Ok(watcher::Event::InitDone) => {
+                    progress.watch_ok();
+                    progress.synced();
+                }
+                Ok(_) => progress.watch_ok(),
+                Err(_) => progress.watch_error(Instant::now()),
+            }
+            event
+        })
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
@@ -377,4 +641,19 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_final_4xx_are_not_retried() {
+        for code in [400, 403, 404, 409, 410, 422] {
+            assert!(is_final(code), "{code}");
+        }
+        for code in [408, 429, 500, 503, 504] {
+            assert!(!is_final(code), "{code}");
+        }
+    }
 }

@@ -4,10 +4,12 @@
 //!   and delete, new status, events); no I/O, unit-tested per phase transition;
 //! - [`children`]: the child objects of a run (ConfigMap, PVC, Jobs, StatefulSet, Service),
 //!   built from the spec and the stage contract; [`observe`]: what the reconciler reads back;
+//!   [`activity`]: which Job pods are alive, bad-configuration exits, `FailedCreate` Events;
 //! - [`controller`]: the thin layer doing the API calls (server-side apply) around it;
 //! - [`leader`], [`metrics`], [`http`], [`figures`]: leader election, Prometheus metrics,
 //!   the health/metrics endpoint, RL training figures;
 //! - [`crdgen`]: the generated CRD files.
+pub mod activity;
 pub mod children;
 pub mod controller;
 pub mod crdgen;

@@ -3,11 +3,10 @@
 use clap::{Parser, ValueEnum};
 use rlt_operator::controller::{self, Context, Settings};
 use rlt_operator::figures::Figures;
-use rlt_operator::http::{self, Health};
+use rlt_operator::http::{self, Health, Role};
 use rlt_operator::leader::{self, LeaseSettings};
 use rlt_operator::metrics::Metrics;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +31,8 @@ struct Args {
     /// Log format.
     #[arg(long, env = "RLT_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
-    /// Elect a leader through a Lease (needed when running more than one replica).
+    /// Elect a leader through a Lease: needed whenever two operator pods may run at once
+    /// (replicas > 1, and the old and new pod of a rolling update); the chart always sets it.
     #[arg(long, env = "RLT_LEADER_ELECT", default_value_t = false)]
     leader_elect: bool,
     /// Name of the leader-election Lease.
@@ -84,23 +84,24 @@ async fn main() -> anyhow::Result<()> {
                 .map(|h| h.trim().to_string())
         })
         .unwrap_or_else(|| format!("rlt-operator-{}", std::process::id()));
-    health.ready.store(true, Ordering::Relaxed);
-
-    let lost = if args.leader_elect {
-        let settings = LeaseSettings {
-            name: args.lease_name.clone(),
-            namespace: args
-                .lease_namespace
+    let lease = args.leader_elect.then(|| {
+        LeaseSettings::new(
+            args.lease_name.clone(),
+            args.lease_namespace
                 .clone()
                 .unwrap_or_else(|| "default".into()),
-            identity: identity.clone(),
-            duration: Duration::from_secs(15),
-            retry: Duration::from_secs(4),
-        };
-        Some(leader::lead(client.clone(), settings).await)
-    } else {
-        None
+            identity.clone(),
+        )
+    });
+    let lost = match &lease {
+        Some(settings) => {
+            health.set_role(Role::Standby);
+            let lost = leader::lead(client.clone(), settings.clone()).await;
+            Some(lost)
+        }
+        None => None,
     };
+    health.set_role(Role::Active);
 
     let settings = Settings {
         namespace: args.namespace.clone(),
@@ -112,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(3),
     };
     let ctx = Arc::new(Context::new(
-        client,
+        client.clone(),
         metrics,
         figures,
         settings,
@@ -120,12 +121,19 @@ async fn main() -> anyhow::Result<()> {
     ));
     tracing::info!(namespace = ?args.namespace, "starting controller");
     tokio::select! {
-        _ = controller::run(ctx) => {}
+        _ = controller::run(ctx, health) => {}
+        // Not renewed within the deadline: stop reconciling at once (a standby may take over).
         _ = async { match lost { Some(l) => l.await, None => std::future::pending().await } } => {
             anyhow::bail!("leadership lost");
         }
         res = server => {
             anyhow::bail!("metrics server stopped: {res:?}");
+        }
+    }
+    // Shut down cleanly (SIGTERM): hand the Lease over now rather than after it expires.
+    if let Some(settings) = &lease {
+        if let Err(e) = leader::release(client, settings).await {
+            tracing::warn!(error = %e, "releasing the lease");
         }
     }
     Ok(())

@@ -57,6 +57,11 @@ pub struct ObservedPod {
     pub attempt: Option<u32>,
     pub student: Option<String>,
     pub problem: Option<Problem>,
+    /// `status.podIP`, once the pod has one (parameter server 0's is where the training
+    /// figures are read).
+    pub ip: Option<String>,
+    /// Being deleted (terminating).
+    pub deleting: bool,
 }
 
 impl Observed {
@@ -125,6 +130,12 @@ pub fn pod(pod: &Pod) -> ObservedPod {
         attempt: label(LABEL_ATTEMPT).and_then(|a| a.parse().ok()),
         student: label(LABEL_STUDENT),
         problem: pod_problem(&name, pod),
+        ip: pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .filter(|ip| !ip.is_empty()),
+        deleting: pod.metadata.deletion_timestamp.is_some(),
         name,
     }
 }
@@ -262,12 +273,20 @@ mod tests {
                 (reason, message)
             );
             assert_eq!((p.stage, p.attempt), (Some(Stage::Rl), Some(2)));
+            assert_eq!((p.ip.as_deref(), p.deleting), (None, false));
         }
         let healthy = pod(&pod_from(
             json!({"containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": true,
             "restartCount": 0, "state": {"running": {}}}]}),
         ));
         assert_eq!(healthy.problem, None);
+    }
+
+    #[test]
+    fn reads_the_pod_ip() {
+        let p = pod(&pod_from(json!({"podIP": "10.1.2.3"})));
+        assert_eq!(p.ip.as_deref(), Some("10.1.2.3"));
+        assert_eq!(pod(&pod_from(json!({"podIP": ""}))).ip, None);
     }
 
     #[test]

@@ -8,10 +8,18 @@
 //! - the current stage is the first whose `<Stage>Complete` condition is not True (a
 //!   disabled stage is completed with reason `Skipped`);
 //! - its workload is applied for the stage's current attempt; a failed workload is a failed
-//!   attempt: retried as attempt+1 up to `failurePolicy.retries`, then the run is `Failed`;
+//!   attempt: retried as attempt+1 up to `failurePolicy.retries`, then the run is `Failed`
+//!   (at once when the trainer exited with its bad-configuration code). The retry is recorded
+//!   in the status first (the controller writes status before children); the failed Job is
+//!   kept for its logs (owner references delete it with the run), and the next attempt's
+//!   workload starts only once the previous attempt's pods are gone;
 //! - `suspend` deletes the current workload; resuming starts it again as attempt+1 (the
 //!   trainer resumes from the last checkpoint at or below its attempt);
 //! - `Succeeded` / `Failed` are sticky: a finished run never recreates children.
+//!
+//! Every Event carries an `action` naming its transition (stage and attempt, target phase):
+//! Event series are keyed on (reason, action), so two failures with one reason stay two Events.
+use crate::activity::Activity;
 use crate::children::{self, names, Child, Ctx, Kind, Stage};
 use crate::observe::{JobState, Observed};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -35,8 +43,23 @@ pub enum EventType {
 pub struct Event {
     pub type_: EventType,
     pub reason: String,
+    /// The transition (e.g. `WarmUpAttempt1`, `ToRL`): with `reason`, the Event series key.
+    pub action: String,
+    /// At most [`NOTE_MAX`] bytes.
     pub note: String,
 }
+
+/// The API server rejects Event notes longer than this (bytes).
+pub const NOTE_MAX: usize = 1024;
+/// ... and actions and reasons longer than this.
+pub const ACTION_MAX: usize = 128;
+
+/// Condition type for child writes the API server refused (or a same-named object the run
+/// does not own). TODO: move to `rlt_api::status::condition` beside the others.
+pub const DEGRADED: &str = "Degraded";
+/// `Degraded` reasons.
+pub const CHILD_REJECTED: &str = "ChildRejected";
+pub const CHILD_CONFLICT: &str = "ChildConflict";
 
 /// What the controller must do. Empty when nothing changed.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -151,6 +174,15 @@ fn stage_status(status: &RltRunStatus, stage: Stage) -> Option<&StageStatus> {
     }
 }
 
+fn current_attempt(stages: &StagesStatus, stage: Stage) -> u32 {
+    let slot = match stage {
+        Stage::Warmup => &stages.warmup,
+        Stage::Rl => &stages.rl,
+        Stage::Distillation => &stages.distillation,
+    };
+    slot.as_ref().map_or(0, |st| st.attempt)
+}
+
 fn stage_status_mut(stages: &mut StagesStatus, stage: Stage) -> &mut StageStatus {
     let slot = match stage {
         Stage::Warmup => &mut stages.warmup,
@@ -171,17 +203,32 @@ fn artifact(run: &str, stage: Stage) -> String {
     path.display().to_string()
 }
 
-/// Keeps condition messages readable in `kubectl describe` and under the API's 32 KiB limit.
-fn clip(message: String) -> String {
-    const MAX: usize = 1024;
-    if message.len() <= MAX {
-        return message;
+/// Cuts `s` to at most `max` bytes on a char boundary, ending in an ellipsis when cut.
+pub fn truncate(s: &str, max: usize) -> String {
+    const ELLIPSIS: &str = "\u{2026}";
+    if s.len() <= max {
+        return s.to_string();
     }
-    let mut end = MAX;
-    while !message.is_char_boundary(end) {
+    let mut end = max.saturating_sub(ELLIPSIS.len());
+    while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}...", &message[..end])
+    format!("{}{ELLIPSIS}", &s[..end])
+}
+
+/// Keeps condition messages readable in `kubectl describe` and fit for an Event note.
+fn clip(message: String) -> String {
+    truncate(&message, NOTE_MAX)
+}
+
+/// The action of a stage transition: `<Phase>Attempt<n>`.
+fn stage_action(stage: Stage, attempt: u32) -> String {
+    format!("{}Attempt{attempt}", stage.phase().as_str())
+}
+
+/// The attempt a stage Job belongs to (its name ends in `-<attempt>`).
+fn job_attempt(name: &str) -> Option<u32> {
+    name.rsplit('-').next()?.parse().ok()
 }
 
 struct Planner<'a> {
@@ -192,11 +239,12 @@ struct Planner<'a> {
 }
 
 impl Planner<'_> {
-    fn event(&mut self, type_: EventType, reason: &str, note: String) {
+    fn event(&mut self, type_: EventType, reason: &str, action: &str, note: String) {
         self.plan.events.push(Event {
             type_,
-            reason: reason.into(),
-            note,
+            reason: truncate(reason, ACTION_MAX),
+            action: truncate(action, ACTION_MAX),
+            note: truncate(&note, NOTE_MAX),
         });
     }
 
@@ -229,10 +277,17 @@ impl Planner<'_> {
         }
     }
 
+    /// Deletes every parameter-server set and their Service (RL is over or never ran).
     fn delete_param_servers(&mut self) {
-        let name = names::param_servers(&self.ctx.name);
-        self.delete(Kind::StatefulSet, &name);
-        self.delete(Kind::Service, &name);
+        self.delete_param_server_sets(None);
+        self.delete(Kind::Service, &names::param_servers(&self.ctx.name));
+    }
+
+    /// Deletes the parameter-server sets of attempts other than `keep`.
+    fn delete_param_server_sets(&mut self, keep: Option<u32>) {
+        for name in children::stale_param_server_sets(&self.ctx.name, self.obs, keep) {
+            self.delete(Kind::StatefulSet, &name);
+        }
     }
 
     /// Deletes the stage's Jobs: all of them, or only those still running.
@@ -251,19 +306,21 @@ impl Planner<'_> {
         }
     }
 
-    /// Deletes the stage's Jobs of attempts other than `attempt` (failed or superseded).
-    fn delete_stale_jobs(&mut self, stage: Stage, keep: &[String]) {
+    /// Stops the stage's Jobs of earlier attempts that still run (superseded, e.g. the other
+    /// students' Jobs of a failed distillation attempt). Finished Jobs are kept for their
+    /// logs; later attempts' Jobs are never touched (a stale status must not delete them).
+    fn delete_superseded_jobs(&mut self, stage: Stage, attempt: u32) {
         let run = self.ctx.name.clone();
-        let stale: Vec<String> = self
+        let superseded: Vec<String> = self
             .obs
             .jobs
             .iter()
-            .filter(|j| {
-                names::stage_of_job(&j.name, &run) == Some(stage) && !keep.contains(&j.name)
-            })
+            .filter(|j| names::stage_of_job(&j.name, &run) == Some(stage))
+            .filter(|j| j.state == JobState::Running)
+            .filter(|j| job_attempt(&j.name).is_some_and(|a| a < attempt))
             .map(|j| j.name.clone())
             .collect();
-        for name in stale {
+        for name in superseded {
             self.delete(Kind::Job, &name);
         }
     }
@@ -316,13 +373,25 @@ impl Planner<'_> {
 
 /// The outcome of looking at the current stage's workload.
 enum Outcome {
-    Running { problem: Option<(String, String)> },
+    Running {
+        problem: Option<(String, String)>,
+    },
     Complete,
-    Failed { message: String },
+    Failed {
+        message: String,
+        /// The trainer exited with its bad-configuration code: retrying cannot help.
+        bad_config: bool,
+    },
 }
 
 /// Decides what to do for a run given what exists. See the module docs for the stage machine.
 pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
+    reconcile_with(run, obs, &Activity::default(), now)
+}
+
+/// [`reconcile`], also knowing which Job pods are alive, which exited with a bad
+/// configuration, and why a Job has no pods.
+pub fn reconcile_with(run: &RltRun, obs: &Observed, activity: &Activity, now: &Time) -> Plan {
     let old = run.status.clone().unwrap_or_default();
     let mut status = old.clone();
     let mut p = Planner {
@@ -352,7 +421,8 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
     if !errors.is_empty() {
         let message = clip(validate::render(&errors).replace('\n', "; "));
         if conds.set(cond::INVALID_SPEC, true, "InvalidSpec", &message) {
-            p.event(EventType::Warning, "InvalidSpec", message);
+            let action = format!("ValidateGeneration{}", run.metadata.generation.unwrap_or(0));
+            p.event(EventType::Warning, "InvalidSpec", &action, message);
         }
         return finish(p, old, status);
     }
@@ -404,6 +474,7 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
                 p.event(
                     EventType::Normal,
                     "Succeeded",
+                    "Complete",
                     "every stage succeeded".into(),
                 );
             }
@@ -420,6 +491,7 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
             .count();
 
         if run.spec.suspend {
+            let attempt = current_attempt(&status.stages, stage);
             if conds.set(
                 cond::SUSPENDED,
                 true,
@@ -432,12 +504,13 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
                 p.event(
                     EventType::Normal,
                     "Suspended",
+                    &stage_action(stage, attempt),
                     format!("{} pods stopped", stage.label()),
                 );
             }
             p.delete_stage_jobs(stage, true);
             if stage == Stage::Rl {
-                p.delete(Kind::StatefulSet, &names::param_servers(&p.ctx.name));
+                p.delete_param_server_sets(None);
             }
             status.progress = Some(stage::progress(
                 stage_no,
@@ -457,6 +530,7 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
             p.event(
                 EventType::Normal,
                 "Resumed",
+                &stage_action(stage, attempt),
                 format!(
                     "{} resumes from its last checkpoint as attempt {attempt}",
                     stage.label()
@@ -467,12 +541,15 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
         let st = stage_status_mut(&mut status.stages, stage);
         if st.start_time.is_none() {
             st.start_time = Some(now.clone());
+            let attempt = st.attempt;
             p.event(
                 EventType::Normal,
                 "StageStarted",
+                &stage_action(stage, attempt),
                 format!("{} started", stage.label()),
             );
         }
+        let st = stage_status_mut(&mut status.stages, stage);
         let mut attempt = st.attempt;
         let mut done = st.completed_students.clone();
 
@@ -495,6 +572,7 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
                     let detail = pod.unwrap_or_else(|| format!("{reason}: {message}"));
                     outcome = Outcome::Failed {
                         message: format!("job {job} failed: {detail}"),
+                        bad_config: activity.bad_config(stage, attempt, student.as_deref()),
                     };
                     break;
                 }
@@ -506,7 +584,17 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
         } else if let Outcome::Running { problem } = &mut outcome {
             *problem = obs
                 .problem(stage, attempt, None)
-                .map(|pr| (pr.reason.clone(), pr.message.clone()));
+                .map(|pr| (pr.reason.clone(), pr.message.clone()))
+                .or_else(|| {
+                    jobs.iter().find_map(|(_, job)| {
+                        activity.failed_create(job).map(|m| {
+                            (
+                                "FailedCreate".to_string(),
+                                format!("job {job} cannot create its pods: {m}"),
+                            )
+                        })
+                    })
+                });
         }
         stage_status_mut(&mut status.stages, stage).completed_students = done.clone();
 
@@ -524,6 +612,7 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
                 p.event(
                     EventType::Normal,
                     "StageSucceeded",
+                    &stage_action(stage, attempt),
                     format!("{} succeeded", stage.label()),
                 );
                 if stage == Stage::Rl {
@@ -531,18 +620,29 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
                 }
                 continue;
             }
-            Outcome::Failed { message } => {
+            Outcome::Failed {
+                message,
+                bad_config,
+            } => {
                 let st = stage_status_mut(&mut status.stages, stage);
                 st.failures += 1;
                 let failures = st.failures;
                 let reason = format!("{}Failed", stage.phase().as_str());
-                if failures > retries {
-                    let message = clip(format!(
-                        "{message} (attempt {attempt}; {failures} failures, retries {retries})"
-                    ));
+                if bad_config || failures > retries {
+                    let why = if bad_config {
+                        "the trainer reported a bad configuration: not retried".to_string()
+                    } else {
+                        format!("{failures} failures, retries {retries}")
+                    };
+                    let message = clip(format!("{message} (attempt {attempt}; {why})"));
                     conds.set(stage.complete_condition(), false, &reason, &message);
                     conds.set(cond::FAILED, true, &reason, &message);
-                    p.event(EventType::Warning, &reason, message);
+                    p.event(
+                        EventType::Warning,
+                        &reason,
+                        &stage_action(stage, attempt),
+                        message,
+                    );
                     p.delete_stage_jobs(stage, true);
                     p.delete_param_servers();
                     status.progress = Some(stage::progress(
@@ -557,34 +657,49 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
                 attempt = st.attempt;
                 let message = clip(format!("{message}; retrying as attempt {attempt} ({failures} of {retries} retries used)"));
                 conds.set(stage.complete_condition(), false, "Retrying", &message);
-                p.event(EventType::Warning, "Retrying", message);
+                p.event(
+                    EventType::Warning,
+                    "Retrying",
+                    &stage_action(stage, attempt),
+                    message,
+                );
+            }
+            // While an earlier attempt's pods linger, the condition keeps saying why.
+            Outcome::Running { .. } if activity.earlier_attempt_alive(stage, attempt).is_some() => {
             }
             Outcome::Running { problem } => {
                 let (reason, message) = problem
                     .unwrap_or_else(|| ("Running".into(), format!("attempt {attempt} running")));
-                if conds.set(
-                    stage.complete_condition(),
-                    false,
-                    &reason,
-                    &clip(message.clone()),
-                ) && reason != "Running"
+                let message = clip(message);
+                if conds.set(stage.complete_condition(), false, &reason, &message)
+                    && reason != "Running"
                 {
-                    p.event(EventType::Warning, &reason, clip(message));
+                    p.event(
+                        EventType::Warning,
+                        &reason,
+                        &stage_action(stage, attempt),
+                        message,
+                    );
                 }
             }
         }
 
-        // The workload of the (possibly new) attempt.
-        let jobs = p.stage_jobs(stage, attempt, &done);
-        let keep: Vec<String> = jobs.iter().map(|(_, j)| j.clone()).collect();
-        p.delete_stale_jobs(stage, &keep);
+        // The workload of the (possibly new) attempt, once the earlier attempts' pods are gone.
+        p.delete_superseded_jobs(stage, attempt);
         if stage == Stage::Rl {
-            p.ensure(children::param_server_service(&p.ctx));
-            p.ensure(children::param_server_set(&p.ctx, attempt));
-            p.plan.poll_figures = true;
+            p.delete_param_server_sets(Some(attempt));
         }
-        for (student, job) in jobs {
-            p.create_job(stage, attempt, student.as_deref(), &job);
+        if activity.earlier_attempt_alive(stage, attempt).is_none() {
+            if stage == Stage::Rl {
+                p.ensure(children::param_server_service(&p.ctx));
+                p.ensure(children::param_server_set(&p.ctx, attempt));
+            }
+            for (student, job) in p.stage_jobs(stage, attempt, &done) {
+                p.create_job(stage, attempt, student.as_deref(), &job);
+            }
+        }
+        if stage == Stage::Rl {
+            p.plan.poll_figures = true;
         }
 
         let detail = match stage {
@@ -616,6 +731,62 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
     finish(p, old, status)
 }
 
+/// A child write the API server refused with a 4xx (not retried: the same request would be
+/// refused again), or a same-named object this run does not own (never adopted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub kind: Kind,
+    pub name: String,
+    /// [`CHILD_REJECTED`] or [`CHILD_CONFLICT`].
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Folds the outcome of the child writes into the status the plan left: the first rejection
+/// sets `Degraded` (with a Warning Event when the condition changes); a reconcile whose writes
+/// all went through clears it. Returns the status only when it changed.
+pub fn record_child_writes(
+    run: &RltRun,
+    status: &RltRunStatus,
+    rejections: &[Rejection],
+    now: &Time,
+) -> (Option<RltRunStatus>, Vec<Event>) {
+    let mut new = status.clone();
+    let mut events = Vec::new();
+    let mut conds = Conditions {
+        list: &mut new.conditions,
+        generation: run.metadata.generation,
+        now,
+    };
+    match rejections.first() {
+        Some(r) => {
+            let message = clip(r.message.clone());
+            let before = conds.get(DEGRADED).cloned();
+            conds.set(DEGRADED, true, r.reason, &message);
+            if before
+                .is_none_or(|c| c.status != "True" || c.reason != r.reason || c.message != message)
+            {
+                events.push(Event {
+                    type_: EventType::Warning,
+                    reason: r.reason.into(),
+                    action: truncate(&format!("Apply{:?}/{}", r.kind, r.name), ACTION_MAX),
+                    note: message,
+                });
+            }
+        }
+        None if conds.is_true(DEGRADED) => {
+            conds.set(
+                DEGRADED,
+                false,
+                "ChildrenApplied",
+                "every child write went through",
+            );
+        }
+        None => {}
+    }
+    ((new != *status).then_some(new), events)
+}
+
 /// Derives phase and the display attempt, emits the phase-change Event, and keeps the status
 /// only if anything changed.
 fn finish(mut p: Planner, old: RltRunStatus, mut status: RltRunStatus) -> Plan {
@@ -626,6 +797,7 @@ fn finish(mut p: Planner, old: RltRunStatus, mut status: RltRunStatus) -> Plan {
             p.event(
                 EventType::Normal,
                 "PhaseChanged",
+                &format!("To{}", phase.as_str()),
                 format!("{} -> {}", old_phase.as_str(), phase.as_str()),
             );
         }

@@ -5,9 +5,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use rlt_api::contract::TrainingFigures;
 use rlt_api::status::{condition as cond, Phase};
 use rlt_api::RltRun;
+use rlt_operator::activity::{Activity, PodRef};
 use rlt_operator::children::{Child, Kind, Stage};
 use rlt_operator::observe::{JobState, Observed, ObservedChild, ObservedJob, ObservedPod, Problem};
-use rlt_operator::reconcile::{reconcile, EventType, Plan};
+use rlt_operator::reconcile::{
+    reconcile, reconcile_with, record_child_writes, EventType, Plan, Rejection, DEGRADED, NOTE_MAX,
+};
 
 const TINY: &str = include_str!("../../api/tests/good/tiny-cpu.yaml");
 
@@ -27,6 +30,7 @@ fn at(secs: i64) -> Time {
 struct World {
     run: RltRun,
     obs: Observed,
+    activity: Activity,
     clock: i64,
 }
 
@@ -35,6 +39,7 @@ impl World {
         World {
             run,
             obs: Observed::default(),
+            activity: Activity::default(),
             clock: 0,
         }
     }
@@ -42,7 +47,7 @@ impl World {
     /// One reconcile; the plan is applied to the world.
     fn step(&mut self) -> Plan {
         self.clock += 10;
-        let plan = reconcile(&self.run, &self.obs, &at(self.clock));
+        let plan = reconcile_with(&self.run, &self.obs, &self.activity, &at(self.clock));
         for child in &plan.apply {
             self.obs
                 .children
@@ -138,6 +143,8 @@ fn problem_pod(stage: Stage, attempt: u32, reason: &str, message: &str) -> Obser
             reason: reason.into(),
             message: message.into(),
         }),
+        ip: None,
+        deleting: false,
     }
 }
 
@@ -208,7 +215,7 @@ fn warmup_success_starts_rl_with_param_servers_and_learners() {
         applied(&plan),
         vec![
             (Kind::Service, "tiny-cpu-ps".to_string()),
-            (Kind::StatefulSet, "tiny-cpu-ps".to_string()),
+            (Kind::StatefulSet, "tiny-cpu-ps-0".to_string()),
             (Kind::Job, "tiny-cpu-learner-0".to_string()),
         ]
     );
@@ -281,7 +288,7 @@ fn rl_success_removes_param_servers_and_starts_one_distill_job_per_student() {
     assert_eq!(
         plan.delete,
         vec![
-            (Kind::StatefulSet, "tiny-cpu-ps".to_string()),
+            (Kind::StatefulSet, "tiny-cpu-ps-0".to_string()),
             (Kind::Service, "tiny-cpu-ps".to_string())
         ]
     );
@@ -358,7 +365,10 @@ fn failed_attempts_are_retried_up_to_the_policy_then_the_run_fails() {
         w.set_job(&job, fail("BackoffLimitExceeded"));
         let plan = w.step();
         let next = format!("tiny-cpu-warmup-{}", attempt + 1);
-        assert_eq!(plan.delete, vec![(Kind::Job, job.clone())]);
+        assert!(
+            plan.delete.is_empty(),
+            "the failed Job is kept for its logs"
+        );
         assert_eq!(applied(&plan), vec![(Kind::Job, next)]);
         let (status, reason, message) = w.condition(cond::WARMUP_COMPLETE);
         assert_eq!((status.as_str(), reason.as_str()), ("False", "Retrying"));
@@ -399,7 +409,7 @@ fn failed_rl_stops_the_param_servers() {
     assert_eq!(w.phase(), Phase::Failed);
     assert!(plan
         .delete
-        .contains(&(Kind::StatefulSet, "tiny-cpu-ps".to_string())));
+        .contains(&(Kind::StatefulSet, "tiny-cpu-ps-0".to_string())));
     assert_eq!(w.condition(cond::FAILED).1, "RLFailed");
 }
 
@@ -448,7 +458,7 @@ fn suspend_stops_the_stage_and_resume_continues_as_a_new_attempt_with_new_templa
         plan.delete,
         vec![
             (Kind::Job, "tiny-cpu-learner-0".to_string()),
-            (Kind::StatefulSet, "tiny-cpu-ps".to_string())
+            (Kind::StatefulSet, "tiny-cpu-ps-0".to_string())
         ]
     );
     assert!(plan.apply.is_empty());
@@ -483,7 +493,7 @@ fn suspend_stops_the_stage_and_resume_continues_as_a_new_attempt_with_new_templa
     assert_eq!(job.metadata.name.as_deref(), Some("tiny-cpu-learner-1"));
     let pod = job.spec.unwrap().template.spec.unwrap();
     assert_eq!(pod.node_selector.unwrap()["pool"], "gpu-b");
-    assert!(applied(&plan).contains(&(Kind::StatefulSet, "tiny-cpu-ps".to_string())));
+    assert!(applied(&plan).contains(&(Kind::StatefulSet, "tiny-cpu-ps-1".to_string())));
     assert!(reasons(&plan).contains(&"Resumed"));
 }
 
@@ -596,5 +606,252 @@ fn a_lost_status_write_is_recovered_without_duplicates() {
                 .for_each(|c| c.last_transition_time = at(20));
             s
         })
+    );
+}
+
+fn live_pod(stage: Stage, attempt: u32) -> PodRef {
+    PodRef {
+        name: format!("pod-{attempt}"),
+        stage: Some(stage),
+        attempt: Some(attempt),
+        student: None,
+    }
+}
+
+#[test]
+fn a_retry_keeps_the_failed_job_and_starts_the_next_attempt_once_its_pods_are_gone() {
+    let mut w = World::new(run_from(TINY));
+    w.step();
+    w.set_job("tiny-cpu-warmup-0", fail("BackoffLimitExceeded"));
+    // The Job failed but one of its pods is still terminating.
+    w.activity.live = vec![live_pod(Stage::Warmup, 0)];
+    let plan = w.step();
+    let st = w.status().stages.warmup.clone().unwrap();
+    assert_eq!((st.attempt, st.failures), (1, 1), "the retry is recorded");
+    assert!(plan.apply.is_empty() && plan.delete.is_empty(), "{plan:#?}");
+    assert_eq!(w.condition(cond::WARMUP_COMPLETE).1, "Retrying");
+    // Still there: nothing more to do, the condition keeps saying why.
+    assert!(w.step().is_noop());
+    // Gone: the next attempt starts; the failed Job stays (owner references delete it).
+    w.activity.live.clear();
+    let plan = w.step();
+    assert_eq!(
+        applied(&plan),
+        vec![(Kind::Job, "tiny-cpu-warmup-1".to_string())]
+    );
+    assert!(plan.delete.is_empty());
+    assert!(w.obs.job("tiny-cpu-warmup-0").is_some());
+    assert_eq!(w.status().stages.warmup.as_ref().unwrap().failures, 1);
+}
+
+#[test]
+fn a_stale_status_never_deletes_a_later_attempt_nor_recreates_an_earlier_one() {
+    let mut w = World::new(run_from(TINY));
+    w.step();
+    w.set_job("tiny-cpu-warmup-0", fail("BackoffLimitExceeded"));
+    w.step();
+    let stale = w.run.clone(); // a cache that still holds attempt 1's status
+    w.set_job("tiny-cpu-warmup-1", fail("BackoffLimitExceeded"));
+    w.step();
+    assert_eq!(
+        w.obs.job("tiny-cpu-warmup-2").map(|j| &j.state),
+        Some(&JobState::Running)
+    );
+    // It would record attempt 1's failure again (the controller's resourceVersion-conditional
+    // status write refuses that), but it neither recreates attempt 1 nor touches attempt 2.
+    let plan = reconcile(&stale, &w.obs, &at(100));
+    assert!(plan.apply.is_empty() && plan.delete.is_empty(), "{plan:#?}");
+    assert!(plan.status.is_some(), "a status write, to be fenced");
+}
+
+#[test]
+fn a_bad_configuration_fails_the_run_without_retrying() {
+    let mut w = World::new(run_from(TINY));
+    w.step();
+    w.obs.pods = vec![problem_pod(
+        Stage::Warmup,
+        0,
+        "Error",
+        "pod p: the trainer exited with code 2: spec.dataset.path: no dataset file at /workspace/x",
+    )];
+    w.activity.bad_config = vec![live_pod(Stage::Warmup, 0)];
+    w.set_job("tiny-cpu-warmup-0", fail("PodFailurePolicy"));
+    let plan = w.step();
+    assert!(plan.apply.is_empty());
+    assert_eq!(w.phase(), Phase::Failed);
+    let (_, reason, message) = w.condition(cond::FAILED);
+    assert_eq!(reason, "WarmUpFailed");
+    assert!(
+        message.contains("no dataset file") && message.contains("not retried"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_job_that_cannot_create_its_pods_is_lifted_into_the_condition_and_an_event() {
+    let mut w = World::new(run_from(TINY));
+    w.step();
+    let quota = "pods \"tiny-cpu-warmup-0-0-x\" is forbidden: exceeded quota: gpu, requested: nvidia.com/gpu=1";
+    w.activity.failed_create = vec![("tiny-cpu-warmup-0".into(), quota.into())];
+    let plan = w.step();
+    let (status, reason, message) = w.condition(cond::WARMUP_COMPLETE);
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "FailedCreate")
+    );
+    assert_eq!(
+        message,
+        format!("job tiny-cpu-warmup-0 cannot create its pods: {quota}")
+    );
+    assert_eq!(reasons(&plan), vec!["FailedCreate"]);
+    assert_eq!(plan.events[0].type_, EventType::Warning);
+    assert!(w.step().is_noop(), "reported once");
+}
+
+#[test]
+fn the_trainers_termination_message_reaches_the_condition_and_the_event() {
+    let mut w = World::new(run_from(TINY));
+    w.run.spec.failure_policy.retries = 0;
+    w.step();
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "tiny-cpu-warmup-0-0-abcde",
+            "labels": {"rlt.dev/run": "tiny-cpu", "rlt.dev/stage": "warmup", "rlt.dev/attempt": "0"}},
+        "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "image": "i",
+            "imageID": "", "ready": false, "restartCount": 0, "state": {"terminated": {
+            "reason": "Error", "exitCode": 1,
+            "message": "loading the teacher: /workspace/tiny-cpu/inputs/models/x/model.safetensors: unexpected end of file"}}}]}
+    }))
+    .unwrap();
+    w.obs.pods = vec![rlt_operator::observe::pod(&pod)];
+    w.set_job("tiny-cpu-warmup-0", fail("BackoffLimitExceeded"));
+    let plan = w.step();
+    let (_, _, message) = w.condition(cond::FAILED);
+    let lifted = "the trainer exited with code 1: loading the teacher: /workspace/tiny-cpu/inputs/models/x/model.safetensors: unexpected end of file";
+    assert!(message.contains(lifted), "{message}");
+    assert!(plan.events[0].note.contains(lifted), "{:?}", plan.events[0]);
+}
+
+#[test]
+fn distinct_transitions_have_distinct_event_actions_and_notes_fit_the_api_limit() {
+    let mut w = World::new(run_from(TINY));
+    let long = "\u{e9}".repeat(2000); // 4000 bytes of two-byte characters
+    let mut retrying = Vec::new();
+    w.step();
+    for attempt in 0..2u32 {
+        w.obs.pods = vec![problem_pod(Stage::Warmup, attempt, "Error", &long)];
+        w.set_job(
+            &format!("tiny-cpu-warmup-{attempt}"),
+            fail("BackoffLimitExceeded"),
+        );
+        let plan = w.step();
+        let ev = plan.events.iter().find(|e| e.reason == "Retrying").unwrap();
+        assert!(ev.note.len() <= NOTE_MAX, "{}", ev.note.len());
+        assert!(ev.note.ends_with('\u{2026}'));
+        retrying.push(ev.action.clone());
+    }
+    assert_eq!(retrying, ["WarmUpAttempt1", "WarmUpAttempt2"]);
+    // Every Event has an action within the API's limit.
+    let mut w = at_rl();
+    w.set_job("tiny-cpu-learner-0", JobState::Complete);
+    let plan = w.step();
+    let actions: Vec<(&str, &str)> = plan
+        .events
+        .iter()
+        .map(|e| (e.reason.as_str(), e.action.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("StageSucceeded", "RLAttempt0"),
+            ("StageStarted", "DistillationAttempt0"),
+            ("PhaseChanged", "ToDistillation")
+        ]
+    );
+}
+
+#[test]
+fn a_refused_child_write_degrades_the_run_until_a_reconcile_writes_them_all() {
+    let mut w = World::new(run_from(TINY));
+    w.step();
+    let status = w.status().clone();
+    let rejected = Rejection {
+        kind: Kind::Job,
+        name: "tiny-cpu-warmup-0".into(),
+        reason: "ChildRejected",
+        message: "Job ml/tiny-cpu-warmup-0 was refused: 403 Forbidden: jobs.batch is forbidden"
+            .into(),
+    };
+    let (new, events) =
+        record_child_writes(&w.run, &status, std::slice::from_ref(&rejected), &at(99));
+    let new = new.expect("Degraded set");
+    let c = new.conditions.iter().find(|c| c.type_ == DEGRADED).unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str(), c.message.as_str()),
+        ("True", "ChildRejected", rejected.message.as_str())
+    );
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].type_, events[0].action.as_str()),
+        (EventType::Warning, "ApplyJob/tiny-cpu-warmup-0")
+    );
+    // The same refusal again: nothing new to say.
+    assert_eq!(
+        record_child_writes(&w.run, &new, &[rejected], &at(100)),
+        (None, vec![])
+    );
+    // All writes went through: cleared.
+    let (cleared, events) = record_child_writes(&w.run, &new, &[], &at(101));
+    let cleared = cleared.unwrap();
+    let c = cleared
+        .conditions
+        .iter()
+        .find(|c| c.type_ == DEGRADED)
+        .unwrap();
+    assert_eq!(c.status, "False");
+    assert!(events.is_empty());
+    // Never degraded: no write at all.
+    assert_eq!(
+        record_child_writes(&w.run, &status, &[], &at(102)),
+        (None, vec![])
+    );
+}
+
+#[test]
+fn a_failed_rl_attempt_gets_new_param_servers_never_a_rolling_update_of_the_old() {
+    let mut w = at_rl();
+    w.set_job("tiny-cpu-learner-0", fail("BackoffLimitExceeded"));
+    let plan = w.step();
+    assert_eq!(w.status().stages.rl.as_ref().unwrap().attempt, 1);
+    // The old shards go as a whole; the new attempt's are a new set with new addresses.
+    assert!(plan
+        .delete
+        .contains(&(Kind::StatefulSet, "tiny-cpu-ps-0".to_string())));
+    assert!(!plan
+        .delete
+        .contains(&(Kind::Service, "tiny-cpu-ps".to_string())));
+    assert!(applied(&plan).contains(&(Kind::StatefulSet, "tiny-cpu-ps-1".to_string())));
+    let learners = plan
+        .apply
+        .iter()
+        .find_map(|c| match c {
+            Child::Job(j) if j.metadata.name.as_deref() == Some("tiny-cpu-learner-1") => {
+                Some(j.clone())
+            }
+            _ => None,
+        })
+        .expect("the new attempt's learners");
+    let env = learners.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    let servers = env.iter().find(|e| e.name == "RLT_PARAM_SERVERS").unwrap();
+    assert_eq!(
+        servers.value.as_deref(),
+        Some("tiny-cpu-ps-1-0.tiny-cpu-ps.ml.svc:50051")
+    );
+    let again = w.step();
+    assert!(
+        again.apply.is_empty() && again.delete.is_empty(),
+        "the new set is left alone: {again:#?}"
     );
 }

@@ -198,6 +198,9 @@ pub struct StageArgs {
     /// Serve Prometheus /metrics and /status on this port.
     #[arg(long, env = env::METRICS_PORT)]
     pub metrics_port: Option<u16>,
+    /// Address the metrics listener binds.
+    #[arg(long, env = env::BIND_ADDRESS, default_value = "0.0.0.0")]
+    pub bind: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -274,11 +277,13 @@ pub struct WarmupArgs {
     pub device: DeviceArgs,
 }
 
-/// Starts the metrics server when a port is given.
-pub fn publish(port: Option<u16>) -> Result<Option<crate::metrics::Published>> {
-    let Some(port) = port else { return Ok(None) };
+/// Starts the metrics server when the stage has a metrics port.
+pub fn publish(stage: &StageArgs) -> Result<Option<crate::metrics::Published>> {
+    let Some(port) = stage.metrics_port else {
+        return Ok(None);
+    };
     let p = crate::metrics::Published::default();
-    let bound = crate::metrics::serve(port, p.clone())?;
+    let bound = crate::metrics::serve(&stage.bind, port, p.clone())?;
     tracing::info!(port = bound, "serving /metrics and /status");
     Ok(Some(p))
 }
@@ -313,7 +318,7 @@ pub fn warmup(a: WarmupArgs) -> Result<crate::sft::SftOutcome> {
         device,
         kind,
         pairs,
-        published: publish(a.stage.metrics_port)?,
+        published: publish(&a.stage)?,
         progress_bar: std::io::stderr().is_terminal(),
     };
     let out = crate::sft::run_sft(job, &a.sft.config())?;

@@ -14,6 +14,7 @@
 //! - [`distill`]: the distillation stage; [`eval`]: benchmark accuracy
 //! - [`runconfig`]: the run configuration (`RLT_CONFIG`) as each role's flags
 //! - [`pipeline`]: every stage as local processes; [`bench_effect`]: what RL buys
+//! - [`exit`]: exit codes and the termination message of a failed role
 pub mod bench;
 pub mod bench_effect;
 pub mod checkpoint;
@@ -23,6 +24,7 @@ pub mod data;
 pub mod device;
 pub mod distill;
 pub mod eval;
+pub mod exit;
 pub mod logprobs;
 pub mod metrics;
 pub mod model;

@@ -1,7 +1,9 @@
-//! `rlt-trainer <role>`: one subcommand per role of the RLT pipeline.
+//! `rlt-trainer <role>`: one subcommand per role of the RLT pipeline. A failing role exits
+//! with [`exit::BAD_CONFIG`] (do not retry) or [`exit::CRASH`] and leaves its error chain in
+//! the termination message (see [`rlt_trainer::exit`]).
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use rlt_trainer::cli;
+use rlt_trainer::{cli, exit};
 
 #[derive(Parser)]
 #[command(name = "rlt-trainer", version, about = "RLT trainer (tch/libtorch)")]
@@ -50,14 +52,20 @@ fn main() {
     // configuration; flags given on the command line win.
     let argv = match rlt_trainer::runconfig::expand_argv(std::env::args_os().collect()) {
         Ok(argv) => argv,
+        Err(e) => std::process::exit(exit::report(&e)),
+    };
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        // --help and --version print to stdout and succeed.
+        Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::exit(1);
+            let _ = e.print();
+            exit::write_termination_log(&e.render().to_string());
+            std::process::exit(exit::BAD_CONFIG);
         }
     };
-    if let Err(e) = run(Cli::parse_from(argv)) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    if let Err(e) = run(cli) {
+        std::process::exit(exit::report(&e));
     }
 }
 

@@ -20,11 +20,11 @@ impl Published {
     }
 }
 
-/// Binds `0.0.0.0:port` (0 = any free port) and serves in a background thread; returns the
+/// Binds `bind:port` (0 = any free port) and serves in a background thread; returns the
 /// bound port.
-pub fn serve(port: u16, published: Published) -> Result<u16> {
-    let listener = TcpListener::bind(("0.0.0.0", port))
-        .with_context(|| format!("binding metrics port {port}"))?;
+pub fn serve(bind: &str, port: u16, published: Published) -> Result<u16> {
+    let listener = TcpListener::bind((bind, port))
+        .with_context(|| format!("binding metrics port {bind}:{port}"))?;
     let bound = listener.local_addr()?.port();
     std::thread::Builder::new()
         .name("metrics".into())
@@ -87,7 +87,7 @@ mod tests {
             total_steps: 10,
             ..Default::default()
         });
-        let port = serve(0, p).unwrap();
+        let port = serve("127.0.0.1", 0, p).unwrap();
         assert!(get(port, "/metrics").contains("rlt_test_loss 1.5"));
         assert!(get(port, "/status").contains("\"totalSteps\":10"));
         assert!(get(port, "/nope").starts_with("HTTP/1.1 404"));

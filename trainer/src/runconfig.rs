@@ -15,11 +15,16 @@
 //!   atomically so concurrent pods of one stage agree; a `path:` is resolved against the
 //!   workspace and must exist (the error names the field and the path);
 //! - [`role_flags`]: pure, spec + prepared inputs -> flags.
+//!
+//! An invalid run configuration, a missing input or a role the spec cannot give flags to is
+//! a bad configuration ([`crate::exit::BAD_CONFIG`]: retrying cannot help); failing to write
+//! a prepared input is not.
 use crate::checkpoint;
 use crate::cli::{PromptStyle, SYNTHETIC_HELD_OUT};
 use crate::config::TinySpec;
 use crate::data::{self, synthetic};
-use anyhow::{bail, Context, Result};
+use crate::exit::bad_config;
+use anyhow::{anyhow, bail, Context, Result};
 use clap::ValueEnum;
 use rlt_api::contract::{env, Role};
 use rlt_api::layout::{is_complete, RunDir, COMPLETE_MARKER};
@@ -105,6 +110,7 @@ fn run_name(run: &RltRun) -> Result<String> {
         .name
         .clone()
         .context("the run configuration has no metadata.name")
+        .map_err(bad_config)
 }
 
 /// A path from the spec: absolute, or relative to the workspace root.
@@ -122,10 +128,10 @@ fn model_dir(m: &ModelRef, field: &str, workspace: &Path, run_dir: &RunDir) -> R
         (Some(path), _) => {
             let dir = resolve_path(path, workspace);
             if !dir.join(checkpoint::CONFIG_FILE).is_file() {
-                bail!(
+                return Err(bad_config(anyhow!(
                     "{field}.path: no model checkpoint at {} (config.json missing)",
                     dir.display()
-                );
+                )));
             }
             Ok(dir)
         }
@@ -140,7 +146,9 @@ fn model_dir(m: &ModelRef, field: &str, workspace: &Path, run_dir: &RunDir) -> R
             }
             Ok(dir)
         }
-        (None, None) => bail!("{field}: exactly one of path or tiny must be set"),
+        (None, None) => Err(bad_config(anyhow!(
+            "{field}: exactly one of path or tiny must be set"
+        ))),
     }
 }
 
@@ -198,7 +206,10 @@ fn dataset_files(
         (Some(path), _) => {
             let file = resolve_path(path, workspace);
             if !file.is_file() {
-                bail!("spec.dataset.path: no dataset file at {}", file.display());
+                return Err(bad_config(anyhow!(
+                    "spec.dataset.path: no dataset file at {}",
+                    file.display()
+                )));
             }
             let Some(limit) = d.limit else {
                 return Ok((file, None));
@@ -206,7 +217,8 @@ fn dataset_files(
             let dir = data_dir.join(format!("limit-{limit}"));
             if !is_complete(&dir) {
                 let mut rows = data::load_examples(&file, false)
-                    .with_context(|| "spec.dataset.path".to_string())?
+                    .with_context(|| "spec.dataset.path".to_string())
+                    .map_err(bad_config)?
                     .examples;
                 rows.truncate(limit as usize);
                 write_once(&dir, |tmp| {
@@ -229,7 +241,7 @@ fn dataset_files(
                     train.truncate(limit as usize);
                 }
                 if train.is_empty() {
-                    bail!("spec.dataset.synthetic: {} rows leave no training rows after the held-out split", s.rows);
+                    return Err(bad_config(anyhow!("spec.dataset.synthetic: {} rows leave no training rows after the held-out split", s.rows)));
                 }
                 write_once(&dir, |tmp| {
                     data::write_jsonl(&tmp.join("train.jsonl"), &train)?;
@@ -238,7 +250,9 @@ fn dataset_files(
             }
             Ok((dir.join("train.jsonl"), Some(dir.join("heldout.jsonl"))))
         }
-        (None, None) => bail!("spec.dataset: exactly one of path or synthetic must be set"),
+        (None, None) => Err(bad_config(anyhow!(
+            "spec.dataset: exactly one of path or synthetic must be set"
+        ))),
     }
 }
 
@@ -395,14 +409,15 @@ pub fn expand_argv(argv: Vec<OsString>) -> Result<Vec<OsString>> {
         return Ok(argv);
     }
     let config = PathBuf::from(config);
-    let run = read_run(&config)?;
+    let run = read_run(&config).map_err(bad_config)?;
     let workspace = std::env::var_os(env::WORKSPACE)
         .map(PathBuf::from)
-        .with_context(|| format!("{} is set but {} is not", env::CONFIG, env::WORKSPACE))?;
+        .with_context(|| format!("{} is set but {} is not", env::CONFIG, env::WORKSPACE))
+        .map_err(bad_config)?;
     let inputs = Inputs::prepare(&run, &workspace)
         .with_context(|| format!("preparing the inputs of {}", config.display()))?;
     let student = std::env::var(env::STUDENT).ok();
-    let flags = role_flags(role, &run, &inputs, student.as_deref())?;
+    let flags = role_flags(role, &run, &inputs, student.as_deref()).map_err(bad_config)?;
     Ok(merge_flags(argv, &flags))
 }
 

@@ -97,7 +97,7 @@ pub fn distill(a: DistillArgs) -> Result<DistillOutcome> {
         attempt: a.stage.attempt,
         device,
         kind,
-        published: crate::cli::publish(a.stage.metrics_port)?,
+        published: crate::cli::publish(&a.stage)?,
     };
     run_distill(job)
 }

@@ -99,7 +99,9 @@ pub struct ParamServerArgs {
     /// Initial teacher checkpoint (default: the warm-up stage's output).
     #[arg(long)]
     pub init: Option<PathBuf>,
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address the gRPC and metrics listeners bind (the e2e node agent gives each pod its own
+    /// loopback IP, as its pods share the host network).
+    #[arg(long, env = env::BIND_ADDRESS, default_value = "0.0.0.0")]
     pub bind: String,
     #[arg(long, env = env::RPC_PORT, default_value_t = contract::DEFAULT_RPC_PORT)]
     pub rpc_port: u16,
@@ -138,8 +140,12 @@ pub fn param_server(a: ParamServerArgs) -> Result<()> {
     };
     let rpc: SocketAddr = format!("{}:{}", a.bind, a.rpc_port)
         .parse()
-        .with_context(|| format!("--bind {:?}", a.bind))?;
-    let metrics: SocketAddr = format!("{}:{}", a.bind, a.metrics_port).parse()?;
+        .with_context(|| format!("--bind {:?}", a.bind))
+        .map_err(crate::exit::bad_config)?;
+    let metrics: SocketAddr = format!("{}:{}", a.bind, a.metrics_port)
+        .parse()
+        .with_context(|| format!("--bind {:?}", a.bind))
+        .map_err(crate::exit::bad_config)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(param_server::run(
         cfg,

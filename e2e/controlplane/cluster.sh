@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# A real Kubernetes control plane on loopback, from upstream binaries: etcd, kube-apiserver,
+# kube-controller-manager and kube-scheduler (no kubelet: the e2e node agent plays the pods).
+#
+#   e2e/controlplane/cluster.sh build        build (or reuse) the pinned binaries; prints their folder
+#   e2e/controlplane/cluster.sh up STATE     throw-away PKI, start everything, write STATE/kubeconfig
+#   e2e/controlplane/cluster.sh down STATE   stop everything started from STATE (also after a kill)
+#
+# The Kubernetes version is the one go.mod pins; binaries are cached under
+# ${RLT_E2E_CACHE:-$HOME/.cache/rlt-e2e}/<version>/bin and reused. etcd is Debian's etcd-server
+# (installed here when missing). STATE/logs holds every component's log and the audit log
+# (audit.log: every write, and every request of a service account in the operator's namespace).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VERSION="$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' "$HERE/go.mod")"
+CACHE="${RLT_E2E_CACHE:-$HOME/.cache/rlt-e2e}/$VERSION"
+BIN="$CACHE/bin"
+COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler)
+# The namespace whose service accounts' reads are audited too (the operator's, see the chart).
+AUDITED_NAMESPACE="${RLT_E2E_OPERATOR_NAMESPACE:-rlt-system}"
+
+log() { printf '[cluster] %s\n' "$*" >&2; }
+
+build() {
+  local missing=() minor="${VERSION#v1.}"
+  minor="${minor%%.*}"
+  for c in "${COMPONENTS[@]}"; do [ -x "$BIN/$c" ] || missing+=("k8s.io/kubernetes/cmd/$c"); done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "building ${missing[*]##*/} $VERSION from the Go module proxy into $BIN (minutes, once)"
+    mkdir -p "$BIN"
+    local started=$SECONDS ldflags="-s" pkg
+    # The version the release build stamps (Helm's kubeVersion check and clients read it).
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+      ldflags+=" -X $pkg.gitVersion=$VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+    done
+    (cd "$HERE" && CGO_ENABLED=0 go build -trimpath -ldflags="$ldflags" -o "$BIN/" "${missing[@]}")
+    log "built in $((SECONDS - started)) s"
+  fi
+  if ! command -v etcd >/dev/null; then
+    log "installing Debian's etcd-server"
+    if [ "$(id -u)" -ne 0 ]; then echo "etcd missing: apt-get install etcd-server (as root)" >&2; exit 1; fi
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+  fi
+  echo "$BIN"
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# pki STATE: a CA, the API server's serving cert, client certs per component, SA signing keys.
+pki() {
+  local d="$1/pki"
+  mkdir -p "$d"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=rlt-e2e-ca" \
+    -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+  openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
+  cert() { # name subject [extensions]
+    openssl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$d/$1.key" -out "$d/$1.csr" 2>/dev/null
+    printf '%s\n' "${3:-extendedKeyUsage=clientAuth}" >"$d/$1.ext"
+    openssl x509 -req -in "$d/$1.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+      -days 2 -extfile "$d/$1.ext" -out "$d/$1.crt" 2>/dev/null
+  }
+  cert apiserver "/CN=kube-apiserver" "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+extendedKeyUsage=serverAuth"
+  cert admin "/O=system:masters/CN=rlt-e2e-admin"
+  cert controller-manager "/CN=system:kube-controller-manager"
+  cert scheduler "/CN=system:kube-scheduler"
+}
+
+kubeconfig() { # STATE name -> STATE/<name>.kubeconfig
+  local s="$1" n="$2" server
+  server="https://127.0.0.1:$(cat "$s/apiserver.port")"
+  cat >"$s/$n.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: rlt-e2e
+  cluster: {server: "$server", certificate-authority: "$s/pki/ca.crt"}
+users:
+- name: $n
+  user: {client-certificate: "$s/pki/$n.crt", client-key: "$s/pki/$n.key"}
+contexts:
+- name: rlt-e2e
+  context: {cluster: rlt-e2e, user: $n}
+current-context: rlt-e2e
+EOF
+}
+
+# start STATE name cmd...: in its own process group (so `down` stops its children too).
+start() {
+  local s="$1" n="$2"
+  shift 2
+  setsid "$@" >"$s/logs/$n.log" 2>&1 </dev/null &
+  echo $! >"$s/pids/$n"
+}
+
+wait_healthy() { # STATE what url [curl args]
+  local s="$1" what="$2" url="$3" i
+  shift 3
+  for i in $(seq 1 240); do
+    if curl -fsS --max-time 2 "$@" "$url" >/dev/null 2>&1; then return 0; fi
+    if ! kill -0 "$(cat "$s/pids/$what")" 2>/dev/null; then
+      log "$what exited; its log:"; tail -n 40 "$s/logs/$what.log" >&2; return 1
+    fi
+    [ "$i" -eq 1 ] || sleep 0.5
+  done
+  log "$what not healthy after 120 s; its log:"; tail -n 40 "$s/logs/$what.log" >&2; return 1
+}
+
+up() {
+  local s="$1" started=$SECONDS
+  down "$s" 2>/dev/null || true
+  rm -rf "$s"
+  mkdir -p "$s/logs" "$s/pids" "$s/etcd"
+  s="$(cd "$s" && pwd)"
+  build >/dev/null
+  pki "$s"
+  local etcd_port peer_port api_port
+  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
+  echo "$api_port" >"$s/apiserver.port"
+
+  start "$s" etcd etcd --name rlt-e2e --data-dir "$s/etcd" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "rlt-e2e=http://127.0.0.1:$peer_port" --quota-backend-bytes 4294967296
+  wait_healthy "$s" etcd "http://127.0.0.1:$etcd_port/health"
+
+  cat >"$s/audit-policy.yaml" <<EOF
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  # Every request of the operator's service accounts (reads too: the scale benchmark counts them).
+  - level: Metadata
+    userGroups: ["system:serviceaccounts:$AUDITED_NAMESPACE"]
+  # Every write by anyone.
+  - level: Metadata
+    verbs: [create, update, patch, delete, deletecollection]
+  - level: None
+EOF
+  start "$s" kube-apiserver "$BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --cert-dir "$s/pki" --tls-cert-file "$s/pki/apiserver.crt" --tls-private-key-file "$s/pki/apiserver.key" \
+    --client-ca-file "$s/pki/ca.crt" \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$s/pki/sa.pub" --service-account-signing-key-file "$s/pki/sa.key" \
+    --api-audiences https://kubernetes.default.svc.cluster.local \
+    --service-cluster-ip-range 10.96.0.0/16 \
+    --authorization-mode Node,RBAC \
+    --audit-policy-file "$s/audit-policy.yaml" --audit-log-path "$s/logs/audit.log" \
+    --audit-log-format json --audit-log-mode blocking --audit-log-maxsize 0
+  wait_healthy "$s" kube-apiserver "https://127.0.0.1:$api_port/readyz" \
+    --cacert "$s/pki/ca.crt" --cert "$s/pki/admin.crt" --key "$s/pki/admin.key"
+
+  kubeconfig "$s" admin
+  kubeconfig "$s" controller-manager
+  kubeconfig "$s" scheduler
+  cp "$s/admin.kubeconfig" "$s/kubeconfig"
+
+  start "$s" kube-controller-manager "$BIN/kube-controller-manager" \
+    --kubeconfig "$s/controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$s/controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$s/controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$(free_port)" --leader-elect=false \
+    --use-service-account-credentials \
+    --service-account-private-key-file "$s/pki/sa.key" --root-ca-file "$s/pki/ca.crt" \
+    --controllers '*' --concurrent-job-syncs 10
+  start "$s" kube-scheduler "$BIN/kube-scheduler" \
+    --kubeconfig "$s/scheduler.kubeconfig" \
+    --authentication-kubeconfig "$s/scheduler.kubeconfig" \
+    --authorization-kubeconfig "$s/scheduler.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$(free_port)" --leader-elect=false
+
+  # The controllers are up once the service-account controller made `default`'s account.
+  local i
+  for i in $(seq 1 120); do
+    if KUBECONFIG="$s/kubeconfig" kubectl get serviceaccount default -n default >/dev/null 2>&1; then break; fi
+    for c in kube-controller-manager kube-scheduler; do
+      kill -0 "$(cat "$s/pids/$c")" 2>/dev/null || { log "$c exited:"; tail -n 40 "$s/logs/$c.log" >&2; return 1; }
+    done
+    sleep 0.5
+  done
+  log "control plane $VERSION up in $((SECONDS - started)) s: KUBECONFIG=$s/kubeconfig (logs: $s/logs)"
+  echo "$s/kubeconfig"
+}
+
+down() {
+  local s="$1" f pid
+  [ -d "$s/pids" ] || return 0
+  # Reverse start order; a process group each, TERM then KILL.
+  for f in kube-scheduler kube-controller-manager kube-apiserver etcd; do
+    [ -f "$s/pids/$f" ] || continue
+    pid="$(cat "$s/pids/$f")"
+    kill -TERM -- "-$pid" 2>/dev/null || true
+  done
+  for f in "$s"/pids/*; do
+    [ -f "$f" ] || continue
+    pid="$(cat "$f")"
+    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    rm -f "$f"
+  done
+}
+
+case "${1:-}" in
+  build) build ;;
+  up) up "${2:?usage: cluster.sh up STATE}" ;;
+  down) down "${2:?usage: cluster.sh down STATE}" ;;
+  *) sed -n '2,13p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,944 @@
+//! The operator against a real cluster: one set of scenarios for any kubeconfig. `scripts/dev
+//! e2e` runs them against a local control plane built from upstream binaries (pods played by
+//! the e2e node agent), `e2e/kind.sh` against kind. They are `#[ignore]`d so `cargo test`
+//! never needs a cluster, and they share one operator, so they run one at a time
+//! (`--test-threads 1`); names are prefixed so they run in the order a user meets things.
+mod support;
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, ensure, Context, Result};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::Client;
+use serde_json::{json, Value};
+use support::*;
+
+const CRD: &str = "rltruns.rlt.dev";
+
+async fn crd_established(client: &Client) -> Result<CustomResourceDefinition> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    wait_for("the RltRun CRD to be Established", secs(60), async || {
+        let crd = crds.get_opt(CRD).await?;
+        Ok(crd.filter(|c| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        }))
+    })
+    .await
+}
+
+fn printer_columns(crd: &CustomResourceDefinition) -> Vec<String> {
+    crd.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s01_helm_installs_upgrades_and_uninstall_keeps_the_crd() -> Result<()> {
+    let client = client().await?;
+    // An older chart whose CRD lacks the Reward column, then the real chart: the upgrade
+    // must update the CRD (it is a template, not a crds/ file that Helm never upgrades).
+    let old = tempdir("old-chart")?;
+    tool("cp", &["-r", "charts/rlt-operator", old.to_str().unwrap()])?;
+    let crd_file = old.join("rlt-operator/templates/crd.yaml");
+    let text = std::fs::read_to_string(&crd_file)?;
+    let reward =
+        "    - jsonPath: .status.training.meanReward\n      name: Reward\n      type: number\n";
+    ensure!(
+        text.contains(reward),
+        "the chart's CRD has no Reward column to drop"
+    );
+    std::fs::write(&crd_file, text.replace(reward, ""))?;
+    let _ = tool(
+        "helm",
+        &["uninstall", RELEASE, "--namespace", OPERATOR_NAMESPACE],
+    );
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let _ = crds.delete(CRD, &DeleteParams::default()).await;
+    wait_for("the old CRD to be gone", secs(60), async || {
+        Ok(crds.get_opt(CRD).await?.is_none().then_some(()))
+    })
+    .await?;
+    tool(
+        "helm",
+        &[
+            "install",
+            RELEASE,
+            old.join("rlt-operator").to_str().unwrap(),
+            "--namespace",
+            OPERATOR_NAMESPACE,
+            "--create-namespace",
+            "--set",
+            "replicaCount=1",
+        ],
+    )?;
+    let crd = crd_established(&client).await?;
+    ensure!(!printer_columns(&crd).contains(&"Reward".to_string()));
+
+    install_operator(&[])?;
+    let crd = crd_established(&client).await?;
+    let columns = printer_columns(&crd);
+    for want in ["Phase", "Stage Progress", "Reward", "Attempt", "Age"] {
+        ensure!(
+            columns.iter().any(|c| c == want),
+            "after helm upgrade the CRD lacks column {want}: {columns:?}"
+        );
+    }
+
+    // Uninstall keeps the CRD (and so every user's runs).
+    tool(
+        "helm",
+        &["uninstall", RELEASE, "--namespace", OPERATOR_NAMESPACE],
+    )?;
+    ensure!(
+        crds.get_opt(CRD).await?.is_some(),
+        "helm uninstall deleted the CRD"
+    );
+
+    // The kustomize base is accepted by the server as well (dry run: it is the same operator).
+    tool(
+        "kubectl",
+        &[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "--field-manager=rlt-e2e",
+            "-k",
+            "manifests/kustomize/base",
+        ],
+    )?;
+
+    install_operator(&[])?;
+    Ok(())
+}
+
+/// Which fields a client-side validation names, split by whether the CRD can say it.
+fn client_errors(text: &str) -> (Vec<String>, Vec<String>) {
+    let errors = rlt_api::validate::parse_yaml(text).expect_err("a bad sample passed the client");
+    let (semantic, schema): (Vec<_>, Vec<_>) =
+        errors.into_iter().partition(|e| e.check == "semantic");
+    (
+        schema.into_iter().map(|e| e.field).collect(),
+        semantic.into_iter().map(|e| e.field).collect(),
+    )
+}
+
+/// The fields an API server error message names (`spec.rl.steps`, `.spec.env`, `metadata.name`).
+fn fields_named(message: &str) -> Vec<String> {
+    let re =
+        regex::Regex::new(r#"(?:^|[\s*])\.?((?:spec|metadata)(?:\.[A-Za-z0-9]+|\[[^\]\s]*\])*)"#)
+            .unwrap();
+    let mut out: Vec<String> = re
+        .captures_iter(message)
+        .map(|c| c[1].to_string())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// One field names the other or an element or parent of it (`spec.distillation.students`
+/// and `spec.distillation.students[1]`).
+fn same_field(a: &str, b: &str) -> bool {
+    let under = |long: &str, short: &str| {
+        long.strip_prefix(short)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('['))
+    };
+    under(a, b) || under(b, a)
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s02_the_api_server_and_the_client_validator_agree() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let api = rltruns(&client);
+    let mut failures = Vec::new();
+    let mut dir: Vec<_> = std::fs::read_dir(root().join("api/tests/bad"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    dir.sort();
+    for path in dir {
+        let text = std::fs::read_to_string(&path)?;
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let (schema_fields, semantic_fields) = client_errors(&text);
+        let value: Value = serde_yaml::from_str(&text)?;
+        let name = value["metadata"]["name"].as_str().unwrap_or("").to_string();
+        let mut obj = run_from_yaml(&text, &name)?;
+        obj.data["spec"]["image"] = value["spec"]["image"].clone();
+        match apply_run(&api, &obj).await {
+            Err(e) => {
+                let msg = match e.downcast_ref::<kube::Error>() {
+                    Some(kube::Error::Api(status)) => status.message.clone(),
+                    _ => e.to_string(),
+                };
+                // The server stops at its first failing layer (a typed-patch error such as an
+                // unknown field hides the schema's), so it must name at least one field the
+                // client names, and nothing the client does not.
+                let expected = if schema_fields.is_empty() {
+                    &semantic_fields // e.g. metadata.name, which the server checks itself
+                } else {
+                    &schema_fields
+                };
+                let named = fields_named(&msg);
+                if !named
+                    .iter()
+                    .any(|s| expected.iter().any(|c| same_field(s, c)))
+                {
+                    failures.push(format!(
+                        "{file}: the server's refusal names none of {expected:?}: {msg}"
+                    ));
+                }
+                for s in &named {
+                    if !expected.iter().any(|c| same_field(s, c)) {
+                        failures.push(format!(
+                            "{file}: the server names {s}, the client only {expected:?}: {msg}"
+                        ));
+                    }
+                }
+            }
+            Ok(_) if !schema_fields.is_empty() => {
+                failures.push(format!(
+                    "{file}: accepted by the server, but the client refuses {schema_fields:?}"
+                ));
+                delete_run(&client, &name).await?;
+            }
+            Ok(_) => {
+                // The operator must mark it InvalidSpec naming the field, and create nothing.
+                let run = wait_for(&format!("{file}: InvalidSpec=True"), secs(60), async || {
+                    let run = api.get(&name).await?;
+                    Ok(condition_true(&run, "InvalidSpec").then_some(run))
+                })
+                .await?;
+                let message = condition(&run, "InvalidSpec").unwrap()["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                for f in &semantic_fields {
+                    if !message.contains(f.as_str()) {
+                        failures.push(format!("{file}: InvalidSpec does not name {f}: {message}"));
+                    }
+                }
+                let jobs = jobs_of(&client, &name).await?;
+                if !jobs.is_empty() {
+                    failures.push(format!("{file}: an invalid run created Jobs"));
+                }
+                ensure!(
+                    phase(&run) == "Failed" || phase(&run) == "Pending",
+                    "{file}: phase {}",
+                    phase(&run)
+                );
+                delete_run(&client, &name).await?;
+            }
+        }
+    }
+
+    // Every good sample and every manifest is accepted (dry run: they are not meant to run here).
+    let mut good: Vec<_> = std::fs::read_dir(root().join("api/tests/good"))?
+        .chain(std::fs::read_dir(root().join("manifests"))?)
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    good.retain(|p| p.extension().is_some_and(|e| e == "yaml"));
+    good.sort();
+    for path in good {
+        let text = std::fs::read_to_string(&path)?;
+        let value: Value = serde_yaml::from_str(&text)?;
+        let obj = run_from_yaml(&text, value["metadata"]["name"].as_str().unwrap_or("x"))?;
+        let name = obj.metadata.name.clone().unwrap();
+        let pp = PatchParams::apply("rlt-e2e").validation_strict().dry_run();
+        if let Err(e) = api.patch(&name, &pp, &Patch::Apply(&obj)).await {
+            failures.push(format!("{}: refused: {e}", path.display()));
+        }
+    }
+    if !failures.is_empty() {
+        bail!("validation parity:\n{}", failures.join("\n"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s03_tiny_run_walks_every_phase_and_leaves_every_artifact() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let name = "e2e-tiny";
+    delete_run(&client, name).await?;
+    let mut run = tiny_run(name)?;
+    // Long enough that RL is seen moving (figures are polled every 15 s) and a learner pod
+    // can be deleted mid-stage.
+    run.data["spec"]["rl"]["steps"] = json!(120);
+    let api = rltruns(&client);
+    apply_run(&api, &run).await?;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace());
+    let mut phases: Vec<String> = Vec::new();
+    let mut rl_rows: Vec<(String, Option<f64>)> = Vec::new();
+    let mut deleted_learner = false;
+    let done =
+        wait_for("the tiny run to finish", secs(900), async || {
+            let run = api.get(name).await?;
+            let p = phase(&run).to_string();
+            if !p.is_empty() && phases.last() != Some(&p) {
+                eprintln!("{name}: {p}");
+                phases.push(p.clone());
+            }
+            if p == "RL" {
+                let row = (
+                    run.data["status"]["progress"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                    run.data["status"]["training"]["meanReward"].as_f64(),
+                );
+                if rl_rows.last() != Some(&row) {
+                    eprintln!("{name}: RL {row:?}");
+                    rl_rows.push(row);
+                }
+                // Mid-RL, lose a learner: the Job's retry must carry the run to Succeeded.
+                if !deleted_learner && rl_rows.len() >= 2 {
+                    let lp = ListParams::default()
+                        .labels(&format!("rlt.dev/run={name},rlt.dev/role=learner"));
+                    if let Some(pod) = pods.list(&lp).await?.items.into_iter().find(|p| {
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    }) {
+                        let pod_name = pod.metadata.name.unwrap();
+                        eprintln!("{name}: deleting learner pod {pod_name} mid-RL");
+                        pods.delete(&pod_name, &DeleteParams::default()).await?;
+                        deleted_learner = true;
+                    }
+                }
+            }
+            match p.as_str() {
+                "Succeeded" => Ok(Some(run)),
+                "Failed" => bail!(
+                    "{name} failed: {}",
+                    serde_json::to_string_pretty(&run.data["status"])?
+                ),
+                _ => Ok(None),
+            }
+        })
+        .await?;
+
+    ensure!(
+        phases == ["Pending", "WarmUp", "RL", "Distillation", "Succeeded"]
+            || phases == ["WarmUp", "RL", "Distillation", "Succeeded"],
+        "phases out of order or missing: {phases:?}"
+    );
+    ensure!(
+        deleted_learner,
+        "RL ended before a learner pod was seen Running: nothing was deleted"
+    );
+    let progress: Vec<&str> = rl_rows.iter().map(|r| r.0.as_str()).collect();
+    ensure!(
+        progress
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            >= 2,
+        "STAGE PROGRESS never moved during RL: {rl_rows:?}"
+    );
+    ensure!(
+        rl_rows.iter().filter_map(|r| r.1).count() >= 1,
+        "REWARD never shown during RL: {rl_rows:?}"
+    );
+    let columns = tool("kubectl", &["get", "rltruns", name, "-n", &namespace()])?;
+    eprintln!("{columns}");
+    for column in [
+        "NAME",
+        "PHASE",
+        "STAGE PROGRESS",
+        "REWARD",
+        "ATTEMPT",
+        "AGE",
+    ] {
+        ensure!(
+            columns.contains(column),
+            "kubectl get rltruns lacks {column}:\n{columns}"
+        );
+    }
+
+    let missing = missing_in_workspace(
+        &client,
+        &done,
+        &[
+            "warmup/final/config.json",
+            "warmup/final/tokenizer.json",
+            "warmup/final/model.safetensors",
+            "rl/final/config.json",
+            "rl/final/model.safetensors",
+            "distill/student/traces.jsonl",
+            "distill/student/final/config.json",
+            "distill/student/final/model.safetensors",
+        ],
+    )
+    .await?;
+    ensure!(
+        missing.is_empty(),
+        "artifacts missing from the workspace: {missing:?}"
+    );
+
+    // Terminal is sticky: deleting a finished run's Jobs brings nothing back.
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), &namespace());
+    for job in jobs_of(&client, name).await? {
+        jobs.delete(&job.metadata.name.unwrap(), &DeleteParams::background())
+            .await?;
+    }
+    tokio::time::sleep(secs(10)).await;
+    ensure!(phase(&api.get(name).await?) == "Succeeded");
+    ensure!(
+        jobs_of(&client, name).await?.is_empty(),
+        "a finished run recreated its Jobs"
+    );
+    // Deleting the run removes every child through the garbage collector.
+    let api_del = api.delete(name, &DeleteParams::background()).await;
+    ensure!(api_del.is_ok(), "deleting the run: {api_del:?}");
+    wait_for(
+        "every child of the run to be collected",
+        secs(120),
+        async || {
+            let sel = run_selector(name);
+            let ns = namespace();
+            let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+                .list(&sel)
+                .await?;
+            let pvcs = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
+                .list(&sel)
+                .await?;
+            let sets = Api::<StatefulSet>::namespaced(client.clone(), &ns)
+                .list(&sel)
+                .await?;
+            let svcs = Api::<Service>::namespaced(client.clone(), &ns)
+                .list(&sel)
+                .await?;
+            let left = cms.items.len()
+                + pvcs.items.len()
+                + sets.items.len()
+                + svcs.items.len()
+                + jobs_of(&client, name).await?.len();
+            Ok((left == 0).then_some(()))
+        },
+    )
+    .await
+}
+
+fn stage_message(run: &kube::api::DynamicObject) -> String {
+    run.data["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            format!(
+                "{}: {}",
+                c["reason"].as_str().unwrap_or(""),
+                c["message"].as_str().unwrap_or("")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s04_a_failing_stage_is_retried_then_fails_the_run_with_the_pods_reason() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let api = rltruns(&client);
+
+    // A bad configuration (a dataset that does not exist): the trainer says why in its
+    // termination message and exits 2, which the operator does not retry.
+    let name = "e2e-badconfig";
+    delete_run(&client, name).await?;
+    let mut run = tiny_run(name)?;
+    run.data["spec"]["dataset"] = json!({"path": "missing/rows.jsonl"});
+    run.data["spec"]["failurePolicy"] = json!({"retries": 2});
+    apply_run(&api, &run).await?;
+    let failed = wait_phase(&client, name, "Failed", secs(300)).await?;
+    let message = stage_message(&failed);
+    ensure!(
+        message.contains("missing/rows.jsonl"),
+        "the run's conditions do not carry the trainer's reason: {message}"
+    );
+    ensure!(
+        jobs_of(&client, name).await?.len() == 1,
+        "a bad configuration was retried"
+    );
+    delete_run(&client, name).await?;
+
+    if !node_rules_supported() {
+        eprintln!("skipping the exit-1 retry case: this provider cannot inject a failing pod");
+        return Ok(());
+    }
+    // A crash (exit 1) is retried as a new attempt, then fails the run with the pod's message.
+    let name = "e2e-crashloop";
+    delete_run(&client, name).await?;
+    set_node_rules(
+        &client,
+        &format!(
+            "- selector: rlt.dev/run={name},rlt.dev/stage=warmup\n  action: fail\n  after: 1s\n  exitCode: 1\n  message: \"CUDA error: an illegal memory access was encountered\"\n"
+        ),
+    )
+    .await?;
+    let mut run = tiny_run(name)?;
+    run.data["spec"]["failurePolicy"] = json!({"retries": 1});
+    apply_run(&api, &run).await?;
+    let failed = wait_phase(&client, name, "Failed", secs(300)).await;
+    set_node_rules(&client, "[]").await?;
+    let failed = failed?;
+    let message = stage_message(&failed);
+    ensure!(
+        message.contains("illegal memory access"),
+        "the run's conditions do not carry the pod's termination message: {message}"
+    );
+    ensure!(
+        failed.data["status"]["stages"]["warmup"]["failures"] == json!(2),
+        "expected 2 failed attempts (1 retry): {}",
+        failed.data["status"]
+    );
+    // Each attempt is its own Job, kept for its logs.
+    let jobs = jobs_of(&client, name).await?;
+    ensure!(
+        jobs.len() == 2,
+        "expected one Job per attempt, found {}",
+        jobs.len()
+    );
+    let events: Vec<String> = events_about(&client, name)
+        .await?
+        .iter()
+        .map(event_text)
+        .collect();
+    ensure!(
+        events
+            .iter()
+            .any(|e| e.starts_with("Warning") && e.contains("illegal memory access")),
+        "no Warning Event with the reason: {events:#?}"
+    );
+    delete_run(&client, name).await
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s05_oomkilled_and_unschedulable_pods_show_in_the_condition_and_an_event() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let api = rltruns(&client);
+
+    // Unschedulable: more GPUs than any node has.
+    let name = "e2e-nogpu";
+    delete_run(&client, name).await?;
+    let mut run = tiny_run(name)?;
+    run.data["spec"]["device"] = json!("cpu");
+    run.data["spec"]["warmup"]["resources"] =
+        json!({"requests": {"nvidia.com/gpu": 64}, "limits": {"nvidia.com/gpu": 64}});
+    apply_run(&api, &run).await?;
+    let run = wait_for(
+        "Unschedulable in the run's condition",
+        secs(120),
+        async || {
+            let run = api.get(name).await?;
+            Ok(stage_message(&run).contains("nschedulable").then_some(run))
+        },
+    )
+    .await?;
+    ensure!(phase(&run) == "WarmUp", "phase {}", phase(&run));
+    let events = events_about(&client, name).await?;
+    ensure!(
+        events
+            .iter()
+            .any(|e| event_text(e).contains("nschedulable")),
+        "no Unschedulable Event: {:#?}",
+        events.iter().map(event_text).collect::<Vec<_>>()
+    );
+    delete_run(&client, name).await?;
+
+    if !node_rules_supported() {
+        eprintln!("skipping OOMKilled: this provider cannot inject an OOM kill");
+        return Ok(());
+    }
+    let name = "e2e-oom";
+    delete_run(&client, name).await?;
+    set_node_rules(
+        &client,
+        &format!(
+            "- selector: rlt.dev/run={name},rlt.dev/stage=warmup\n  action: oomkill\n  after: 1s\n"
+        ),
+    )
+    .await?;
+    let mut run = tiny_run(name)?;
+    run.data["spec"]["failurePolicy"] = json!({"retries": 0});
+    apply_run(&api, &run).await?;
+    let failed = wait_phase(&client, name, "Failed", secs(180)).await;
+    set_node_rules(&client, "[]").await?;
+    let failed = failed?;
+    ensure!(
+        stage_message(&failed).contains("OOMKilled"),
+        "OOMKilled not in the conditions: {}",
+        stage_message(&failed)
+    );
+    let events = events_about(&client, name).await?;
+    ensure!(
+        events.iter().any(|e| event_text(e).contains("OOMKilled")),
+        "no OOMKilled Event: {:#?}",
+        events.iter().map(event_text).collect::<Vec<_>>()
+    );
+    delete_run(&client, name).await
+}
+
+/// The operator's pods (the chart's Deployment).
+async fn operator_pods(client: &Client) -> Result<Vec<Pod>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let lp = ListParams::default().labels("app.kubernetes.io/name=rlt-operator");
+    Ok(pods
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect())
+}
+
+/// SIGKILLs the operator: a pod deleted with no grace period (the kubelet, or the node agent,
+/// kills its process at once); the Deployment starts a new one.
+async fn kill_operator(client: &Client, pod: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    pods.delete(pod, &DeleteParams::default().grace_period(0))
+        .await?;
+    Ok(())
+}
+
+/// The children of a run, by kind and name, counted (a duplicate shows as two names for one
+/// stage attempt).
+async fn child_names(client: &Client, name: &str) -> Result<BTreeMap<String, Vec<String>>> {
+    let ns = namespace();
+    let sel = run_selector(name);
+    let mut out = BTreeMap::new();
+    let names = |items: Vec<kube::api::ObjectMeta>| {
+        items.into_iter().filter_map(|m| m.name).collect::<Vec<_>>()
+    };
+    out.insert(
+        "Job".into(),
+        names(
+            jobs_of(client, name)
+                .await?
+                .into_iter()
+                .map(|j| j.metadata)
+                .collect(),
+        ),
+    );
+    out.insert(
+        "StatefulSet".into(),
+        names(
+            Api::<StatefulSet>::namespaced(client.clone(), &ns)
+                .list(&sel)
+                .await?
+                .items
+                .into_iter()
+                .map(|o| o.metadata)
+                .collect(),
+        ),
+    );
+    out.insert(
+        "ConfigMap".into(),
+        names(
+            Api::<ConfigMap>::namespaced(client.clone(), &ns)
+                .list(&sel)
+                .await?
+                .items
+                .into_iter()
+                .map(|o| o.metadata)
+                .collect(),
+        ),
+    );
+    Ok(out)
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s06_an_operator_killed_at_every_phase_boundary_leaves_no_duplicates() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let name = "e2e-crash";
+    delete_run(&client, name).await?;
+    let api = rltruns(&client);
+    apply_run(&api, &tiny_run(name)?).await?;
+    let mut last = String::new();
+    let mut kills = 0;
+    wait_for(
+        "the run to succeed across operator kills",
+        secs(900),
+        async || {
+            let run = api.get(name).await?;
+            let p = phase(&run).to_string();
+            if p != last {
+                if p != "Succeeded" && p != "Failed" {
+                    for pod in operator_pods(&client).await? {
+                        eprintln!("{name}: {p}: killing operator pod {:?}", pod.metadata.name);
+                        kill_operator(&client, pod.metadata.name.as_deref().unwrap()).await?;
+                        kills += 1;
+                    }
+                }
+                last = p.clone();
+            }
+            match p.as_str() {
+                "Succeeded" => Ok(Some(())),
+                "Failed" => bail!("{name} failed: {}", run.data["status"]),
+                _ => Ok(None),
+            }
+        },
+    )
+    .await?;
+    ensure!(kills >= 3, "the operator was killed only {kills} times");
+    let children = child_names(&client, name).await?;
+    eprintln!("{name}: children {children:?}");
+    // One Job per stage (and student), attempt 0: no duplicates, no extra attempts.
+    let jobs = &children["Job"];
+    ensure!(
+        jobs.len() == 3 && jobs.iter().all(|j| j.ends_with("-0")),
+        "duplicate or extra Jobs after operator restarts: {jobs:?}"
+    );
+    ensure!(children["ConfigMap"].len() == 1, "{children:?}");
+    delete_run(&client, name).await
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s07_with_two_replicas_the_standby_takes_over_and_only_the_leader_writes() -> Result<()> {
+    let client = client().await?;
+    install_operator(&["--set", "replicaCount=2"])?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let holder = |l: &Lease| {
+        l.spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.clone())
+            .unwrap_or_default()
+    };
+    let first = wait_for("a leader", secs(60), async || {
+        Ok(leases
+            .get_opt(RELEASE)
+            .await?
+            .map(|l| holder(&l))
+            .filter(|h| !h.is_empty()))
+    })
+    .await?;
+    let duration = leases
+        .get(RELEASE)
+        .await?
+        .spec
+        .unwrap()
+        .lease_duration_seconds
+        .unwrap_or(15);
+    eprintln!("leader {first}, lease {duration}s");
+
+    let since = now_rfc3339();
+    let name = "e2e-ha";
+    delete_run(&client, name).await?;
+    let api = rltruns(&client);
+    apply_run(&api, &tiny_run(name)?).await?;
+    wait_phase(&client, name, "RL", secs(300)).await?;
+
+    kill_operator(&client, &first).await?;
+    let killed = std::time::Instant::now();
+    let second = wait_for("another leader", secs(duration as u64 * 3), async || {
+        let h = leases.get(RELEASE).await.map(|l| holder(&l))?;
+        Ok((!h.is_empty() && h != first).then_some(h))
+    })
+    .await?;
+    let took = killed.elapsed();
+    eprintln!("{second} took over after {took:?}");
+    ensure!(
+        took.as_secs() <= duration as u64 + 5,
+        "takeover took {took:?}, lease is {duration}s"
+    );
+    wait_phase(&client, name, "Succeeded", secs(600)).await?;
+
+    if let Some(log) = audit_log() {
+        // Each replica authenticates with a token bound to its pod, so the audit log says
+        // which replica wrote: the first leader only before the second acquired the Lease,
+        // the second only after, nobody else. Lease writes are the election itself.
+        let acquired = leases
+            .get(RELEASE)
+            .await?
+            .spec
+            .unwrap()
+            .acquire_time
+            .map(|t| t.0.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string());
+        let acquired = acquired.context("the Lease has no acquireTime")?;
+        let writes: Vec<_> = audit_entries(&log, &since)?
+            .into_iter()
+            .filter(|e| e.user == OPERATOR_USER && is_write(&e.verb) && e.code < 400)
+            .filter(|e| !e.uri.contains("/leases/"))
+            .collect();
+        let mut by_pod: BTreeMap<&str, usize> = BTreeMap::new();
+        for w in &writes {
+            *by_pod.entry(w.pod.as_str()).or_default() += 1;
+            let ok = (w.pod == first && w.at.as_str() <= acquired.as_str())
+                || (w.pod == second && w.at.as_str() >= acquired.as_str());
+            ensure!(
+                ok,
+                "a write by {} outside its leadership ({second} acquired the Lease at {acquired}): {w:?}",
+                w.pod
+            );
+        }
+        eprintln!("operator writes by replica: {by_pod:?}");
+        ensure!(
+            by_pod.contains_key(second.as_str()),
+            "the new leader never wrote"
+        );
+    } else {
+        eprintln!("no audit log on this provider: single-writer check skipped");
+    }
+    install_operator(&["--set", "replicaCount=1"])?;
+    delete_run(&client, name).await
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s08_suspend_during_rl_removes_the_pods_and_resume_continues_as_a_new_attempt() -> Result<()>
+{
+    let client = client().await?;
+    install_operator(&[])?;
+    let name = "e2e-suspend";
+    delete_run(&client, name).await?;
+    let api = rltruns(&client);
+    let mut run = tiny_run(name)?;
+    run.data["spec"]["rl"]["steps"] = json!(200);
+    apply_run(&api, &run).await?;
+    wait_for("RL past its first checkpoint", secs(300), async || {
+        let run = api.get(name).await?;
+        let step = run.data["status"]["training"]["step"].as_u64().unwrap_or(0);
+        Ok((phase(&run) == "RL" && step >= 5).then_some(()))
+    })
+    .await?;
+    let patch = json!({"spec": {"suspend": true}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    wait_phase(&client, name, "Suspended", secs(60)).await?;
+    wait_for("the RL pods to be gone", secs(120), async || {
+        let pods = pods_of(&client, &format!("rlt.dev/run={name}")).await?;
+        Ok(pods.is_empty().then_some(()))
+    })
+    .await?;
+    let suspended = api.get(name).await?;
+    let attempt_before = suspended.data["status"]["stages"]["rl"]["attempt"]
+        .as_u64()
+        .unwrap_or(0);
+    let step_before = suspended.data["status"]["training"]["step"]
+        .as_u64()
+        .unwrap_or(0);
+    let patch = json!({"spec": {"suspend": false}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let resumed = wait_for("RL to resume as a new attempt", secs(120), async || {
+        let run = api.get(name).await?;
+        let a = run.data["status"]["stages"]["rl"]["attempt"]
+            .as_u64()
+            .unwrap_or(0);
+        Ok((phase(&run) == "RL" && a == attempt_before + 1).then_some(run))
+    })
+    .await?;
+    eprintln!(
+        "{name}: suspended at step {step_before}, resumed as attempt {}",
+        attempt(&resumed)
+    );
+    // Continuing from the last checkpoint: the first figures of the new attempt are past 0.
+    let first_step = wait_for("figures of the resumed attempt", secs(180), async || {
+        let run = api.get(name).await?;
+        if phase(&run) != "RL" {
+            return Ok(Some(u64::MAX));
+        }
+        Ok(run.data["status"]["training"]["step"]
+            .as_u64()
+            .filter(|s| *s > 0))
+    })
+    .await?;
+    ensure!(first_step > 0, "resumed from scratch");
+    wait_phase(&client, name, "Succeeded", secs(600)).await?;
+    delete_run(&client, name).await
+}
+
+/// Writes by the operator's user in the audit log since `since` that touch `name`.
+fn operator_writes(log: &std::path::Path, since: &str, name: &str) -> Result<Vec<String>> {
+    Ok(audit_entries(log, since)?
+        .into_iter()
+        .filter(|e| e.user == OPERATOR_USER && is_write(&e.verb))
+        .filter(|e| e.uri.contains(name))
+        .map(|e| format!("{} {} {} {}", e.at, e.verb, e.uri, e.code))
+        .collect())
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s09_the_operator_is_quiet_when_nothing_changes() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let api = rltruns(&client);
+    // A finished run, and one whose warm-up runs for a long time.
+    let done = "e2e-idle-done";
+    let waiting = "e2e-idle-wait";
+    for n in [done, waiting] {
+        delete_run(&client, n).await?;
+    }
+    if node_rules_supported() {
+        set_node_rules(
+            &client,
+            &format!("- selector: rlt.dev/run={waiting}\n  action: simulate\n  after: 600s\n"),
+        )
+        .await?;
+    }
+    let mut long = tiny_run(waiting)?;
+    long.data["spec"]["warmup"]["epochs"] = json!(200);
+    apply_run(&api, &tiny_run(done)?).await?;
+    apply_run(&api, &long).await?;
+    wait_phase(&client, done, "Succeeded", secs(600)).await?;
+    wait_phase(&client, waiting, "WarmUp", secs(60)).await?;
+    // Let the last status writes and pod churn settle (debounce, Job controller).
+    tokio::time::sleep(secs(10)).await;
+    let rv = |o: &kube::api::DynamicObject| o.metadata.resource_version.clone();
+    let before = [rv(&api.get(done).await?), rv(&api.get(waiting).await?)];
+    let since = now_rfc3339();
+    tokio::time::sleep(secs(60)).await;
+    let after = [rv(&api.get(done).await?), rv(&api.get(waiting).await?)];
+    if node_rules_supported() {
+        set_node_rules(&client, "[]").await?;
+    }
+    ensure!(
+        before == after,
+        "a run's resourceVersion changed while idle: {before:?} -> {after:?}"
+    );
+    match audit_log() {
+        Some(log) => {
+            for n in [done, waiting] {
+                let writes = operator_writes(&log, &since, n)?;
+                ensure!(
+                    writes.is_empty(),
+                    "the operator wrote for idle run {n} in 60 s:\n{}",
+                    writes.join("\n")
+                );
+            }
+        }
+        None => eprintln!("no audit log on this provider: checked resourceVersions only"),
+    }
+    for n in [done, waiting] {
+        delete_run(&client, n).await?;
+    }
+    Ok(())
+}
+
+fn tempdir(label: &str) -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("rlt-e2e-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).context("temp dir")?;
+    Ok(dir)
+}

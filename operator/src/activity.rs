@@ -1,0 +1,260 @@
+//! What the reconciler needs to know about a run's stage workloads beyond
+//! [`crate::observe`]: which Job pods are still alive (a new attempt starts only once the
+//! previous attempt's pods are gone), which attempts ended with the trainer's
+//! bad-configuration exit code (not retried), and why a Job has no pods at all (its
+//! `FailedCreate` Events: quota, admission; Jobs have no condition for it). Pure functions of
+//! the API objects; the controller lists a Job's Events only when it has had no pods for a
+//! while, so a healthy run costs no extra request.
+use crate::children::{Stage, CONTAINER, LABEL_ATTEMPT, LABEL_STAGE, LABEL_STUDENT};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::jiff::Timestamp;
+use std::time::Duration;
+
+/// Set by the Job controller on every pod of a Job.
+pub const LABEL_JOB_NAME: &str = "batch.kubernetes.io/job-name";
+
+/// The trainer's exit code for a configuration it cannot run (retrying cannot help).
+// TODO: move to rlt_api::contract (owned with the stage contract) and share with the trainer.
+pub const EXIT_BAD_CONFIG: i32 = 2;
+
+/// How long a Job may have no pods before its Events are read.
+pub const PODLESS_GRACE: Duration = Duration::from_secs(10);
+
+/// A pod of a stage attempt, by its labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodRef {
+    pub name: String,
+    pub stage: Option<Stage>,
+    pub attempt: Option<u32>,
+    pub student: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Activity {
+    /// Job pods not yet terminal (pending, running or terminating).
+    pub live: Vec<PodRef>,
+    /// Pods whose trainer exited with [`EXIT_BAD_CONFIG`].
+    pub bad_config: Vec<PodRef>,
+    /// Jobs without pods, with the message of their latest `FailedCreate` Event.
+    pub failed_create: Vec<(String, String)>,
+}
+
+impl Activity {
+    pub fn from_pods(pods: &[Pod]) -> Activity {
+        Activity {
+            live: pods
+                .iter()
+                .filter(|p| is_job_pod(p) && !is_terminal(p))
+                .map(pod_ref)
+                .collect(),
+            bad_config: pods
+                .iter()
+                .filter(|p| exited_with(p, EXIT_BAD_CONFIG))
+                .map(pod_ref)
+                .collect(),
+            failed_create: Vec::new(),
+        }
+    }
+
+    /// A live pod of an earlier attempt of `stage`, if any.
+    pub fn earlier_attempt_alive(&self, stage: Stage, attempt: u32) -> Option<&PodRef> {
+        self.live
+            .iter()
+            .find(|p| p.stage == Some(stage) && p.attempt.is_some_and(|a| a < attempt))
+    }
+
+    /// Whether a pod of this attempt (and student) exited with a bad configuration.
+    pub fn bad_config(&self, stage: Stage, attempt: u32, student: Option<&str>) -> bool {
+        self.bad_config.iter().any(|p| {
+            p.stage == Some(stage)
+                && p.attempt == Some(attempt)
+                && (student.is_none() || p.student.as_deref() == student)
+        })
+    }
+
+    pub fn failed_create(&self, job: &str) -> Option<&str> {
+        self.failed_create
+            .iter()
+            .find(|(j, _)| j == job)
+            .map(|(_, m)| m.as_str())
+    }
+}
+
+fn pod_ref(pod: &Pod) -> PodRef {
+    let label = |k: &str| pod.metadata.labels.as_ref().and_then(|l| l.get(k)).cloned();
+    PodRef {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        stage: label(LABEL_STAGE).as_deref().and_then(Stage::from_label),
+        attempt: label(LABEL_ATTEMPT).and_then(|a| a.parse().ok()),
+        student: label(LABEL_STUDENT),
+    }
+}
+
+fn job_name_of(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_JOB_NAME))
+        .map(String::as_str)
+}
+
+fn is_job_pod(pod: &Pod) -> bool {
+    job_name_of(pod).is_some()
+}
+
+/// A pod that will not run again: Succeeded or Failed. A terminating pod (deletion requested)
+/// is alive until its phase says otherwise or it is gone from the API.
+fn is_terminal(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded") | Some("Failed")
+    )
+}
+
+fn exited_with(pod: &Pod, code: i32) -> bool {
+    pod.status
+        .iter()
+        .flat_map(|s| s.container_statuses.iter().flatten())
+        .filter(|c| c.name == CONTAINER)
+        .flat_map(|c| {
+            [
+                c.state.as_ref().and_then(|s| s.terminated.as_ref()),
+                c.last_state.as_ref().and_then(|s| s.terminated.as_ref()),
+            ]
+        })
+        .flatten()
+        .any(|t| t.exit_code == code)
+}
+
+/// A Job that is not finished but has had no pod at all for `min_age` since its creation
+/// (e.g. [`PODLESS_GRACE`]): the Job controller could not create them, and says why only in
+/// Events.
+pub fn is_podless(job: &Job, pods: &[Pod], now: Timestamp, min_age: Duration) -> bool {
+    let name = job.metadata.name.as_deref();
+    let counted = job.status.as_ref().map_or(0, |s| {
+        s.active.unwrap_or(0)
+            + s.succeeded.unwrap_or(0)
+            + s.failed.unwrap_or(0)
+            + s.terminating.unwrap_or(0)
+    });
+    let finished = job
+        .status
+        .iter()
+        .flat_map(|s| s.conditions.iter().flatten())
+        .any(|c| c.status == "True" && (c.type_ == "Complete" || c.type_ == "Failed"));
+    let old_enough = job
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .is_some_and(|t| now.duration_since(t.0).as_secs() >= min_age.as_secs() as i64);
+    counted == 0 && !finished && old_enough && !pods.iter().any(|p| job_name_of(p) == name)
+}
+
+/// The field selector of a Job's `FailedCreate` Events.
+pub fn failed_create_selector(job: &Job) -> Option<String> {
+    let uid = job.metadata.uid.as_deref()?;
+    Some(format!("involvedObject.uid={uid},reason=FailedCreate"))
+}
+
+/// The message of the most recent `FailedCreate` Event.
+pub fn latest_failed_create(events: &[Event]) -> Option<String> {
+    let when = |e: &Event| {
+        e.series
+            .as_ref()
+            .and_then(|s| s.last_observed_time.as_ref().map(|t| t.0))
+            .or(e.last_timestamp.as_ref().map(|t| t.0))
+            .or(e.event_time.as_ref().map(|t| t.0))
+            .or(e.first_timestamp.as_ref().map(|t| t.0))
+    };
+    events
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("FailedCreate"))
+        .max_by_key(|e| when(e))
+        .map(|e| e.message.clone().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(labels: serde_json::Value, status: serde_json::Value) -> Pod {
+        serde_json::from_value(
+            json!({"metadata": {"name": "p", "labels": labels}, "status": status}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn live_job_pods_are_those_not_yet_terminal() {
+        let labels = json!({"rlt.dev/stage": "warmup", "rlt.dev/attempt": "0",
+            "batch.kubernetes.io/job-name": "r-warmup-0"});
+        let pods = [
+            pod(labels.clone(), json!({"phase": "Running"})),
+            pod(labels.clone(), json!({"phase": "Failed"})),
+            // A parameter server is no Job pod: it never blocks a new attempt.
+            pod(
+                json!({"rlt.dev/stage": "rl", "rlt.dev/attempt": "0"}),
+                json!({"phase": "Running"}),
+            ),
+        ];
+        let a = Activity::from_pods(&pods);
+        assert_eq!(a.live.len(), 1);
+        assert!(a.earlier_attempt_alive(Stage::Warmup, 1).is_some());
+        assert!(a.earlier_attempt_alive(Stage::Warmup, 0).is_none());
+        assert!(a.earlier_attempt_alive(Stage::Rl, 1).is_none());
+    }
+
+    #[test]
+    fn bad_configuration_is_the_trainers_exit_code_2() {
+        let labels = json!({"rlt.dev/stage": "rl", "rlt.dev/attempt": "3"});
+        let exited = |code: i32| {
+            pod(
+                labels.clone(),
+                json!({"phase": "Failed", "containerStatuses": [{"name": "trainer", "image": "i",
+                "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": code, "reason": "Error"}}}]}),
+            )
+        };
+        assert!(Activity::from_pods(&[exited(2)]).bad_config(Stage::Rl, 3, None));
+        assert!(!Activity::from_pods(&[exited(2)]).bad_config(Stage::Rl, 2, None));
+        assert!(!Activity::from_pods(&[exited(1)]).bad_config(Stage::Rl, 3, None));
+    }
+
+    #[test]
+    fn a_job_without_pods_for_a_while_is_podless_and_its_latest_failed_create_says_why() {
+        let now = Timestamp::from_second(1_000_000).unwrap();
+        let job = |age: i64, status: serde_json::Value| -> Job {
+            serde_json::from_value(json!({"metadata": {"name": "j", "uid": "u-1",
+                "creationTimestamp": Timestamp::from_second(1_000_000 - age).unwrap().to_string()},
+                "status": status}))
+            .unwrap()
+        };
+        let grace = PODLESS_GRACE;
+        assert!(is_podless(&job(30, json!({})), &[], now, grace));
+        assert!(
+            !is_podless(&job(3, json!({})), &[], now, grace),
+            "too young"
+        );
+        assert!(is_podless(&job(3, json!({})), &[], now, Duration::ZERO));
+        assert!(!is_podless(&job(30, json!({"active": 1})), &[], now, grace));
+        let mine = pod(json!({"batch.kubernetes.io/job-name": "j"}), json!({}));
+        assert!(!is_podless(&job(30, json!({})), &[mine], now, grace));
+        assert_eq!(
+            failed_create_selector(&job(30, json!({}))).as_deref(),
+            Some("involvedObject.uid=u-1,reason=FailedCreate")
+        );
+        let ev = |msg: &str, at: i64| -> Event {
+            serde_json::from_value(json!({"metadata": {"name": msg}, "involvedObject": {},
+                "reason": "FailedCreate", "message": msg,
+                "lastTimestamp": Timestamp::from_second(at).unwrap().to_string()}))
+            .unwrap()
+        };
+        assert_eq!(
+            latest_failed_create(&[ev("old", 10), ev("new", 20), ev("older", 5)]).as_deref(),
+            Some("new")
+        );
+        assert_eq!(latest_failed_create(&[]), None);
+    }
+}

@@ -1,0 +1,131 @@
+//! Child object names. Every name is a pure function of the run's name (at most
+//! [`MAX_RUN_NAME`](rlt_api::spec::MAX_RUN_NAME) characters, a DNS label starting with a
+//! letter), a student's name (at most [`MAX_STUDENT_NAME`](rlt_api::spec::MAX_STUDENT_NAME))
+//! and the stage attempt (at most [`MAX_ATTEMPT_DIGITS`](rlt_api::spec::MAX_ATTEMPT_DIGITS)
+//! digits), sized so that the names the API server derives from them (an Indexed Job's pod
+//! hostnames `<job>-<index>`, a StatefulSet's pods `<set>-<ordinal>`) stay 63-character DNS
+//! labels.
+use super::Stage;
+
+pub fn config_map(run: &str) -> String {
+    format!("{run}-config")
+}
+pub fn workspace(run: &str) -> String {
+    format!("{run}-workspace")
+}
+pub fn warmup_job(run: &str, attempt: u32) -> String {
+    format!("{run}-warmup-{attempt}")
+}
+/// The headless Service of the parameter servers (one per run, across attempts): the
+/// subdomain of every shard's DNS name.
+pub fn param_servers(run: &str) -> String {
+    format!("{run}-ps")
+}
+/// The parameter-server StatefulSet of one RL attempt. A new attempt gets a new set (never a
+/// rolling update of the old one under running learners), and the old set is deleted.
+pub fn param_server_set(run: &str, attempt: u32) -> String {
+    format!("{run}-ps-{attempt}")
+}
+/// The attempt of a parameter-server StatefulSet of `run`, from its name.
+pub fn param_server_set_attempt(name: &str, run: &str) -> Option<u32> {
+    let attempt = name.strip_prefix(run)?.strip_prefix("-ps-")?;
+    if attempt.is_empty() || !attempt.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    attempt.parse().ok()
+}
+/// The pod of one parameter-server shard (the StatefulSet names it `<set>-<ordinal>`).
+pub fn param_server_pod(run: &str, attempt: u32, shard: u32) -> String {
+    format!("{}-{shard}", param_server_set(run, attempt))
+}
+/// Stable DNS name of one shard: `<pod>.<headless service>.<namespace>.svc`.
+pub fn param_server_host(run: &str, namespace: &str, attempt: u32, shard: u32) -> String {
+    format!(
+        "{}.{}.{namespace}.svc",
+        param_server_pod(run, attempt, shard),
+        param_servers(run)
+    )
+}
+pub fn learner_job(run: &str, attempt: u32) -> String {
+    format!("{run}-learner-{attempt}")
+}
+pub fn distill_job(run: &str, student: &str, attempt: u32) -> String {
+    format!("{run}-distill-{student}-{attempt}")
+}
+/// `host:port` of every parameter-server shard of an attempt, in shard order.
+pub fn param_server_addresses(
+    run: &str,
+    namespace: &str,
+    attempt: u32,
+    shards: u32,
+    port: u16,
+) -> String {
+    (0..shards)
+        .map(|i| format!("{}:{port}", param_server_host(run, namespace, attempt, i)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+pub fn stage_of_job(name: &str, run: &str) -> Option<Stage> {
+    let rest = name.strip_prefix(run)?.strip_prefix('-')?;
+    if rest.starts_with("warmup-") {
+        Some(Stage::Warmup)
+    } else if rest.starts_with("learner-") {
+        Some(Stage::Rl)
+    } else if rest.starts_with("distill-") {
+        Some(Stage::Distillation)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rlt_api::spec::{MAX_ATTEMPT_DIGITS, MAX_RUN_NAME, MAX_STUDENT_NAME};
+
+    fn dns_label(s: &str) -> bool {
+        s.len() <= 63
+            && s.starts_with(|c: char| c.is_ascii_lowercase())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.ends_with('-')
+    }
+
+    #[test]
+    fn the_longest_names_stay_dns_labels_with_their_derived_names() {
+        let run = "r".repeat(MAX_RUN_NAME);
+        let student = "s".repeat(MAX_STUDENT_NAME);
+        let attempt: u32 = "9".repeat(MAX_ATTEMPT_DIGITS).parse().unwrap();
+        // Indexed Job pods get the hostname `<job>-<index>`; a StatefulSet's pods are
+        // `<set>-<ordinal>` and carry `controller-revision-hash: <set>-<10-char hash>`.
+        let derived = [
+            format!("{}-0", warmup_job(&run, attempt)),
+            format!("{}-1023", learner_job(&run, attempt)),
+            format!("{}-0", distill_job(&run, &student, attempt)),
+            param_server_pod(&run, attempt, 63),
+            format!("{}-{}", param_server_set(&run, attempt), "h".repeat(10)),
+            param_servers(&run),
+            workspace(&run),
+            config_map(&run),
+        ];
+        for name in derived {
+            assert!(dns_label(&name), "{name} ({} chars)", name.len());
+        }
+        for label in param_server_host(&run, "ns", attempt, 63).split('.') {
+            assert!(label.len() <= 63, "{label}");
+        }
+    }
+
+    #[test]
+    fn param_server_sets_are_told_apart_by_attempt() {
+        assert_eq!(param_server_set_attempt("run-ps-3", "run"), Some(3));
+        assert_eq!(param_server_set_attempt("run-ps", "run"), None);
+        assert_eq!(param_server_set_attempt("run-ps-3", "ru"), None);
+        assert_eq!(param_server_set_attempt("run-2-ps-3", "run"), None);
+        assert_eq!(param_server_set_attempt("run-ps-x", "run"), None);
+        assert_eq!(
+            param_server_addresses("run", "ml", 2, 2, 50051),
+            "run-ps-2-0.run-ps.ml.svc:50051,run-ps-2-1.run-ps.ml.svc:50051"
+        );
+    }
+}

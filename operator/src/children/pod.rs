@@ -1,0 +1,295 @@
+//! The pod template every stage pod shares: one `trainer` container running
+//! `rlt-trainer <role>` with the stage contract's environment, the run configuration, the
+//! workspace and two scratch volumes, hardened for a restricted namespace. One builder per
+//! concern: [`env`], [`container`], [`volumes`], [`security`].
+use super::{names, Ctx, Stage, CONTAINER, LABEL_STUDENT, RUN_AS};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, LocalObjectReference, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use rlt_api::contract::{self, env, Role};
+use rlt_api::spec::{Device, Scheduling, Student};
+
+/// Size of the `/dev/shm` volume when the pod has no memory limit (a memory-backed emptyDir
+/// counts against the pod's memory; with a limit, the limit bounds it).
+pub const DEFAULT_SHM_SIZE: &str = "8Gi";
+/// Scratch directory (HOME, TMPDIR, caches) under the read-only root filesystem.
+pub const SCRATCH_DIR: &str = "/tmp";
+
+/// What distinguishes one role's pods: the rest of the pod is the same for every role.
+pub(super) struct PodParts<'a> {
+    pub stage: Stage,
+    pub role: Role,
+    pub attempt: u32,
+    pub resources: Option<&'a ResourceRequirements>,
+    pub scheduling: &'a Scheduling,
+    pub replicas: u32,
+    /// How the pod learns its index: a fixed env, or a downward-API field.
+    pub index: EnvVar,
+    pub student: Option<&'a Student>,
+    pub restart_policy: &'static str,
+    pub rpc_port: bool,
+}
+
+pub(super) fn plain(name: &str, value: impl ToString) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.to_string()),
+        ..Default::default()
+    }
+}
+
+pub(super) fn from_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn wants_gpu(resources: Option<&ResourceRequirements>) -> bool {
+    resources
+        .map(|r| {
+            [&r.limits, &r.requests]
+                .into_iter()
+                .flatten()
+                .any(|m| m.contains_key("nvidia.com/gpu"))
+        })
+        .unwrap_or(false)
+}
+
+/// The container's environment, one entry per name (the API server refuses a pod template
+/// whose `env`, a list-map keyed by name, repeats one): the stage contract, then the
+/// operator's `HOME`/`TMPDIR` unless the run sets them, then the run's `env` (a later entry
+/// of the same name replaces an earlier one; `RLT_*` never replaces the contract: validation
+/// refuses it, and it is dropped here too).
+pub(super) fn env(ctx: &Ctx, p: &PodParts) -> Vec<EnvVar> {
+    let spec = &ctx.run.spec;
+    let device = match spec.device {
+        Device::Cpu => "cpu",
+        Device::Cuda => "cuda",
+        Device::Auto if wants_gpu(p.resources) => "cuda",
+        Device::Auto => "cpu",
+    };
+    let mut contract_env = vec![
+        plain(env::RUN_NAME, &ctx.name),
+        plain(env::WORKSPACE, contract::WORKSPACE_MOUNT_DIR),
+        plain(
+            env::CONFIG,
+            format!("{}/{}", contract::CONFIG_MOUNT_DIR, contract::CONFIG_FILE),
+        ),
+        plain(env::ATTEMPT, p.attempt),
+        p.index.clone(),
+        plain(env::REPLICAS, p.replicas),
+        plain(env::RPC_PORT, contract::DEFAULT_RPC_PORT),
+        plain(env::METRICS_PORT, contract::DEFAULT_METRICS_PORT),
+        plain(env::DEVICE, device),
+        plain(env::TERMINATION_LOG, contract::TERMINATION_LOG_PATH),
+    ];
+    if p.stage == Stage::Rl {
+        contract_env.push(plain(
+            env::PARAM_SERVERS,
+            names::param_server_addresses(
+                &ctx.name,
+                &ctx.namespace,
+                p.attempt,
+                spec.rl.param_servers,
+                contract::DEFAULT_RPC_PORT,
+            ),
+        ));
+    }
+    if let Some(s) = p.student {
+        contract_env.push(plain(env::STUDENT, &s.name));
+    }
+    // The root filesystem is read-only: caches and temp files go to the scratch volume.
+    let defaults = [plain("HOME", SCRATCH_DIR), plain("TMPDIR", SCRATCH_DIR)];
+    let mut out = contract_env;
+    for e in defaults.into_iter().chain(
+        spec.env
+            .iter()
+            .filter(|e| !e.name.starts_with("RLT_"))
+            .cloned(),
+    ) {
+        match out.iter_mut().find(|o| o.name == e.name) {
+            Some(existing) => *existing = e,
+            None => out.push(e),
+        }
+    }
+    out
+}
+
+/// The `trainer` container.
+pub(super) fn container(ctx: &Ctx, p: &PodParts) -> Container {
+    let spec = &ctx.run.spec;
+    let port = |name: &str, port: u16| ContainerPort {
+        name: Some(name.into()),
+        container_port: port as i32,
+        // Server-side apply merges `ports` by (containerPort, protocol): both must be set.
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    let mut ports = vec![port("metrics", contract::DEFAULT_METRICS_PORT)];
+    if p.rpc_port {
+        ports.insert(0, port("rpc", contract::DEFAULT_RPC_PORT));
+    }
+    let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    };
+    Container {
+        name: CONTAINER.into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: Some(
+            serde_json::to_value(spec.image_pull_policy)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .into(),
+        ),
+        command: Some(vec![
+            contract::TRAINER_BIN.into(),
+            p.role.subcommand().into(),
+        ]),
+        env: Some(env(ctx, p)),
+        ports: Some(ports),
+        resources: p.resources.cloned(),
+        volume_mounts: Some(vec![
+            mount("config", contract::CONFIG_MOUNT_DIR, true),
+            mount("workspace", contract::WORKSPACE_MOUNT_DIR, false),
+            mount("tmp", SCRATCH_DIR, false),
+            mount("shm", "/dev/shm", false),
+        ]),
+        // The trainer writes its final error here (RLT_TERMINATION_LOG); a crash that wrote
+        // nothing leaves the log's tail instead. Either way the run's condition says why.
+        termination_message_path: Some(contract::TERMINATION_LOG_PATH.into()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The run configuration (read-only), the workspace claim, the scratch directory and
+/// `/dev/shm` (memory-backed, bounded by the memory limit or [`DEFAULT_SHM_SIZE`]).
+pub(super) fn volumes(ctx: &Ctx, p: &PodParts) -> Vec<Volume> {
+    let shm_size = p
+        .resources
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("memory"))
+        .cloned()
+        .unwrap_or_else(|| Quantity(DEFAULT_SHM_SIZE.into()));
+    vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names::config_map(&ctx.name),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "workspace".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: ctx.claim_name(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+        Volume {
+            name: "shm".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(shm_size),
+            }),
+            ..Default::default()
+        },
+    ]
+}
+
+/// Non-root with the workspace group-writable for [`RUN_AS`]; the volume's ownership is
+/// changed only when its root does not already match (a large workspace is not walked on
+/// every pod start).
+pub(super) fn security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        fs_group: Some(RUN_AS),
+        fs_group_change_policy: Some("OnRootMismatch".into()),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Image pull secrets, one per name (a list-map in the pod spec).
+fn pull_secrets(secrets: &[LocalObjectReference]) -> Option<Vec<LocalObjectReference>> {
+    let mut out: Vec<LocalObjectReference> = Vec::new();
+    for s in secrets {
+        if !out.iter().any(|o| o.name == s.name) {
+            out.push(s.clone());
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+pub(super) fn pod_template(ctx: &Ctx, p: PodParts) -> PodTemplateSpec {
+    let spec = &ctx.run.spec;
+    let sched = p.scheduling.over(&spec.scheduling);
+    let mut labels = ctx.labels(Some(p.stage), Some(p.role), Some(p.attempt));
+    if let Some(s) = p.student {
+        labels.insert(LABEL_STUDENT.into(), s.name.clone());
+    }
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container(ctx, &p)],
+            restart_policy: Some(p.restart_policy.into()),
+            service_account_name: spec.service_account_name.clone(),
+            // The trainer never calls the API server: no token unless the run names an
+            // account (whose token it then presumably wants, e.g. for workload identity).
+            automount_service_account_token: spec.service_account_name.is_none().then_some(false),
+            // A namespace with many Services would otherwise flood the environment.
+            enable_service_links: Some(false),
+            image_pull_secrets: pull_secrets(&spec.image_pull_secrets),
+            node_selector: (!sched.node_selector.is_empty()).then_some(sched.node_selector),
+            tolerations: (!sched.tolerations.is_empty()).then_some(sched.tolerations),
+            affinity: sched.affinity,
+            priority_class_name: sched.priority_class_name,
+            scheduler_name: sched.scheduler_name,
+            security_context: Some(security()),
+            volumes: Some(volumes(ctx, &p)),
+            ..Default::default()
+        }),
+    }
+}

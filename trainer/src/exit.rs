@@ -1,0 +1,121 @@
+//! How a role ends when it fails, so whoever started it can act on it: the exit code tells a
+//! configuration that cannot run ([`BAD_CONFIG`]: do not retry) from a crash ([`CRASH`]:
+//! retrying may help), and the final error chain goes to stderr and, when
+//! `RLT_TERMINATION_LOG` is set (operator pods set it to their `terminationMessagePath`), to
+//! that file as the container's termination message, which the operator lifts into the
+//! run's condition and an Event.
+use rlt_api::contract::env;
+use std::path::Path;
+
+/// A failure that retrying may fix (I/O, a peer that went away, out of memory...).
+pub const CRASH: i32 = 1;
+/// The configuration cannot run: invalid flags or run configuration, a missing input.
+/// Also clap's exit code for usage errors.
+// TODO: move to rlt_api::contract (the operator reads it too).
+pub const BAD_CONFIG: i32 = 2;
+
+/// The kubelet reads at most this many bytes of a termination message.
+pub const TERMINATION_MESSAGE_MAX: usize = 4096;
+
+/// Marks an error as a bad configuration; its message is the inner error's, unchanged.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct BadConfig(#[from] pub anyhow::Error);
+
+/// Wraps an error as a bad configuration.
+pub fn bad_config(e: anyhow::Error) -> anyhow::Error {
+    BadConfig(e).into()
+}
+
+/// The exit code for an error: [`BAD_CONFIG`] when anything in its chain is a [`BadConfig`].
+pub fn code(e: &anyhow::Error) -> i32 {
+    if e.chain().any(|c| c.is::<BadConfig>()) {
+        BAD_CONFIG
+    } else {
+        CRASH
+    }
+}
+
+/// The error chain as one paragraph (one line: the operator shows the last line of a
+/// termination message) of at most [`TERMINATION_MESSAGE_MAX`] bytes. When too long, the
+/// start (what was being done) and the end (the root cause) are kept.
+pub fn termination_message(text: &str) -> String {
+    let one: String = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if one.len() <= TERMINATION_MESSAGE_MAX {
+        return one;
+    }
+    const CUT: &str = " \u{2026} ";
+    let half = (TERMINATION_MESSAGE_MAX - CUT.len()) / 2;
+    let mut head = half;
+    while !one.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = one.len() - half;
+    while !one.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{}{CUT}{}", &one[..head], &one[tail..])
+}
+
+/// Reports a failure at the process boundary (stderr, and the termination log when
+/// `RLT_TERMINATION_LOG` is set) and returns the exit code.
+pub fn report(e: &anyhow::Error) -> i32 {
+    let text = format!("{e:#}");
+    eprintln!("error: {text}");
+    write_termination_log(&text);
+    code(e)
+}
+
+/// Writes the termination message, if the environment asks for one. Best effort: a message
+/// that cannot be written must not hide the error itself (already on stderr).
+pub fn write_termination_log(text: &str) {
+    let Some(path) = std::env::var_os(env::TERMINATION_LOG).filter(|p| !p.is_empty()) else {
+        return;
+    };
+    let path = Path::new(&path);
+    if let Err(e) = std::fs::write(path, termination_message(text)) {
+        eprintln!(
+            "warning: could not write the termination message to {}: {e}",
+            path.display()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn bad_configuration_is_told_from_a_crash_through_context() {
+        let crash = anyhow::anyhow!("connection reset").context("pushing gradients");
+        assert_eq!(code(&crash), CRASH);
+        let bad = bad_config(anyhow::anyhow!("spec.teacher.path: no model checkpoint"))
+            .context("preparing the inputs");
+        assert_eq!(code(&bad), BAD_CONFIG);
+        assert_eq!(
+            format!("{bad:#}"),
+            "preparing the inputs: spec.teacher.path: no model checkpoint"
+        );
+        let r: anyhow::Result<()> = Err(anyhow::anyhow!("x"));
+        assert_eq!(code(&r.context("y").unwrap_err()), CRASH);
+    }
+
+    #[test]
+    fn the_termination_message_is_one_bounded_paragraph_keeping_both_ends() {
+        assert_eq!(
+            termination_message("reading x: invalid RltRun:\n  spec.a: bad\n\n  spec.b: bad\n"),
+            "reading x: invalid RltRun: spec.a: bad spec.b: bad"
+        );
+        let long = format!("start {} root cause", "\u{e9}".repeat(5000));
+        let m = termination_message(&long);
+        assert!(m.len() <= TERMINATION_MESSAGE_MAX, "{}", m.len());
+        assert!(m.starts_with("start ") && m.ends_with(" root cause"));
+        assert!(m.contains('\u{2026}'));
+    }
+}
