@@ -826,7 +826,7 @@ async fn s08_suspend_during_rl_removes_the_pods_and_resume_continues_as_a_new_at
         .await?;
     wait_phase(&client, name, "Suspended", secs(60)).await?;
     wait_for("the RL pods to be gone", secs(120), async || {
-        let pods = pods_of(&client, &format!("rlt.dev/run={name}")).await?;
+        let pods = pods_of(&client, &format!("rlt.dev/run={name},rlt.dev/stage=rl")).await?;
         Ok(pods.is_empty().then_some(()))
     })
     .await?;
