@@ -72,6 +72,10 @@ pub const TERMINATION_LOG_PATH: &str = "/dev/termination-log";
 /// [`TrainingFigures`] as JSON; the operator polls it while RL runs.
 pub const STATUS_PATH: &str = "/status";
 
+/// The trainer's exit code for a configuration it cannot run (a missing dataset or model, an
+/// invalid run): the operator does not retry it. Any other non-zero code is a crash (retried).
+pub const EXIT_BAD_CONFIG: i32 = 2;
+
 pub const DEFAULT_RPC_PORT: u16 = 50051;
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
 /// Where the operator mounts the ConfigMap with the rendered run configuration.

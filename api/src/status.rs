@@ -14,6 +14,8 @@ pub mod condition {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const SUCCEEDED: &str = "Succeeded";
     pub const FAILED: &str = "Failed";
+    /// A child write the API server refused, or a same-named object the run does not own.
+    pub const DEGRADED: &str = "Degraded";
 }
 
 /// Largest integer every JSON reader holds exactly (2^53 - 1): the bound of the u64 counters.

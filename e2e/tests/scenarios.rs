@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, ensure, Context, Result};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, ResourceQuota, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::Client;
@@ -450,6 +450,25 @@ fn stage_message(run: &kube::api::DynamicObject) -> String {
         .join(" | ")
 }
 
+/// Runs the tiny run with the node agent's `fault` (a rule's fields after its selector) on
+/// every warm-up pod, `retries` allowed; returns the run once Failed. The rule is cleared after.
+async fn fail_warmup_by_rule(
+    client: &Client,
+    name: &str,
+    fault: &str,
+    retries: u32,
+) -> Result<kube::api::DynamicObject> {
+    delete_run(client, name).await?;
+    let rule = format!("- selector: rlt.dev/run={name},rlt.dev/stage=warmup\n  {fault}\n");
+    set_node_rules(client, &rule).await?;
+    let mut run = tiny_run(name)?;
+    run.data["spec"]["failurePolicy"] = json!({ "retries": retries });
+    apply_run(&rltruns(client), &run).await?;
+    let failed = wait_phase(client, name, "Failed", secs(300)).await;
+    set_node_rules(client, "[]").await?;
+    failed
+}
+
 #[tokio::test]
 #[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
 async fn s04_a_failing_stage_is_retried_then_fails_the_run_with_the_pods_reason() -> Result<()> {
@@ -483,20 +502,8 @@ async fn s04_a_failing_stage_is_retried_then_fails_the_run_with_the_pods_reason(
     }
     // A crash (exit 1) is retried as a new attempt, then fails the run with the pod's message.
     let name = "e2e-crashloop";
-    delete_run(&client, name).await?;
-    set_node_rules(
-        &client,
-        &format!(
-            "- selector: rlt.dev/run={name},rlt.dev/stage=warmup\n  action: fail\n  after: 1s\n  exitCode: 1\n  message: \"CUDA error: an illegal memory access was encountered\"\n"
-        ),
-    )
-    .await?;
-    let mut run = tiny_run(name)?;
-    run.data["spec"]["failurePolicy"] = json!({"retries": 1});
-    apply_run(&api, &run).await?;
-    let failed = wait_phase(&client, name, "Failed", secs(300)).await;
-    set_node_rules(&client, "[]").await?;
-    let failed = failed?;
+    let fault = "action: fail\n  after: 1s\n  exitCode: 1\n  message: \"CUDA error: an illegal memory access was encountered\"";
+    let failed = fail_warmup_by_rule(&client, name, fault, 1).await?;
     let message = stage_message(&failed);
     ensure!(
         message.contains("illegal memory access"),
@@ -568,20 +575,7 @@ async fn s05_oomkilled_and_unschedulable_pods_show_in_the_condition_and_an_event
         return Ok(());
     }
     let name = "e2e-oom";
-    delete_run(&client, name).await?;
-    set_node_rules(
-        &client,
-        &format!(
-            "- selector: rlt.dev/run={name},rlt.dev/stage=warmup\n  action: oomkill\n  after: 1s\n"
-        ),
-    )
-    .await?;
-    let mut run = tiny_run(name)?;
-    run.data["spec"]["failurePolicy"] = json!({"retries": 0});
-    apply_run(&api, &run).await?;
-    let failed = wait_phase(&client, name, "Failed", secs(180)).await;
-    set_node_rules(&client, "[]").await?;
-    let failed = failed?;
+    let failed = fail_warmup_by_rule(&client, name, "action: oomkill\n  after: 1s", 0).await?;
     ensure!(
         stage_message(&failed).contains("OOMKilled"),
         "OOMKilled not in the conditions: {}",
@@ -593,6 +587,59 @@ async fn s05_oomkilled_and_unschedulable_pods_show_in_the_condition_and_an_event
         "no OOMKilled Event: {:#?}",
         events.iter().map(event_text).collect::<Vec<_>>()
     );
+    delete_run(&client, name).await
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s05b_a_job_whose_pods_are_refused_by_a_quota_shows_why_in_the_condition() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let name = "e2e-quota";
+    delete_run(&client, name).await?;
+    // No pods at all in the namespace: the Job controller's pod creation is refused by the
+    // ResourceQuota admission plugin, and the Job itself has no condition saying so.
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), &namespace());
+    let quota = json!({
+        "apiVersion": "v1", "kind": "ResourceQuota",
+        "metadata": {"name": "e2e-no-pods"},
+        "spec": {"hard": {"pods": "0"}},
+    });
+    quotas
+        .patch(
+            "e2e-no-pods",
+            &PatchParams::apply("rlt-e2e"),
+            &Patch::Apply(&quota),
+        )
+        .await?;
+    let api = rltruns(&client);
+    apply_run(&api, &tiny_run(name)?).await?;
+    let seen = wait_for(
+        "the quota refusal in the run's condition",
+        secs(120),
+        async || {
+            let run = api.get(name).await?;
+            Ok(stage_message(&run)
+                .contains("exceeded quota")
+                .then_some(run))
+        },
+    )
+    .await;
+    quotas
+        .delete("e2e-no-pods", &DeleteParams::default())
+        .await?;
+    let run = seen?;
+    eprintln!("{name}: {}", stage_message(&run));
+    let events = events_about(&client, name).await?;
+    ensure!(
+        events
+            .iter()
+            .any(|e| event_text(e).contains("exceeded quota")),
+        "no Event about the quota: {:#?}",
+        events.iter().map(event_text).collect::<Vec<_>>()
+    );
+    // With the quota gone the Job creates its pods and the run goes on.
+    wait_phase(&client, name, "Succeeded", secs(600)).await?;
     delete_run(&client, name).await
 }
 

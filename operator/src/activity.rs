@@ -14,9 +14,7 @@ use std::time::Duration;
 /// Set by the Job controller on every pod of a Job.
 pub const LABEL_JOB_NAME: &str = "batch.kubernetes.io/job-name";
 
-/// The trainer's exit code for a configuration it cannot run (retrying cannot help).
-// TODO: move to rlt_api::contract (owned with the stage contract) and share with the trainer.
-pub const EXIT_BAD_CONFIG: i32 = 2;
+pub use rlt_api::contract::EXIT_BAD_CONFIG;
 
 /// How long a Job may have no pods before its Events are read.
 pub const PODLESS_GRACE: Duration = Duration::from_secs(10);

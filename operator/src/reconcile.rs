@@ -54,9 +54,7 @@ pub const NOTE_MAX: usize = 1024;
 /// ... and actions and reasons longer than this.
 pub const ACTION_MAX: usize = 128;
 
-/// Condition type for child writes the API server refused (or a same-named object the run
-/// does not own). TODO: move to `rlt_api::status::condition` beside the others.
-pub const DEGRADED: &str = "Degraded";
+pub use rlt_api::status::condition::DEGRADED;
 /// `Degraded` reasons.
 pub const CHILD_REJECTED: &str = "ChildRejected";
 pub const CHILD_CONFLICT: &str = "ChildConflict";

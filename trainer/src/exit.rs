@@ -10,9 +10,8 @@ use std::path::Path;
 /// A failure that retrying may fix (I/O, a peer that went away, out of memory...).
 pub const CRASH: i32 = 1;
 /// The configuration cannot run: invalid flags or run configuration, a missing input.
-/// Also clap's exit code for usage errors.
-// TODO: move to rlt_api::contract (the operator reads it too).
-pub const BAD_CONFIG: i32 = 2;
+/// Also clap's exit code for usage errors. The operator reads it (the stage contract).
+pub const BAD_CONFIG: i32 = rlt_api::contract::EXIT_BAD_CONFIG;
 
 /// The kubelet reads at most this many bytes of a termination message.
 pub const TERMINATION_MESSAGE_MAX: usize = 4096;
