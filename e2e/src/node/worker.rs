@@ -166,6 +166,28 @@ fn slot_mut(view: &mut View, slot: Slot) -> &mut super::status::Container {
     }
 }
 
+/// Reports a container as ended, as a kubelet does (not ready, Terminated with its code,
+/// reason and termination message).
+fn terminate(
+    view: &mut View,
+    slot: Slot,
+    code: i32,
+    reason: &str,
+    message: Option<String>,
+    started_at: k8s_openapi::jiff::Timestamp,
+) {
+    let cs = slot_mut(view, slot);
+    cs.ready = false;
+    cs.state = State::Terminated {
+        exit_code: code,
+        reason: reason.into(),
+        message,
+        started_at: Some(started_at),
+        finished_at: now(),
+        container_id: cs.container_id.clone(),
+    };
+}
+
 /// The containers after the first are not run: they are reported running and ready while
 /// the first one runs.
 fn extras_running(view: &mut View) {
@@ -598,16 +620,7 @@ async fn run_container(
         termination::FALLBACK_BYTES as u64,
     );
     let message = termination::message(&file, code, c.termination_message_policy.as_deref(), &log);
-    let cs = slot_mut(view, slot);
-    cs.ready = false;
-    cs.state = State::Terminated {
-        exit_code: code,
-        reason: reason.into(),
-        message,
-        started_at: Some(started_at),
-        finished_at: now(),
-        container_id: cs.container_id.clone(),
-    };
+    terminate(view, slot, code, reason, message, started_at);
     tracing::info!(pod = %cx.who(), container = %c.name, exit_code = code, reason, "exited");
     match stop {
         Some(stop) => Err(stop),
@@ -696,16 +709,7 @@ async fn simulate(
             None,
         ),
     };
-    let cs = slot_mut(view, slot);
-    cs.ready = false;
-    cs.state = State::Terminated {
-        exit_code: code,
-        reason: reason.into(),
-        message,
-        started_at: Some(started_at),
-        finished_at: now(),
-        container_id: cs.container_id.clone(),
-    };
+    terminate(view, slot, code, reason, message, started_at);
     tracing::info!(pod = %cx.who(), container = %c.name, exit_code = code, reason, "exited (simulated)");
     match ended {
         Err(stop) => Err(stop),
