@@ -409,26 +409,8 @@ async fn s03_tiny_run_walks_every_phase_and_leaves_every_artifact() -> Result<()
         "every child of the run to be collected",
         secs(120),
         async || {
-            let sel = run_selector(name);
-            let ns = namespace();
-            let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns)
-                .list(&sel)
-                .await?;
-            let pvcs = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
-                .list(&sel)
-                .await?;
-            let sets = Api::<StatefulSet>::namespaced(client.clone(), &ns)
-                .list(&sel)
-                .await?;
-            let svcs = Api::<Service>::namespaced(client.clone(), &ns)
-                .list(&sel)
-                .await?;
-            let left = cms.items.len()
-                + pvcs.items.len()
-                + sets.items.len()
-                + svcs.items.len()
-                + jobs_of(&client, name).await?.len();
-            Ok((left == 0).then_some(()))
+            let left = children_by_kind(&client, name).await?;
+            Ok(left.values().all(Vec::is_empty).then_some(()))
         },
     )
     .await
@@ -665,50 +647,43 @@ async fn kill_operator(client: &Client, pod: &str) -> Result<()> {
     Ok(())
 }
 
-/// The children of a run, by kind and name, counted (a duplicate shows as two names for one
-/// stage attempt).
-async fn child_names(client: &Client, name: &str) -> Result<BTreeMap<String, Vec<String>>> {
-    let ns = namespace();
-    let sel = run_selector(name);
-    let mut out = BTreeMap::new();
-    let names = |items: Vec<kube::api::ObjectMeta>| {
-        items.into_iter().filter_map(|m| m.name).collect::<Vec<_>>()
-    };
-    out.insert(
-        "Job".into(),
-        names(
-            jobs_of(client, name)
-                .await?
-                .into_iter()
-                .map(|j| j.metadata)
-                .collect(),
+/// The names of a run's children of one kind (found by the run's label).
+async fn names_of<K>(client: &Client, name: &str) -> Result<Vec<String>>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), &namespace());
+    Ok(api
+        .list(&run_selector(name))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|o| o.meta().name.clone())
+        .collect())
+}
+
+/// Every kind of child a run has, with the names of those that exist (a duplicate shows as
+/// two names for one stage attempt).
+async fn children_by_kind(
+    client: &Client,
+    name: &str,
+) -> Result<BTreeMap<&'static str, Vec<String>>> {
+    Ok(BTreeMap::from([
+        ("ConfigMap", names_of::<ConfigMap>(client, name).await?),
+        (
+            "PersistentVolumeClaim",
+            names_of::<PersistentVolumeClaim>(client, name).await?,
         ),
-    );
-    out.insert(
-        "StatefulSet".into(),
-        names(
-            Api::<StatefulSet>::namespaced(client.clone(), &ns)
-                .list(&sel)
-                .await?
-                .items
-                .into_iter()
-                .map(|o| o.metadata)
-                .collect(),
+        (
+            "Job",
+            names_of::<k8s_openapi::api::batch::v1::Job>(client, name).await?,
         ),
-    );
-    out.insert(
-        "ConfigMap".into(),
-        names(
-            Api::<ConfigMap>::namespaced(client.clone(), &ns)
-                .list(&sel)
-                .await?
-                .items
-                .into_iter()
-                .map(|o| o.metadata)
-                .collect(),
-        ),
-    );
-    Ok(out)
+        ("StatefulSet", names_of::<StatefulSet>(client, name).await?),
+        ("Service", names_of::<Service>(client, name).await?),
+    ]))
 }
 
 #[tokio::test]
@@ -747,7 +722,7 @@ async fn s06_an_operator_killed_at_every_phase_boundary_leaves_no_duplicates() -
     )
     .await?;
     ensure!(kills >= 3, "the operator was killed only {kills} times");
-    let children = child_names(&client, name).await?;
+    let children = children_by_kind(&client, name).await?;
     eprintln!("{name}: children {children:?}");
     // One Job per stage (and student), attempt 0: no duplicates, no extra attempts.
     let jobs = &children["Job"];
