@@ -143,9 +143,14 @@ fn bound_affinity_weights(schema: &mut schemars::Schema) {
     // `metadata` property, which the name rules' `fieldPath` must resolve to.
     schema = "manual"
 )]
-#[x_kube(validation = Rule::new("!self.distillation.enabled || size(self.distillation.students) > 0")
-    .message("distillation.students must list at least one student while distillation is enabled")
-    .field_path(".distillation.students"))]
+#[x_kube(
+    validation = Rule::new("!self.distillation.enabled || size(self.distillation.students) > 0")
+        .message("distillation.students must list at least one student while distillation is enabled")
+        .field_path(".distillation.students"),
+    validation = Rule::new("has(self.rl.student) || has(self.teacher.tiny)")
+        .message("rl.student must name the scoring student (a model trained on the thought/solution format, e.g. Bespoke-Stratos-7B); only a tiny teacher may score with itself")
+        .field_path(".rl.student")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct RltRunSpec {
     /// The trainer image (CPU or CUDA build); every stage pod runs `rlt-trainer <role>` in it.
@@ -168,6 +173,9 @@ pub struct RltRunSpec {
     /// The shared workspace volume mounted in every stage pod at `/workspace`.
     #[serde(default)]
     pub workspace: Workspace,
+    /// The system prompts of the teacher's and the student's chats.
+    #[serde(default, skip_serializing_if = "SystemPrompts::is_empty")]
+    pub prompts: SystemPrompts,
     #[serde(default)]
     pub warmup: WarmupStage,
     #[serde(default)]
@@ -408,6 +416,48 @@ impl Scheduling {
     }
 }
 
+/// System prompts. A model brought from elsewhere was trained with some prompt; set it here to
+/// match it exactly. Unset, the trainer uses [`defaults::teacher_system`] and
+/// [`defaults::student_system`] (our own wording), or their one-line versions for a tiny
+/// teacher, whose byte-level tokens make every character cost a position.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemPrompts {
+    /// The teacher's system prompt (warm-up, RL, collecting explanations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536))]
+    pub teacher: Option<String>,
+    /// The student's system prompt (scoring in RL, distillation). A Stratos row's own
+    /// `system` field wins over it for that row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536))]
+    pub student: Option<String>,
+}
+
+impl SystemPrompts {
+    pub fn is_empty(&self) -> bool {
+        *self == SystemPrompts::default()
+    }
+}
+
+/// AdamW and gradient clipping of one stage. Each stage has its own recipe
+/// ([`defaults::warmup_optimizer`], [`defaults::rl_optimizer`],
+/// [`defaults::distillation_optimizer`]).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Optimizer {
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub beta1: f64,
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub beta2: f64,
+    /// Decoupled weight decay (0 = none).
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub weight_decay: f64,
+    /// Gradients are scaled so their global L2 norm is at most this (0 = no clipping).
+    #[schemars(range(min = 0.0, max = 1000000.0))]
+    pub max_grad_norm: f64,
+}
+
 /// Warm-up: supervised fine-tuning of the teacher on the teacher format.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -436,6 +486,12 @@ pub struct WarmupStage {
     #[serde(default = "defaults::max_length")]
     #[schemars(range(min = 16, max = 1048576))]
     pub max_length: u32,
+    /// Fraction of the steps over which the learning rate warms up linearly (then cosine).
+    #[serde(default = "defaults::warmup_warmup_ratio")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub warmup_ratio: f64,
+    #[serde(default = "defaults::warmup_optimizer")]
+    pub optimizer: Optimizer,
     /// Optimizer steps between resumable checkpoints.
     #[serde(default = "defaults::checkpoint_interval")]
     #[schemars(range(min = 1, max = MAX_INTERVAL))]
@@ -461,8 +517,10 @@ pub struct RlStage {
     pub param_server_resources: Option<ResourceRequirements>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub learner_resources: Option<ResourceRequirements>,
-    /// The frozen student that scores explanations (default: `spec.teacher`, the paper's
-    /// same-family student). Must share the teacher's tokenizer.
+    /// The frozen student that scores explanations: the paper scores with a student trained on
+    /// the thought/solution format (Bespoke-Stratos-7B for a Qwen2.5-7B teacher), never the
+    /// teacher's untrained starting model. Required unless the teacher is `tiny` (then it
+    /// defaults to the teacher, for demos). Must share the teacher's tokenizer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub student: Option<ModelRef>,
     #[serde(default = "defaults::rl_steps")]
@@ -482,6 +540,8 @@ pub struct RlStage {
     #[serde(default = "defaults::temperature")]
     #[schemars(range(min = 0.0, max = 10.0), extend("exclusiveMinimum" = true))]
     pub temperature: f64,
+    /// Longest explanation the teacher may write; a longer one is cut and takes the format
+    /// penalty (the reference generates up to 16,384 tokens).
     #[serde(default = "defaults::max_new_tokens")]
     #[schemars(range(min = 1, max = 1048576))]
     pub max_new_tokens: u32,
@@ -493,6 +553,8 @@ pub struct RlStage {
     pub beta: f64,
     #[serde(default)]
     pub reference_sync: ReferenceSync,
+    #[serde(default = "defaults::rl_optimizer")]
+    pub optimizer: Optimizer,
     /// Steps between parameter-server checkpoints.
     #[serde(default = "defaults::checkpoint_interval")]
     #[schemars(range(min = 1, max = MAX_INTERVAL))]
@@ -558,12 +620,19 @@ pub struct DistillationStage {
     #[serde(default = "defaults::distill_epochs")]
     #[schemars(range(min = 1, max = 1000))]
     pub epochs: u32,
-    #[serde(default = "defaults::warmup_lr")]
+    /// Peak learning rate (cosine schedule).
+    #[serde(default = "defaults::distill_lr")]
     #[schemars(range(min = 0.0, max = 1.0), extend("exclusiveMinimum" = true))]
     pub learning_rate: f64,
-    #[serde(default = "defaults::batch16")]
+    #[serde(default = "defaults::distill_batch_size")]
     #[schemars(range(min = 1, max = 65536))]
     pub batch_size: u32,
+    /// Fraction of the steps over which the learning rate warms up linearly (then cosine).
+    #[serde(default = "defaults::distill_warmup_ratio")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub warmup_ratio: f64,
+    #[serde(default = "defaults::distillation_optimizer")]
+    pub optimizer: Optimizer,
     #[serde(default = "defaults::max_length")]
     #[schemars(range(min = 16, max = 1048576))]
     pub max_length: u32,
@@ -590,14 +659,18 @@ pub struct Student {
     pub resources: Option<ResourceRequirements>,
 }
 
-/// Multi-trace collection: a student with a short context gets several shorter traces per
-/// row instead of one truncated trace.
+/// Multi-trace collection, as the paper does it: the teacher writes `traces` whole
+/// explanations per row (independent samples), and the student trains on each one that is
+/// closed and fits its context (`maxTokensPerTrace` tokens of student chat). A row none of
+/// whose samples fits keeps its first sample, cut to the budget and marked incomplete.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TraceSplitting {
+    /// The student's context: the longest student chat (question, explanation, solution).
     #[serde(default = "defaults::max_tokens_per_trace")]
     #[schemars(range(min = 16, max = 1048576))]
     pub max_tokens_per_trace: u32,
+    /// Explanations sampled per row.
     #[serde(default = "defaults::one")]
     #[schemars(range(min = 1, max = 64))]
     pub traces: u32,
@@ -700,8 +773,9 @@ pub mod defaults {
     pub fn temperature() -> f64 {
         0.7
     }
+    /// The reference implementation's generation limit.
     pub fn max_new_tokens() -> u32 {
-        4096
+        16384
     }
     pub fn beta() -> f64 {
         0.04
@@ -727,8 +801,77 @@ pub mod defaults {
     pub fn sync_mix() -> f64 {
         0.9
     }
+    /// Warm-up: linear warm-up over 5% of the steps, then cosine.
+    pub fn warmup_warmup_ratio() -> f64 {
+        0.05
+    }
+    /// The warm-up recipe: betas (0.9, 0.95), weight decay 1e-4, clipping at 1.
+    pub fn warmup_optimizer() -> Optimizer {
+        Optimizer {
+            beta1: 0.9,
+            beta2: 0.95,
+            weight_decay: 1e-4,
+            max_grad_norm: 1.0,
+        }
+    }
+    /// The RL recipe (TRL's defaults, which the reference trainer inherits): betas
+    /// (0.9, 0.999), no weight decay, clipping at 1 over the whole gradient.
+    pub fn rl_optimizer() -> Optimizer {
+        Optimizer {
+            beta1: 0.9,
+            beta2: 0.999,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+        }
+    }
+    /// The reference students' recipe: betas (0.9, 0.999), no weight decay, clipping at 1.
+    pub fn distillation_optimizer() -> Optimizer {
+        Optimizer {
+            beta1: 0.9,
+            beta2: 0.999,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+        }
+    }
     pub fn distill_epochs() -> u32 {
         3
+    }
+    pub fn distill_lr() -> f64 {
+        1e-5
+    }
+    pub fn distill_batch_size() -> u32 {
+        96
+    }
+    /// Distillation: linear warm-up over 10% of the steps, then cosine.
+    pub fn distill_warmup_ratio() -> f64 {
+        0.1
+    }
+    /// The teacher's system prompt when `spec.prompts.teacher` is unset (our own wording).
+    pub fn teacher_system() -> String {
+        "You are a teacher. You are given a question and its correct solution. First restate the \
+         solution in the Solution section, then write a clear step-by-step explanation in the Explanation \
+         section that shows how to reach that solution from the question, so that a student who reads it \
+         can solve the question themselves. Format: <|begin_of_solution|> solution <|end_of_solution|> \
+         then <|begin_of_explanation|> explanation <|end_of_explanation|>."
+            .into()
+    }
+    /// The student's system prompt when `spec.prompts.student` is unset (our own wording, in
+    /// the thought/solution format of Stratos-style students).
+    pub fn student_system() -> String {
+        "Your role as an assistant involves thoroughly exploring questions through a systematic \
+         long thinking process before providing the final precise and accurate solutions. Structure your \
+         response into two main sections: Thought and Solution. In the Thought section, detail your \
+         reasoning in the format <|begin_of_thought|> thought <|end_of_thought|>. In the Solution section, \
+         present the final solution in the format <|begin_of_solution|> solution <|end_of_solution|>."
+            .into()
+    }
+    /// One-line teacher prompt for tiny byte-level models.
+    pub fn tiny_teacher_system() -> String {
+        "Teach: solution, then explanation.".into()
+    }
+    /// One-line student prompt for tiny byte-level models.
+    pub fn tiny_student_system() -> String {
+        "Think, then solve.".into()
     }
     pub fn max_tokens_per_trace() -> u32 {
         16384
@@ -745,6 +888,8 @@ pub mod defaults {
             learning_rate: warmup_lr(),
             batch_size: batch16(),
             max_length: max_length(),
+            warmup_ratio: warmup_warmup_ratio(),
+            optimizer: warmup_optimizer(),
             checkpoint_interval: checkpoint_interval(),
             scheduling: Scheduling::default(),
         }
@@ -765,6 +910,7 @@ pub mod defaults {
             reward: reward(),
             beta: beta(),
             reference_sync: reference_sync(),
+            optimizer: rl_optimizer(),
             checkpoint_interval: checkpoint_interval(),
             scheduling: Scheduling::default(),
         }
@@ -790,8 +936,10 @@ pub mod defaults {
             enabled: true,
             students: Vec::new(),
             epochs: distill_epochs(),
-            learning_rate: warmup_lr(),
-            batch_size: batch16(),
+            learning_rate: distill_lr(),
+            batch_size: distill_batch_size(),
+            warmup_ratio: distill_warmup_ratio(),
+            optimizer: distillation_optimizer(),
             max_length: max_length(),
             trace_splitting: trace_splitting(),
             checkpoint_interval: checkpoint_interval(),
@@ -810,8 +958,30 @@ pub mod defaults {
 }
 
 impl RltRunSpec {
-    /// The model RL scores explanations with (`rl.student`, else the teacher as given).
+    /// The model RL scores explanations with: `rl.student`, or (a tiny teacher only; the schema
+    /// requires `rl.student` otherwise) the teacher as given.
     pub fn rl_student(&self) -> &ModelRef {
         self.rl.student.as_ref().unwrap_or(&self.teacher)
+    }
+
+    /// The (teacher, student) system prompts: `spec.prompts`, else the defaults (one-line ones
+    /// for a tiny teacher).
+    pub fn system_prompts(&self) -> (String, String) {
+        let tiny = self.teacher.tiny.is_some();
+        let teacher = self.prompts.teacher.clone().unwrap_or_else(|| {
+            if tiny {
+                defaults::tiny_teacher_system()
+            } else {
+                defaults::teacher_system()
+            }
+        });
+        let student = self.prompts.student.clone().unwrap_or_else(|| {
+            if tiny {
+                defaults::tiny_student_system()
+            } else {
+                defaults::student_system()
+            }
+        });
+        (teacher, student)
     }
 }
