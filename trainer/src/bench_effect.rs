@@ -17,30 +17,26 @@
 //!     solution after its own thought.
 //!
 //! Figures are printed side by side and written to `<run>/bench-effect/report.json`.
-use crate::checkpoint::{load_checkpoint, CausalLm};
+use crate::checkpoint::load_checkpoint;
 use crate::data::{self, Example, Prompts};
 use crate::distill::collect::CollectConfig;
 use crate::distill::{run_distill, DistillJob};
 use crate::eval::bench::{self, Benchmark};
 use crate::eval::run::{evaluate, EvalArgs};
 use crate::eval::Sampling;
-use crate::logprobs::sequence_logprobs;
 use crate::pipeline::{pipeline, PipelineArgs};
 use crate::rl::reward::RewardConfig;
-use crate::rl::rollout::{
-    group_seed, score_completions, with_first_column, GroupPrompt, SpecialIds,
-};
+use crate::rl::rollout::GroupPrompt;
+use crate::rl::score::Scorer;
 use crate::runconfig::{read_run, Inputs};
-use crate::sampling::{generate, SamplingConfig};
 use crate::sft::{run_sft, SftConfig, SftJob};
-use crate::tokenizer::{Tokenizer, END_OF_EXPLANATION};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rlt_api::layout::RunDir;
 use rlt_api::spec::RlStage;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 #[derive(Args, Debug)]
 pub struct BenchEffectArgs {
@@ -100,7 +96,7 @@ pub fn bench_effect(a: BenchEffectArgs) -> Result<EffectReport> {
     let workspace = a.workspace.canonicalize()?;
     let run_dir = RunDir::new(&workspace, &name);
     let mut inputs = Inputs::prepare(&run, &workspace)?;
-    let prompts = inputs.prompts.prompts();
+    let prompts = Prompts::of_run(&run.spec);
     let train = data::load_examples(&inputs.train, false)?.examples;
     let device = Device::Cpu;
 
@@ -127,13 +123,7 @@ pub fn bench_effect(a: BenchEffectArgs) -> Result<EffectReport> {
             published: None,
             progress_bar: false,
         },
-        &sft_recipe(
-            w.epochs,
-            w.batch_size,
-            w.learning_rate,
-            w.max_length,
-            w.checkpoint_interval,
-        ),
+        &SftConfig::warmup(w),
     )
     .context("fine-tuning the RL student on the task's format")?
     .final_dir;
@@ -185,13 +175,7 @@ pub fn bench_effect(a: BenchEffectArgs) -> Result<EffectReport> {
         .cloned()
         .context("the run has no student")?;
     let d = &spec.distillation;
-    let sft = sft_recipe(
-        d.epochs,
-        d.batch_size,
-        d.learning_rate,
-        d.max_length,
-        d.checkpoint_interval,
-    );
+    let sft = SftConfig::distillation(d);
     let bench_dir = RunDir::new(run_dir.root(), "bench-effect");
     let from_warm = bench_dir.distill("from-warmup-teacher");
     run_distill(DistillJob {
@@ -201,14 +185,7 @@ pub fn bench_effect(a: BenchEffectArgs) -> Result<EffectReport> {
         student_model: student_init.clone(),
         examples: train.clone(),
         prompts: prompts.clone(),
-        collect: CollectConfig {
-            max_tokens_per_trace: d.trace_splitting.max_tokens_per_trace as usize,
-            traces: d.trace_splitting.traces as usize,
-            temperature: spec.rl.temperature,
-            top_p: 1.0,
-            batch_size: d.batch_size as usize,
-            seed: 0,
-        },
+        collect: CollectConfig::of_run(spec),
         sft: sft.clone(),
         attempt: 0,
         device,
@@ -291,24 +268,6 @@ pub fn bench_effect(a: BenchEffectArgs) -> Result<EffectReport> {
     Ok(report)
 }
 
-/// A stage's fine-tune settings from the spec (the rest at the trainer's defaults).
-fn sft_recipe(
-    epochs: u32,
-    batch_size: u32,
-    lr: f64,
-    max_len: u32,
-    checkpoint_every: u32,
-) -> SftConfig {
-    SftConfig {
-        epochs: epochs as usize,
-        batch_size: batch_size as usize,
-        lr,
-        max_len: max_len as usize,
-        checkpoint_every: checkpoint_every as u64,
-        ..SftConfig::default()
-    }
-}
-
 fn print_report(r: &EffectReport) {
     println!();
     println!(
@@ -348,19 +307,8 @@ fn print_report(r: &EffectReport) {
     }
 }
 
-/// The token pieces of one (question, solution), as the learners build them.
-fn group_prompt(tok: &Tokenizer, prompts: &Prompts, e: &Example) -> Result<GroupPrompt> {
-    let [prefix, _, middle, solution, suffix] = data::student_segments(prompts, e, "");
-    Ok(GroupPrompt {
-        teacher_prompt: tok.encode(&data::teacher_rl_prompt(prompts, e))?,
-        student_prefix: tok.encode(&prefix)?,
-        student_middle: tok.encode(&middle)?,
-        solution: tok.encode(&solution)?,
-        student_suffix: tok.encode(&suffix)?,
-    })
-}
-
-/// Mean RLT reward of `teacher`'s explanations for `examples`, `samples` per row.
+/// Mean RLT reward of `teacher`'s explanations for `examples`, `samples` per row, sampled and
+/// scored as the RL stage does ([`Scorer`]).
 #[allow(clippy::too_many_arguments)]
 pub fn held_out_reward(
     teacher: &Path,
@@ -372,56 +320,13 @@ pub fn held_out_reward(
     seed: u64,
     device: Device,
 ) -> Result<RewardFigures> {
-    let (teacher_lm, tok): (CausalLm, Tokenizer) = load_checkpoint(teacher, device, Kind::Float)?;
-    let (student_lm, _) = load_checkpoint(student, device, Kind::Float)?;
-    let r = &rl.reward;
-    let cfg = RewardConfig {
-        student_temperature: r.student_temperature,
-        teacher_temperature: rl.temperature,
-        solution: format!(
-            "mean:{},min:{}",
-            r.solution_mean_weight, r.solution_min_weight
-        )
-        .parse()?,
-        kl: format!("mean:{},max:{}", r.kl_mean_weight, r.kl_max_weight).parse()?,
-        format_penalty: r.format_penalty,
-    };
-    let ids = SpecialIds {
-        pad: tok.pad_id(),
-        stop: tok.eos_ids().to_vec(),
-        end_explanation: tok.encode(END_OF_EXPLANATION)?,
-    };
+    let scorer = Scorer::load(teacher, student, RewardConfig::of_rl(rl), device)?;
     let (mut reward, mut solution, mut kl, mut well, mut n) = (0.0, 0.0, 0.0, 0usize, 0usize);
     for (i, e) in examples.iter().enumerate() {
-        let gp = group_prompt(&tok, prompts, e)?;
-        let sampling = SamplingConfig {
-            max_new_tokens: rl.max_new_tokens as usize,
-            temperature: rl.temperature,
-            top_p: 1.0,
-            stop_tokens: ids.stop.clone(),
-            // The same seeds for both teachers: a paired comparison.
-            seed: group_seed(seed, 0, i),
-        };
-        let gen = tch::no_grad(|| {
-            generate(
-                &teacher_lm.model,
-                &vec![gp.teacher_prompt.clone(); samples],
-                ids.pad,
-                &sampling,
-            )
-        })?;
-        let completions = gen.token_lists();
-        let (t_ids, t_mask) = gen.full_sequences();
-        let p_len = gen.prompt_ids.size()[1] as usize;
-        let lp: Tensor = tch::no_grad(|| {
-            with_first_column(sequence_logprobs(
-                &teacher_lm.model,
-                &t_ids,
-                Some(&t_mask),
-                rl.temperature,
-            ))
-        });
-        let (b, wf) = score_completions(&student_lm, &lp, p_len, &gp, &completions, &ids, &cfg);
+        let gp = GroupPrompt::new(&scorer.tok, prompts, e)?;
+        // The same seeds for both teachers: a paired comparison.
+        let completions = scorer.sample(&gp, samples, rl.max_new_tokens as usize, seed, i)?;
+        let (b, wf) = scorer.score(&gp, &completions)?;
         reward += b.reward.sum(Kind::Double).double_value(&[]);
         solution += b.solution.sum(Kind::Double).double_value(&[]);
         kl += b.kl.sum(Kind::Double).double_value(&[]);

@@ -7,6 +7,7 @@ use crate::sampling::{generate as sample, SamplingConfig};
 use anyhow::Result;
 use clap::Args;
 use rlt_api::contract::env;
+use rlt_api::spec::defaults;
 use std::path::PathBuf;
 
 #[derive(Args, Debug, Clone)]
@@ -33,17 +34,18 @@ impl DeviceArgs {
     }
 }
 
+/// A tiny model's shape; defaults: the spec's `tiny: {}`.
 #[derive(Args, Debug, Clone)]
 pub struct TinyArgs {
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = defaults::tiny_hidden().into())]
     pub hidden_size: i64,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = defaults::tiny_layers().into())]
     pub layers: i64,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = defaults::tiny_heads().into())]
     pub heads: i64,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = defaults::tiny_kv_heads().into())]
     pub kv_heads: i64,
-    #[arg(long, default_value_t = 176)]
+    #[arg(long, default_value_t = defaults::tiny_intermediate().into())]
     pub intermediate_size: i64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -151,11 +153,43 @@ pub struct DataArgs {
     /// Skip malformed rows (each one counted and logged) instead of failing.
     #[arg(long)]
     pub skip_malformed: bool,
+    #[command(flatten)]
+    pub prompts: PromptArgs,
+}
+
+/// The system prompts of the chats (`spec.prompts`).
+#[derive(Args, Debug, Clone)]
+pub struct PromptArgs {
+    /// The system prompts' default wording: full-length, or one line for tiny models.
     #[arg(long, value_enum, default_value = "standard")]
     pub prompts: PromptStyle,
+    /// The teacher's system prompt (`spec.prompts.teacher`), replacing the style's.
+    #[arg(long)]
+    pub teacher_system: Option<String>,
+    /// The student's system prompt (`spec.prompts.student`), replacing the style's; a Stratos
+    /// row's own `system` still wins for that row.
+    #[arg(long)]
+    pub student_system: Option<String>,
+}
+
+impl PromptArgs {
+    pub fn system_prompts(&self) -> crate::data::Prompts {
+        let mut p = self.prompts.prompts();
+        if let Some(t) = &self.teacher_system {
+            p.teacher_system = t.clone();
+        }
+        if let Some(s) = &self.student_system {
+            p.student_system = s.clone();
+        }
+        p
+    }
 }
 
 impl DataArgs {
+    pub fn system_prompts(&self) -> crate::data::Prompts {
+        self.prompts.system_prompts()
+    }
+
     pub fn load(&self) -> Result<Vec<crate::data::Example>> {
         use crate::data::synthetic;
         if let Some(n) = self.synthetic {
@@ -203,62 +237,77 @@ pub struct StageArgs {
     pub bind: String,
 }
 
-#[derive(Args, Debug, Clone)]
+/// Fine-tune settings as overrides: each flag given replaces that setting of the stage's
+/// recipe (`spec.warmup` or `spec.distillation`, whose defaults are the recipe of a hand run).
+#[derive(Args, Debug, Clone, Default)]
 pub struct SftArgs {
-    #[arg(long, default_value_t = 10)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 1)]
-    pub grad_accum: usize,
-    #[arg(long, default_value_t = 1e-5)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 0.05)]
-    pub warmup_ratio: f64,
-    #[arg(long, default_value_t = 1e-4)]
-    pub weight_decay: f64,
-    #[arg(long, default_value_t = 0.9)]
-    pub beta1: f64,
-    #[arg(long, default_value_t = 0.95)]
-    pub beta2: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub clip: f64,
-    #[arg(long, default_value_t = 4096)]
-    pub max_len: usize,
-    #[arg(long, default_value_t = 100)]
-    pub checkpoint_every: u64,
-    #[arg(long, default_value_t = 2)]
-    pub keep_checkpoints: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Examples per optimizer update.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per update (the batch is split into this many).
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate (linear warm-up, then cosine).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// Largest global gradient norm (0 = no clipping).
+    #[arg(long)]
+    pub clip: Option<f64>,
+    /// Longest training sequence in tokens.
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Optimizer steps between resumable checkpoints.
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoints kept (older ones are deleted).
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop after this many updates (default: epochs x batches per epoch).
     #[arg(long)]
     pub max_steps: Option<u64>,
-    #[arg(long, default_value_t = 10)]
-    pub log_every: u64,
+    #[arg(long)]
+    pub log_every: Option<u64>,
 }
 
 impl SftArgs {
-    pub fn config(&self) -> crate::sft::SftConfig {
-        crate::sft::SftConfig {
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            grad_accum: self.grad_accum,
-            lr: self.lr,
-            warmup_ratio: self.warmup_ratio,
-            adamw: crate::optim::AdamWConfig {
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: 1e-8,
-                weight_decay: self.weight_decay,
-            },
-            clip_grad_norm: self.clip,
-            max_len: self.max_len,
-            checkpoint_every: self.checkpoint_every,
-            keep_checkpoints: self.keep_checkpoints,
-            seed: self.seed,
-            max_steps: self.max_steps,
-            log_every: self.log_every,
+    /// `base` with every setting the flags give replaced.
+    pub fn over(&self, base: crate::sft::SftConfig) -> crate::sft::SftConfig {
+        fn set<T: Copy>(dst: &mut T, flag: Option<T>) {
+            if let Some(v) = flag {
+                *dst = v;
+            }
         }
+        let mut c = base;
+        set(&mut c.epochs, self.epochs);
+        set(&mut c.batch_size, self.batch_size);
+        set(&mut c.grad_accum, self.grad_accum);
+        set(&mut c.lr, self.lr);
+        set(&mut c.warmup_ratio, self.warmup_ratio);
+        set(&mut c.adamw.weight_decay, self.weight_decay);
+        set(&mut c.adamw.beta1, self.beta1);
+        set(&mut c.adamw.beta2, self.beta2);
+        set(&mut c.clip_grad_norm, self.clip);
+        set(&mut c.max_len, self.max_len);
+        set(&mut c.checkpoint_every, self.checkpoint_every);
+        set(&mut c.keep_checkpoints, self.keep_checkpoints);
+        set(&mut c.seed, self.seed);
+        set(&mut c.log_every, self.log_every);
+        if self.max_steps.is_some() {
+            c.max_steps = self.max_steps;
+        }
+        c
     }
 }
 
@@ -277,6 +326,14 @@ pub struct WarmupArgs {
     pub device: DeviceArgs,
 }
 
+impl WarmupArgs {
+    /// The spec's default warm-up with the flags given over it.
+    pub fn sft_config(&self) -> crate::sft::SftConfig {
+        self.sft
+            .over(crate::sft::SftConfig::warmup(&defaults::warmup()))
+    }
+}
+
 /// Starts the metrics server when the stage has a metrics port.
 pub fn publish(stage: &StageArgs) -> Result<Option<crate::metrics::Published>> {
     let Some(port) = stage.metrics_port else {
@@ -290,7 +347,7 @@ pub fn publish(stage: &StageArgs) -> Result<Option<crate::metrics::Published>> {
 
 pub fn warmup(a: WarmupArgs) -> Result<crate::sft::SftOutcome> {
     use std::io::IsTerminal;
-    let prompts = a.data.prompts.prompts();
+    let prompts = a.data.system_prompts();
     let examples = a.data.load()?;
     let mut pairs = Vec::with_capacity(examples.len());
     let mut no_trace = 0;
@@ -310,6 +367,7 @@ pub fn warmup(a: WarmupArgs) -> Result<crate::sft::SftOutcome> {
         tracing::warn!(skipped = no_trace, "rows without a reasoning trace skipped");
     }
     let (device, kind) = a.device.resolve()?;
+    let cfg = a.sft_config();
     let job = crate::sft::SftJob {
         name: "warmup".into(),
         stage: rlt_api::layout::RunDir::new(&a.stage.workspace, &a.stage.run).warmup(),
@@ -321,7 +379,7 @@ pub fn warmup(a: WarmupArgs) -> Result<crate::sft::SftOutcome> {
         published: publish(&a.stage)?,
         progress_bar: std::io::stderr().is_terminal(),
     };
-    let out = crate::sft::run_sft(job, &a.sft.config())?;
+    let out = crate::sft::run_sft(job, &cfg)?;
     tracing::info!(
         final_dir = %out.final_dir.display(),
         steps = out.total_steps,

@@ -51,16 +51,23 @@ pub struct TinySpec {
     pub seed: u64,
 }
 
-impl Default for TinySpec {
-    fn default() -> Self {
+impl From<&rlt_api::spec::TinyModel> for TinySpec {
+    fn from(t: &rlt_api::spec::TinyModel) -> Self {
         TinySpec {
-            hidden_size: 64,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            intermediate_size: 176,
-            seed: 0,
+            hidden_size: t.hidden_size.into(),
+            num_hidden_layers: t.layers.into(),
+            num_attention_heads: t.heads.into(),
+            num_key_value_heads: t.kv_heads.into(),
+            intermediate_size: t.intermediate_size.into(),
+            seed: t.seed,
         }
+    }
+}
+
+impl Default for TinySpec {
+    /// The spec's `tiny: {}`.
+    fn default() -> Self {
+        TinySpec::from(&rlt_api::spec::TinyModel::default())
     }
 }
 

@@ -17,6 +17,7 @@ use crate::tokenizer::{
     END_OF_THOUGHT, IM_END, IM_START,
 };
 use anyhow::{anyhow, bail, Context, Result};
+use rlt_api::spec::defaults;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
@@ -230,7 +231,8 @@ pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// System prompts of the two chat formats.
+/// System prompts of the two chat formats (see `spec.prompts`; the texts live in
+/// [`rlt_api::spec::defaults`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prompts {
     pub teacher_system: String,
@@ -241,28 +243,37 @@ impl Prompts {
     /// Full-length prompts for real models.
     pub fn standard() -> Self {
         Prompts {
-            teacher_system: "You are a teacher. You are given a question and its correct solution. First restate the \
-                solution in the Solution section, then write a clear step-by-step explanation in the Explanation \
-                section that shows how to reach that solution from the question, so that a student who reads it \
-                can solve the question themselves. Format: <|begin_of_solution|> solution <|end_of_solution|> \
-                then <|begin_of_explanation|> explanation <|end_of_explanation|>."
-                .into(),
-            student_system: "Your role as an assistant involves thoroughly exploring questions through a systematic \
-                long thinking process before providing the final precise and accurate solutions. Structure your \
-                response into two main sections: Thought and Solution. In the Thought section, detail your \
-                reasoning in the format <|begin_of_thought|> thought <|end_of_thought|>. In the Solution section, \
-                present the final solution in the format <|begin_of_solution|> solution <|end_of_solution|>."
-                .into(),
+            teacher_system: defaults::teacher_system(),
+            student_system: defaults::student_system(),
         }
     }
 
     /// One-line prompts, for tiny byte-level models where every character is a token.
     pub fn short() -> Self {
         Prompts {
-            teacher_system: "Teach: solution, then explanation.".into(),
-            student_system: "Think, then solve.".into(),
+            teacher_system: defaults::tiny_teacher_system(),
+            student_system: defaults::tiny_student_system(),
         }
     }
+
+    /// The prompts a run uses (`spec.prompts`, else the defaults for its teacher).
+    pub fn of_run(spec: &rlt_api::RltRunSpec) -> Self {
+        let (teacher_system, student_system) = spec.system_prompts();
+        Prompts {
+            teacher_system,
+            student_system,
+        }
+    }
+}
+
+/// The blank lines around every tag's content, as in the reference layout and Stratos: a tag
+/// always stands apart from the text, so a byte-level BPE never glues the text's last
+/// punctuation to the tag's first characters.
+pub const PAD: &str = "\n\n";
+
+/// `open`, padded content, `close`.
+fn wrap(open: &str, content: &str, close: &str) -> String {
+    format!("{open}{PAD}{content}{PAD}{close}")
 }
 
 /// A chat rendered as a prompt (not trained on) and a completion (trained on / generated).
@@ -278,30 +289,30 @@ fn chat_prefix(system: &str, user: &str) -> String {
     )
 }
 
-/// The teacher's warm-up chat: the completion is the whole assistant turn (solution, then the
-/// reasoning as the explanation). Needs a reasoning trace.
+/// The teacher's warm-up chat. The prompt (not trained on) runs up to and including the
+/// opening explanation tag and its padding, exactly the RL prompt; the completion (trained on)
+/// is the explanation, its closing tag and the end of turn, as in the reference, which masks
+/// the restated solution too. Needs a reasoning trace.
 pub fn teacher_chat(p: &Prompts, e: &Example) -> Result<PromptCompletion> {
     let explanation = e
         .reasoning
         .as_deref()
         .ok_or_else(|| anyhow!("example has no reasoning trace to teach from"))?;
-    let pre = teacher_rl_prompt(p, e);
-    let prompt = chat_prefix(&p.teacher_system, &e.question);
-    let completion = format!(
-        "{}{explanation}{END_OF_EXPLANATION}{IM_END}",
-        &pre[prompt.len()..]
-    );
-    Ok(PromptCompletion { prompt, completion })
+    Ok(PromptCompletion {
+        prompt: teacher_rl_prompt(p, e),
+        completion: format!("{explanation}{PAD}{END_OF_EXPLANATION}{IM_END}"),
+    })
 }
 
-/// The RL teacher prompt: the teacher chat cut right after the opening explanation tag, so
-/// the teacher sees question and solution and generates the explanation (ending with
-/// `<|end_of_explanation|>`).
+/// The RL teacher prompt: the teacher's chat cut right after the opening explanation tag and
+/// its padding, so the teacher sees question and solution and generates the explanation
+/// (ending with `<|end_of_explanation|>`):
+/// `<|begin_of_solution|>\n\n{solution}\n\n<|end_of_solution|>\n\n<|begin_of_explanation|>\n\n`.
 pub fn teacher_rl_prompt(p: &Prompts, e: &Example) -> String {
     format!(
-        "{}{BEGIN_OF_SOLUTION}{}{END_OF_SOLUTION}\n{BEGIN_OF_EXPLANATION}",
+        "{}{}{PAD}{BEGIN_OF_EXPLANATION}{PAD}",
         chat_prefix(&p.teacher_system, &e.question),
-        e.solution
+        wrap(BEGIN_OF_SOLUTION, &e.solution, END_OF_SOLUTION),
     )
 }
 
@@ -311,11 +322,14 @@ pub fn teacher_rl_prompt(p: &Prompts, e: &Example) -> String {
 pub fn student_segments(p: &Prompts, e: &Example, thought: &str) -> [String; 5] {
     let system = e.system.as_deref().unwrap_or(&p.student_system);
     [
-        format!("{}{BEGIN_OF_THOUGHT}\n\n", chat_prefix(system, &e.question)),
+        format!(
+            "{}{BEGIN_OF_THOUGHT}{PAD}",
+            chat_prefix(system, &e.question)
+        ),
         thought.to_string(),
-        format!("\n\n{END_OF_THOUGHT}\n\n{BEGIN_OF_SOLUTION}\n\n"),
+        format!("{PAD}{END_OF_THOUGHT}{PAD}{BEGIN_OF_SOLUTION}{PAD}"),
         e.solution.clone(),
-        format!("\n\n{END_OF_SOLUTION}{IM_END}"),
+        format!("{PAD}{END_OF_SOLUTION}{IM_END}"),
     ]
 }
 
@@ -393,19 +407,43 @@ mod tests {
     }
 
     #[test]
-    fn teacher_formats_share_the_prefix_and_cut_after_the_explanation_tag() {
+    fn the_rl_prompt_is_the_reference_layout_cut_after_the_explanation_padding() {
+        let p = Prompts::short();
+        let rl = teacher_rl_prompt(&p, &ex());
+        assert!(rl.ends_with(
+            "<|im_start|>assistant\n<|begin_of_solution|>\n\n5\n\n<|end_of_solution|>\n\n<|begin_of_explanation|>\n\n"
+        ), "{rl:?}");
+        assert!(rl.contains("<|im_start|>user\nWhat is 2+3?<|im_end|>\n"));
+    }
+
+    #[test]
+    fn warm_up_trains_on_the_explanation_its_closing_tag_and_the_end_of_turn_only() {
         let p = Prompts::short();
         let chat = teacher_chat(&p, &ex()).unwrap();
-        let rl = teacher_rl_prompt(&p, &ex());
-        assert!(rl.ends_with(BEGIN_OF_EXPLANATION));
-        assert!(format!("{}{}", chat.prompt, chat.completion).starts_with(&rl));
+        // Everything up to and including the explanation's opening padding is the prompt,
+        // the RL prompt exactly, so the restated solution is never a training target.
+        assert_eq!(chat.prompt, teacher_rl_prompt(&p, &ex()));
         assert_eq!(
             chat.completion,
-            "<|begin_of_solution|>5<|end_of_solution|>\n<|begin_of_explanation|>2+3=5.<|end_of_explanation|><|im_end|>"
+            "2+3=5.\n\n<|end_of_explanation|><|im_end|>"
         );
-        assert!(chat
+    }
+
+    #[test]
+    fn a_rows_own_system_prompt_wins_over_the_runs_for_the_student_only() {
+        let p = Prompts {
+            teacher_system: "T-SYS".into(),
+            student_system: "S-SYS".into(),
+        };
+        let mut e = ex();
+        assert!(student_chat(&p, &e, "x")
             .prompt
-            .contains("<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"));
+            .contains("system\nS-SYS<|im_end|>"));
+        e.system = Some("ROW-SYS".into());
+        assert!(student_chat(&p, &e, "x")
+            .prompt
+            .contains("system\nROW-SYS<|im_end|>"));
+        assert!(teacher_rl_prompt(&p, &e).contains("system\nT-SYS<|im_end|>"));
     }
 
     #[test]

@@ -28,6 +28,9 @@ enum Command {
     ParamServer(rlt_trainer::rl::cli::ParamServerArgs),
     /// RL stage: a learner (sample, score with the frozen student, GRPO gradients).
     Learner(rlt_trainer::rl::cli::LearnerArgs),
+    /// The RLT reward of explanations (given in a file, or sampled by the teacher), term by
+    /// term, as JSON lines: the RL stage's own scoring, for debugging a reward.
+    Score(rlt_trainer::rl::score::ScoreArgs),
     /// Time RL steps (generation, scoring, backward, communication) for 1 vs 2 learners.
     RlBench(rlt_trainer::rl::bench::RlBenchArgs),
     /// Distillation: the teacher explains every dataset row, then the student is fine-tuned.
@@ -78,6 +81,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => rlt_trainer::bench::bench(a),
         Command::ParamServer(a) => rlt_trainer::rl::cli::param_server(a),
         Command::Learner(a) => rlt_trainer::rl::cli::learner(a),
+        Command::Score(a) => rlt_trainer::rl::score::score(a),
         Command::RlBench(a) => rlt_trainer::rl::bench::rl_bench(a),
         Command::Distill(a) => rlt_trainer::distill::distill(a).map(|_| ()),
         Command::Eval(a) => rlt_trainer::eval::run::eval(a).map(|_| ()),

@@ -1,9 +1,14 @@
-//! AdamW with decoupled weight decay, a linear warm-up + cosine learning-rate schedule, and
+//! The one AdamW of the trainer (decoupled weight decay, `torch.optim.AdamW`'s arithmetic),
+//! with named recipes per stage ([`AdamWConfig::warmup`], [`AdamWConfig::rl`],
+//! [`AdamWConfig::distillation`]), a linear warm-up + cosine learning-rate schedule, and
 //! global-norm gradient clipping. Written over plain tensors (not tch's opaque optimizer) so
 //! that its state can be checkpointed and resumed, and so that a parameter server can run it
-//! on its shard of the variables.
+//! on its shard of the variables with gradients that arrive over the wire
+//! ([`AdamW::step_with`]). tch 0.26 exposes neither libtorch's fused nor its foreach AdamW
+//! kernels; `rlt-trainer bench` times this update against libtorch's own C++ AdamW.
 use crate::checkpoint::{read_safetensors, write_safetensors};
 use anyhow::{anyhow, bail, Result};
+use rlt_api::spec::{defaults, Optimizer};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,15 +22,36 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
-impl Default for AdamWConfig {
-    /// The RLT recipe: betas (0.9, 0.95), weight decay 1e-4.
-    fn default() -> Self {
+impl From<&Optimizer> for AdamWConfig {
+    fn from(o: &Optimizer) -> Self {
         AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
+            beta1: o.beta1,
+            beta2: o.beta2,
             eps: 1e-8,
-            weight_decay: 1e-4,
+            weight_decay: o.weight_decay,
         }
+    }
+}
+
+/// The named recipes, each the spec's default for its stage.
+impl AdamWConfig {
+    /// Warm-up: betas (0.9, 0.95), weight decay 1e-4.
+    pub fn warmup() -> Self {
+        Self::from(&defaults::warmup_optimizer())
+    }
+    /// RL: betas (0.9, 0.999), no weight decay.
+    pub fn rl() -> Self {
+        Self::from(&defaults::rl_optimizer())
+    }
+    /// Distillation: betas (0.9, 0.999), no weight decay.
+    pub fn distillation() -> Self {
+        Self::from(&defaults::distillation_optimizer())
+    }
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self::warmup()
     }
 }
 
@@ -95,16 +121,40 @@ impl AdamW {
     /// One AdamW update with learning rate `lr` from the parameters' `.grad()`; parameters
     /// without a gradient are left alone.
     pub fn step(&mut self, lr: f64) {
+        let grads: Vec<Option<Tensor>> = self
+            .slots
+            .iter()
+            .map(|s| Some(s.param.grad()).filter(Tensor::defined))
+            .collect();
+        self.update(lr, grads);
+    }
+
+    /// One AdamW update from explicit gradients, one per parameter in name order (a parameter
+    /// server's averaged gradients for its shard), each multiplied by `scale` first (the
+    /// clipping coefficient of the whole step's gradient).
+    pub fn step_with(&mut self, lr: f64, grads: &[Tensor], scale: f64) {
+        assert_eq!(grads.len(), self.slots.len(), "one gradient per parameter");
+        let grads = grads
+            .iter()
+            .map(|g| {
+                Some(if scale == 1.0 {
+                    g.shallow_clone()
+                } else {
+                    g * scale
+                })
+            })
+            .collect();
+        self.update(lr, grads);
+    }
+
+    fn update(&mut self, lr: f64, grads: Vec<Option<Tensor>>) {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
         tch::no_grad(|| {
-            for s in &mut self.slots {
-                let g = s.param.grad();
-                if !g.defined() {
-                    continue;
-                }
+            for (s, g) in self.slots.iter_mut().zip(grads) {
+                let Some(g) = g else { continue };
                 let g = g.to_kind(Kind::Float);
                 // torch.optim.AdamW's arithmetic, in place where it can be (two temporaries).
                 let _ = s.exp_avg.lerp_(&g, 1.0 - c.beta1);
@@ -192,6 +242,30 @@ impl AdamW {
     }
 }
 
+/// The factor that brings a gradient of global L2 norm `norm` within `max_norm` (1 when it is
+/// already, or when `max_norm` is 0: no clipping), as torch's `clip_grad_norm_` computes it.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    if max_norm <= 0.0 {
+        return 1.0;
+    }
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// Sum of squares of `tensors` (a shard's part of a global norm).
+pub fn squared_norm(tensors: &[Tensor]) -> f64 {
+    tch::no_grad(|| {
+        tensors
+            .iter()
+            .map(|t| {
+                t.to_kind(Kind::Double)
+                    .square()
+                    .sum(Kind::Double)
+                    .double_value(&[])
+            })
+            .sum()
+    })
+}
+
 /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm
 /// before clipping (as torch's `clip_grad_norm_`).
 pub fn clip_grad_norm(params: &[&Tensor], max_norm: f64) -> f64 {
@@ -209,7 +283,7 @@ pub fn clip_grad_norm(params: &[&Tensor], max_norm: f64) -> f64 {
             .map(|g| g.to_kind(Kind::Float).norm())
             .collect();
         let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
-        let coef = max_norm / (total + 1e-6);
+        let coef = clip_coefficient(total, max_norm);
         if coef < 1.0 {
             for mut g in grads {
                 let _ = g.g_mul_scalar_(coef);
@@ -343,5 +417,51 @@ mod tests {
         assert!((n - 5.0).abs() < 1e-5);
         let ga = a.grad().double_value(&[0]);
         assert!((ga - 0.6).abs() < 1e-4, "{ga}");
+    }
+
+    /// The same arithmetic as libtorch's own AdamW over several steps, from explicit
+    /// gradients (as a parameter server applies them) and from `.grad()` alike.
+    #[test]
+    fn matches_libtorch_adamw_from_explicit_and_accumulated_gradients() {
+        use tch::nn::{self, OptimizerConfig};
+        tch::manual_seed(1);
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let w = vs.root().randn("w", &[5], 0.0, 1.0);
+        let explicit = w.detach().copy();
+        let accumulated = w.detach().copy().set_requires_grad(true);
+        let mut by_grads = AdamW::new([("w".to_string(), explicit.shallow_clone())], cfg);
+        let mut by_backward = AdamW::new([("w".to_string(), accumulated.shallow_clone())], cfg);
+        let mut theirs = nn::AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            wd: 0.1,
+            eps: 1e-8,
+            amsgrad: false,
+        }
+        .build(&vs, 0.01)
+        .unwrap();
+        let target = Tensor::from_slice(&[1.0f32, -1.0, 2.0, 0.5, 0.0]);
+        for step in 1..=5 {
+            let loss =
+                |p: &Tensor| (p - &target).pow_tensor_scalar(2).sum(Kind::Float) * step as f64;
+            theirs.zero_grad();
+            loss(&w).backward();
+            let g = w.grad().copy();
+            theirs.step();
+            by_grads.step_with(0.01, &[g], 1.0);
+            by_backward.zero_grad();
+            loss(&accumulated).backward();
+            by_backward.step(0.01);
+            for mine in [&explicit, &accumulated] {
+                let diff = (mine.detach() - w.detach()).abs().max().double_value(&[]);
+                assert!(diff < 1e-6, "step {step}: {diff}");
+            }
+        }
     }
 }

@@ -138,7 +138,7 @@ fn model_dir(m: &ModelRef, field: &str, workspace: &Path, run_dir: &RunDir) -> R
         (None, Some(tiny)) => {
             let dir = inputs_dir(run_dir).join("models").join(tiny_name(tiny));
             if !is_complete(&dir) {
-                let spec = tiny_spec(tiny);
+                let spec = TinySpec::from(tiny);
                 write_once(&dir, |tmp| {
                     checkpoint::init_tiny(tmp, &spec, tch::Kind::Float)
                 })
@@ -158,17 +158,6 @@ pub fn tiny_name(t: &TinyModel) -> String {
         "tiny-h{}-l{}-a{}-kv{}-i{}-s{}",
         t.hidden_size, t.layers, t.heads, t.kv_heads, t.intermediate_size, t.seed
     )
-}
-
-pub fn tiny_spec(t: &TinyModel) -> TinySpec {
-    TinySpec {
-        hidden_size: t.hidden_size.into(),
-        num_hidden_layers: t.layers.into(),
-        num_attention_heads: t.heads.into(),
-        num_key_value_heads: t.kv_heads.into(),
-        intermediate_size: t.intermediate_size.into(),
-        seed: t.seed,
-    }
 }
 
 /// Writes a deterministic directory once: built under a private name, then renamed into place;
@@ -273,33 +262,44 @@ pub fn role_flags(
         .get_name()
         .to_string();
     let mut f: Vec<(&str, String)> = Vec::new();
+    let (teacher_system, student_system) = spec.system_prompts();
+    let prompt_flags = |f: &mut Vec<(&str, String)>| {
+        f.push(("--prompts", prompts_flag.clone()));
+        f.push(("--teacher-system", teacher_system.clone()));
+        f.push(("--student-system", student_system.clone()));
+    };
     let rl = &spec.rl;
     let rl_optim = |f: &mut Vec<(&str, String)>| {
         f.push(("--steps", rl.steps.to_string()));
         f.push(("--lr", rl.learning_rate.to_string()));
+        f.push(("--adam-beta1", rl.optimizer.beta1.to_string()));
+        f.push(("--adam-beta2", rl.optimizer.beta2.to_string()));
+        f.push(("--weight-decay", rl.optimizer.weight_decay.to_string()));
+        f.push(("--max-grad-norm", rl.optimizer.max_grad_norm.to_string()));
         f.push(("--beta", rl.beta.to_string()));
         f.push(("--ref-mix-alpha", rl.reference_sync.mix.to_string()));
         f.push(("--ref-sync-every", rl.reference_sync.interval.to_string()));
     };
     // The fine-tune flags warm-up and distillation share (both run the SFT code).
-    let sft = |f: &mut Vec<(&str, String)>, [epochs, batch, max_len, every]: [u32; 4], lr: f64| {
-        f.push(("--epochs", epochs.to_string()));
-        f.push(("--batch-size", batch.to_string()));
-        f.push(("--lr", lr.to_string()));
-        f.push(("--max-len", max_len.to_string()));
-        f.push(("--checkpoint-every", every.to_string()));
+    let sft = |f: &mut Vec<(&str, String)>, c: crate::sft::SftConfig| {
+        f.push(("--epochs", c.epochs.to_string()));
+        f.push(("--batch-size", c.batch_size.to_string()));
+        f.push(("--lr", c.lr.to_string()));
+        f.push(("--warmup-ratio", c.warmup_ratio.to_string()));
+        f.push(("--beta1", c.adamw.beta1.to_string()));
+        f.push(("--beta2", c.adamw.beta2.to_string()));
+        f.push(("--weight-decay", c.adamw.weight_decay.to_string()));
+        f.push(("--clip", c.clip_grad_norm.to_string()));
+        f.push(("--max-len", c.max_len.to_string()));
+        f.push(("--checkpoint-every", c.checkpoint_every.to_string()));
     };
     match role {
         Role::Warmup => {
             let w = &spec.warmup;
             f.push(("--model", path(&inputs.teacher)));
             f.push(("--data", path(&inputs.train)));
-            f.push(("--prompts", prompts_flag.clone()));
-            sft(
-                &mut f,
-                [w.epochs, w.batch_size, w.max_length, w.checkpoint_interval],
-                w.learning_rate,
-            );
+            prompt_flags(&mut f);
+            sft(&mut f, crate::sft::SftConfig::warmup(w));
         }
         Role::ParamServer => {
             f.push(("--learners", rl.learners.to_string()));
@@ -312,7 +312,7 @@ pub fn role_flags(
             f.push(("--teacher", path(&inputs.rl_init)));
             f.push(("--student", path(&inputs.rl_student)));
             f.push(("--data", path(&inputs.train)));
-            f.push(("--prompts", prompts_flag.clone()));
+            prompt_flags(&mut f);
             f.push(("--groups-per-step", rl.batch_size.to_string()));
             f.push(("--group-size", rl.group_size.to_string()));
             f.push(("--max-new-tokens", rl.max_new_tokens.to_string()));
@@ -344,7 +344,7 @@ pub fn role_flags(
             };
             f.push(("--student-model", path(model)));
             f.push(("--data", path(&inputs.train)));
-            f.push(("--prompts", prompts_flag.clone()));
+            prompt_flags(&mut f);
             f.push((
                 "--max-tokens-per-trace",
                 d.trace_splitting.max_tokens_per_trace.to_string(),
@@ -352,11 +352,7 @@ pub fn role_flags(
             f.push(("--traces", d.trace_splitting.traces.to_string()));
             f.push(("--temperature", rl.temperature.to_string()));
             f.push(("--collect-batch-size", d.batch_size.to_string()));
-            sft(
-                &mut f,
-                [d.epochs, d.batch_size, d.max_length, d.checkpoint_interval],
-                d.learning_rate,
-            );
+            sft(&mut f, crate::sft::SftConfig::distillation(d));
         }
         Role::Eval => {}
     }
@@ -472,6 +468,53 @@ mod tests {
         assert_eq!(role_of("pipeline"), None);
         let argv = os(&["rlt-trainer", "pipeline", "x.yaml"]);
         assert_eq!(expand_argv(argv.clone()).unwrap(), argv);
+    }
+
+    fn inputs() -> Inputs {
+        Inputs {
+            teacher: "/w/t".into(),
+            rl_init: "/w/t".into(),
+            rl_student: "/w/s".into(),
+            students: vec![("s".into(), "/w/s".into())],
+            train: "/w/train.jsonl".into(),
+            held_out: None,
+            prompts: PromptStyle::Standard,
+        }
+    }
+
+    fn flag<'a>(flags: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        flags
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn the_specs_system_prompts_reach_every_role_that_writes_a_chat() {
+        let yaml = "apiVersion: rlt.dev/v1alpha1\nkind: RltRun\nmetadata: {name: r}\nspec:\n  image: i\n  teacher: {path: t}\n  dataset: {path: d.jsonl}\n  rl: {student: {path: s}}\n  prompts: {teacher: 'Explain it.', student: 'Solve it.'}\n  distillation: {students: [{name: s, model: {path: s}}]}\n";
+        let run = rlt_api::parse_yaml(yaml).unwrap();
+        for role in [Role::Warmup, Role::Learner, Role::Distill] {
+            let flags = role_flags(role, &run, &inputs(), Some("s")).unwrap();
+            assert_eq!(
+                flag(&flags, "--teacher-system"),
+                Some("Explain it."),
+                "{role:?}"
+            );
+            assert_eq!(
+                flag(&flags, "--student-system"),
+                Some("Solve it."),
+                "{role:?}"
+            );
+        }
+        // Unset, a real teacher gets the default wording, which lives in rlt_api.
+        let plain = rlt_api::parse_yaml(&yaml.replace(
+            "  prompts: {teacher: 'Explain it.', student: 'Solve it.'}\n",
+            "",
+        ))
+        .unwrap();
+        let flags = role_flags(Role::Learner, &plain, &inputs(), None).unwrap();
+        let teacher = rlt_api::spec::defaults::teacher_system();
+        assert_eq!(flag(&flags, "--teacher-system"), Some(teacher.as_str()));
     }
 
     #[test]

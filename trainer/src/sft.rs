@@ -18,6 +18,7 @@ use rlt_api::contract::TrainingFigures;
 use rlt_api::layout::{
     checkpoint_name, is_complete, latest_checkpoint, parse_checkpoint_name, StageDir,
 };
+use rlt_api::spec::{defaults, DistillationStage, WarmupStage};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -47,25 +48,63 @@ pub struct SftConfig {
     pub log_every: u64,
 }
 
-impl Default for SftConfig {
-    /// The RLT warm-up recipe: 10 epochs, batch 16, lr 1e-5 cosine with 5% warm-up,
-    /// AdamW betas (0.9, 0.95), weight decay 1e-4, clip 1.0.
-    fn default() -> Self {
+impl SftConfig {
+    /// The warm-up's fine-tune as `spec.warmup` gives it.
+    pub fn warmup(w: &WarmupStage) -> Self {
         SftConfig {
-            epochs: 10,
-            batch_size: 16,
+            epochs: w.epochs as usize,
+            batch_size: w.batch_size as usize,
+            lr: w.learning_rate,
+            warmup_ratio: w.warmup_ratio,
+            adamw: AdamWConfig::from(&w.optimizer),
+            clip_grad_norm: w.optimizer.max_grad_norm,
+            max_len: w.max_length as usize,
+            checkpoint_every: w.checkpoint_interval.into(),
+            ..Self::unstaged()
+        }
+    }
+
+    /// A student's fine-tune as `spec.distillation` gives it (the reference students' recipe
+    /// by default: batch 96, 10% warm-up, betas (0.9, 0.999), no weight decay).
+    pub fn distillation(d: &DistillationStage) -> Self {
+        SftConfig {
+            epochs: d.epochs as usize,
+            batch_size: d.batch_size as usize,
+            lr: d.learning_rate,
+            warmup_ratio: d.warmup_ratio,
+            adamw: AdamWConfig::from(&d.optimizer),
+            clip_grad_norm: d.optimizer.max_grad_norm,
+            max_len: d.max_length as usize,
+            checkpoint_every: d.checkpoint_interval.into(),
+            ..Self::unstaged()
+        }
+    }
+
+    /// The settings no stage of the spec has (process-local: accumulation, logging, seeds).
+    fn unstaged() -> Self {
+        let w = defaults::warmup();
+        SftConfig {
+            epochs: w.epochs as usize,
+            batch_size: w.batch_size as usize,
             grad_accum: 1,
-            lr: 1e-5,
-            warmup_ratio: 0.05,
-            adamw: AdamWConfig::default(),
-            clip_grad_norm: 1.0,
-            max_len: 4096,
-            checkpoint_every: 100,
+            lr: w.learning_rate,
+            warmup_ratio: w.warmup_ratio,
+            adamw: AdamWConfig::from(&w.optimizer),
+            clip_grad_norm: w.optimizer.max_grad_norm,
+            max_len: w.max_length as usize,
+            checkpoint_every: w.checkpoint_interval.into(),
             keep_checkpoints: 2,
             seed: 0,
             max_steps: None,
             log_every: 10,
         }
+    }
+}
+
+impl Default for SftConfig {
+    /// The spec's default warm-up (the RLT recipe).
+    fn default() -> Self {
+        SftConfig::warmup(&defaults::warmup())
     }
 }
 

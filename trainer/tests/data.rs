@@ -28,10 +28,15 @@ fn stratos_fixture_becomes_teacher_and_student_chats() {
     let p = Prompts::standard();
     let t = teacher_chat(&p, e).unwrap();
     assert!(t.prompt.starts_with("<|im_start|>system\n"));
-    assert!(t.completion.starts_with("<|begin_of_solution|>The width"));
-    assert!(t.completion.ends_with("<|end_of_explanation|><|im_end|>"));
+    // Warm-up trains on the explanation only: the solution is in the (masked) prompt.
+    assert!(t.prompt.contains("<|begin_of_solution|>\n\nThe width"));
+    assert!(t.completion.starts_with("Perimeter is"));
+    assert!(t
+        .completion
+        .ends_with("\n\n<|end_of_explanation|><|im_end|>"));
     let rl = teacher_rl_prompt(&p, e);
-    assert!(rl.ends_with("<|end_of_solution|>\n<|begin_of_explanation|>"));
+    assert_eq!(rl, t.prompt);
+    assert!(rl.ends_with("\n\n<|end_of_solution|>\n\n<|begin_of_explanation|>\n\n"));
     // The student keeps the row's own (Stratos) system prompt.
     let s = student_chat(&p, e, "thinking");
     assert!(s.prompt.contains("Your role as an assistant"));
@@ -41,9 +46,14 @@ fn stratos_fixture_becomes_teacher_and_student_chats() {
     // The tiny tokenizer keeps every tag as one token.
     let tok = Tokenizer::tiny();
     let ids = tok.encode(&rl).unwrap();
+    let newline = tok.encode("\n").unwrap()[0];
     assert_eq!(
-        *ids.last().unwrap(),
-        tok.token_id("<|begin_of_explanation|>").unwrap()
+        ids[ids.len() - 3..],
+        [
+            tok.token_id("<|begin_of_explanation|>").unwrap(),
+            newline,
+            newline
+        ]
     );
 }
 

@@ -10,9 +10,9 @@ use rlt_trainer::data::synthetic::{generate, SyntheticSpec};
 use rlt_trainer::data::{student_chat, teacher_chat, Example, Prompts};
 use rlt_trainer::rl::grpo::GrpoConfig;
 use rlt_trainer::rl::learner::{compute_step, LocalRun, Models};
-use rlt_trainer::rl::optim::AdamWConfig;
 use rlt_trainer::rl::reward::RewardConfig;
 use rlt_trainer::rl::rollout::{score_completions, with_first_column, RolloutConfig};
+use rlt_trainer::rl::shard::RlOptimizer;
 use rlt_trainer::sft::{run_sft, SftConfig, SftJob};
 use rlt_trainer::tokenizer::Tokenizer;
 use tch::{Device, Kind, Tensor};
@@ -116,13 +116,15 @@ fn reward_through_tiny_models_matches_direct_computation() {
     });
     let (got, well_formed) = score_completions(
         &models.student,
+        &models.tokenizer,
         &t_lp,
         p_len,
         &prompt,
         &completions,
         &ids,
         &cfg,
-    );
+    )
+    .unwrap();
     assert_eq!(well_formed, vec![true, true, false]);
     let got_reward: Vec<f64> = Vec::<f32>::try_from(&got.reward)
         .unwrap()
@@ -254,9 +256,9 @@ fn mean_reward_rises_over_rl_steps_after_warmup() {
     let before = eval(&models);
     let mut run = LocalRun::new(
         &models,
-        AdamWConfig {
+        RlOptimizer {
             lr: 1e-3,
-            ..AdamWConfig::default()
+            ..RlOptimizer::default()
         },
         GrpoConfig::default(),
     )
@@ -340,7 +342,7 @@ fn learner_with_a_teacher_of_another_shape_fails_fast() {
             num_shards: 1,
             num_learners: 1,
             total_steps: 1,
-            adamw: AdamWConfig::default(),
+            optimizer: RlOptimizer::default(),
             grpo: GrpoConfig::default(),
             checkpoint_every: 1,
             stage_dir: RunDir::new(root.join("ws"), "run").rl(),

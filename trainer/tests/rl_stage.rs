@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use rlt_api::layout::RunDir;
 use rlt_trainer::checkpoint::{save_checkpoint, CausalLm};
-use rlt_trainer::cli::{DataArgs, PromptStyle};
+use rlt_trainer::cli::{DataArgs, PromptArgs, PromptStyle};
 use rlt_trainer::config::TinySpec;
 use rlt_trainer::data::{Example, Prompts};
 use rlt_trainer::rl::grpo::GrpoConfig;
 use rlt_trainer::rl::learner::{LocalRun, Models};
-use rlt_trainer::rl::optim::AdamWConfig;
 use rlt_trainer::rl::reward::RewardConfig;
 use rlt_trainer::rl::rollout::RolloutConfig;
+use rlt_trainer::rl::shard::RlOptimizer;
 use rlt_trainer::tokenizer::Tokenizer;
 use tch::{Device, Kind, Tensor};
 
@@ -85,10 +85,10 @@ fn grpo_cfg() -> GrpoConfig {
         ..GrpoConfig::default()
     }
 }
-fn adamw_cfg() -> AdamWConfig {
-    AdamWConfig {
+fn optimizer() -> RlOptimizer {
+    RlOptimizer {
         lr: LR,
-        ..AdamWConfig::default()
+        ..RlOptimizer::default()
     }
 }
 
@@ -112,7 +112,11 @@ fn synthetic_examples() -> Vec<Example> {
         data: None,
         synthetic: Some(EXAMPLES),
         skip_malformed: false,
-        prompts: PromptStyle::Short,
+        prompts: PromptArgs {
+            prompts: PromptStyle::Short,
+            teacher_system: None,
+            student_system: None,
+        },
     }
     .load()
     .unwrap()
@@ -263,7 +267,7 @@ fn single_process_weights(teacher: &Path, student: &Path, steps: u64) -> BTreeMa
         .map(|e| models.group_prompt(&Prompts::short(), e).unwrap())
         .collect();
     let ids = models.special_ids().unwrap();
-    let mut run = LocalRun::new(&models, adamw_cfg(), grpo_cfg()).unwrap();
+    let mut run = LocalRun::new(&models, optimizer(), grpo_cfg()).unwrap();
     for _ in 0..steps {
         run.step(&models, &prompts, &ids, &rollout_cfg(), GROUPS)
             .unwrap();

@@ -3,21 +3,21 @@
 //! The teacher gets the RL prompt (question and solution, cut after the opening explanation
 //! tag) and samples the explanation. What it writes is stored raw: no filtering, no cleanup.
 //!
-//! Multi-trace collection. A student's training example is the student chat (question,
-//! explanation as the thought, solution), which must fit the student's context
-//! (`max_tokens_per_trace`). Rather than truncating a long explanation, the teacher writes it
-//! as up to `traces` consecutive traces: each trace gets the token budget that keeps its
-//! student chat inside the context, and the next trace continues the teacher's own context
-//! (prompt + the traces so far), so the explanation stays one coherent text while every
-//! piece fits the student. Collection of a row stops when the teacher closes its explanation
-//! (or ends its turn); a row whose explanation is still open after `traces` traces is kept
-//! and marked incomplete.
+//! Multi-trace collection, as in the paper: a student's training example is the student chat
+//! (question, explanation as the thought, solution), which must fit the student's context
+//! (`max_tokens_per_trace`). The teacher writes `traces` whole explanations per row
+//! (independent samples from the same prompt, each with the budget that keeps its student chat
+//! inside the context) and every one that is closed and fits becomes a training example. A
+//! row none of whose samples fits keeps its first sample, cut to the budget, and is marked
+//! incomplete, so a short context degrades the data rather than losing the row.
 use super::traces::{TraceFile, TraceRow};
 use crate::checkpoint::CausalLm;
 use crate::data::{self, Example, Prompts};
 use crate::sampling::{generate, SamplingConfig};
 use crate::tokenizer::{Tokenizer, END_OF_EXPLANATION};
 use anyhow::{bail, Result};
+use rlt_api::spec::DistillationStage;
+use rlt_api::RltRunSpec;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CollectConfig {
@@ -30,6 +30,26 @@ pub struct CollectConfig {
     /// Rows per generation batch (and per write to the file).
     pub batch_size: usize,
     pub seed: u64,
+}
+
+impl CollectConfig {
+    /// Collection as the run gives it: the teacher samples at its RL temperature, a batch of
+    /// rows per generation as large as the student's fine-tuning batch.
+    pub fn of_run(spec: &RltRunSpec) -> Self {
+        Self::of(&spec.distillation, spec.rl.temperature)
+    }
+
+    /// Collection as `spec.distillation` gives it, the teacher sampling at `temperature`.
+    pub fn of(d: &DistillationStage, temperature: f64) -> Self {
+        CollectConfig {
+            max_tokens_per_trace: d.trace_splitting.max_tokens_per_trace as usize,
+            traces: d.trace_splitting.traces as usize,
+            temperature,
+            top_p: 1.0,
+            batch_size: d.batch_size as usize,
+            seed: 0,
+        }
+    }
 }
 
 /// Tokens left for the explanation in one student chat of `e`: the context minus the chat
@@ -91,8 +111,10 @@ pub fn collect(
 struct Pending {
     prompt: Vec<i64>,
     budget: usize,
-    traces: Vec<Vec<i64>>,
-    open: bool,
+    /// Whole samples that fit, in sampling order.
+    kept: Vec<Vec<i64>>,
+    /// The first sample, cut to the budget: the row's trace when none is kept.
+    first: Option<Vec<i64>>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -115,33 +137,18 @@ fn collect_batch(
         pending.push(Pending {
             prompt,
             budget,
-            traces: Vec::new(),
-            open: true,
+            kept: Vec::new(),
+            first: None,
         });
     }
     let mut stop_tokens = teacher_tok.eos_ids().to_vec();
     if let [single] = end_tag {
         stop_tokens.push(*single);
     }
+    let contexts: Vec<Vec<i64>> = pending.iter().map(|p| p.prompt.clone()).collect();
     for round in 0..cfg.traces {
-        let open: Vec<usize> = (0..pending.len()).filter(|&r| pending[r].open).collect();
-        if open.is_empty() {
-            break;
-        }
-        // The teacher continues its own context: prompt + every trace so far.
-        let contexts: Vec<Vec<i64>> = open
-            .iter()
-            .map(|&r| {
-                let p = &pending[r];
-                p.prompt
-                    .iter()
-                    .chain(p.traces.iter().flatten())
-                    .copied()
-                    .collect()
-            })
-            .collect();
         let sampling = SamplingConfig {
-            max_new_tokens: open.iter().map(|&r| pending[r].budget).max().unwrap_or(1),
+            max_new_tokens: pending.iter().map(|p| p.budget).max().unwrap_or(1),
             temperature: cfg.temperature,
             top_p: cfg.top_p,
             stop_tokens: stop_tokens.clone(),
@@ -149,54 +156,56 @@ fn collect_batch(
         };
         let generation =
             tch::no_grad(|| generate(&teacher.model, &contexts, teacher_tok.pad_id(), &sampling))?;
-        for (&r, (mut tokens, stopped)) in open
-            .iter()
+        for (p, (mut tokens, stopped)) in pending
+            .iter_mut()
             .zip(generation.token_lists().into_iter().zip(generation.stopped))
         {
-            let p = &mut pending[r];
-            // Rows of the batch share one generation limit; each keeps only its own budget.
-            let mut over_budget = tokens.len() > p.budget;
-            tokens.truncate(p.budget);
             // The budget is the student's: what it trains on is the decoded text in its own
             // tokens, which can be more than the teacher's (another tokenizer, or bytes that
-            // are not valid UTF-8 on their own). Cut until the text fits; the next trace
-            // continues from the cut.
-            loop {
-                let n = student_tok.encode(&teacher_tok.decode(&tokens)?)?.len();
-                if n <= p.budget {
-                    break;
-                }
-                over_budget = true;
-                let keep = tokens.len().saturating_sub((n - p.budget).max(1));
-                tokens.truncate(keep);
+            // are not valid UTF-8 on their own). Rows of the batch share one generation limit;
+            // each keeps only what fits its own budget.
+            let fits = |t: &[i64]| -> Result<bool> {
+                Ok(t.len() <= p.budget
+                    && student_tok.encode(&teacher_tok.decode(t)?)?.len() <= p.budget)
+            };
+            if stopped && fits(&tokens)? {
+                p.kept.push(tokens);
+                continue;
             }
-            let closed = (stopped && !over_budget) || contains(&tokens, end_tag);
-            p.traces.push(tokens);
-            p.open = !closed;
+            if p.first.is_none() {
+                tokens.truncate(p.budget);
+                while !tokens.is_empty() && !fits(&tokens)? {
+                    let n = student_tok.encode(&teacher_tok.decode(&tokens)?)?.len();
+                    let keep = tokens.len().saturating_sub((n - p.budget).max(1));
+                    tokens.truncate(keep);
+                }
+                p.first = Some(tokens);
+            }
         }
     }
     range
         .zip(pending)
         .map(|(i, p)| {
             let e = &examples[i];
+            let complete = !p.kept.is_empty();
+            let traces = if complete {
+                p.kept
+            } else {
+                p.first.into_iter().collect()
+            };
             Ok(TraceRow {
                 index: i,
                 question: e.question.clone(),
                 solution: e.solution.clone(),
-                traces: p
-                    .traces
+                traces: traces
                     .iter()
                     .map(|t| teacher_tok.decode(t))
                     .collect::<Result<_>>()?,
-                tokens: p.traces.iter().map(Vec::len).collect(),
-                complete: !p.open,
+                tokens: traces.iter().map(Vec::len).collect(),
+                complete,
             })
         })
         .collect()
-}
-
-fn contains(haystack: &[i64], needle: &[i64]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The thought a trace gives the student: the raw trace up to the closing explanation tag (the
@@ -210,7 +219,7 @@ pub fn thought_of_trace(trace: &str) -> &str {
     text
 }
 
-/// The student's fine-tuning pairs: one per trace (question -> trace + solution, in the
+/// The student's fine-tuning pairs: one per kept trace (question -> trace + solution, in the
 /// student's format).
 pub fn student_pairs(
     prompts: &Prompts,

@@ -23,6 +23,7 @@ use clap::Args;
 use collect::CollectConfig;
 use rlt_api::contract::{env, TrainingFigures};
 use rlt_api::layout::{is_complete, RunDir, StageDir};
+use rlt_api::spec::defaults;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -37,18 +38,18 @@ pub struct DistillArgs {
     #[arg(long)]
     pub teacher: Option<PathBuf>,
     /// The student's context: the longest student chat (question, trace, solution) in tokens.
-    #[arg(long, default_value_t = 16384)]
+    #[arg(long, default_value_t = defaults::trace_splitting().max_tokens_per_trace as usize)]
     pub max_tokens_per_trace: usize,
-    /// Most traces a row's explanation may be split into (multi-trace collection).
-    #[arg(long, default_value_t = 1)]
+    /// Whole explanations sampled per row (each one that fits is a training example).
+    #[arg(long, default_value_t = defaults::trace_splitting().traces as usize)]
     pub traces: usize,
-    /// Teacher sampling temperature for the explanations.
-    #[arg(long, default_value_t = 0.7)]
+    /// Teacher sampling temperature for the explanations (`rl.temperature`).
+    #[arg(long, default_value_t = defaults::temperature())]
     pub temperature: f64,
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
-    /// Rows per teacher generation batch.
-    #[arg(long, default_value_t = 16)]
+    /// Rows per teacher generation batch (`distillation.batchSize`).
+    #[arg(long, default_value_t = defaults::distill_batch_size() as usize)]
     pub collect_batch_size: usize,
     #[command(flatten)]
     pub data: DataArgs,
@@ -72,6 +73,26 @@ pub struct DistillOutcome {
     pub sft: SftOutcome,
 }
 
+impl DistillArgs {
+    /// How the teacher's explanations are collected.
+    pub fn collect_config(&self) -> CollectConfig {
+        CollectConfig {
+            max_tokens_per_trace: self.max_tokens_per_trace,
+            traces: self.traces,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            batch_size: self.collect_batch_size,
+            seed: self.sft.seed.unwrap_or_default(),
+        }
+    }
+
+    /// The spec's default distillation fine-tune with the flags given over it.
+    pub fn sft_config(&self) -> SftConfig {
+        self.sft
+            .over(SftConfig::distillation(&defaults::distillation()))
+    }
+}
+
 pub fn distill(a: DistillArgs) -> Result<DistillOutcome> {
     let run_dir = RunDir::new(&a.stage.workspace, &a.stage.run);
     let (device, kind) = a.device.resolve()?;
@@ -84,16 +105,9 @@ pub fn distill(a: DistillArgs) -> Result<DistillOutcome> {
             .unwrap_or_else(|| run_dir.rl().final_dir()),
         student_model: a.student_model.clone(),
         examples: a.data.load()?,
-        prompts: a.data.prompts.prompts(),
-        collect: CollectConfig {
-            max_tokens_per_trace: a.max_tokens_per_trace,
-            traces: a.traces,
-            temperature: a.temperature,
-            top_p: a.top_p,
-            batch_size: a.collect_batch_size,
-            seed: a.sft.seed,
-        },
-        sft: a.sft.config(),
+        prompts: a.data.system_prompts(),
+        collect: a.collect_config(),
+        sft: a.sft_config(),
         attempt: a.stage.attempt,
         device,
         kind,

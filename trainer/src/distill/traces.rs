@@ -19,12 +19,12 @@ pub struct TraceRow {
     pub index: usize,
     pub question: String,
     pub solution: String,
-    /// The explanation, raw: one trace, or several consecutive ones when multi-trace
-    /// collection split a long explanation to fit the student's context.
+    /// The explanations, raw: every whole sample that fits the student's context (several
+    /// with multi-trace collection), or, when none does, the first sample cut to the budget.
     pub traces: Vec<String>,
     /// Generated tokens per trace.
     pub tokens: Vec<usize>,
-    /// Whether the teacher closed its explanation within the budget (`traces` x tokens).
+    /// Whether at least one sample was whole and fits (false: `traces` is the cut fallback).
     pub complete: bool,
 }
 

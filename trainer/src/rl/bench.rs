@@ -15,10 +15,10 @@ use tch::{Device, Kind};
 
 use super::grpo::GrpoConfig;
 use super::learner::{run_learner, LearnerConfig, Models, StepReport};
-use super::optim::AdamWConfig;
 use super::param_server::{read_checkpoint_tensors, ParamServer, ServerConfig};
 use super::reward::RewardConfig;
 use super::rollout::RolloutConfig;
+use super::shard::RlOptimizer;
 use crate::checkpoint::{save_checkpoint, CausalLm};
 use crate::config::TinySpec;
 use crate::data::synthetic::{generate, SyntheticSpec};
@@ -170,9 +170,9 @@ fn run_one(
     let _ = std::fs::remove_dir_all(ws);
     let total = a.steps + 1;
     let grpo = GrpoConfig::default();
-    let adamw = AdamWConfig {
+    let optimizer = RlOptimizer {
         lr: 1e-5,
-        ..AdamWConfig::default()
+        ..RlOptimizer::default()
     };
     let rt = tokio::runtime::Runtime::new()?;
     let initial = read_checkpoint_tensors(teacher)?;
@@ -185,7 +185,7 @@ fn run_one(
             num_shards: a.servers,
             num_learners: learners,
             total_steps: total,
-            adamw,
+            optimizer,
             grpo: grpo.clone(),
             checkpoint_every: 1000,
             stage_dir: RunDir::new(ws, "bench").rl(),

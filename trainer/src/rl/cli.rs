@@ -8,14 +8,16 @@ use anyhow::{Context, Result};
 use clap::Args;
 use rlt_api::contract::{self, env};
 use rlt_api::layout::RunDir;
+use rlt_api::spec::defaults;
 
 use super::grpo::GrpoConfig;
 use super::learner::{run_learner, LearnerConfig, Models};
-use super::optim::AdamWConfig;
 use super::param_server::{self, ServerConfig};
 use super::reward::{RewardConfig, WeightedReductions};
 use super::rollout::RolloutConfig;
+use super::shard::RlOptimizer;
 use crate::cli::{DataArgs, DeviceArgs};
+use crate::optim::AdamWConfig;
 
 /// Where the run lives in the shared workspace.
 #[derive(Args, Debug, Clone)]
@@ -36,41 +38,47 @@ impl RunArgs {
 }
 
 /// Optimisation settings both roles must agree on (servers apply them; learners use the GRPO
-/// ones in the loss). Paper defaults.
+/// ones in the loss). Defaults: `spec.rl`'s.
 #[derive(Args, Debug, Clone)]
 pub struct OptimArgs {
     /// Number of RL steps (optimizer updates).
-    #[arg(long, default_value_t = 125)]
+    #[arg(long, default_value_t = defaults::rl_steps().into())]
     pub steps: u64,
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, default_value_t = defaults::rl_lr())]
     pub lr: f64,
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = defaults::rl_optimizer().beta1)]
     pub adam_beta1: f64,
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = defaults::rl_optimizer().beta2)]
     pub adam_beta2: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = defaults::rl_optimizer().weight_decay)]
     pub weight_decay: f64,
+    /// Largest norm of the whole step's gradient, over every shard (0 = no clipping).
+    #[arg(long, default_value_t = defaults::rl_optimizer().max_grad_norm)]
+    pub max_grad_norm: f64,
     /// KL penalty to the reference model.
-    #[arg(long, default_value_t = 0.04)]
+    #[arg(long, default_value_t = defaults::beta())]
     pub beta: f64,
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = GrpoConfig::default().clip_eps)]
     pub clip_eps: f64,
     /// Reference re-sync: ref <- alpha * policy + (1 - alpha) * ref ...
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = defaults::sync_mix())]
     pub ref_mix_alpha: f64,
     /// ... every this many steps (0 = never).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = defaults::sync_interval().into())]
     pub ref_sync_every: u64,
 }
 
 impl OptimArgs {
-    pub fn adamw(&self) -> AdamWConfig {
-        AdamWConfig {
+    pub fn optimizer(&self) -> RlOptimizer {
+        RlOptimizer {
+            adamw: AdamWConfig {
+                beta1: self.adam_beta1,
+                beta2: self.adam_beta2,
+                weight_decay: self.weight_decay,
+                ..AdamWConfig::rl()
+            },
             lr: self.lr,
-            beta1: self.adam_beta1,
-            beta2: self.adam_beta2,
-            eps: 1e-8,
-            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
         }
     }
     pub fn grpo(&self) -> GrpoConfig {
@@ -109,7 +117,7 @@ pub struct ParamServerArgs {
     #[arg(long, env = env::METRICS_PORT, default_value_t = contract::DEFAULT_METRICS_PORT)]
     pub metrics_port: u16,
     /// Checkpoint the shard every this many steps.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = defaults::checkpoint_interval().into())]
     pub checkpoint_every: u64,
     /// libtorch intra-op CPU threads for the optimizer (default: libtorch's choice).
     #[arg(long)]
@@ -132,7 +140,7 @@ pub fn param_server(a: ParamServerArgs) -> Result<()> {
         num_shards: a.num_shards,
         num_learners: a.learners,
         total_steps: a.optim.steps,
-        adamw: a.optim.adamw(),
+        optimizer: a.optim.optimizer(),
         grpo: a.optim.grpo(),
         checkpoint_every: a.checkpoint_every,
         stage_dir: run_dir.rl(),
@@ -155,30 +163,30 @@ pub fn param_server(a: ParamServerArgs) -> Result<()> {
     ))
 }
 
-/// Sampling and reward settings of the learners (paper defaults).
+/// Sampling and reward settings of the learners. Defaults: `spec.rl`'s.
 #[derive(Args, Debug, Clone)]
 pub struct RolloutArgs {
-    /// Groups, i.e. (question, solution) pairs, per step over all learners.
-    #[arg(long, default_value_t = 16)]
+    /// Groups, i.e. (question, solution) pairs, per step over all learners (`rl.batchSize`).
+    #[arg(long, default_value_t = defaults::batch16() as usize)]
     pub groups_per_step: usize,
     /// G: explanations per group.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = defaults::group_size() as usize)]
     pub group_size: usize,
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = defaults::max_new_tokens() as usize)]
     pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = defaults::temperature())]
     pub temperature: f64,
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = defaults::reward().student_temperature)]
     pub student_temperature: f64,
     /// Solution-term reductions and weights.
-    #[arg(long, default_value = "mean:1,min:0.01")]
+    #[arg(long, default_value_t = RewardConfig::default().solution)]
     pub solution_reductions: WeightedReductions,
     /// KL-term reductions and weights.
-    #[arg(long, default_value = "mean:3,max:0.03")]
+    #[arg(long, default_value_t = RewardConfig::default().kl)]
     pub kl_reductions: WeightedReductions,
-    #[arg(long, default_value_t = -1.0, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = defaults::format_penalty(), allow_hyphen_values = true)]
     pub format_penalty: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -245,7 +253,7 @@ pub fn learner(a: LearnerArgs) -> Result<()> {
     let (device, kind) = a.device.resolve()?;
     let models = Models::load(&teacher, &a.student, device, kind)?;
     let examples = a.data.load()?;
-    let prompts = a.data.prompts.prompts();
+    let prompts = a.data.system_prompts();
     let cfg = LearnerConfig {
         param_servers: a.param_servers.clone(),
         learner: a.learner,

@@ -1,5 +1,11 @@
 //! The learner's side of the wire: connects to every parameter server (with backoff), checks
 //! that they form one consistent set, pulls the full weights and pushes gradients per shard.
+//!
+//! A step on the wire: push this learner's gradients to every shard; ask every shard for its
+//! part of the squared norm of the step's averaged gradient (it answers once every learner
+//! pushed) and add them into the norm of the whole gradient; have every shard apply the step
+//! clipped by that norm; pull the new weights. Every learner computes the same norm from the
+//! same parts, so whichever `Apply` comes first applies and the others are acknowledged.
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -42,8 +48,16 @@ pub struct ShardClients {
     pub num_learners: u32,
     /// How long to keep retrying a server that is down (restarting) before giving up.
     pub retry_for: Duration,
-    /// Pushed gradients of the last steps, per shard, to replay to a restarted server.
-    replay: BTreeMap<u64, Vec<Vec<pb::PushMessage>>>,
+    /// Pushed gradients of the last steps, to replay to a restarted server.
+    replay: BTreeMap<u64, Pushed>,
+}
+
+/// One step as this learner sent it: its push to each shard and the norm of the step's whole
+/// gradient, once known (a replayed step is applied with the norm it had).
+#[derive(Clone)]
+struct Pushed {
+    per_shard: Vec<Vec<pb::PushMessage>>,
+    global_norm: Option<f64>,
 }
 
 /// Retries `f` with exponential backoff (0.1 s doubling to 5 s) until `deadline`; gives up
@@ -256,25 +270,83 @@ impl ShardClients {
                 });
             }
         }
-        self.replay.insert(step, per_shard);
+        self.replay.insert(
+            step,
+            Pushed {
+                per_shard,
+                global_norm: None,
+            },
+        );
         let oldest = step.saturating_sub(keep_steps);
         self.replay.retain(|&s, _| s >= oldest);
-        let replay = &self.replay;
-        let tasks = self.clients.iter().enumerate().map(|(i, c)| {
-            let what = format!(
-                "step {step} with parameter server {} at {}",
-                i, self.addrs[i]
-            );
-            sync_shard(
-                what,
-                c.clone(),
-                i,
-                (self.learner, self.num_learners),
-                step,
-                replay,
-                include_reference,
-                self.retry_for,
+        let (me, retry_for) = ((self.learner, self.num_learners), self.retry_for);
+        let what = |i: usize, phase: &str| {
+            format!(
+                "{phase} of step {step} with parameter server {i} at {}",
+                self.addrs[i]
             )
+        };
+
+        // 1. Every shard holds this learner's gradients of `step`.
+        let replay = &self.replay;
+        let delivered = self.clients.iter().enumerate().map(|(i, c)| async move {
+            with_backoff(&what(i, "push"), retry_for, move || {
+                deliver(c.clone(), i, me, step, replay)
+            })
+            .await
+        });
+        for r in futures::future::join_all(delivered).await {
+            r?;
+        }
+        // 2. The norm of the whole gradient: the shards' parts, added in shard order. A shard
+        // that restarted meanwhile lost the pushes and gets them again before it answers.
+        let parts = self.clients.iter().enumerate().map(|(i, c)| async move {
+            let mut first = true;
+            with_backoff(&what(i, "gradient norm"), retry_for, move || {
+                let again = !std::mem::replace(&mut first, false);
+                let mut c = c.clone();
+                async move {
+                    if again {
+                        deliver(c.clone(), i, me, step, replay).await?;
+                    }
+                    let req = pb::GradNormRequest {
+                        protocol: PROTOCOL_VERSION,
+                        step,
+                    };
+                    Ok(c.grad_norm(req).await?.into_inner().squared_norm)
+                }
+            })
+            .await
+        });
+        let mut squared = 0.0;
+        for r in futures::future::join_all(parts).await {
+            squared += r?;
+        }
+        let global_norm = squared.sqrt();
+        if let Some(p) = self.replay.get_mut(&step) {
+            p.global_norm = Some(global_norm);
+        }
+        // 3. Every shard applies the step with that norm; then the new weights.
+        let replay = &self.replay;
+        let tasks = self.clients.iter().enumerate().map(|(i, c)| async move {
+            let mut first = true;
+            with_backoff(&what(i, "apply"), retry_for, move || {
+                let again = !std::mem::replace(&mut first, false);
+                let mut c = c.clone();
+                async move {
+                    if again {
+                        deliver(c.clone(), i, me, step, replay).await?;
+                    }
+                    let req = pb::ApplyRequest {
+                        protocol: PROTOCOL_VERSION,
+                        step,
+                        global_norm,
+                    };
+                    c.apply(req).await?;
+                    pull_one(c, step + 1, include_reference).await
+                }
+            })
+            .await
         });
         let mut parts = Vec::new();
         for r in futures::future::join_all(tasks).await {
@@ -357,61 +429,73 @@ fn merge_pulls(parts: Vec<Part>, include_reference: bool) -> Result<Pulled> {
     })
 }
 
-/// Makes sure shard `i` got this learner's gradients for `step` (replaying earlier steps to a
-/// server that restarted behind), then pulls its weights of version `step + 1`.
-#[allow(clippy::too_many_arguments)]
-async fn sync_shard(
-    what: String,
-    c: Client,
+/// Makes sure shard `i` holds this learner's gradients for `step`: a shard that restarted
+/// from an older checkpoint is first replayed the steps since (each applied with the norm it
+/// had, once every learner replayed it too).
+async fn deliver(
+    mut c: Client,
     i: usize,
     (learner, num_learners): (u32, u32),
     step: u64,
-    replay: &BTreeMap<u64, Vec<Vec<pb::PushMessage>>>,
-    include_reference: bool,
-    retry_for: Duration,
-) -> Result<Part> {
-    with_backoff(&what, retry_for, || {
-        let mut c = c.clone();
-        async move {
-            let hello = pb::HelloRequest { protocol: PROTOCOL_VERSION, learner, num_learners };
-            let mut at = c.hello(hello).await?.into_inner().version;
-            if at < step {
-                tracing::warn!(shard = i, from = at, to = step, "parameter server is behind (restarted from a checkpoint); replaying this learner's gradients");
+    replay: &BTreeMap<u64, Pushed>,
+) -> Result<(), tonic::Status> {
+    let hello = pb::HelloRequest {
+        protocol: PROTOCOL_VERSION,
+        learner,
+        num_learners,
+    };
+    let mut at = c.hello(hello).await?.into_inner().version;
+    if at < step {
+        tracing::warn!(shard = i, from = at, to = step, "parameter server is behind (restarted from a checkpoint); replaying this learner's gradients");
+    }
+    while at <= step {
+        let pushed = replay.get(&at).ok_or_else(|| {
+            tonic::Status::failed_precondition(format!(
+                "parameter server {i} restarted at version {at}, but this learner no longer holds its \
+                 gradients of step {at} (it keeps the last steps since the server's checkpoint interval); \
+                 restart the RL stage to resume all servers from their checkpoints"
+            ))
+        })?;
+        match c
+            .push(futures::stream::iter(pushed.per_shard[i].clone()))
+            .await
+        {
+            Ok(_) => {}
+            // Another learner's Apply completed this step meanwhile: carry on from where the
+            // server is now.
+            Err(s)
+                if s.code() == tonic::Code::FailedPrecondition
+                    && s.message().contains("pushed gradients for step") =>
+            {
+                at = c.hello(hello).await?.into_inner().version;
+                continue;
             }
-            while at <= step {
-                let msgs = replay.get(&at).ok_or_else(|| {
-                    tonic::Status::failed_precondition(format!(
-                        "parameter server {i} restarted at version {at}, but this learner no longer holds its \
-                         gradients of step {at} (it keeps the last steps since the server's checkpoint interval); \
-                         restart the RL stage to resume all servers from their checkpoints"
-                    ))
-                })?;
-                match c.push(futures::stream::iter(msgs[i].clone())).await {
-                    Ok(_) => {}
-                    // Another push completed this step meanwhile (e.g. our earlier attempt).
-                    Err(s) if s.code() == tonic::Code::FailedPrecondition && s.message().contains("pushed gradients for step") => {}
-                    Err(s) => return Err(s),
-                }
-                if at == step {
-                    break;
-                }
-                // Replaying: wait for the replayed step to be applied before the next one.
-                pull_one(c.clone(), at + 1, false).await?;
-                at += 1;
-            }
-            pull_one(c.clone(), step + 1, include_reference).await
+            Err(s) => return Err(s),
         }
-    })
-    .await
+        if at == step {
+            break;
+        }
+        let global_norm = pushed.global_norm.ok_or_else(|| {
+            tonic::Status::internal(format!("the norm of step {at} was never computed"))
+        })?;
+        let req = pb::ApplyRequest {
+            protocol: PROTOCOL_VERSION,
+            step: at,
+            global_norm,
+        };
+        c.apply(req).await?;
+        at += 1;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::{clip_coefficient, squared_norm, AdamWConfig};
     use crate::rl::grpo::GrpoConfig;
-    use crate::rl::optim::AdamWConfig;
     use crate::rl::param_server::{ParamServer, ServerConfig};
-    use crate::rl::shard::ShardState;
+    use crate::rl::shard::{assign_shards, RlOptimizer, ShardState};
     use rlt_api::layout::RunDir;
 
     fn weights() -> BTreeMap<String, Tensor> {
@@ -433,10 +517,7 @@ mod tests {
                 num_shards: servers,
                 num_learners: learners,
                 total_steps: 2,
-                adamw: AdamWConfig {
-                    lr: 0.1,
-                    ..AdamWConfig::default()
-                },
+                optimizer: optimizer(),
                 grpo: GrpoConfig {
                     ref_sync_every: 1,
                     ..GrpoConfig::default()
@@ -453,16 +534,25 @@ mod tests {
         addrs
     }
 
+    fn optimizer() -> RlOptimizer {
+        RlOptimizer {
+            adamw: AdamWConfig::rl(),
+            lr: 0.1,
+            max_grad_norm: 1.0,
+        }
+    }
+
     fn ws(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("rlt-client-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
     }
 
-    /// Two learners push different gradients (weights 1 and 3); the servers apply one update
-    /// with their weighted average, exactly what one AdamW over all parameters does.
+    /// Two learners push different gradients (weights 1 and 3) for two steps; the servers
+    /// apply one update per step with their weighted average, clipped by the norm of the whole
+    /// gradient over both shards: exactly what one AdamW over all parameters does.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn one_synchronous_update_with_the_weighted_average() {
+    async fn one_synchronous_update_per_step_clipped_by_the_norm_of_the_whole_gradient() {
         let dir = ws("sync");
         let addrs = start(2, 2, &dir).await;
         let mut l0 = ShardClients::new(&addrs, 0, 2, Duration::from_secs(5)).unwrap();
@@ -477,59 +567,97 @@ mod tests {
                 .map(|(n, t)| (n, t.ones_like() * x as f64))
                 .collect()
         };
-        // Sums over groups: learner 0 one group of gradient 1, learner 1 three groups of -1 each.
-        let (g0, g1) = (g(1.0), g(-3.0));
         let stats = pb::StepStats {
             reward_sum: 2.0,
             samples: 2,
             ..Default::default()
         };
-        let (r0, r1) = tokio::join!(
-            l0.push_and_pull(0, &topo.owner, &g0, 1.0, stats, 2, true),
-            l1.push_and_pull(0, &topo.owner, &g1, 3.0, stats, 2, true)
+        // Sums over groups: learner 0 one group, learner 1 three. Step 0's average (-0.5 per
+        // element, norm 1.5) is clipped; step 1's (0.05, norm 0.15) is not, and its update
+        // depends on the moments step 0 left, so the clipping shows in the weights.
+        let steps = [(g(1.0), g(-3.0)), (g(0.2), g(0.0))];
+        let grpo = GrpoConfig {
+            ref_sync_every: 1,
+            ..GrpoConfig::default()
+        };
+        let names: Vec<String> = weights().keys().cloned().collect();
+        let mut whole = ShardState::fresh(names.clone(), &weights(), optimizer().adamw).unwrap();
+        // What clipping each shard by its own part's norm would give instead.
+        let owner = assign_shards(
+            &weights()
+                .iter()
+                .map(|(n, t)| (n.clone(), t.numel() as i64))
+                .collect::<Vec<_>>(),
+            2,
         );
-        let (p0, p1) = (r0.unwrap().1, r1.unwrap().1);
-        assert_eq!((p0.version, p1.version), (1, 1));
-        let mut expected =
-            ShardState::fresh(weights().keys().cloned().collect(), &weights()).unwrap();
-        let avg: Vec<Tensor> = expected
-            .names
-            .iter()
-            .map(|n| (&g0[n] + &g1[n]) / 4.0)
-            .collect();
-        expected.apply(
-            &avg,
-            &AdamWConfig {
-                lr: 0.1,
-                ..AdamWConfig::default()
-            },
-            &GrpoConfig {
-                ref_sync_every: 1,
-                ..GrpoConfig::default()
-            },
-        );
-        for (i, n) in expected.names.iter().enumerate() {
-            assert!(
-                p0.policy[n].allclose(&expected.params[i], 1e-6, 1e-7, false),
-                "{n}"
+        let mut per_shard = ShardState::fresh(names, &weights(), optimizer().adamw).unwrap();
+        let mut pulled = None;
+        for (step, (g0, g1)) in steps.iter().enumerate() {
+            let step = step as u64;
+            let (r0, r1) = tokio::join!(
+                l0.push_and_pull(step, &topo.owner, g0, 1.0, stats, 2, true),
+                l1.push_and_pull(step, &topo.owner, g1, 3.0, stats, 2, true)
             );
-            assert!(p1.policy[n].equal(&p0.policy[n]));
-            // The reference was re-synced at step 1 (every step here).
+            let (p0, p1) = (r0.unwrap().1, r1.unwrap().1);
+            assert_eq!((p0.version, p1.version), (step + 1, step + 1));
+            for (n, t) in &p0.policy {
+                assert!(p1.policy[n].equal(t));
+            }
+            let avg: Vec<Tensor> = whole
+                .names
+                .iter()
+                .map(|n| (&g0[n] + &g1[n]) / 4.0)
+                .collect();
+            let scale = clip_coefficient(squared_norm(&avg).sqrt(), 1.0);
+            whole.apply(&avg, 0.1, scale, &grpo);
+            let own: Vec<Tensor> = per_shard
+                .names
+                .iter()
+                .zip(&avg)
+                .map(|(n, g)| {
+                    let mine: Vec<Tensor> = per_shard
+                        .names
+                        .iter()
+                        .zip(&avg)
+                        .filter(|(m, _)| owner[*m] == owner[n])
+                        .map(|(_, g)| g.shallow_clone())
+                        .collect();
+                    g * clip_coefficient(squared_norm(&mine).sqrt(), 1.0)
+                })
+                .collect();
+            per_shard.apply(&own, 0.1, 1.0, &grpo);
+            pulled = Some(p0);
+        }
+        let p0 = pulled.unwrap();
+        let mut differs = false;
+        for (i, n) in whole.names.iter().enumerate() {
+            assert!(
+                p0.policy[n].allclose(&whole.params[i], 1e-6, 1e-7, false),
+                "{n}: {:?} vs {:?}",
+                p0.policy[n],
+                whole.params[i]
+            );
+            differs |= !p0.policy[n].allclose(&per_shard.params[i], 1e-6, 1e-7, false);
+            // The reference was re-synced at every step here.
             assert!(p0.reference.as_ref().unwrap()[n].allclose(
-                &expected.reference[i],
+                &whole.reference[i],
                 1e-6,
                 1e-7,
                 false
             ));
         }
-        assert_eq!(p0.reference_version, 1);
-        // Each shard checkpointed step 1.
+        assert!(
+            differs,
+            "per-shard clipping would give the same weights: the test shows nothing"
+        );
+        assert_eq!(p0.reference_version, 2);
+        // Each shard checkpointed step 2.
         for s in 0..2 {
             assert_eq!(
                 rlt_api::layout::latest_checkpoint(&RunDir::new(&dir, "t").rl().shard(s), 0)
                     .unwrap()
                     .0,
-                1
+                2
             );
         }
         let _ = std::fs::remove_dir_all(&dir);

@@ -13,17 +13,17 @@ use tch::{Device, Kind, Tensor};
 
 use super::client::ShardClients;
 use super::grpo::{ref_sync_due, GrpoConfig};
-use super::optim::AdamWConfig;
 use super::rollout::{
     learner_slice, load_weights_into, run_group, take_gradients, zero_gradients, GroupPrompt,
     PhaseTimes, RolloutConfig, SpecialIds, StepContribution,
 };
-use super::shard::ShardState;
+use super::shard::{RlOptimizer, ShardState};
 use super::wire::pb;
 use crate::checkpoint::{save_checkpoint, CausalLm};
-use crate::data::{student_segments, teacher_rl_prompt, Example, Prompts};
+use crate::data::{Example, Prompts};
+use crate::optim::{clip_coefficient, squared_norm};
 use crate::sampling::SplitMix64;
-use crate::tokenizer::{Tokenizer, END_OF_EXPLANATION};
+use crate::tokenizer::Tokenizer;
 
 /// The three models a learner holds: the policy (trained), its GRPO reference, the frozen
 /// student; and the shared tokenizer.
@@ -73,28 +73,12 @@ impl Models {
     }
 
     pub fn special_ids(&self) -> Result<SpecialIds> {
-        let stop = self.tokenizer.eos_ids().to_vec();
-        if stop.is_empty() {
-            bail!("the tokenizer has no end-of-turn token (<|im_end|> or <|endoftext|>) to stop generation at");
-        }
-        Ok(SpecialIds {
-            pad: self.tokenizer.pad_id(),
-            stop,
-            end_explanation: self.tokenizer.encode(END_OF_EXPLANATION)?,
-        })
+        SpecialIds::of(&self.tokenizer)
     }
 
     /// The token pieces of one (question, solution).
     pub fn group_prompt(&self, prompts: &Prompts, e: &Example) -> Result<GroupPrompt> {
-        let [prefix, _, middle, solution, suffix] = student_segments(prompts, e, "");
-        let enc = |s: &str| self.tokenizer.encode(s);
-        Ok(GroupPrompt {
-            teacher_prompt: enc(&teacher_rl_prompt(prompts, e))?,
-            student_prefix: enc(&prefix)?,
-            student_middle: enc(&middle)?,
-            solution: enc(&solution)?,
-            student_suffix: enc(&suffix)?,
-        })
+        GroupPrompt::new(&self.tokenizer, prompts, e)
     }
 
     /// Names and shapes of the teacher's parameters.
@@ -154,6 +138,7 @@ pub fn compute_step(
             &models.teacher,
             &models.reference,
             &models.student,
+            &models.tokenizer,
             &prompts[examples[j]],
             ids,
             cfg,
@@ -326,15 +311,16 @@ pub async fn run_learner(
 }
 
 /// The whole RL run in one process: one learner over all groups, one AdamW over all
-/// parameters (the same [`ShardState`] update the servers apply per shard).
+/// parameters (the same [`ShardState`] update the servers apply per shard, clipped by the
+/// same norm of the whole gradient).
 pub struct LocalRun {
     pub state: ShardState,
-    pub adamw: AdamWConfig,
+    pub optimizer: RlOptimizer,
     pub grpo: GrpoConfig,
 }
 
 impl LocalRun {
-    pub fn new(models: &Models, adamw: AdamWConfig, grpo: GrpoConfig) -> Result<Self> {
+    pub fn new(models: &Models, optimizer: RlOptimizer, grpo: GrpoConfig) -> Result<Self> {
         let weights: BTreeMap<String, Tensor> = models
             .teacher
             .vs
@@ -344,8 +330,8 @@ impl LocalRun {
             .collect();
         let names = weights.keys().cloned().collect();
         Ok(LocalRun {
-            state: ShardState::fresh(names, &weights)?,
-            adamw,
+            state: ShardState::fresh(names, &weights, optimizer.adamw)?,
+            optimizer,
             grpo,
         })
     }
@@ -364,7 +350,9 @@ impl LocalRun {
         let scale = 1.0 / c.groups.max(1) as f64;
         let grads: Vec<Tensor> = self.state.names.iter().map(|n| &grads[n] * scale).collect();
         let ref_before = self.state.reference_version;
-        self.state.apply(&grads, &self.adamw, &self.grpo);
+        let o = &self.optimizer;
+        let clip = clip_coefficient(squared_norm(&grads).sqrt(), o.max_grad_norm);
+        self.state.apply(&grads, o.lr, clip, &self.grpo);
         load_weights_into(&models.teacher, &self.weights())?;
         if self.state.reference_version != ref_before {
             let reference = self

@@ -1,7 +1,10 @@
 //! A parameter server: owns one shard of the teacher's parameters and its AdamW state, serves
 //! the weights to learners, and applies ONE synchronous update per step once every learner
-//! has pushed its gradients for that step (weighted average). Checkpoints its shard every K
-//! steps and resumes from the latest one. Server 0 also serves the training figures
+//! has pushed its gradients for that step (weighted average). The update is clipped by the
+//! norm of the whole step's gradient: each server tells the learners its shard's part
+//! (`GradNorm`), the learners add the parts and hand the total back (`Apply`), so every
+//! shard scales by the same coefficient, as one optimizer over the whole model would.
+//! Checkpoints its shard every K steps and resumes from the latest one. Server 0 also serves the training figures
 //! (`/status`, JSON) and Prometheus `/metrics` on its metrics port.
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,9 +22,9 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::grpo::GrpoConfig;
-use super::optim::AdamWConfig;
-use super::shard::{assign_shards, shard_names, ShardState};
+use super::shard::{assign_shards, shard_names, RlOptimizer, ShardState};
 use super::wire::{self, pb, KIND_POLICY, KIND_REFERENCE, PROTOCOL_VERSION};
+use crate::optim::{clip_coefficient, squared_norm};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -29,7 +32,7 @@ pub struct ServerConfig {
     pub num_shards: usize,
     pub num_learners: usize,
     pub total_steps: u64,
-    pub adamw: AdamWConfig,
+    pub optimizer: RlOptimizer,
     pub grpo: GrpoConfig,
     /// Checkpoint the shard every this many steps (and at the last step).
     pub checkpoint_every: u64,
@@ -71,17 +74,40 @@ struct Pending {
     stats: pb::StepStats,
 }
 
+/// Every learner's push of a step, averaged: what the step applies.
+struct Averaged {
+    grads: Vec<Tensor>,
+    stats: pb::StepStats,
+    squared_norm: f64,
+}
+
 struct Inner {
     state: ShardState,
     pending: BTreeMap<u32, Pending>,
+    /// The average of `pending` once complete (cleared by a push).
+    averaged: Option<Averaged>,
+    /// (step, squared norm) of the last applied step, for a learner that asks after another
+    /// one already applied it.
+    last_norm: Option<(u64, f64)>,
     done: std::collections::BTreeSet<u32>,
     last_step_at: Instant,
+}
+
+/// Where a shard stands with a step's gradients.
+enum Collected {
+    /// Still waiting for some learner's push.
+    Waiting,
+    /// Every learner pushed; the squared norm of the shard's averaged gradient.
+    Ready(f64),
+    /// Applied already (its squared norm when still known).
+    Applied(Option<f64>),
 }
 
 /// Metrics of one server (its own registry: tests run several servers in one process).
 pub struct ServerMetrics {
     pub registry: prometheus::Registry,
     step: prometheus::IntGauge,
+    grad_norm: prometheus::Gauge,
     reward: prometheus::Gauge,
     solution: prometheus::Gauge,
     kl: prometheus::Gauge,
@@ -101,6 +127,10 @@ impl ServerMetrics {
             ),
         )?;
         let step = prometheus::IntGauge::new("rl_step", "RL steps applied (weights version)")?;
+        let grad_norm = prometheus::Gauge::new(
+            "rl_grad_norm",
+            "norm of the last step's whole gradient (all shards), before clipping",
+        )?;
         let reward = prometheus::Gauge::new("rl_mean_reward", "mean RLT reward of the last step")?;
         let solution = prometheus::Gauge::new("rl_solution_term", "mean r_SS of the last step")?;
         let kl = prometheus::Gauge::new("rl_kl_term", "mean r_KL of the last step")?;
@@ -110,6 +140,7 @@ impl ServerMetrics {
             prometheus::IntCounter::new("ps_bytes_received_total", "gradient bytes received")?;
         let bytes_out = prometheus::IntCounter::new("ps_bytes_sent_total", "weight bytes sent")?;
         registry.register(Box::new(step.clone()))?;
+        registry.register(Box::new(grad_norm.clone()))?;
         registry.register(Box::new(reward.clone()))?;
         registry.register(Box::new(solution.clone()))?;
         registry.register(Box::new(kl.clone()))?;
@@ -119,6 +150,7 @@ impl ServerMetrics {
         Ok(ServerMetrics {
             registry,
             step,
+            grad_norm,
             reward,
             solution,
             kl,
@@ -134,6 +166,8 @@ pub struct ParamServer {
     cfg: Arc<ServerConfig>,
     inner: Arc<Mutex<Inner>>,
     version: watch::Sender<u64>,
+    /// Bumped on every push, so a `GradNorm` or `Apply` waiting for the last learner wakes.
+    pushed: watch::Sender<u64>,
     all_done: watch::Sender<bool>,
     figures: Arc<Mutex<TrainingFigures>>,
     metrics: Arc<ServerMetrics>,
@@ -165,17 +199,18 @@ impl ParamServer {
         let dir = cfg.stage_dir.shard(cfg.shard);
         let state = match layout::latest_checkpoint(&dir, cfg.attempt) {
             Some((step, path)) => {
-                let s = ShardState::load(&path, &shapes).with_context(|| {
-                    format!(
-                        "resuming parameter server {} from {}",
-                        cfg.shard,
-                        path.display()
-                    )
-                })?;
+                let s =
+                    ShardState::load(&path, &shapes, cfg.optimizer.adamw).with_context(|| {
+                        format!(
+                            "resuming parameter server {} from {}",
+                            cfg.shard,
+                            path.display()
+                        )
+                    })?;
                 tracing::info!(shard = cfg.shard, step, path = %path.display(), "resumed shard from checkpoint");
                 s
             }
-            None => ShardState::fresh(names, initial)?,
+            None => ShardState::fresh(names, initial, cfg.optimizer.adamw)?,
         };
         let version = state.version;
         let metrics = ServerMetrics::new(cfg.shard)?;
@@ -189,10 +224,13 @@ impl ParamServer {
             inner: Arc::new(Mutex::new(Inner {
                 state,
                 pending: BTreeMap::new(),
+                averaged: None,
+                last_norm: None,
                 done: Default::default(),
                 last_step_at: Instant::now(),
             })),
             version: watch::channel(version).0,
+            pushed: watch::channel(0).0,
             all_done: watch::channel(false).0,
             figures: Arc::new(Mutex::new(figures)),
             metrics: Arc::new(metrics),
@@ -247,36 +285,80 @@ impl ParamServer {
         Ok(())
     }
 
-    /// Applies the step once all learners pushed: averages, updates, checkpoints, publishes.
-    fn maybe_apply(&self, inner: &mut Inner) -> Result<()> {
-        if inner.pending.len() < self.cfg.num_learners {
-            return Ok(());
+    /// Where this shard stands with `step`, averaging the pushes once all are in.
+    fn collected(&self, inner: &mut Inner, step: u64) -> Collected {
+        let version = inner.state.version;
+        if step < version {
+            let norm = inner.last_norm.filter(|(s, _)| *s == step).map(|n| n.1);
+            return Collected::Applied(norm);
         }
-        let pending = std::mem::take(&mut inner.pending);
-        let total_weight: f64 = pending.values().map(|p| p.weight).sum();
-        let n = inner.state.params.len();
-        let mut grads: Vec<Tensor> = (0..n)
-            .map(|i| Tensor::zeros_like(&inner.state.params[i]))
-            .collect();
-        let mut stats = pb::StepStats::default();
-        for p in pending.values() {
-            for (acc, g) in grads.iter_mut().zip(&p.grads) {
-                *acc += g;
+        if step > version || inner.pending.len() < self.cfg.num_learners {
+            return Collected::Waiting;
+        }
+        let averaged = inner.averaged.get_or_insert_with(|| {
+            let total_weight: f64 = inner.pending.values().map(|p| p.weight).sum();
+            let scale = if total_weight > 0.0 {
+                1.0 / total_weight
+            } else {
+                0.0
+            };
+            let mut stats = pb::StepStats::default();
+            let mut grads: Vec<Tensor> =
+                inner.state.params.iter().map(Tensor::zeros_like).collect();
+            for p in inner.pending.values() {
+                for (acc, g) in grads.iter_mut().zip(&p.grads) {
+                    *acc += g;
+                }
+                stats.reward_sum += p.stats.reward_sum;
+                stats.solution_sum += p.stats.solution_sum;
+                stats.kl_sum += p.stats.kl_sum;
+                stats.samples += p.stats.samples;
+                stats.generated_tokens += p.stats.generated_tokens;
+                stats.loss_sum += p.stats.loss_sum;
             }
-            stats.reward_sum += p.stats.reward_sum;
-            stats.solution_sum += p.stats.solution_sum;
-            stats.kl_sum += p.stats.kl_sum;
-            stats.samples += p.stats.samples;
-            stats.generated_tokens += p.stats.generated_tokens;
-            stats.loss_sum += p.stats.loss_sum;
+            let grads: Vec<Tensor> = grads.into_iter().map(|g| g * scale).collect();
+            Averaged {
+                squared_norm: squared_norm(&grads),
+                grads,
+                stats,
+            }
+        });
+        Collected::Ready(averaged.squared_norm)
+    }
+
+    /// Waits until every learner pushed `step` (or it was applied), then reads it.
+    async fn wait_collected(&self, step: u64) -> Result<Collected, Status> {
+        let mut rx = self.pushed.subscribe();
+        loop {
+            {
+                let mut inner = self.inner.lock().unwrap();
+                match self.collected(&mut inner, step) {
+                    Collected::Waiting => {}
+                    done => return Ok(done),
+                }
+            }
+            // A push or an applied step changes the answer.
+            let mut version = self.version.subscribe();
+            tokio::select! {
+                r = rx.changed() => r.map_err(|_| Status::unavailable("server shutting down"))?,
+                r = version.changed() => r.map_err(|_| Status::unavailable("server shutting down"))?,
+            }
         }
-        let scale = if total_weight > 0.0 {
-            1.0 / total_weight
-        } else {
-            0.0
+    }
+
+    /// Applies `step`: the averaged gradient, scaled so the whole step's gradient (norm
+    /// `global_norm`) is within the clipping norm; then checkpoints and publishes.
+    fn apply_step(&self, inner: &mut Inner, step: u64, global_norm: f64) -> Result<()> {
+        let Some(averaged) = inner.averaged.take() else {
+            bail!("step {step} is not collected");
         };
-        let grads: Vec<Tensor> = grads.into_iter().map(|g| g * scale).collect();
-        inner.state.apply(&grads, &self.cfg.adamw, &self.cfg.grpo);
+        inner.pending.clear();
+        let o = &self.cfg.optimizer;
+        let scale = clip_coefficient(global_norm, o.max_grad_norm);
+        inner
+            .state
+            .apply(&averaged.grads, o.lr, scale, &self.cfg.grpo);
+        inner.last_norm = Some((step, averaged.squared_norm));
         let version = inner.state.version;
         if version.is_multiple_of(self.cfg.checkpoint_every.max(1))
             || version == self.cfg.total_steps
@@ -288,12 +370,12 @@ impl ParamServer {
         }
         let elapsed = inner.last_step_at.elapsed().as_secs_f64();
         inner.last_step_at = Instant::now();
-        self.publish(version, &stats, elapsed)?;
+        self.publish(version, &averaged.stats, global_norm, elapsed)?;
         self.version.send_replace(version);
         Ok(())
     }
 
-    fn publish(&self, version: u64, s: &pb::StepStats, elapsed: f64) -> Result<()> {
+    fn publish(&self, version: u64, s: &pb::StepStats, grad_norm: f64, elapsed: f64) -> Result<()> {
         let per = |x: f64| (s.samples > 0).then(|| x / s.samples as f64);
         let figures = TrainingFigures {
             step: version,
@@ -305,6 +387,7 @@ impl ParamServer {
         };
         let m = &self.metrics;
         m.step.set(version as i64);
+        m.grad_norm.set(grad_norm);
         m.reward.set(figures.mean_reward.unwrap_or(0.0));
         m.solution.set(figures.solution_term.unwrap_or(0.0));
         m.kl.set(figures.kl_term.unwrap_or(0.0));
@@ -316,6 +399,7 @@ impl ParamServer {
                 mean_reward = ?figures.mean_reward,
                 r_ss = ?figures.solution_term,
                 r_kl = ?figures.kl_term,
+                grad_norm,
                 tokens_per_s = ?figures.tokens_per_second,
                 "RL step applied"
             );
@@ -520,9 +604,46 @@ impl pb::param_server_server::ParamServer for ParamServer {
                 stats: header.stats.unwrap_or_default(),
             },
         );
-        self.maybe_apply(&mut inner).map_err(internal)?;
-        Ok(Response::new(pb::PushReply {
-            version: inner.state.version,
+        inner.averaged = None;
+        let version = inner.state.version;
+        drop(inner);
+        self.pushed.send_modify(|n| *n += 1);
+        Ok(Response::new(pb::PushReply { version }))
+    }
+
+    async fn grad_norm(
+        &self,
+        req: Request<pb::GradNormRequest>,
+    ) -> Result<Response<pb::GradNormReply>, Status> {
+        let req = req.into_inner();
+        wire::check_protocol(req.protocol)?;
+        match self.wait_collected(req.step).await? {
+            Collected::Ready(squared_norm) | Collected::Applied(Some(squared_norm)) => {
+                Ok(Response::new(pb::GradNormReply { squared_norm }))
+            }
+            _ => Err(Status::failed_precondition(format!(
+                "parameter server {} applied step {} long ago; its gradient norm is gone",
+                self.cfg.shard, req.step
+            ))),
+        }
+    }
+
+    async fn apply(
+        &self,
+        req: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyReply>, Status> {
+        let req = req.into_inner();
+        wire::check_protocol(req.protocol)?;
+        if let Collected::Ready(_) = self.wait_collected(req.step).await? {
+            let mut inner = self.inner.lock().unwrap();
+            // Another learner's Apply may have come first while this one waited for the lock.
+            if let Collected::Ready(_) = self.collected(&mut inner, req.step) {
+                self.apply_step(&mut inner, req.step, req.global_norm)
+                    .map_err(internal)?;
+            }
+        }
+        Ok(Response::new(pb::ApplyReply {
+            version: self.version(),
         }))
     }
 

@@ -15,6 +15,7 @@
 //! Tensors are `[B, T]` (batch x token position); masks are `[B, T]` booleans (or 0/1) that
 //! mark which positions count, so padding never enters a reduction.
 use anyhow::{bail, Result};
+use rlt_api::spec::{defaults, RlStage};
 use tch::{Kind, Tensor};
 
 /// How a per-token quantity is reduced to one number per sequence (over the masked tokens).
@@ -39,9 +40,28 @@ impl std::str::FromStr for Reduction {
     }
 }
 
+impl std::fmt::Display for Reduction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reduction::Mean => "mean",
+            Reduction::Min => "min",
+            Reduction::Max => "max",
+            Reduction::Sum => "sum",
+        })
+    }
+}
+
 /// A weighted sum of reductions, e.g. `mean:1,min:0.01`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WeightedReductions(pub Vec<(Reduction, f64)>);
+
+/// The flag's spelling, which [`WeightedReductions::from_str`] reads back.
+impl std::fmt::Display for WeightedReductions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let terms: Vec<String> = self.0.iter().map(|(r, w)| format!("{r}:{w}")).collect();
+        f.write_str(&terms.join(","))
+    }
+}
 
 impl std::str::FromStr for WeightedReductions {
     type Err = anyhow::Error;
@@ -79,15 +99,30 @@ pub struct RewardConfig {
     pub format_penalty: f64,
 }
 
-impl Default for RewardConfig {
-    fn default() -> Self {
+impl RewardConfig {
+    /// The reward `spec.rl` describes: the teacher's temperature is its sampling temperature.
+    pub fn of_rl(rl: &RlStage) -> Self {
+        let r = &rl.reward;
         RewardConfig {
-            student_temperature: 0.7,
-            teacher_temperature: 0.7,
-            solution: WeightedReductions(vec![(Reduction::Mean, 1.0), (Reduction::Min, 0.01)]),
-            kl: WeightedReductions(vec![(Reduction::Mean, 3.0), (Reduction::Max, 0.03)]),
-            format_penalty: -1.0,
+            student_temperature: r.student_temperature,
+            teacher_temperature: rl.temperature,
+            solution: WeightedReductions(vec![
+                (Reduction::Mean, r.solution_mean_weight),
+                (Reduction::Min, r.solution_min_weight),
+            ]),
+            kl: WeightedReductions(vec![
+                (Reduction::Mean, r.kl_mean_weight),
+                (Reduction::Max, r.kl_max_weight),
+            ]),
+            format_penalty: r.format_penalty,
         }
+    }
+}
+
+impl Default for RewardConfig {
+    /// The spec's default reward (the paper's).
+    fn default() -> Self {
+        RewardConfig::of_rl(&defaults::rl())
     }
 }
 
@@ -132,13 +167,21 @@ pub fn masked_reduce(x: &Tensor, mask: &Tensor, reduction: Reduction) -> Tensor 
     out.masked_fill(&empty, 0.0)
 }
 
-/// The weighted sum of several reductions of `x`, one value per row.
-pub fn weighted_reduce(x: &Tensor, mask: &Tensor, terms: &WeightedReductions) -> Tensor {
+/// The weighted sum of several reductions of `x`, one value per row, and each reduction
+/// (unweighted, in the order of `terms`).
+pub fn weighted_reduce(
+    x: &Tensor,
+    mask: &Tensor,
+    terms: &WeightedReductions,
+) -> (Tensor, Vec<Tensor>) {
     let mut total = Tensor::zeros([x.size()[0]], (Kind::Float, x.device()));
+    let mut parts = Vec::with_capacity(terms.0.len());
     for &(r, w) in &terms.0 {
-        total += masked_reduce(x, mask, r) * w;
+        let part = masked_reduce(x, mask, r);
+        total += &part * w;
+        parts.push(part);
     }
-    total
+    (total, parts)
 }
 
 /// A run of token positions in one row: `[start, start + len)`.
@@ -180,23 +223,25 @@ pub fn align_spans(x: &Tensor, spans: &[Span]) -> (Tensor, Tensor) {
     (gathered, mask)
 }
 
-/// Solution term r_SS per row: weighted reductions of the student's solution-token log-probs.
+/// Solution term r_SS per row: weighted reductions of the student's solution-token log-probs
+/// (and each reduction).
 pub fn solution_term(
     student_log_probs: &Tensor,
     solution_mask: &Tensor,
     cfg: &RewardConfig,
-) -> Tensor {
+) -> (Tensor, Vec<Tensor>) {
     weighted_reduce(student_log_probs, solution_mask, &cfg.solution)
 }
 
 /// KL term r_KL per row from aligned `[B, L]` teacher and student log-probs of the same
-/// explanation tokens: weighted reductions of `log p_teacher - log p_student`.
+/// explanation tokens: weighted reductions of `log p_teacher - log p_student` (and each
+/// reduction).
 pub fn kl_term(
     teacher_log_probs: &Tensor,
     student_log_probs: &Tensor,
     mask: &Tensor,
     cfg: &RewardConfig,
-) -> Tensor {
+) -> (Tensor, Vec<Tensor>) {
     weighted_reduce(&(teacher_log_probs - student_log_probs), mask, &cfg.kl)
 }
 
@@ -207,6 +252,10 @@ pub struct RewardBreakdown {
     pub solution: Tensor,
     pub kl: Tensor,
     pub format: Tensor,
+    /// Each reduction of the solution log-probs, unweighted, in `RewardConfig::solution` order.
+    pub solution_reductions: Vec<Tensor>,
+    /// Each reduction of the per-token KL, unweighted, in `RewardConfig::kl` order.
+    pub kl_reductions: Vec<Tensor>,
 }
 
 /// Inputs, all log-probs per token position (see [`token_log_probs`]):
@@ -234,10 +283,10 @@ pub fn rlt_reward(inp: &RewardInputs, cfg: &RewardConfig) -> RewardBreakdown {
         );
     }
     let (sol_lp, sol_mask) = align_spans(inp.student_log_probs, inp.student_solution);
-    let solution = solution_term(&sol_lp, &sol_mask, cfg);
+    let (solution, solution_reductions) = solution_term(&sol_lp, &sol_mask, cfg);
     let (t_lp, mask) = align_spans(inp.teacher_log_probs, inp.teacher_explanation);
     let (s_lp, _) = align_spans(inp.student_log_probs, inp.student_explanation);
-    let kl = kl_term(&t_lp, &s_lp, &mask, cfg);
+    let (kl, kl_reductions) = kl_term(&t_lp, &s_lp, &mask, cfg);
     let format: Vec<f32> = inp
         .well_formed
         .iter()
@@ -250,47 +299,9 @@ pub fn rlt_reward(inp: &RewardInputs, cfg: &RewardConfig) -> RewardBreakdown {
         solution,
         kl,
         format,
+        solution_reductions,
+        kl_reductions,
     }
-}
-
-/// The explanation inside a teacher completion (the tokens generated after the opening
-/// explanation tag): everything before the closing tag. `well_formed` is false when the
-/// closing tag never came (e.g. the token limit cut the explanation); then the whole
-/// completion up to any stop token counts as the explanation, as the reference does after
-/// appending the missing tag.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParsedCompletion {
-    pub explanation: Vec<i64>,
-    pub well_formed: bool,
-}
-
-pub fn parse_completion(
-    completion: &[i64],
-    end_tag: &[i64],
-    stop_tokens: &[i64],
-) -> ParsedCompletion {
-    if let Some(pos) = find_subsequence(completion, end_tag) {
-        return ParsedCompletion {
-            explanation: completion[..pos].to_vec(),
-            well_formed: true,
-        };
-    }
-    let end = completion
-        .iter()
-        .position(|t| stop_tokens.contains(t))
-        .unwrap_or(completion.len());
-    ParsedCompletion {
-        explanation: completion[..end].to_vec(),
-        well_formed: false,
-    }
-}
-
-/// First position of `needle` in `hay`.
-pub fn find_subsequence(hay: &[i64], needle: &[i64]) -> Option<usize> {
-    if needle.is_empty() || needle.len() > hay.len() {
-        return None;
-    }
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -430,34 +441,5 @@ mod tests {
         close(&v(&out.reward), &[-4.0 - 3.5 - 3.0]);
         assert!("mean".parse::<WeightedReductions>().is_err());
         assert!("median:1".parse::<WeightedReductions>().is_err());
-    }
-
-    #[test]
-    fn completion_parsing_finds_the_closing_tag_or_flags_the_format() {
-        let end = [90, 91];
-        let p = parse_completion(&[5, 6, 90, 91, 2], &end, &[2]);
-        assert_eq!(
-            p,
-            ParsedCompletion {
-                explanation: vec![5, 6],
-                well_formed: true
-            }
-        );
-        let p = parse_completion(&[5, 6, 90, 7, 2, 0, 0], &end, &[2]);
-        assert_eq!(
-            p,
-            ParsedCompletion {
-                explanation: vec![5, 6, 90, 7],
-                well_formed: false
-            }
-        );
-        let p = parse_completion(&[5, 6], &end, &[2]);
-        assert_eq!(
-            p,
-            ParsedCompletion {
-                explanation: vec![5, 6],
-                well_formed: false
-            }
-        );
     }
 }

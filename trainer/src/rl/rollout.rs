@@ -13,13 +13,14 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
+use super::completion::parse_completion;
 use super::grpo::{group_advantages, grpo_sequence_loss, GrpoConfig};
-use super::reward::{
-    parse_completion, rlt_reward, RewardBreakdown, RewardConfig, RewardInputs, Span,
-};
+use super::reward::{rlt_reward, RewardBreakdown, RewardConfig, RewardInputs, Span};
 use crate::checkpoint::CausalLm;
+use crate::data::{student_segments, teacher_rl_prompt, Example, Prompts};
 use crate::logprobs::sequence_logprobs;
 use crate::sampling::{generate, left_pad, SamplingConfig};
+use crate::tokenizer::{Tokenizer, END_OF_EXPLANATION};
 
 /// One (question, solution) as token pieces.
 #[derive(Debug, Clone)]
@@ -34,6 +35,20 @@ pub struct GroupPrompt {
     pub solution: Vec<i64>,
     /// After the solution (solution closing, end of turn).
     pub student_suffix: Vec<i64>,
+}
+
+impl GroupPrompt {
+    /// The pieces of `e` in the run's chat formats, with the shared tokenizer.
+    pub fn new(tok: &Tokenizer, prompts: &Prompts, e: &Example) -> Result<Self> {
+        let [prefix, _, middle, solution, suffix] = student_segments(prompts, e, "");
+        Ok(GroupPrompt {
+            teacher_prompt: tok.encode(&teacher_rl_prompt(prompts, e))?,
+            student_prefix: tok.encode(&prefix)?,
+            student_middle: tok.encode(&middle)?,
+            solution: tok.encode(&solution)?,
+            student_suffix: tok.encode(&suffix)?,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -55,8 +70,23 @@ pub struct SpecialIds {
     pub pad: i64,
     /// Generation stops at these (end of turn / text).
     pub stop: Vec<i64>,
-    /// The closing explanation tag as ids (one id with the tiny tokenizer, text otherwise).
+    /// The closing explanation tag's standalone ids (one id with the tiny tokenizer, text
+    /// otherwise): a fast path of [`parse_completion`], which finds the tag in the text.
     pub end_explanation: Vec<i64>,
+}
+
+impl SpecialIds {
+    pub fn of(tok: &Tokenizer) -> Result<Self> {
+        let stop = tok.eos_ids().to_vec();
+        if stop.is_empty() {
+            bail!("the tokenizer has no end-of-turn token (<|im_end|> or <|endoftext|>) to stop generation at");
+        }
+        Ok(SpecialIds {
+            pad: tok.pad_id(),
+            stop,
+            end_explanation: tok.encode(END_OF_EXPLANATION)?,
+        })
+    }
 }
 
 /// Seconds spent per phase, summed over a learner's groups.
@@ -106,6 +136,7 @@ pub fn run_group(
     teacher: &CausalLm,
     reference: &CausalLm,
     student: &CausalLm,
+    tok: &Tokenizer,
     prompt: &GroupPrompt,
     ids: &SpecialIds,
     cfg: &RolloutConfig,
@@ -146,13 +177,14 @@ pub fn run_group(
     let detached = policy_lp.detach();
     let (breakdown, well_formed) = score_completions(
         student,
+        tok,
         &detached,
         p_len,
         prompt,
         &completions,
         ids,
         &cfg.reward,
-    );
+    )?;
     let advantages = group_advantages(&breakdown.reward, g as i64);
     out.times.scoring += t1.elapsed().as_secs_f64();
 
@@ -194,19 +226,23 @@ pub fn run_group(
 /// log-probs of its sequences (prompt of length `prompt_len`, then the completion; column p
 /// scores token p). Builds each student chat around the explanation ids, scores it with the
 /// student (left-padded batch), and returns the reward parts and which completions parsed.
+/// The KL term covers the explanation ids the teacher sampled itself
+/// ([`super::completion::ParsedCompletion::shared`]).
+#[allow(clippy::too_many_arguments)]
 pub fn score_completions(
     student: &CausalLm,
+    tok: &Tokenizer,
     teacher_lp: &Tensor,
     prompt_len: usize,
     prompt: &GroupPrompt,
     completions: &[Vec<i64>],
     ids: &SpecialIds,
     cfg: &RewardConfig,
-) -> (RewardBreakdown, Vec<bool>) {
+) -> Result<(RewardBreakdown, Vec<bool>)> {
     let mut rows = Vec::with_capacity(completions.len());
     let mut parsed = Vec::with_capacity(completions.len());
     for c in completions {
-        let p = parse_completion(c, &ids.end_explanation, &ids.stop);
+        let p = parse_completion(c, tok, &ids.end_explanation, &ids.stop)?;
         let mut row = prompt.student_prefix.clone();
         row.extend_from_slice(&p.explanation);
         row.extend_from_slice(&prompt.student_middle);
@@ -223,7 +259,7 @@ pub fn score_completions(
         let expl_start = s_len - row.len() + prompt.student_prefix.len();
         s_expl.push(Span {
             start: expl_start,
-            len: p.explanation.len(),
+            len: p.shared,
         });
         let sol_start = expl_start + p.explanation.len() + prompt.student_middle.len();
         s_sol.push(Span {
@@ -243,7 +279,7 @@ pub fn score_completions(
         .iter()
         .map(|p| Span {
             start: prompt_len,
-            len: p.explanation.len(),
+            len: p.shared,
         })
         .collect();
     let well_formed: Vec<bool> = parsed.iter().map(|p| p.well_formed).collect();
@@ -258,7 +294,7 @@ pub fn score_completions(
         },
         cfg,
     );
-    (breakdown, well_formed)
+    Ok((breakdown, well_formed))
 }
 
 /// `[B, T-1]` log-probs (entry t scores token t+1) -> `[B, T]` with column p scoring token p.

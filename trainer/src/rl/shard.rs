@@ -1,14 +1,48 @@
 //! Which parameter server owns which parameters, and the state one server keeps for its shard
-//! (weights, AdamW moments, the GRPO reference copy), with checkpoints in the workspace.
+//! (weights, the trainer's one AdamW over them, the GRPO reference copy), with checkpoints in
+//! the workspace.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use rlt_api::layout;
+use rlt_api::spec::{defaults, RlStage};
 use tch::{Kind, Tensor};
 
 use super::grpo::{ref_mix, ref_sync_due, GrpoConfig};
-use super::optim::{adamw_step, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig};
+
+/// The shard's files in a checkpoint directory.
+const PARAMS_FILE: &str = "params.safetensors";
+const REFERENCE_FILE: &str = "reference.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// The RL stage's optimizer: AdamW at a constant learning rate, the whole step's gradient
+/// clipped to `max_grad_norm` (over every shard; 0 = no clipping).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RlOptimizer {
+    pub adamw: AdamWConfig,
+    pub lr: f64,
+    pub max_grad_norm: f64,
+}
+
+impl RlOptimizer {
+    /// As `spec.rl` gives it.
+    pub fn of_rl(rl: &RlStage) -> Self {
+        RlOptimizer {
+            adamw: AdamWConfig::from(&rl.optimizer),
+            lr: rl.learning_rate,
+            max_grad_norm: rl.optimizer.max_grad_norm,
+        }
+    }
+}
+
+impl Default for RlOptimizer {
+    /// The spec's default RL recipe (lr 1e-6, betas (0.9, 0.999), clipping at 1).
+    fn default() -> Self {
+        RlOptimizer::of_rl(&defaults::rl())
+    }
+}
 
 /// Deterministic shard of every parameter, balanced by size: largest first (ties by name),
 /// each to the currently lightest shard (ties to the lowest index). Every server and learner
@@ -37,13 +71,13 @@ pub fn shard_names(assignment: &BTreeMap<String, usize>, shard: usize) -> Vec<St
         .collect()
 }
 
-/// One server's shard: fp32 master weights, AdamW moments and the reference weights, all in
-/// the same name order. `version` counts applied updates (= RL steps done).
+/// One server's shard: fp32 weights, their AdamW (which holds the same tensors) and the
+/// reference weights, all in the same name order. `version` counts applied updates (= RL
+/// steps done).
 pub struct ShardState {
     pub names: Vec<String>,
     pub params: Vec<Tensor>,
-    pub exp_avg: Vec<Tensor>,
-    pub exp_avg_sq: Vec<Tensor>,
+    pub optimizer: AdamW,
     pub reference: Vec<Tensor>,
     pub version: u64,
     /// Version at which the reference was last re-synced (0 = the initial weights).
@@ -52,7 +86,11 @@ pub struct ShardState {
 
 impl ShardState {
     /// A fresh shard from initial weights (looked up by name in `weights`).
-    pub fn fresh(names: Vec<String>, weights: &BTreeMap<String, Tensor>) -> Result<Self> {
+    pub fn fresh(
+        names: Vec<String>,
+        weights: &BTreeMap<String, Tensor>,
+        adamw: AdamWConfig,
+    ) -> Result<Self> {
         let mut params = Vec::new();
         for n in &names {
             let t = weights
@@ -60,16 +98,31 @@ impl ShardState {
                 .with_context(|| format!("initial checkpoint has no tensor {n:?}"))?;
             params.push(t.to_kind(Kind::Float).copy());
         }
-        let zeros = |ps: &Vec<Tensor>| ps.iter().map(Tensor::zeros_like).collect::<Vec<_>>();
-        Ok(ShardState {
-            exp_avg: zeros(&params),
-            exp_avg_sq: zeros(&params),
-            reference: params.iter().map(Tensor::copy).collect(),
-            params,
+        let reference = params.iter().map(Tensor::copy).collect();
+        Ok(Self::assemble(names, params, reference, adamw))
+    }
+
+    fn assemble(
+        names: Vec<String>,
+        params: Vec<Tensor>,
+        reference: Vec<Tensor>,
+        adamw: AdamWConfig,
+    ) -> Self {
+        let optimizer = AdamW::new(
+            names
+                .iter()
+                .cloned()
+                .zip(params.iter().map(Tensor::shallow_clone)),
+            adamw,
+        );
+        ShardState {
             names,
+            params,
+            optimizer,
+            reference,
             version: 0,
             reference_version: 0,
-        })
+        }
     }
 
     pub fn shapes(&self) -> Vec<(String, Vec<i64>)> {
@@ -80,19 +133,13 @@ impl ShardState {
             .collect()
     }
 
-    /// Applies one synchronous step with the averaged gradients (one per name, same order),
-    /// then re-syncs the reference when due.
-    pub fn apply(&mut self, grads: &[Tensor], opt: &AdamWConfig, grpo: &GrpoConfig) {
+    /// Applies one synchronous step with the averaged gradients (one per name, same order)
+    /// multiplied by `scale` (the clipping coefficient of the whole step's gradient, over
+    /// every shard), then re-syncs the reference when due.
+    pub fn apply(&mut self, grads: &[Tensor], lr: f64, scale: f64, grpo: &GrpoConfig) {
         assert_eq!(grads.len(), self.params.len());
+        self.optimizer.step_with(lr, grads, scale);
         let step = self.version + 1;
-        let slots = self
-            .params
-            .iter_mut()
-            .zip(self.exp_avg.iter_mut())
-            .zip(self.exp_avg_sq.iter_mut());
-        for (((p, m), v), g) in slots.zip(grads) {
-            adamw_step(p, g, m, v, step, opt);
-        }
         self.version = step;
         if ref_sync_due(step, grpo) {
             for (r, p) in self.reference.iter_mut().zip(&self.params) {
@@ -111,10 +158,8 @@ impl ShardState {
         }
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         for (file, tensors) in [
-            ("params.safetensors", &self.params),
-            ("exp_avg.safetensors", &self.exp_avg),
-            ("exp_avg_sq.safetensors", &self.exp_avg_sq),
-            ("reference.safetensors", &self.reference),
+            (PARAMS_FILE, &self.params),
+            (REFERENCE_FILE, &self.reference),
         ] {
             let named: Vec<(&str, &Tensor)> = self
                 .names
@@ -126,6 +171,7 @@ impl ShardState {
             Tensor::write_safetensors(&named, &path)
                 .with_context(|| format!("writing {}", path.display()))?;
         }
+        self.optimizer.save(&out.join(OPTIMIZER_FILE))?;
         let meta = serde_json::json!({
             "version": self.version,
             "reference_version": self.reference_version,
@@ -138,7 +184,7 @@ impl ShardState {
 
     /// Loads a shard checkpoint and checks it holds exactly the expected tensors with the
     /// expected shapes (a checkpoint of another model or another shard count fails here).
-    pub fn load(path: &Path, expected: &[(String, Vec<i64>)]) -> Result<Self> {
+    pub fn load(path: &Path, expected: &[(String, Vec<i64>)], adamw: AdamWConfig) -> Result<Self> {
         let meta: serde_json::Value = serde_json::from_slice(
             &std::fs::read(path.join("meta.json"))
                 .with_context(|| format!("reading {}/meta.json", path.display()))?,
@@ -180,15 +226,23 @@ impl ShardState {
             }
             Ok(out)
         };
-        Ok(ShardState {
-            names: expected.iter().map(|(n, _)| n.clone()).collect(),
-            params: read("params.safetensors")?,
-            exp_avg: read("exp_avg.safetensors")?,
-            exp_avg_sq: read("exp_avg_sq.safetensors")?,
-            reference: read("reference.safetensors")?,
-            version,
-            reference_version,
-        })
+        let names = expected.iter().map(|(n, _)| n.clone()).collect();
+        let mut state = Self::assemble(names, read(PARAMS_FILE)?, read(REFERENCE_FILE)?, adamw);
+        let opt_path = path.join(OPTIMIZER_FILE);
+        state
+            .optimizer
+            .load(&opt_path)
+            .with_context(|| format!("reading {}", opt_path.display()))?;
+        if state.optimizer.steps() != version {
+            bail!(
+                "{}: the optimizer has taken {} steps but the shard is at version {version}",
+                path.display(),
+                state.optimizer.steps()
+            );
+        }
+        state.version = version;
+        state.reference_version = reference_version;
+        Ok(state)
     }
 }
 
@@ -242,7 +296,8 @@ mod tests {
             "y".to_string(),
             Tensor::from_slice(&[4.0f32, 5.0]).view([1, 2]),
         );
-        let mut s = ShardState::fresh(vec!["x".into(), "y".into()], &w).unwrap();
+        let adamw = AdamWConfig::rl();
+        let mut s = ShardState::fresh(vec!["x".into(), "y".into()], &w, adamw).unwrap();
         let grads = vec![
             Tensor::from_slice(&[1.0f32, -1.0, 0.5]),
             Tensor::from_slice(&[0.1f32, 0.2]).view([1, 2]),
@@ -251,31 +306,30 @@ mod tests {
             ref_sync_every: 1,
             ..GrpoConfig::default()
         };
-        s.apply(
-            &grads,
-            &AdamWConfig {
-                lr: 0.1,
-                ..AdamWConfig::default()
-            },
-            &grpo,
-        );
+        s.apply(&grads, 0.1, 1.0, &grpo);
         let path = s.save(&dir, 3).unwrap();
         assert_eq!(
             layout::latest_checkpoint(&dir, 3).unwrap(),
             (1, path.clone())
         );
-        let back = ShardState::load(&path, &s.shapes()).unwrap();
+        let back = ShardState::load(&path, &s.shapes(), adamw).unwrap();
         assert_eq!((back.version, back.reference_version), (1, 1));
-        for (a, b) in back
-            .params
-            .iter()
-            .chain(&back.exp_avg_sq)
-            .zip(s.params.iter().chain(&s.exp_avg_sq))
-        {
+        for (a, b) in back.params.iter().zip(&s.params) {
             assert!(a.equal(b));
         }
+        let (state, back_state) = (s.optimizer.state(), back.optimizer.state());
+        assert_eq!(
+            state.keys().collect::<Vec<_>>(),
+            back_state.keys().collect::<Vec<_>>()
+        );
+        for (k, t) in &state {
+            assert!(t.equal(&back_state[k]), "{k}");
+        }
         let wrong = vec![("x".to_string(), vec![4]), ("y".to_string(), vec![1, 2])];
-        let err = ShardState::load(&path, &wrong).err().unwrap().to_string();
+        let err = ShardState::load(&path, &wrong, adamw)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("\"x\" has shape [3], the model needs [4]"),
             "{err}"

@@ -11,7 +11,7 @@ pub mod pb {
 }
 
 /// Version of the wire format, sent in every request. Bump on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Elements per chunk: 2 MiB of f32, well under gRPC's default 4 MiB message limit.
 pub const CHUNK_ELEMS: usize = 512 * 1024;
