@@ -1,6 +1,9 @@
 //! `rlt-trainer bench`: the SFT training step and batched sampling, timed in rlt-trainer and in
 //! Hugging Face transformers (trainer/bench/hf_bench.py) on the same checkpoint, the same batch
-//! and the same torch build, at two model sizes; prints both and the ratio.
+//! and the same torch build, at two model sizes; prints both and the ratio. Also one AdamW
+//! update over the model's parameters: the trainer's own ([`crate::optim::AdamW`], what every
+//! stage runs) against libtorch's C++ `torch::optim::AdamW` (tch exposes neither the fused nor
+//! the foreach kernels, so that is the libtorch implementation within reach).
 use crate::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
 use crate::config::TinySpec;
 use crate::device::{parse_device, parse_kind};
@@ -235,6 +238,49 @@ fn run_python(dir: &Path, w: &Workload, a: &BenchArgs, pad: i64, threads: i32) -
     })
 }
 
+/// Seconds per AdamW update over `lm`'s parameters with fixed random gradients, best of
+/// `rounds` x `iters`: the trainer's own and libtorch's C++ AdamW (same betas, eps, decay).
+fn time_adamw(lm: &CausalLm, iters: usize, rounds: usize) -> Result<(f64, f64)> {
+    use tch::nn::OptimizerConfig;
+    let cfg = AdamWConfig::default();
+    tch::manual_seed(3);
+    for (_, v) in lm.vs.variables() {
+        let mut g = v.grad();
+        if !g.defined() {
+            // A gradient exists once a backward ran; one tiny backward defines them all.
+            (&v * 0.0).sum(Kind::Float).backward();
+            g = v.grad();
+        }
+        let _ = g.copy_(&(v.randn_like() * 1e-3));
+    }
+    let mut ours = AdamW::for_var_store(&lm.vs, cfg);
+    let mut theirs = tch::nn::AdamW {
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        wd: cfg.weight_decay,
+        eps: cfg.eps,
+        amsgrad: false,
+    }
+    .build(&lm.vs, 1e-5)?;
+    let device = lm.device();
+    let (mut best_ours, mut best_theirs) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..rounds.max(1) {
+        let t = Instant::now();
+        for _ in 0..iters.max(1) {
+            ours.step(1e-5);
+        }
+        sync(device);
+        best_ours = best_ours.min(t.elapsed().as_secs_f64() / iters.max(1) as f64);
+        let t = Instant::now();
+        for _ in 0..iters.max(1) {
+            theirs.step();
+        }
+        sync(device);
+        best_theirs = best_theirs.min(t.elapsed().as_secs_f64() / iters.max(1) as f64);
+    }
+    Ok((best_ours, best_theirs))
+}
+
 /// Per workload, the faster of two measurements.
 fn best(a: Option<Figures>, b: Figures) -> Figures {
     let Some(a) = a else { return b };
@@ -278,6 +324,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let params = lm.num_parameters();
         save_checkpoint(&dir, &lm, &tok)?;
         drop(lm);
+        let (adamw_ours, adamw_libtorch) = {
+            let (lm, _) = load_checkpoint(&dir, parse_device(&a.device)?, parse_kind(&a.dtype)?)?;
+            time_adamw(&lm, a.iters * 10, a.rounds)?
+        };
         let w = workload(&a, 42);
         let (mut ours, mut theirs): (Option<Figures>, Option<Figures>) = (None, None);
         for _ in 0..a.rounds.max(1) {
@@ -316,6 +366,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 cell(s, tps)
             );
         }
+        println!(
+            "{size:<6} {p:>7}  {:<9} {:>9.3} ms (ours) {:>13.3} ms (libtorch C++ AdamW) {:>6.2}x",
+            "adamw",
+            adamw_ours * 1e3,
+            adamw_libtorch * 1e3,
+            adamw_libtorch / adamw_ours
+        );
     }
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&root);
