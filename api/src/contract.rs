@@ -64,6 +64,92 @@ pub mod env {
     pub const BIND_ADDRESS: &str = "RLT_BIND_ADDRESS";
 }
 
+/// A value of the stage environment: literal, or (in a pod) read from the pod's own metadata
+/// through the downward API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvValue {
+    Literal(String),
+    PodField(&'static str),
+}
+
+/// An Indexed Job pod's completion index (learners, warm-up ranks, distillation).
+pub const JOB_COMPLETION_INDEX_FIELD: &str =
+    "metadata.annotations['batch.kubernetes.io/job-completion-index']";
+/// A StatefulSet pod's ordinal (parameter servers).
+pub const STATEFULSET_POD_INDEX_FIELD: &str = "metadata.labels['apps.kubernetes.io/pod-index']";
+
+/// The stage contract's environment of one stage process, assembled in one place for the
+/// operator's pod template and the local pipeline's processes, so both tell a role the same
+/// things under the same names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageEnv {
+    pub run_name: String,
+    pub workspace: String,
+    pub config: String,
+    pub attempt: u32,
+    pub replica_index: EnvValue,
+    pub replicas: u32,
+    /// The parameter server's gRPC port (unset: the role listens on none).
+    pub rpc_port: Option<u16>,
+    pub metrics_port: u16,
+    /// What [`device_choice`] gives.
+    pub device: &'static str,
+    /// Where the trainer writes its final error (a pod's termination message).
+    pub termination_log: Option<String>,
+    /// The parameter servers' addresses (RL only).
+    pub param_servers: Option<String>,
+    /// The student of a distillation process.
+    pub student: Option<String>,
+}
+
+impl StageEnv {
+    /// The variables a role may or may not get: a process that does not get one must not
+    /// inherit it from whoever started it.
+    pub const PER_ROLE: [&'static str; 3] = [env::RPC_PORT, env::PARAM_SERVERS, env::STUDENT];
+
+    /// The variables in the contract's order; unset ones are left out.
+    pub fn vars(&self) -> Vec<(&'static str, EnvValue)> {
+        let lit = |v: String| EnvValue::Literal(v);
+        let mut out = vec![
+            (env::RUN_NAME, lit(self.run_name.clone())),
+            (env::WORKSPACE, lit(self.workspace.clone())),
+            (env::CONFIG, lit(self.config.clone())),
+            (env::ATTEMPT, lit(self.attempt.to_string())),
+            (env::REPLICA_INDEX, self.replica_index.clone()),
+            (env::REPLICAS, lit(self.replicas.to_string())),
+        ];
+        if let Some(port) = self.rpc_port {
+            out.push((env::RPC_PORT, lit(port.to_string())));
+        }
+        out.push((env::METRICS_PORT, lit(self.metrics_port.to_string())));
+        out.push((env::DEVICE, lit(self.device.into())));
+        if let Some(path) = &self.termination_log {
+            out.push((env::TERMINATION_LOG, lit(path.clone())));
+        }
+        if let Some(addrs) = &self.param_servers {
+            out.push((env::PARAM_SERVERS, lit(addrs.clone())));
+        }
+        if let Some(s) = &self.student {
+            out.push((env::STUDENT, lit(s.clone())));
+        }
+        out
+    }
+}
+
+/// `RLT_DEVICE` of a stage process: the spec's device; `auto` is `cuda` for a pod that
+/// requests GPUs and `cpu` for one that does not, and stays `auto` (the trainer picks CUDA when
+/// the machine has it) where nothing is requested (`gpu_requested: None`, a local process).
+pub fn device_choice(device: crate::spec::Device, gpu_requested: Option<bool>) -> &'static str {
+    use crate::spec::Device;
+    match (device, gpu_requested) {
+        (Device::Cpu, _) => "cpu",
+        (Device::Cuda, _) => "cuda",
+        (Device::Auto, Some(true)) => "cuda",
+        (Device::Auto, Some(false)) => "cpu",
+        (Device::Auto, None) => "auto",
+    }
+}
+
 /// The container's `terminationMessagePath`, where the trainer writes its final error
 /// (told by [`env::TERMINATION_LOG`]).
 pub const TERMINATION_LOG_PATH: &str = "/dev/termination-log";
@@ -114,4 +200,69 @@ pub fn render_config(run: &crate::RltRun) -> String {
         status: None,
     };
     serde_yaml::to_string(&doc).expect("an RltRun serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Device;
+
+    fn stage_env() -> StageEnv {
+        StageEnv {
+            run_name: "r".into(),
+            workspace: "/w".into(),
+            config: "/etc/rlt/run.yaml".into(),
+            attempt: 2,
+            replica_index: EnvValue::PodField(JOB_COMPLETION_INDEX_FIELD),
+            replicas: 3,
+            rpc_port: None,
+            metrics_port: 9090,
+            device: device_choice(Device::Auto, Some(true)),
+            termination_log: None,
+            param_servers: None,
+            student: Some("s".into()),
+        }
+    }
+
+    #[test]
+    fn a_stage_process_gets_the_contract_in_order_and_only_its_roles_variables() {
+        let names: Vec<&str> = stage_env().vars().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                env::RUN_NAME,
+                env::WORKSPACE,
+                env::CONFIG,
+                env::ATTEMPT,
+                env::REPLICA_INDEX,
+                env::REPLICAS,
+                env::METRICS_PORT,
+                env::DEVICE,
+                env::STUDENT
+            ]
+        );
+        let vars = stage_env().vars();
+        assert!(vars.contains(&(env::DEVICE, EnvValue::Literal("cuda".into()))));
+        assert!(vars.contains(&(env::ATTEMPT, EnvValue::Literal("2".into()))));
+        // Every per-role variable is one a process may lack (and must not inherit).
+        let all = StageEnv {
+            rpc_port: Some(1),
+            param_servers: Some("a:1".into()),
+            termination_log: Some("/dev/termination-log".into()),
+            ..stage_env()
+        }
+        .vars();
+        for name in StageEnv::PER_ROLE {
+            assert!(all.iter().any(|(n, _)| *n == name), "{name}");
+        }
+    }
+
+    #[test]
+    fn auto_means_cuda_only_for_pods_that_request_gpus_and_is_left_to_the_trainer_locally() {
+        assert_eq!(device_choice(Device::Auto, Some(true)), "cuda");
+        assert_eq!(device_choice(Device::Auto, Some(false)), "cpu");
+        assert_eq!(device_choice(Device::Auto, None), "auto");
+        assert_eq!(device_choice(Device::Cpu, Some(true)), "cpu");
+        assert_eq!(device_choice(Device::Cuda, None), "cuda");
+    }
 }

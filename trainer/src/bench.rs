@@ -251,7 +251,7 @@ fn time_adamw(lm: &CausalLm, iters: usize, rounds: usize) -> Result<(f64, f64)> 
             (&v * 0.0).sum(Kind::Float).backward();
             g = v.grad();
         }
-        let _ = g.copy_(&(v.randn_like() * 1e-3));
+        g.copy_(&(v.randn_like() * 1e-3));
     }
     let mut ours = AdamW::for_var_store(&lm.vs, cfg);
     let mut theirs = tch::nn::AdamW {

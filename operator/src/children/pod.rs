@@ -11,8 +11,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use rlt_api::contract::{self, env, Role};
-use rlt_api::spec::{Device, Scheduling, Student};
+use rlt_api::contract::{self, EnvValue, Role, StageEnv};
+use rlt_api::spec::{Scheduling, Student};
 
 /// Size of the `/dev/shm` volume when the pod has no memory limit (a memory-backed emptyDir
 /// counts against the pod's memory; with a limit, the limit bounds it).
@@ -28,8 +28,8 @@ pub(super) struct PodParts<'a> {
     pub resources: Option<&'a ResourceRequirements>,
     pub scheduling: &'a Scheduling,
     pub replicas: u32,
-    /// How the pod learns its index: a fixed env, or a downward-API field.
-    pub index: EnvVar,
+    /// How the pod learns its index: a value, or a downward-API field.
+    pub index: EnvValue,
     pub student: Option<&'a Student>,
     pub restart_policy: &'static str,
     pub rpc_port: bool,
@@ -43,7 +43,7 @@ pub(super) fn plain(name: &str, value: impl ToString) -> EnvVar {
     }
 }
 
-pub(super) fn from_field(name: &str, path: &str) -> EnvVar {
+fn from_field(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
@@ -75,42 +75,36 @@ fn wants_gpu(resources: Option<&ResourceRequirements>) -> bool {
 /// refuses it, and it is dropped here too).
 pub(super) fn env(ctx: &Ctx, p: &PodParts) -> Vec<EnvVar> {
     let spec = &ctx.run.spec;
-    let device = match spec.device {
-        Device::Cpu => "cpu",
-        Device::Cuda => "cuda",
-        Device::Auto if wants_gpu(p.resources) => "cuda",
-        Device::Auto => "cpu",
-    };
-    let mut contract_env = vec![
-        plain(env::RUN_NAME, &ctx.name),
-        plain(env::WORKSPACE, contract::WORKSPACE_MOUNT_DIR),
-        plain(
-            env::CONFIG,
-            format!("{}/{}", contract::CONFIG_MOUNT_DIR, contract::CONFIG_FILE),
-        ),
-        plain(env::ATTEMPT, p.attempt),
-        p.index.clone(),
-        plain(env::REPLICAS, p.replicas),
-        plain(env::RPC_PORT, contract::DEFAULT_RPC_PORT),
-        plain(env::METRICS_PORT, contract::DEFAULT_METRICS_PORT),
-        plain(env::DEVICE, device),
-        plain(env::TERMINATION_LOG, contract::TERMINATION_LOG_PATH),
-    ];
-    if p.stage == Stage::Rl {
-        contract_env.push(plain(
-            env::PARAM_SERVERS,
+    let stage_env = StageEnv {
+        run_name: ctx.name.clone(),
+        workspace: contract::WORKSPACE_MOUNT_DIR.into(),
+        config: format!("{}/{}", contract::CONFIG_MOUNT_DIR, contract::CONFIG_FILE),
+        attempt: p.attempt,
+        replica_index: p.index.clone(),
+        replicas: p.replicas,
+        rpc_port: Some(contract::DEFAULT_RPC_PORT),
+        metrics_port: contract::DEFAULT_METRICS_PORT,
+        device: contract::device_choice(spec.device, Some(wants_gpu(p.resources))),
+        termination_log: Some(contract::TERMINATION_LOG_PATH.into()),
+        param_servers: (p.stage == Stage::Rl).then(|| {
             names::param_server_addresses(
                 &ctx.name,
                 &ctx.namespace,
                 p.attempt,
                 spec.rl.param_servers,
                 contract::DEFAULT_RPC_PORT,
-            ),
-        ));
-    }
-    if let Some(s) = p.student {
-        contract_env.push(plain(env::STUDENT, &s.name));
-    }
+            )
+        }),
+        student: p.student.map(|s| s.name.clone()),
+    };
+    let contract_env: Vec<EnvVar> = stage_env
+        .vars()
+        .into_iter()
+        .map(|(name, value)| match value {
+            EnvValue::Literal(v) => plain(name, v),
+            EnvValue::PodField(path) => from_field(name, path),
+        })
+        .collect();
     // The root filesystem is read-only: caches and temp files go to the scratch volume.
     let defaults = [plain("HOME", SCRATCH_DIR), plain("TMPDIR", SCRATCH_DIR)];
     let mut out = contract_env;

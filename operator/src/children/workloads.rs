@@ -1,18 +1,16 @@
 //! The stage workloads: an Indexed Job per warm-up, learner and distillation attempt; per
 //! RL attempt a parameter-server StatefulSet behind the run's headless Service.
-use super::pod::{from_field, pod_template, PodParts};
+use super::pod::{pod_template, PodParts};
 use super::{hashed, names, Child, Ctx, Stage, LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN};
 use crate::observe::Observed;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
-use k8s_openapi::api::core::v1::{
-    EnvVar, Probe, Service, ServicePort, ServiceSpec, TCPSocketAction,
-};
+use k8s_openapi::api::core::v1::{Probe, Service, ServicePort, ServiceSpec, TCPSocketAction};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use rlt_api::contract::{self, env, Role};
+use rlt_api::contract::{self, EnvValue, Role};
 use rlt_api::spec::{RltRun, Student};
 use std::collections::BTreeMap;
 
@@ -49,11 +47,8 @@ fn job(ctx: &Ctx, name: String, parts: PodParts) -> Child {
 }
 
 /// Indexed Job pods learn their rank from the completion-index annotation.
-fn job_index() -> EnvVar {
-    from_field(
-        env::REPLICA_INDEX,
-        "metadata.annotations['batch.kubernetes.io/job-completion-index']",
-    )
+fn job_index() -> EnvValue {
+    EnvValue::PodField(contract::JOB_COMPLETION_INDEX_FIELD)
 }
 
 pub fn warmup_job(ctx: &Ctx, attempt: u32) -> Child {
@@ -144,10 +139,7 @@ pub fn param_server_set(ctx: &Ctx, attempt: u32) -> Child {
             resources: rl.param_server_resources.as_ref(),
             scheduling: &rl.scheduling,
             replicas: rl.param_servers,
-            index: from_field(
-                env::REPLICA_INDEX,
-                "metadata.labels['apps.kubernetes.io/pod-index']",
-            ),
+            index: EnvValue::PodField(contract::STATEFULSET_POD_INDEX_FIELD),
             student: None,
             restart_policy: "Always",
             rpc_port: true,

@@ -83,7 +83,8 @@ pub fn pipeline(a: PipelineArgs) -> Result<Outcome> {
         run: name.clone(),
         workspace: workspace.clone(),
         config: config_path,
-        device: device(&run),
+        // No pod requests GPUs here: `auto` lets the trainer pick CUDA when the machine has it.
+        device: rlt_api::contract::device_choice(run.spec.device, None),
         log: a.stage_log.clone(),
     };
     // The REWARD column is the RL stage's latest figure, also when a rerun skips RL.
@@ -203,18 +204,6 @@ fn show_rl_figures(
     };
     let progress = stage::progress(no, count, Stage::Rl, &steps);
     table.row(Phase::RL, progress, *reward, attempt);
-}
-
-/// `RLT_DEVICE` for every process: the spec's device; `auto` lets the trainer pick CUDA when
-/// this machine has it.
-fn device(run: &RltRun) -> String {
-    use rlt_api::spec::Device;
-    match run.spec.device {
-        Device::Cpu => "cpu",
-        Device::Cuda => "cuda",
-        Device::Auto => "auto",
-    }
-    .into()
 }
 
 fn report_artifacts(run: &RltRun, run_dir: &RunDir, inputs: &Inputs) {

@@ -3,7 +3,7 @@
 //! `/status` figures polled into progress bars (as the operator polls parameter server 0).
 use super::plan::{self, Proc};
 use anyhow::{anyhow, bail, Context, Result};
-use rlt_api::contract::{env, Role, TrainingFigures, STATUS_PATH};
+use rlt_api::contract::{EnvValue, Role, StageEnv, TrainingFigures, STATUS_PATH};
 use rlt_api::stage::Stage;
 use rlt_api::RltRun;
 use std::collections::VecDeque;
@@ -19,7 +19,8 @@ pub struct BaseEnv {
     pub run: String,
     pub workspace: PathBuf,
     pub config: PathBuf,
-    pub device: String,
+    /// `RLT_DEVICE` ([`rlt_api::contract::device_choice`]).
+    pub device: &'static str,
     /// `RUST_LOG` of the children.
     pub log: String,
 }
@@ -68,28 +69,34 @@ pub fn run_stage(
         let metrics_port = free_port()?;
         let mut cmd = Command::new(&exe);
         cmd.arg(p.role.subcommand());
-        cmd.env(env::RUN_NAME, &base.run)
-            .env(env::WORKSPACE, &base.workspace)
-            .env(env::CONFIG, &base.config)
-            .env(env::ATTEMPT, attempt.to_string())
-            .env(env::REPLICA_INDEX, p.index.to_string())
-            .env(env::REPLICAS, p.replicas.to_string())
-            .env(env::METRICS_PORT, metrics_port.to_string())
-            .env(env::DEVICE, &base.device)
-            .env("RUST_LOG", &base.log)
-            .env_remove(env::STUDENT)
-            .env_remove(env::PARAM_SERVERS)
-            .env_remove(env::RPC_PORT);
-        if stage == Stage::Rl {
-            cmd.env(env::PARAM_SERVERS, &addresses);
+        let server = p.role == Role::ParamServer;
+        let stage_env = StageEnv {
+            run_name: base.run.clone(),
+            workspace: base.workspace.display().to_string(),
+            config: base.config.display().to_string(),
+            attempt,
+            replica_index: EnvValue::Literal(p.index.to_string()),
+            replicas: p.replicas,
+            rpc_port: server.then(|| rpc_ports[p.index as usize]),
+            metrics_port,
+            device: base.device,
+            termination_log: None,
+            param_servers: (stage == Stage::Rl).then(|| addresses.clone()),
+            student: p.student.clone(),
+        };
+        for name in StageEnv::PER_ROLE {
+            cmd.env_remove(name);
         }
-        if p.role == Role::ParamServer {
-            cmd.env(env::RPC_PORT, rpc_ports[p.index as usize].to_string());
+        for (name, value) in stage_env.vars() {
+            match value {
+                EnvValue::Literal(v) => cmd.env(name, v),
+                EnvValue::PodField(f) => bail!("{name}: a local process has no pod field {f}"),
+            };
+        }
+        cmd.env("RUST_LOG", &base.log);
+        if server {
             // Loopback only: a local try-run must not listen on the network.
             cmd.args(["--bind", "127.0.0.1"]);
-        }
-        if let Some(s) = &p.student {
-            cmd.env(env::STUDENT, s);
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())

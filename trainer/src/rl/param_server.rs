@@ -328,8 +328,11 @@ impl ParamServer {
 
     /// Waits until every learner pushed `step` (or it was applied), then reads it.
     async fn wait_collected(&self, step: u64) -> Result<Collected, Status> {
-        let mut rx = self.pushed.subscribe();
+        let mut pushed = self.pushed.subscribe();
         loop {
+            // Subscribed before looking, so a push or an applied step that comes between the
+            // look and the wait still wakes it.
+            let mut version = self.version.subscribe();
             {
                 let mut inner = self.inner.lock().unwrap();
                 match self.collected(&mut inner, step) {
@@ -337,10 +340,8 @@ impl ParamServer {
                     done => return Ok(done),
                 }
             }
-            // A push or an applied step changes the answer.
-            let mut version = self.version.subscribe();
             tokio::select! {
-                r = rx.changed() => r.map_err(|_| Status::unavailable("server shutting down"))?,
+                r = pushed.changed() => r.map_err(|_| Status::unavailable("server shutting down"))?,
                 r = version.changed() => r.map_err(|_| Status::unavailable("server shutting down"))?,
             }
         }
