@@ -3,6 +3,7 @@
 use crate::checkpoint;
 use crate::config::TinySpec;
 use crate::device::{parse_device, parse_kind};
+use crate::runconfig::{flag_or_run, Staged};
 use crate::sampling::{generate as sample, SamplingConfig};
 use anyhow::Result;
 use clap::Args;
@@ -144,8 +145,9 @@ impl PromptStyle {
 /// Where the dataset comes from.
 #[derive(Args, Debug, Clone)]
 pub struct DataArgs {
-    /// Dataset file: .json / .jsonl (Bespoke-Stratos or question/solution/reasoning_trace rows).
-    #[arg(long, required_unless_present = "synthetic")]
+    /// Dataset file: .json / .jsonl (Bespoke-Stratos or question/solution/reasoning_trace rows);
+    /// default: the run's training rows (`RLT_CONFIG`).
+    #[arg(long)]
     pub data: Option<PathBuf>,
     /// Instead of --data: this many generated synthetic arithmetic examples (train split).
     #[arg(long, conflicts_with = "data")]
@@ -157,12 +159,13 @@ pub struct DataArgs {
     pub prompts: PromptArgs,
 }
 
-/// The system prompts of the chats (`spec.prompts`).
-#[derive(Args, Debug, Clone)]
+/// The system prompts of the chats: overrides of the run's (`spec.prompts`), or of the
+/// full-length defaults in a hand run.
+#[derive(Args, Debug, Clone, Default)]
 pub struct PromptArgs {
     /// The system prompts' default wording: full-length, or one line for tiny models.
-    #[arg(long, value_enum, default_value = "standard")]
-    pub prompts: PromptStyle,
+    #[arg(long, value_enum)]
+    pub prompts: Option<PromptStyle>,
     /// The teacher's system prompt (`spec.prompts.teacher`), replacing the style's.
     #[arg(long)]
     pub teacher_system: Option<String>,
@@ -173,8 +176,13 @@ pub struct PromptArgs {
 }
 
 impl PromptArgs {
-    pub fn system_prompts(&self) -> crate::data::Prompts {
-        let mut p = self.prompts.prompts();
+    /// The run's prompts (`None`: the full-length defaults) with the flags given over them.
+    pub fn over(&self, run: Option<&Staged>) -> crate::data::Prompts {
+        let mut p = match (self.prompts, run) {
+            (Some(style), _) => style.prompts(),
+            (None, Some(s)) => crate::data::Prompts::of_run(s.spec()),
+            (None, None) => crate::data::Prompts::standard(),
+        };
         if let Some(t) = &self.teacher_system {
             p.teacher_system = t.clone();
         }
@@ -186,11 +194,8 @@ impl PromptArgs {
 }
 
 impl DataArgs {
-    pub fn system_prompts(&self) -> crate::data::Prompts {
-        self.prompts.system_prompts()
-    }
-
-    pub fn load(&self) -> Result<Vec<crate::data::Example>> {
+    /// `--data`, `--synthetic`, else the run's training rows.
+    pub fn load(&self, run: Option<&Staged>) -> Result<Vec<crate::data::Example>> {
         use crate::data::synthetic;
         if let Some(n) = self.synthetic {
             let all = synthetic::generate(&synthetic::SyntheticSpec {
@@ -199,10 +204,11 @@ impl DataArgs {
             });
             return Ok(synthetic::split(all, SYNTHETIC_HELD_OUT, 0).0);
         }
-        let path = self
-            .data
-            .as_ref()
-            .expect("clap requires --data or --synthetic");
+        let path = &crate::runconfig::flag_or_run(
+            self.data.clone(),
+            run.map(|s| s.inputs.train.clone()),
+            "--data (or --synthetic)",
+        )?;
         let loaded = crate::data::load_examples(path, self.skip_malformed)?;
         if !loaded.skipped.is_empty() {
             tracing::warn!(skipped = loaded.skipped.len(), file = %path.display(), "malformed rows skipped");
@@ -223,9 +229,9 @@ pub struct StageArgs {
     /// Root of the shared workspace.
     #[arg(long, env = env::WORKSPACE)]
     pub workspace: PathBuf,
-    /// Name of the run (its directory under the workspace).
+    /// Name of the run (its directory under the workspace); default: the run configuration's.
     #[arg(long = "run", env = env::RUN_NAME)]
-    pub run: String,
+    pub run: Option<String>,
     /// Stage attempt; fences checkpoint writes.
     #[arg(long, env = env::ATTEMPT, default_value_t = 0)]
     pub attempt: u32,
@@ -311,11 +317,24 @@ impl SftArgs {
     }
 }
 
+impl StageArgs {
+    /// The run's directory in the workspace.
+    pub fn run_dir(&self, run: Option<&Staged>) -> Result<rlt_api::layout::RunDir> {
+        let name = match (&self.run, run) {
+            (Some(name), _) => name.clone(),
+            (None, Some(s)) => s.name()?,
+            (None, None) => crate::runconfig::flag_or_run(None, None, "--run")?,
+        };
+        Ok(rlt_api::layout::RunDir::new(&self.workspace, &name))
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct WarmupArgs {
-    /// Teacher checkpoint directory to fine-tune (HF layout; see `init-tiny`).
+    /// Teacher checkpoint directory to fine-tune (HF layout; see `init-tiny`); default: the
+    /// run's teacher.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -327,10 +346,10 @@ pub struct WarmupArgs {
 }
 
 impl WarmupArgs {
-    /// The spec's default warm-up with the flags given over it.
-    pub fn sft_config(&self) -> crate::sft::SftConfig {
-        self.sft
-            .over(crate::sft::SftConfig::warmup(&defaults::warmup()))
+    /// The run's warm-up (a hand run: the spec's default one) with the flags given over it.
+    pub fn sft_config(&self, run: Option<&Staged>) -> crate::sft::SftConfig {
+        let warmup = run.map_or_else(defaults::warmup, |s| s.spec().warmup.clone());
+        self.sft.over(crate::sft::SftConfig::warmup(&warmup))
     }
 }
 
@@ -347,8 +366,15 @@ pub fn publish(stage: &StageArgs) -> Result<Option<crate::metrics::Published>> {
 
 pub fn warmup(a: WarmupArgs) -> Result<crate::sft::SftOutcome> {
     use std::io::IsTerminal;
-    let prompts = a.data.system_prompts();
-    let examples = a.data.load()?;
+    let run = Staged::from_env()?;
+    let run = run.as_ref();
+    let prompts = a.data.prompts.over(run);
+    let examples = a.data.load(run)?;
+    let model = flag_or_run(
+        a.model.clone(),
+        run.map(|s| s.inputs.teacher.clone()),
+        "--model",
+    )?;
     let mut pairs = Vec::with_capacity(examples.len());
     let mut no_trace = 0;
     for (i, e) in examples.iter().enumerate() {
@@ -367,12 +393,12 @@ pub fn warmup(a: WarmupArgs) -> Result<crate::sft::SftOutcome> {
         tracing::warn!(skipped = no_trace, "rows without a reasoning trace skipped");
     }
     let (device, kind) = a.device.resolve()?;
-    let cfg = a.sft_config();
+    let cfg = a.sft_config(run);
     let job = crate::sft::SftJob {
         name: "warmup".into(),
-        stage: rlt_api::layout::RunDir::new(&a.stage.workspace, &a.stage.run).warmup(),
+        stage: a.stage.run_dir(run)?.warmup(),
         attempt: a.stage.attempt,
-        init_model: a.model,
+        init_model: model,
         device,
         kind,
         pairs,

@@ -51,13 +51,9 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    // A role started with RLT_CONFIG (an operator pod) takes its flags from the run
-    // configuration; flags given on the command line win.
-    let argv = match rlt_trainer::runconfig::expand_argv(std::env::args_os().collect()) {
-        Ok(argv) => argv,
-        Err(e) => std::process::exit(exit::report(&e)),
-    };
-    let cli = match Cli::try_parse_from(argv) {
+    // A role started with RLT_CONFIG (an operator pod) builds its configuration from the run
+    // (`runconfig::Staged`); flags given on the command line override it.
+    let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version print to stdout and succeed.
         Err(e) if !e.use_stderr() => e.exit(),

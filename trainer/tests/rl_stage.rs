@@ -113,12 +113,12 @@ fn synthetic_examples() -> Vec<Example> {
         synthetic: Some(EXAMPLES),
         skip_malformed: false,
         prompts: PromptArgs {
-            prompts: PromptStyle::Short,
+            prompts: Some(PromptStyle::Short),
             teacher_system: None,
             student_system: None,
         },
     }
-    .load()
+    .load(None)
     .unwrap()
 }
 

@@ -16,13 +16,14 @@ use crate::checkpoint::load_checkpoint;
 use crate::cli::{DataArgs, DeviceArgs, SftArgs, StageArgs};
 use crate::data::{Example, Prompts};
 use crate::metrics::Published;
+use crate::runconfig::{flag_or_run, Staged};
 use crate::sft::{run_sft, SftConfig, SftJob, SftOutcome};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use collect::CollectConfig;
 use rlt_api::contract::{env, TrainingFigures};
-use rlt_api::layout::{is_complete, RunDir, StageDir};
+use rlt_api::layout::{is_complete, StageDir};
 use rlt_api::spec::defaults;
 use std::path::PathBuf;
 
@@ -31,26 +32,28 @@ pub struct DistillArgs {
     /// The student's name: its directory `distill/<name>/` in the run.
     #[arg(long = "student", env = env::STUDENT)]
     pub student: String,
-    /// The student's starting checkpoint (HF layout).
+    /// The student's starting checkpoint (HF layout); default: the run's student `--student`.
     #[arg(long)]
-    pub student_model: PathBuf,
+    pub student_model: Option<PathBuf>,
     /// The teacher checkpoint (default: the RL stage's output, `rl/final`).
     #[arg(long)]
     pub teacher: Option<PathBuf>,
-    /// The student's context: the longest student chat (question, trace, solution) in tokens.
-    #[arg(long, default_value_t = defaults::trace_splitting().max_tokens_per_trace as usize)]
-    pub max_tokens_per_trace: usize,
-    /// Whole explanations sampled per row (each one that fits is a training example).
-    #[arg(long, default_value_t = defaults::trace_splitting().traces as usize)]
-    pub traces: usize,
+    /// The student's context: the longest student chat (question, trace, solution) in tokens
+    /// (`distillation.traceSplitting.maxTokensPerTrace`).
+    #[arg(long)]
+    pub max_tokens_per_trace: Option<usize>,
+    /// Whole explanations sampled per row, each one that fits a training example
+    /// (`distillation.traceSplitting.traces`).
+    #[arg(long)]
+    pub traces: Option<usize>,
     /// Teacher sampling temperature for the explanations (`rl.temperature`).
-    #[arg(long, default_value_t = defaults::temperature())]
-    pub temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
     /// Rows per teacher generation batch (`distillation.batchSize`).
-    #[arg(long, default_value_t = defaults::distill_batch_size() as usize)]
-    pub collect_batch_size: usize,
+    #[arg(long)]
+    pub collect_batch_size: Option<usize>,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -74,27 +77,39 @@ pub struct DistillOutcome {
 }
 
 impl DistillArgs {
-    /// How the teacher's explanations are collected.
-    pub fn collect_config(&self) -> CollectConfig {
-        CollectConfig {
-            max_tokens_per_trace: self.max_tokens_per_trace,
-            traces: self.traces,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            batch_size: self.collect_batch_size,
-            seed: self.sft.seed.unwrap_or_default(),
-        }
+    /// How the teacher's explanations are collected: the run's recipe (a hand run: the spec's
+    /// defaults) with the flags given over it.
+    pub fn collect_config(&self, run: Option<&Staged>) -> CollectConfig {
+        let mut c = match run {
+            Some(s) => CollectConfig::of_run(s.spec()),
+            None => CollectConfig::of(&defaults::distillation(), defaults::temperature()),
+        };
+        let set = |dst: &mut usize, flag: Option<usize>| *dst = flag.unwrap_or(*dst);
+        set(&mut c.max_tokens_per_trace, self.max_tokens_per_trace);
+        set(&mut c.traces, self.traces);
+        set(&mut c.batch_size, self.collect_batch_size);
+        c.temperature = self.temperature.unwrap_or(c.temperature);
+        c.top_p = self.top_p.unwrap_or(c.top_p);
+        c.seed = self.sft.seed.unwrap_or(c.seed);
+        c
     }
 
-    /// The spec's default distillation fine-tune with the flags given over it.
-    pub fn sft_config(&self) -> SftConfig {
-        self.sft
-            .over(SftConfig::distillation(&defaults::distillation()))
+    /// The run's fine-tune (a hand run: the spec's default one) with the flags given over it.
+    pub fn sft_config(&self, run: Option<&Staged>) -> SftConfig {
+        let d = run.map_or_else(defaults::distillation, |s| s.spec().distillation.clone());
+        self.sft.over(SftConfig::distillation(&d))
     }
 }
 
 pub fn distill(a: DistillArgs) -> Result<DistillOutcome> {
-    let run_dir = RunDir::new(&a.stage.workspace, &a.stage.run);
+    let run = Staged::from_env()?;
+    let run = run.as_ref();
+    let run_dir = a.stage.run_dir(run)?;
+    let student_model = match (&a.student_model, run) {
+        (Some(m), _) => m.clone(),
+        (None, Some(s)) => s.student_model(&a.student)?,
+        (None, None) => flag_or_run(None, None, "--student-model")?,
+    };
     let (device, kind) = a.device.resolve()?;
     let job = DistillJob {
         name: a.student.clone(),
@@ -103,11 +118,11 @@ pub fn distill(a: DistillArgs) -> Result<DistillOutcome> {
             .teacher
             .clone()
             .unwrap_or_else(|| run_dir.rl().final_dir()),
-        student_model: a.student_model.clone(),
-        examples: a.data.load()?,
-        prompts: a.data.system_prompts(),
-        collect: a.collect_config(),
-        sft: a.sft_config(),
+        student_model,
+        examples: a.data.load(run)?,
+        prompts: a.data.prompts.over(run),
+        collect: a.collect_config(run),
+        sft: a.sft_config(run),
         attempt: a.stage.attempt,
         device,
         kind,

@@ -1,14 +1,16 @@
-//! `rlt-trainer param-server` and `rlt-trainer learner`: flags, with the stage contract's
-//! environment variables (`rlt_api::contract::env`) as fallbacks.
+//! `rlt-trainer param-server` and `rlt-trainer learner`: the run's RL settings (`spec.rl` of
+//! `RLT_CONFIG`, or its defaults in a hand run) with the flags given over them; the per-pod
+//! facts come from the stage contract's environment (`rlt_api::contract::env`).
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::runconfig::{flag_or_run, Staged};
 use anyhow::{Context, Result};
 use clap::Args;
 use rlt_api::contract::{self, env};
 use rlt_api::layout::RunDir;
-use rlt_api::spec::defaults;
+use rlt_api::spec::{defaults, RlStage};
 
 use super::grpo::GrpoConfig;
 use super::learner::{run_learner, LearnerConfig, Models};
@@ -24,69 +26,90 @@ use crate::optim::AdamWConfig;
 pub struct RunArgs {
     #[arg(long, env = env::WORKSPACE)]
     pub workspace: PathBuf,
+    /// Name of the run (its directory under the workspace); default: the run configuration's.
     #[arg(long = "run", env = env::RUN_NAME)]
-    pub run_name: String,
+    pub run_name: Option<String>,
     /// Stage attempt; fences checkpoint writes.
     #[arg(long, env = env::ATTEMPT, default_value_t = 0)]
     pub attempt: u32,
 }
 
 impl RunArgs {
-    pub fn run_dir(&self) -> RunDir {
-        RunDir::new(&self.workspace, &self.run_name)
+    pub fn run_dir(&self, run: Option<&Staged>) -> Result<RunDir> {
+        let name = match (&self.run_name, run) {
+            (Some(name), _) => name.clone(),
+            (None, Some(s)) => s.name()?,
+            (None, None) => flag_or_run(None, None, "--run")?,
+        };
+        Ok(RunDir::new(&self.workspace, &name))
     }
+}
+
+/// The run's RL stage, or the spec's default one in a hand run.
+fn rl_of(run: Option<&Staged>) -> RlStage {
+    run.map_or_else(defaults::rl, |s| s.spec().rl.clone())
 }
 
 /// Optimisation settings both roles must agree on (servers apply them; learners use the GRPO
-/// ones in the loss). Defaults: `spec.rl`'s.
-#[derive(Args, Debug, Clone)]
+/// ones in the loss): overrides of `spec.rl`.
+#[derive(Args, Debug, Clone, Default)]
 pub struct OptimArgs {
     /// Number of RL steps (optimizer updates).
-    #[arg(long, default_value_t = defaults::rl_steps().into())]
-    pub steps: u64,
-    #[arg(long, default_value_t = defaults::rl_lr())]
-    pub lr: f64,
-    #[arg(long, default_value_t = defaults::rl_optimizer().beta1)]
-    pub adam_beta1: f64,
-    #[arg(long, default_value_t = defaults::rl_optimizer().beta2)]
-    pub adam_beta2: f64,
-    #[arg(long, default_value_t = defaults::rl_optimizer().weight_decay)]
-    pub weight_decay: f64,
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
     /// Largest norm of the whole step's gradient, over every shard (0 = no clipping).
-    #[arg(long, default_value_t = defaults::rl_optimizer().max_grad_norm)]
-    pub max_grad_norm: f64,
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
     /// KL penalty to the reference model.
-    #[arg(long, default_value_t = defaults::beta())]
-    pub beta: f64,
-    #[arg(long, default_value_t = GrpoConfig::default().clip_eps)]
-    pub clip_eps: f64,
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// GRPO's ratio clipping (not a spec field: the paper's 0.2).
+    #[arg(long)]
+    pub clip_eps: Option<f64>,
     /// Reference re-sync: ref <- alpha * policy + (1 - alpha) * ref ...
-    #[arg(long, default_value_t = defaults::sync_mix())]
-    pub ref_mix_alpha: f64,
+    #[arg(long)]
+    pub ref_mix_alpha: Option<f64>,
     /// ... every this many steps (0 = never).
-    #[arg(long, default_value_t = defaults::sync_interval().into())]
-    pub ref_sync_every: u64,
+    #[arg(long)]
+    pub ref_sync_every: Option<u64>,
 }
 
 impl OptimArgs {
-    pub fn optimizer(&self) -> RlOptimizer {
+    pub fn steps(&self, rl: &RlStage) -> u64 {
+        self.steps.unwrap_or(rl.steps.into())
+    }
+
+    pub fn optimizer(&self, rl: &RlStage) -> RlOptimizer {
+        let base = RlOptimizer::of_rl(rl);
         RlOptimizer {
             adamw: AdamWConfig {
-                beta1: self.adam_beta1,
-                beta2: self.adam_beta2,
-                weight_decay: self.weight_decay,
-                ..AdamWConfig::rl()
+                beta1: self.adam_beta1.unwrap_or(base.adamw.beta1),
+                beta2: self.adam_beta2.unwrap_or(base.adamw.beta2),
+                weight_decay: self.weight_decay.unwrap_or(base.adamw.weight_decay),
+                ..base.adamw
             },
-            lr: self.lr,
-            max_grad_norm: self.max_grad_norm,
+            lr: self.lr.unwrap_or(base.lr),
+            max_grad_norm: self.max_grad_norm.unwrap_or(base.max_grad_norm),
         }
     }
-    pub fn grpo(&self) -> GrpoConfig {
+
+    pub fn grpo(&self, rl: &RlStage) -> GrpoConfig {
+        let base = GrpoConfig::default();
         GrpoConfig {
-            clip_eps: self.clip_eps,
-            beta: self.beta,
-            ref_mix_alpha: self.ref_mix_alpha,
-            ref_sync_every: self.ref_sync_every,
+            clip_eps: self.clip_eps.unwrap_or(base.clip_eps),
+            beta: self.beta.unwrap_or(rl.beta),
+            ref_mix_alpha: self.ref_mix_alpha.unwrap_or(rl.reference_sync.mix),
+            ref_sync_every: self
+                .ref_sync_every
+                .unwrap_or(rl.reference_sync.interval.into()),
         }
     }
 }
@@ -101,10 +124,11 @@ pub struct ParamServerArgs {
     /// Number of parameter servers.
     #[arg(long = "replicas", env = env::REPLICAS)]
     pub num_shards: usize,
-    /// Number of learners that push each step.
+    /// Number of learners that push each step (`rl.learners`).
     #[arg(long)]
-    pub learners: usize,
-    /// Initial teacher checkpoint (default: the warm-up stage's output).
+    pub learners: Option<usize>,
+    /// Initial teacher checkpoint (default: the run's RL starting point, else the warm-up
+    /// stage's output).
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Address the gRPC and metrics listeners bind (the e2e node agent gives each pod its own
@@ -116,9 +140,9 @@ pub struct ParamServerArgs {
     /// Metrics/status port (served by server 0 only).
     #[arg(long, env = env::METRICS_PORT, default_value_t = contract::DEFAULT_METRICS_PORT)]
     pub metrics_port: u16,
-    /// Checkpoint the shard every this many steps.
-    #[arg(long, default_value_t = defaults::checkpoint_interval().into())]
-    pub checkpoint_every: u64,
+    /// Checkpoint the shard every this many steps (`rl.checkpointInterval`).
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
     /// libtorch intra-op CPU threads for the optimizer (default: libtorch's choice).
     #[arg(long)]
     pub threads: Option<i32>,
@@ -130,19 +154,27 @@ pub fn param_server(a: ParamServerArgs) -> Result<()> {
     if let Some(t) = a.threads {
         tch::set_num_threads(t.max(1));
     }
-    let run_dir = a.run.run_dir();
+    let run = Staged::from_env()?;
+    let (run, rl) = (run.as_ref(), rl_of(run.as_ref()));
+    let run_dir = a.run.run_dir(run)?;
     let init = a
         .init
         .clone()
+        .or_else(|| run.map(|s| s.inputs.rl_init.clone()))
         .unwrap_or_else(|| run_dir.warmup().final_dir());
+    let num_learners = flag_or_run(
+        a.learners,
+        run.map(|s| s.spec().rl.learners as usize),
+        "--learners",
+    )?;
     let cfg = ServerConfig {
         shard: a.shard,
         num_shards: a.num_shards,
-        num_learners: a.learners,
-        total_steps: a.optim.steps,
-        optimizer: a.optim.optimizer(),
-        grpo: a.optim.grpo(),
-        checkpoint_every: a.checkpoint_every,
+        num_learners,
+        total_steps: a.optim.steps(&rl),
+        optimizer: a.optim.optimizer(&rl),
+        grpo: a.optim.grpo(&rl),
+        checkpoint_every: a.checkpoint_every.unwrap_or(rl.checkpoint_interval.into()),
         stage_dir: run_dir.rl(),
         attempt: a.run.attempt,
     };
@@ -163,48 +195,54 @@ pub fn param_server(a: ParamServerArgs) -> Result<()> {
     ))
 }
 
-/// Sampling and reward settings of the learners. Defaults: `spec.rl`'s.
-#[derive(Args, Debug, Clone)]
+/// Sampling and reward settings of the learners: overrides of `spec.rl`.
+#[derive(Args, Debug, Clone, Default)]
 pub struct RolloutArgs {
     /// Groups, i.e. (question, solution) pairs, per step over all learners (`rl.batchSize`).
-    #[arg(long, default_value_t = defaults::batch16() as usize)]
-    pub groups_per_step: usize,
+    #[arg(long)]
+    pub groups_per_step: Option<usize>,
     /// G: explanations per group.
-    #[arg(long, default_value_t = defaults::group_size() as usize)]
-    pub group_size: usize,
-    #[arg(long, default_value_t = defaults::max_new_tokens() as usize)]
-    pub max_new_tokens: usize,
-    #[arg(long, default_value_t = defaults::temperature())]
-    pub temperature: f64,
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    #[arg(long)]
+    pub temperature: Option<f64>,
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
-    #[arg(long, default_value_t = defaults::reward().student_temperature)]
-    pub student_temperature: f64,
-    /// Solution-term reductions and weights.
-    #[arg(long, default_value_t = RewardConfig::default().solution)]
-    pub solution_reductions: WeightedReductions,
-    /// KL-term reductions and weights.
-    #[arg(long, default_value_t = RewardConfig::default().kl)]
-    pub kl_reductions: WeightedReductions,
-    #[arg(long, default_value_t = defaults::format_penalty(), allow_hyphen_values = true)]
-    pub format_penalty: f64,
+    #[arg(long)]
+    pub student_temperature: Option<f64>,
+    /// Solution-term reductions and weights, e.g. `mean:1,min:0.01`.
+    #[arg(long)]
+    pub solution_reductions: Option<WeightedReductions>,
+    /// KL-term reductions and weights, e.g. `mean:3,max:0.03`.
+    #[arg(long)]
+    pub kl_reductions: Option<WeightedReductions>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub format_penalty: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
 impl RolloutArgs {
-    pub fn config(&self, grpo: GrpoConfig) -> RolloutConfig {
+    pub fn groups_per_step(&self, rl: &RlStage) -> usize {
+        self.groups_per_step.unwrap_or(rl.batch_size as usize)
+    }
+
+    pub fn config(&self, rl: &RlStage, grpo: GrpoConfig) -> RolloutConfig {
+        let base = RewardConfig::of_rl(rl);
+        let temperature = self.temperature.unwrap_or(rl.temperature);
         RolloutConfig {
-            group_size: self.group_size,
-            max_new_tokens: self.max_new_tokens,
-            temperature: self.temperature,
+            group_size: self.group_size.unwrap_or(rl.group_size as usize),
+            max_new_tokens: self.max_new_tokens.unwrap_or(rl.max_new_tokens as usize),
+            temperature,
             top_p: self.top_p,
             reward: RewardConfig {
-                student_temperature: self.student_temperature,
-                teacher_temperature: self.temperature,
-                solution: self.solution_reductions.clone(),
-                kl: self.kl_reductions.clone(),
-                format_penalty: self.format_penalty,
+                student_temperature: self.student_temperature.unwrap_or(base.student_temperature),
+                teacher_temperature: temperature,
+                solution: self.solution_reductions.clone().unwrap_or(base.solution),
+                kl: self.kl_reductions.clone().unwrap_or(base.kl),
+                format_penalty: self.format_penalty.unwrap_or(base.format_penalty),
             },
             grpo,
             seed: self.seed,
@@ -225,12 +263,13 @@ pub struct LearnerArgs {
     /// Number of learners.
     #[arg(long = "replicas", env = env::REPLICAS)]
     pub learners: usize,
-    /// Initial teacher checkpoint, for the architecture and tokenizer (default: warm-up output).
+    /// Initial teacher checkpoint, for the architecture and tokenizer (default: the run's RL
+    /// starting point, else the warm-up output).
     #[arg(long)]
     pub teacher: Option<PathBuf>,
-    /// The frozen student checkpoint that scores explanations.
+    /// The frozen student checkpoint that scores explanations (default: `rl.student`).
     #[arg(long)]
-    pub student: PathBuf,
+    pub student: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -245,21 +284,29 @@ pub struct LearnerArgs {
 }
 
 pub fn learner(a: LearnerArgs) -> Result<()> {
-    let run_dir = a.run.run_dir();
+    let run = Staged::from_env()?;
+    let (run, rl) = (run.as_ref(), rl_of(run.as_ref()));
+    let run_dir = a.run.run_dir(run)?;
     let teacher = a
         .teacher
         .clone()
+        .or_else(|| run.map(|s| s.inputs.rl_init.clone()))
         .unwrap_or_else(|| run_dir.warmup().final_dir());
+    let student = flag_or_run(
+        a.student.clone(),
+        run.map(|s| s.inputs.rl_student.clone()),
+        "--student",
+    )?;
     let (device, kind) = a.device.resolve()?;
-    let models = Models::load(&teacher, &a.student, device, kind)?;
-    let examples = a.data.load()?;
-    let prompts = a.data.system_prompts();
+    let models = Models::load(&teacher, &student, device, kind)?;
+    let examples = a.data.load(run)?;
+    let prompts = a.data.prompts.over(run);
     let cfg = LearnerConfig {
         param_servers: a.param_servers.clone(),
         learner: a.learner,
         learners: a.learners,
-        groups_per_step: a.rollout.groups_per_step,
-        rollout: a.rollout.config(a.optim.grpo()),
+        groups_per_step: a.rollout.groups_per_step(&rl),
+        rollout: a.rollout.config(&rl, a.optim.grpo(&rl)),
         retry_for: Duration::from_secs(a.retry_secs),
         final_dir: Some(run_dir.rl().final_dir()),
     };

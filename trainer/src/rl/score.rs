@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::reward::{RewardBreakdown, RewardConfig};
-use super::rollout::{group_seed, score_completions, with_first_column, GroupPrompt, SpecialIds};
+use super::rollout::{
+    group_seed, score_completions, with_first_column, GroupPrompt, RolloutConfig, SpecialIds,
+};
 use crate::checkpoint::{load_checkpoint, CausalLm};
 use crate::cli::{DeviceArgs, PromptArgs};
 use crate::data::{self, Example, Prompts, PAD};
@@ -178,7 +180,9 @@ pub struct Scored {
 
 pub fn score(a: ScoreArgs) -> Result<()> {
     let (device, _) = a.device.resolve()?;
-    let reward = a.rollout.config(Default::default()).reward;
+    let rl = rlt_api::spec::defaults::rl();
+    let rollout = a.rollout.config(&rl, Default::default());
+    let reward = rollout.reward.clone();
     let names = |r: &super::reward::WeightedReductions| {
         r.0.iter().map(|(r, _)| r.to_string()).collect::<Vec<_>>()
     };
@@ -186,7 +190,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         bail!("score reports the spec's reductions: --solution-reductions mean:..,min:.. and --kl-reductions mean:..,max:..");
     }
     let scorer = Scorer::load(&a.teacher, &a.student, reward, device)?;
-    let prompts = a.prompts.system_prompts();
+    let prompts = a.prompts.over(None);
     let mut rows = data::load_examples(&a.rows, false)?.examples;
     rows.truncate(a.limit.unwrap_or(rows.len()));
     let given = a.explanations.as_deref().map(read_given).transpose()?;
@@ -202,7 +206,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         if given.is_some() && texts.is_empty() {
             continue;
         }
-        for line in score_row(&scorer, &prompts, e, i, &texts, &a.rollout)? {
+        for line in score_row(&scorer, &prompts, e, i, &texts, &rollout)? {
             println!("{}", serde_json::to_string(&line)?);
         }
     }
@@ -234,7 +238,7 @@ pub fn score_row(
     e: &Example,
     row: usize,
     given: &[&str],
-    rollout: &RolloutArgs,
+    rollout: &RolloutConfig,
 ) -> Result<Vec<Scored>> {
     let prompt = GroupPrompt::new(&scorer.tok, prompts, e)?;
     let completions = if given.is_empty() {
