@@ -320,12 +320,7 @@ impl SftArgs {
 impl StageArgs {
     /// The run's directory in the workspace.
     pub fn run_dir(&self, run: Option<&Staged>) -> Result<rlt_api::layout::RunDir> {
-        let name = match (&self.run, run) {
-            (Some(name), _) => name.clone(),
-            (None, Some(s)) => s.name()?,
-            (None, None) => crate::runconfig::flag_or_run(None, None, "--run")?,
-        };
-        Ok(rlt_api::layout::RunDir::new(&self.workspace, &name))
+        crate::runconfig::run_dir(&self.workspace, self.run.as_deref(), run)
     }
 }
 

@@ -294,6 +294,17 @@ impl Staged {
     }
 }
 
+/// The run's directory in `workspace`: named by `--run` (`RLT_RUN_NAME`), else by the run
+/// configuration.
+pub fn run_dir(workspace: &Path, flag: Option<&str>, run: Option<&Staged>) -> Result<RunDir> {
+    let name = flag_or_run(
+        flag.map(str::to_string),
+        run.map(Staged::name).transpose()?,
+        "--run",
+    )?;
+    Ok(RunDir::new(workspace, &name))
+}
+
 /// A setting a hand run gives as `flag` and a staged run takes from its spec: the flag when
 /// given, else the run's value, else a bad configuration naming the flag.
 pub fn flag_or_run<T>(flag: Option<T>, run: Option<T>, name: &str) -> Result<T> {

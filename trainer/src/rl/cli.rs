@@ -36,12 +36,7 @@ pub struct RunArgs {
 
 impl RunArgs {
     pub fn run_dir(&self, run: Option<&Staged>) -> Result<RunDir> {
-        let name = match (&self.run_name, run) {
-            (Some(name), _) => name.clone(),
-            (None, Some(s)) => s.name()?,
-            (None, None) => flag_or_run(None, None, "--run")?,
-        };
-        Ok(RunDir::new(&self.workspace, &name))
+        crate::runconfig::run_dir(&self.workspace, self.run_name.as_deref(), run)
     }
 }
 
