@@ -14,30 +14,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 STATE="${RLT_E2E_STATE:-$ROOT/target/e2e}"
-CLUSTER="$ROOT/e2e/controlplane/cluster.sh"
-REL="$ROOT/target/release"
-say() { printf '[e2e %4ss] %s\n' "$SECONDS" "$*" >&2; }
-
-# Stops what a previous (possibly killed) run left, then everything of this one.
-teardown() {
-  if [ -f "$STATE/pids/node-agent" ]; then
-    local pid
-    pid="$(cat "$STATE/pids/node-agent")"
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    rm -f "$STATE/pids/node-agent"
-  fi
-  if [ -f "$STATE/pids/watch" ]; then
-    kill "$(cat "$STATE/pids/watch")" 2>/dev/null || true
-    rm -f "$STATE/pids/watch"
-  fi
-  "$CLUSTER" down "$STATE" || true
-  # Pod processes whose agent died with SIGKILL: their environment names the state folder.
-  local p
-  for p in /proc/[0-9]*; do
-    if grep -qsF "$STATE/" "$p/environ" 2>/dev/null; then kill -KILL "${p#/proc/}" 2>/dev/null || true; fi
-  done
-}
+# shellcheck source=e2e/lib.sh
+. "$ROOT/e2e/lib.sh"
 
 on_exit() {
   local rc=$?
@@ -71,29 +49,10 @@ say "building the operator, trainer, node agent and scenario tests (release)"
 cargo test --release --locked --workspace --no-run
 
 say "starting the control plane"
-export KUBECONFIG
-KUBECONFIG="$("$CLUSTER" up "$STATE")"
-# Pod logs land in the node agent's state folder; one folder for everything to look at.
-mkdir -p "$STATE/node/logs"
-ln -sfn ../node/logs "$STATE/logs/pods"
+start_cluster
 
 say "starting the node agent (2 CPU nodes, 1 GPU node with 8 nvidia.com/gpu)"
-# The images the pods name are played by this checkout's binaries (see e2e/README.md).
-# shellcheck source=images/images.env
-. "$ROOT/images/images.env"
-setsid "$REL/rlt-e2e-node" --state-dir "$STATE/node" --mode run \
-  --cpu-nodes 2 --gpu-nodes 1 --gpus-per-node 8 \
-  --image-map "${OPERATOR_IMAGE%:*}=$REL" --entrypoint "${OPERATOR_IMAGE%:*}=rlt-operator" \
-  --image-map "${TRAINER_CPU_IMAGE%:*}=$REL" \
-  --image-map "busybox=/bin" \
-  >"$STATE/logs/node-agent.log" 2>&1 </dev/null &
-echo $! >"$STATE/pids/node-agent"
-for _ in $(seq 1 60); do
-  ready="$(kubectl get nodes --no-headers 2>/dev/null | grep -c ' Ready ' || true)"
-  [ "$ready" -ge 3 ] && break
-  kill -0 "$(cat "$STATE/pids/node-agent")" || { say "the node agent exited"; exit 1; }
-  sleep 1
-done
+start_node_agent 3 --mode run --cpu-nodes 2 --gpu-nodes 1 --gpus-per-node 8
 kubectl get nodes -o wide
 
 # What a platform team would watch, kept for the log.

@@ -3,12 +3,12 @@
 //! previous attempt's pods are gone), which attempts ended with the trainer's
 //! bad-configuration exit code (not retried), and why a Job has no pods at all (its
 //! `FailedCreate` Events: quota, admission; Jobs have no condition for it). Pure functions of
-//! the API objects; the controller lists a Job's Events only when it has had no pods for a
-//! while, so a healthy run costs no extra request.
+//! the API objects (owned, or shared out of the controller's stores).
 use crate::children::{Stage, CONTAINER, LABEL_ATTEMPT, LABEL_STAGE, LABEL_STUDENT};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use k8s_openapi::jiff::Timestamp;
+use std::borrow::Borrow;
 use std::time::Duration;
 
 /// Set by the Job controller on every pod of a Job.
@@ -39,15 +39,14 @@ pub struct Activity {
 }
 
 impl Activity {
-    pub fn from_pods(pods: &[Pod]) -> Activity {
+    pub fn from_pods(pods: &[impl Borrow<Pod>]) -> Activity {
+        let pods = || pods.iter().map(|p| -> &Pod { p.borrow() });
         Activity {
-            live: pods
-                .iter()
+            live: pods()
                 .filter(|p| is_job_pod(p) && !is_terminal(p))
                 .map(pod_ref)
                 .collect(),
-            bad_config: pods
-                .iter()
+            bad_config: pods()
                 .filter(|p| exited_with(p, EXIT_BAD_CONFIG))
                 .map(pod_ref)
                 .collect(),
@@ -128,7 +127,7 @@ fn exited_with(pod: &Pod, code: i32) -> bool {
 /// A Job that is not finished but has had no pod at all for `min_age` since its creation
 /// (e.g. [`PODLESS_GRACE`]): the Job controller could not create them, and says why only in
 /// Events.
-pub fn is_podless(job: &Job, pods: &[Pod], now: Timestamp, min_age: Duration) -> bool {
+pub fn is_podless(job: &Job, pods: &[impl Borrow<Pod>], now: Timestamp, min_age: Duration) -> bool {
     let name = job.metadata.name.as_deref();
     let counted = job.status.as_ref().map_or(0, |s| {
         s.active.unwrap_or(0)
@@ -146,17 +145,15 @@ pub fn is_podless(job: &Job, pods: &[Pod], now: Timestamp, min_age: Duration) ->
         .creation_timestamp
         .as_ref()
         .is_some_and(|t| now.duration_since(t.0).as_secs() >= min_age.as_secs() as i64);
-    counted == 0 && !finished && old_enough && !pods.iter().any(|p| job_name_of(p) == name)
+    counted == 0 && !finished && old_enough && !pods.iter().any(|p| job_name_of(p.borrow()) == name)
 }
 
-/// The field selector of a Job's `FailedCreate` Events.
-pub fn failed_create_selector(job: &Job) -> Option<String> {
-    let uid = job.metadata.uid.as_deref()?;
-    Some(format!("involvedObject.uid={uid},reason=FailedCreate"))
-}
+/// The field selector of the `FailedCreate` Events the controller watches (every Job's; a
+/// Job's own are picked out by `involvedObject.uid`).
+pub const FAILED_CREATE_SELECTOR: &str = "reason=FailedCreate";
 
 /// The message of the most recent `FailedCreate` Event.
-pub fn latest_failed_create(events: &[Event]) -> Option<String> {
+pub fn latest_failed_create(events: &[impl Borrow<Event>]) -> Option<String> {
     let when = |e: &Event| {
         e.series
             .as_ref()
@@ -167,6 +164,7 @@ pub fn latest_failed_create(events: &[Event]) -> Option<String> {
     };
     events
         .iter()
+        .map(|e| -> &Event { e.borrow() })
         .filter(|e| e.reason.as_deref() == Some("FailedCreate"))
         .max_by_key(|e| when(e))
         .map(|e| e.message.clone().unwrap_or_default())
@@ -230,19 +228,21 @@ mod tests {
             .unwrap()
         };
         let grace = PODLESS_GRACE;
-        assert!(is_podless(&job(30, json!({})), &[], now, grace));
+        let none: [Pod; 0] = [];
+        assert!(is_podless(&job(30, json!({})), &none, now, grace));
         assert!(
-            !is_podless(&job(3, json!({})), &[], now, grace),
+            !is_podless(&job(3, json!({})), &none, now, grace),
             "too young"
         );
-        assert!(is_podless(&job(3, json!({})), &[], now, Duration::ZERO));
-        assert!(!is_podless(&job(30, json!({"active": 1})), &[], now, grace));
+        assert!(is_podless(&job(3, json!({})), &none, now, Duration::ZERO));
+        assert!(!is_podless(
+            &job(30, json!({"active": 1})),
+            &none,
+            now,
+            grace
+        ));
         let mine = pod(json!({"batch.kubernetes.io/job-name": "j"}), json!({}));
         assert!(!is_podless(&job(30, json!({})), &[mine], now, grace));
-        assert_eq!(
-            failed_create_selector(&job(30, json!({}))).as_deref(),
-            Some("involvedObject.uid=u-1,reason=FailedCreate")
-        );
         let ev = |msg: &str, at: i64| -> Event {
             serde_json::from_value(json!({"metadata": {"name": msg}, "involvedObject": {},
                 "reason": "FailedCreate", "message": msg,
@@ -253,6 +253,7 @@ mod tests {
             latest_failed_create(&[ev("old", 10), ev("new", 20), ev("older", 5)]).as_deref(),
             Some("new")
         );
-        assert_eq!(latest_failed_create(&[]), None);
+        let none: [Event; 0] = [];
+        assert_eq!(latest_failed_create(&none), None);
     }
 }

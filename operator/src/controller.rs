@@ -1,6 +1,8 @@
-//! The thin I/O layer around [`crate::reconcile`]: read the run's children, ask the pure
-//! reconciler what to do, then do exactly that. A plan with nothing to change makes no write
-//! at all. The order of the writes:
+//! The thin I/O layer around [`crate::reconcile`]: read the run's children from the
+//! controller's stores ([`crate::cache`]: a reconcile issues no LIST), ask the pure reconciler
+//! what to do, then do exactly that. A plan with nothing to change makes no request at all.
+//! Training figures come from the [`Poller`], which runs beside the controller and triggers a
+//! reconcile when a run's figures change. The order of the writes:
 //!
 //! 1. the status, as a server-side apply conditional on the run's resourceVersion: the
 //!    decision (a retry, its failure count, a new attempt) is recorded before any child is
@@ -12,13 +14,15 @@
 //!    condition and a Warning Event (a second status write); 5xx and network errors are
 //!    retried with backoff;
 //! 3. the Events, each with a per-transition `action` and a note within the API's limit.
-use crate::activity::{self, Activity};
-use crate::children::{Child, Kind, LABEL_RUN};
-use crate::figures::Figures;
+use crate::activity;
+use crate::cache::{self, owned, Stores, Writers};
+use crate::children::{self, Child, Kind, LABEL_RUN};
+use crate::figures::{Figures, Poller};
 use crate::http::Health;
 use crate::metrics::Metrics;
-use crate::observe::{self, JobState, Observed};
+use crate::observe::Observed;
 use crate::reconcile::{self, EventType, Plan, Rejection, CHILD_CONFLICT, CHILD_REJECTED};
+use futures::channel::mpsc;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
@@ -26,7 +30,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Event as CoreEvent, PersistentVolumeClaim, Pod, Service,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -68,6 +72,10 @@ pub struct Settings {
     pub debounce: Duration,
     /// How often parameter server 0 is polled for training figures while RL runs.
     pub poll_interval: Duration,
+    /// At most this many parameter servers are polled at once.
+    pub poll_concurrency: usize,
+    /// At most this many runs are reconciled at once (0: no limit).
+    pub concurrency: u16,
     /// Safety net re-reconcile when nothing happens.
     pub resync: Duration,
     /// When a child write was refused (4xx): try again this much later (RBAC fixed, quota
@@ -87,6 +95,8 @@ impl Default for Settings {
             namespace: None,
             debounce: Duration::from_secs(1),
             poll_interval: Duration::from_secs(15),
+            poll_concurrency: 16,
+            concurrency: 16,
             resync: Duration::from_secs(300),
             rejected_retry: Duration::from_secs(60),
             podless_recheck: Duration::from_secs(15),
@@ -101,10 +111,17 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Metrics,
-    pub figures: Figures,
+    pub stores: Stores,
+    pub poller: Poller,
     pub settings: Settings,
     /// Consecutive failed reconciles per run, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
+}
+
+/// What [`run`] wires into the controller: the stores' write halves and the poller's trigger.
+pub struct Feeds {
+    pub writers: Writers,
+    pub figures_changed: mpsc::UnboundedReceiver<ObjectRef<RltRun>>,
 }
 
 impl Context {
@@ -114,19 +131,27 @@ impl Context {
         figures: Figures,
         settings: Settings,
         instance: Option<String>,
-    ) -> Context {
+    ) -> (Context, Feeds) {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
             instance,
         };
-        Context {
+        let (stores, writers) = cache::stores();
+        let (poller, figures_changed) = Poller::new(figures);
+        let ctx = Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
-            figures,
+            stores,
+            poller,
             settings,
             failures: Mutex::default(),
-        }
+        };
+        let feeds = Feeds {
+            writers,
+            figures_changed,
+        };
+        (ctx, feeds)
     }
 
     /// The delay before retrying a run whose reconcile failed `n` times in a row.
@@ -138,120 +163,19 @@ impl Context {
     }
 }
 
-async fn list<K>(api: Api<K>, selector: &str) -> Result<Vec<K>, kube::Error>
-where
-    K: Clone + DeserializeOwned + Debug,
-{
-    Ok(api
-        .list(&ListParams::default().labels(selector))
-        .await?
-        .items)
-}
-
-/// Only children owned by this run instance (a same-named run recreated later has another UID).
-fn owned(run: &RltRun, meta: &ObjectMeta) -> bool {
-    meta.owner_references
-        .iter()
-        .flatten()
-        .any(|o| Some(&o.uid) == run.metadata.uid.as_ref())
-}
-
-/// What one reconcile reads.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub observed: Observed,
-    pub activity: Activity,
-    /// A stage Job is running without pods: look again soon.
-    pub podless: bool,
-}
-
-/// Reads everything the reconciler looks at: the children by label, and the `FailedCreate`
-/// Events of Jobs that have had no pods for a while.
-pub async fn observe(client: &Client, run: &RltRun) -> Result<Snapshot, kube::Error> {
-    let ns = run.namespace().unwrap_or_default();
-    let sel = format!("{LABEL_RUN}={}", run.name_any());
-    let (cms, pvcs, jobs, sets, svcs, pods) = futures::try_join!(
-        list(Api::<ConfigMap>::namespaced(client.clone(), &ns), &sel),
-        list(
-            Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns),
-            &sel
-        ),
-        list(Api::<Job>::namespaced(client.clone(), &ns), &sel),
-        list(Api::<StatefulSet>::namespaced(client.clone(), &ns), &sel),
-        list(Api::<Service>::namespaced(client.clone(), &ns), &sel),
-        list(Api::<Pod>::namespaced(client.clone(), &ns), &sel),
-    )?;
-    let jobs: Vec<Job> = jobs
-        .into_iter()
-        .filter(|j| owned(run, &j.metadata))
-        .collect();
-    let mut obs = Observed::default();
-    let metas = [
-        (
-            Kind::ConfigMap,
-            cms.iter().map(|o| &o.metadata).collect::<Vec<_>>(),
-        ),
-        (
-            Kind::PersistentVolumeClaim,
-            pvcs.iter().map(|o| &o.metadata).collect(),
-        ),
-        (Kind::Job, jobs.iter().map(|o| &o.metadata).collect()),
-        (
-            Kind::StatefulSet,
-            sets.iter().map(|o| &o.metadata).collect(),
-        ),
-        (Kind::Service, svcs.iter().map(|o| &o.metadata).collect()),
-    ];
-    for (kind, list) in metas {
-        obs.children.extend(
-            list.into_iter()
-                .filter(|m| owned(run, m))
-                .map(|m| observe::child(kind, m)),
-        );
-    }
-    obs.jobs = jobs.iter().map(observe::job).collect();
-    obs.pods = pods.iter().map(observe::pod).collect();
-
-    let mut activity = Activity::from_pods(&pods);
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let running = |j: &&Job| observe::job(j).state == JobState::Running;
-    // A Job with no pods at all right after creation is normal; one that stays so is stuck.
-    let podless = jobs
-        .iter()
-        .filter(running)
-        .any(|j| activity::is_podless(j, &pods, now, Duration::ZERO));
-    let events = Api::<CoreEvent>::namespaced(client.clone(), &ns);
-    for job in jobs
-        .iter()
-        .filter(running)
-        .filter(|j| activity::is_podless(j, &pods, now, activity::PODLESS_GRACE))
-    {
-        let Some(selector) = activity::failed_create_selector(job) else {
-            continue;
-        };
-        let found = events
-            .list(&ListParams::default().fields(&selector))
-            .await?;
-        if let Some(message) = activity::latest_failed_create(&found.items) {
-            activity.failed_create.push((job.name_any(), message));
-        }
-    }
-    Ok(Snapshot {
-        observed: obs,
-        activity,
-        podless,
-    })
-}
-
 fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
 /// One reconcile: observe, decide, act.
 pub async fn reconcile(run: Arc<RltRun>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Not timed: the stores fill once, at start-up.
+    ctx.stores.ready().await;
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
+    ctx.metrics.in_flight.inc();
     let result = reconcile_inner(&run, &ctx).await;
+    ctx.metrics.in_flight.dec();
     ctx.metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
@@ -272,23 +196,19 @@ pub async fn reconcile(run: Arc<RltRun>, ctx: Arc<Context>) -> Result<Action, Er
 }
 
 async fn reconcile_inner(run: &RltRun, ctx: &Context) -> Result<Action, Error> {
-    let mut snap = observe(&ctx.client, run).await?;
     let time = now();
-    let mut plan = reconcile::reconcile_with(run, &snap.observed, &snap.activity, &time);
-    if plan.poll_figures {
-        // The figures only refine the status; a parameter server that is not up yet is normal.
-        snap.observed.figures = ctx.figures.read_observed(run, &snap.observed).await;
-        if snap.observed.figures.is_some() {
-            plan = reconcile::reconcile_with(run, &snap.observed, &snap.activity, &time);
-        }
-    }
+    let mut snap = cache::snapshot(&ctx.stores, run, time.0);
+    let key = ObjectRef::from_obj(run);
+    snap.observed.figures = ctx.poller.latest(&key);
+    let plan = reconcile::reconcile_with(run, &snap.observed, &snap.activity, &time);
+    ctx.poller.track(
+        key,
+        plan.poll_figures
+            .then(|| children::status_url(run, &snap.observed)),
+    );
     let rejected = execute(run, &snap.observed, &plan, ctx).await?;
     let s = &ctx.settings;
-    let mut after = if plan.poll_figures {
-        s.poll_interval
-    } else {
-        s.resync
-    };
+    let mut after = s.resync;
     if rejected {
         after = after.min(s.rejected_retry);
     }
@@ -583,10 +503,12 @@ fn error_policy(run: Arc<RltRun>, error: &Error, ctx: Arc<Context>) -> Action {
 }
 
 /// Runs the controller until shutdown. The main watch is filtered by generation (our own
-/// status writes do not trigger reconciles); children are watched by label; pods (their
-/// failures) map to their run through the `rlt.dev/run` label. The RltRun watch's progress
-/// and the cache's first sync feed the health probes.
-pub async fn run(ctx: Arc<Context>, health: Health) {
+/// status writes do not trigger reconciles). Children, pods and `FailedCreate` Events are
+/// watched into the stores a reconcile reads ([`crate::cache`]), each change also triggering
+/// its run's reconcile: children through owner references, pods through their `rlt.dev/run`
+/// label, Events through the Job they are about. The figures poller runs beside it. The
+/// RltRun watch's progress and the cache's first sync feed the health probes.
+pub async fn run(ctx: Arc<Context>, feeds: Feeds, health: Health) {
     let client = ctx.client.clone();
     let ns = ctx.settings.namespace.clone();
     fn api<K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>>(
@@ -621,26 +543,111 @@ pub async fn run(ctx: Arc<Context>, health: Health) {
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
-    let pods = watcher::Config::default().labels(LABEL_RUN);
-    Controller::for_stream(main, reader)
-        .with_config(kube::runtime::controller::Config::default().debounce(ctx.settings.debounce))
-        .owns(api::<ConfigMap>(&client, &ns), managed.clone())
-        .owns(api::<PersistentVolumeClaim>(&client, &ns), managed.clone())
-        .owns(api::<Job>(&client, &ns), managed.clone())
-        .owns(api::<StatefulSet>(&client, &ns), managed.clone())
-        .owns(api::<Service>(&client, &ns), managed)
-        .watches(api::<Pod>(&client, &ns), pods, |pod: Pod| {
+
+    let Writers {
+        config_maps,
+        claims,
+        jobs,
+        stateful_sets,
+        services,
+        pods,
+        failed_creates,
+    } = feeds.writers;
+    // Metadata-only watches of the children whose content the reconciler does not read.
+    fn metadata<K>(
+        api: Api<cache::Meta<K>>,
+        config: &watcher::Config,
+        writer: cache::Writer<cache::Meta<K>>,
+    ) -> impl futures::Stream<Item = Result<cache::Meta<K>, watcher::Error>> + Send + 'static
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        watcher(api, config.clone())
+            .default_backoff()
+            .modify(cache::slim_meta)
+            .reflect(writer)
+            .touched_objects()
+    }
+    let job_stream = watcher(api::<Job>(&client, &ns), managed.clone())
+        .default_backoff()
+        .modify(cache::slim_job)
+        .reflect(jobs)
+        .touched_objects();
+    let pod_stream = watcher(
+        api::<Pod>(&client, &ns),
+        watcher::Config::default().labels(LABEL_RUN),
+    )
+    .default_backoff()
+    .modify(cache::slim_pod)
+    .reflect(pods)
+    .touched_objects();
+    let event_stream = watcher(
+        api::<CoreEvent>(&client, &ns),
+        watcher::Config::default().fields(activity::FAILED_CREATE_SELECTOR),
+    )
+    .default_backoff()
+    .modify(cache::slim_meta)
+    .reflect(failed_creates)
+    .touched_objects();
+    let job_store = ctx.stores.jobs.clone();
+
+    let poller = {
+        let (ctx, runs, s) = (ctx.clone(), reader.clone(), ctx.settings.clone());
+        async move {
+            ctx.poller
+                .run(runs, s.poll_interval, s.poll_concurrency)
+                .await
+        }
+    };
+    let config = kube::runtime::controller::Config::default()
+        .debounce(ctx.settings.debounce)
+        .concurrency(ctx.settings.concurrency);
+    let controller = Controller::for_stream(main, reader)
+        .with_config(config)
+        .owns_stream(metadata(
+            api::<cache::Meta<ConfigMap>>(&client, &ns),
+            &managed,
+            config_maps,
+        ))
+        .owns_stream(metadata(
+            api::<cache::Meta<PersistentVolumeClaim>>(&client, &ns),
+            &managed,
+            claims,
+        ))
+        .owns_stream(job_stream)
+        .owns_stream(metadata(
+            api::<cache::Meta<StatefulSet>>(&client, &ns),
+            &managed,
+            stateful_sets,
+        ))
+        .owns_stream(metadata(
+            api::<cache::Meta<Service>>(&client, &ns),
+            &managed,
+            services,
+        ))
+        .watches_stream(pod_stream, |pod: Pod| {
             let run = pod.labels().get(LABEL_RUN)?.clone();
             Some(ObjectRef::<RltRun>::new(&run).within(&pod.namespace()?))
         })
+        .watches_stream(event_stream, move |event: CoreEvent| {
+            let about = &event.involved_object;
+            let job = job_store
+                .get(&ObjectRef::new(about.name.as_deref()?).within(about.namespace.as_deref()?))?;
+            let run = job.labels().get(LABEL_RUN)?.clone();
+            Some(ObjectRef::<RltRun>::new(&run).within(&job.namespace()?))
+        })
+        .reconcile_on(feeds.figures_changed)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 warn!(error = %e, "controller");
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        _ = controller => {}
+        _ = poller => {}
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,19 @@
-//! Reads the training figures parameter server 0 serves on `/status` while RL runs.
+//! The training figures parameter server 0 serves on `/status` while RL runs, read off the
+//! reconcile path: a [`Poller`] polls every RL run's parameter server at its own rate and
+//! bounded concurrency, keeps the latest figures, and asks for a reconcile of a run only when
+//! its figures changed, so a reconcile never waits on a trainer and a run whose figures stand
+//! still costs no write. The reconcile tells the poller where to look ([`Poller::track`]:
+//! [`crate::children::status_url`] is a pure function of the run and what was observed) and reads
+//! the latest figures from it ([`Poller::latest`]).
+//!
 //! A plain HTTP/1.0 GET over TCP: one small JSON document, no client library needed.
-//! Where to read them is a pure function of the run and what was observed
-//! ([`children::status_url`]): the pod's IP when known, else its cluster DNS name.
-use crate::children;
-use crate::observe::Observed;
+use futures::channel::mpsc;
+use futures::StreamExt;
+use kube::runtime::reflector::{ObjectRef, Store};
 use rlt_api::contract::TrainingFigures;
 use rlt_api::RltRun;
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -16,13 +24,105 @@ pub enum Figures {
     Fixed(Option<TrainingFigures>),
 }
 
-impl Figures {
-    /// Parameter server 0's figures in the run's current RL attempt, at its observed pod IP
-    /// (an operator outside the cluster's DNS reaches it too), else at its DNS name.
-    pub async fn read_observed(&self, run: &RltRun, obs: &Observed) -> Option<TrainingFigures> {
-        match self {
+struct Target {
+    url: String,
+    latest: Option<TrainingFigures>,
+}
+
+/// Polls the parameter servers of the runs in RL; see the module docs.
+pub struct Poller {
+    source: Figures,
+    targets: Mutex<HashMap<ObjectRef<RltRun>, Target>>,
+    changed: mpsc::UnboundedSender<ObjectRef<RltRun>>,
+}
+
+impl Poller {
+    /// The poller, and the stream of runs whose figures changed (a reconcile trigger).
+    pub fn new(source: Figures) -> (Poller, mpsc::UnboundedReceiver<ObjectRef<RltRun>>) {
+        let (changed, receiver) = mpsc::unbounded();
+        let poller = Poller {
+            source,
+            targets: Mutex::default(),
+            changed,
+        };
+        (poller, receiver)
+    }
+
+    /// Polls `url` for this run from now on (`None`: stop). A new URL (a new RL attempt)
+    /// starts without figures.
+    pub fn track(&self, run: ObjectRef<RltRun>, url: Option<String>) {
+        let mut targets = self.targets.lock().unwrap();
+        match url {
+            None => {
+                targets.remove(&run);
+            }
+            Some(url) => {
+                if targets.get(&run).is_none_or(|t| t.url != url) {
+                    targets.insert(run, Target { url, latest: None });
+                }
+            }
+        }
+    }
+
+    /// The run's latest figures.
+    pub fn latest(&self, run: &ObjectRef<RltRun>) -> Option<TrainingFigures> {
+        match &self.source {
             Figures::Fixed(f) => f.clone(),
-            Figures::Http { timeout } => fetch(&children::status_url(run, obs), *timeout).await,
+            Figures::Http { .. } => self
+                .targets
+                .lock()
+                .unwrap()
+                .get(run)
+                .and_then(|t| t.latest.clone()),
+        }
+    }
+
+    /// Polls every tracked run each `every`, at most `concurrency` at once; never returns.
+    /// Runs no longer in `runs` (deleted) are forgotten.
+    pub async fn run(&self, runs: Store<RltRun>, every: Duration, concurrency: usize) {
+        let Figures::Http { timeout } = self.source else {
+            // Fixed figures need no polling.
+            return std::future::pending().await;
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let due: Vec<(ObjectRef<RltRun>, String)> = {
+                let mut targets = self.targets.lock().unwrap();
+                targets.retain(|run, _| runs.get(run).is_some());
+                targets
+                    .iter()
+                    .map(|(run, t)| (run.clone(), t.url.clone()))
+                    .collect()
+            };
+            let read: Vec<_> = futures::stream::iter(due)
+                .map(|(run, url)| async move {
+                    let figures = fetch(&url, timeout).await;
+                    (run, url, figures)
+                })
+                .buffer_unordered(concurrency.max(1))
+                .collect()
+                .await;
+            for (run, url, figures) in read {
+                if self.record(&run, &url, figures) {
+                    // The controller has stopped when nobody listens; nothing to do then.
+                    let _ = self.changed.unbounded_send(run);
+                }
+            }
+        }
+    }
+
+    /// Keeps new figures read at `url`; whether the run's figures changed. An unreachable
+    /// parameter server (restarting) keeps the last figures.
+    fn record(&self, run: &ObjectRef<RltRun>, url: &str, figures: Option<TrainingFigures>) -> bool {
+        let mut targets = self.targets.lock().unwrap();
+        match (targets.get_mut(run), figures) {
+            (Some(t), Some(f)) if t.url == url && t.latest.as_ref() != Some(&f) => {
+                t.latest = Some(f);
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -68,6 +168,8 @@ pub async fn get(url: &str) -> anyhow::Result<TrainingFigures> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::children::status_url;
+    use crate::observe::Observed;
     use tokio::net::TcpListener;
 
     #[tokio::test]
@@ -88,6 +190,38 @@ mod tests {
             (f.step, f.total_steps, f.mean_reward),
             (7, 125, Some(-0.25))
         );
+    }
+
+    #[test]
+    fn only_changed_figures_of_the_tracked_url_ask_for_a_reconcile() {
+        let (poller, _changed) = Poller::new(Figures::Http {
+            timeout: Duration::from_secs(1),
+        });
+        let run = ObjectRef::<RltRun>::new("r").within("ml");
+        let at = |step: u64| TrainingFigures {
+            step,
+            total_steps: 8,
+            ..Default::default()
+        };
+        poller.track(run.clone(), Some("http://a/status".into()));
+        assert!(poller.record(&run, "http://a/status", Some(at(1))));
+        assert!(
+            !poller.record(&run, "http://a/status", Some(at(1))),
+            "unchanged"
+        );
+        assert!(
+            !poller.record(&run, "http://a/status", None),
+            "unreachable keeps them"
+        );
+        assert_eq!(poller.latest(&run), Some(at(1)));
+        // A new attempt's parameter server: the old figures are gone, a late read of the old
+        // one is ignored.
+        poller.track(run.clone(), Some("http://b/status".into()));
+        assert_eq!(poller.latest(&run), None);
+        assert!(!poller.record(&run, "http://a/status", Some(at(2))));
+        assert!(poller.record(&run, "http://b/status", Some(at(2))));
+        poller.track(run.clone(), None);
+        assert_eq!(poller.latest(&run), None);
     }
 
     #[tokio::test]
@@ -129,7 +263,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let url = children::status_url(&run, &obs("r-ps-0-0"));
+        let url = status_url(&run, &obs("r-ps-0-0"));
         assert_eq!(url, "http://127.0.0.1:9090/status");
         let f = get(&url.replace(":9090", &format!(":{port}")))
             .await
@@ -140,7 +274,7 @@ mod tests {
             serde_json::from_value(serde_json::json!({"stages": {"rl": {"attempt": 1}}})).unwrap(),
         );
         assert_eq!(
-            children::status_url(&run, &obs("r-ps-0-0")),
+            status_url(&run, &obs("r-ps-0-0")),
             "http://r-ps-1-0.r-ps.ml.svc:9090/status"
         );
     }

@@ -6,10 +6,12 @@
 //!   built from the spec and the stage contract; [`observe`]: what the reconciler reads back;
 //!   [`activity`]: which Job pods are alive, bad-configuration exits, `FailedCreate` Events;
 //! - [`controller`]: the thin layer doing the API calls (server-side apply) around it;
+//!   [`cache`]: the stores its watches fill, which a reconcile reads instead of LISTing;
 //! - [`leader`], [`metrics`], [`http`], [`figures`]: leader election, Prometheus metrics,
-//!   the health/metrics endpoint, RL training figures;
+//!   the health/metrics endpoint, the RL training figures poller;
 //! - [`crdgen`]: the generated CRD files.
 pub mod activity;
+pub mod cache;
 pub mod children;
 pub mod controller;
 pub mod crdgen;

@@ -48,8 +48,12 @@ struct Args {
     #[arg(long, env = "RLT_DEBOUNCE_MS", default_value_t = 1000)]
     debounce_ms: u64,
     /// Poll parameter server 0 for training figures this often while RL runs (seconds).
-    #[arg(long, env = "RLT_POLL_INTERVAL_S", default_value_t = 15)]
+    #[arg(long, env = "RLT_POLL_INTERVAL_S", default_value_t = Settings::default().poll_interval.as_secs())]
     poll_interval_s: u64,
+    /// Reconcile at most this many runs at once (0: no limit). Reconciles wait on API writes,
+    /// so a few dozen keep up with thousands of runs without bursting the API server.
+    #[arg(long, env = "RLT_CONCURRENCY", default_value_t = Settings::default().concurrency)]
+    concurrency: u16,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -107,21 +111,16 @@ async fn main() -> anyhow::Result<()> {
         namespace: args.namespace.clone(),
         debounce: Duration::from_millis(args.debounce_ms),
         poll_interval: Duration::from_secs(args.poll_interval_s),
+        concurrency: args.concurrency,
         ..Settings::default()
     };
     let figures = Figures::Http {
         timeout: Duration::from_secs(3),
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        metrics,
-        figures,
-        settings,
-        Some(identity),
-    ));
-    tracing::info!(namespace = ?args.namespace, "starting controller");
+    let (ctx, feeds) = Context::new(client.clone(), metrics, figures, settings, Some(identity));
+    tracing::info!(namespace = ?args.namespace, concurrency = args.concurrency, "starting controller");
     tokio::select! {
-        _ = controller::run(ctx, health) => {}
+        _ = controller::run(Arc::new(ctx), feeds, health) => {}
         // Not renewed within the deadline: stop reconciling at once (a standby may take over).
         _ = async { match lost { Some(l) => l.await, None => std::future::pending().await } } => {
             anyhow::bail!("leadership lost");

@@ -1,0 +1,558 @@
+//! The operator at scale (`scripts/dev e2e-scale`; ignored by the ordinary e2e run): N RltRuns
+//! applied at once on a simulated GPU fleet (the e2e node agent in simulate mode: every stage
+//! pod runs for a set time, then succeeds), with the operator itself a real process installed by
+//! its chart. Measured on the real API server (its audit log, split by the operator's user),
+//! the operator's own `/metrics`, and its process in `/proc`; printed as one table and written
+//! to `$RLT_SCALE_REPORT.{md,json}`.
+//!
+//! Knobs (e2e/scale.sh sets them): `RLT_SCALE_RUNS` (N), `RLT_SCALE_STAGE_SECONDS` (each
+//! stage's simulated duration), `RLT_SCALE_GPU_NODES` (the fleet, 8 `nvidia.com/gpu` each),
+//! `RLT_SCALE_REPORT` (report path without extension), `RLT_E2E_NODE_STATE` (the agent's
+//! state folder: the operator's process is found by it).
+//!
+//! The test fails unless every run Succeeded and idle runs cost no write; the performance
+//! targets (no LIST per reconcile, p99 reconcile, RSS, time against the ideal) are printed, not
+//! asserted: a benchmark reports, the closing note compares.
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DynamicObject, ListParams, PostParams};
+use kube::runtime::watcher;
+use serde_json::{json, Value};
+use support::*;
+
+/// Every run asks for this many GPUs in every stage (warm-up 4; RL 1 parameter server + 3 on
+/// its learner; distillation 4), so 1,000 runs want twice a 250-node fleet.
+const GPUS_PER_RUN: u64 = 4;
+const GPUS_PER_NODE: u64 = 8;
+const STAGES: [&str; 3] = ["warmup", "rl", "distillation"];
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn scale_run(name: &str, ns: &str) -> Result<DynamicObject> {
+    let gpus = |n: u64| json!({"requests": {"nvidia.com/gpu": n}, "limits": {"nvidia.com/gpu": n}});
+    let mut run = run_from_yaml(TINY_RUN, name)?;
+    run.metadata.namespace = Some(ns.into());
+    let spec = &mut run.data["spec"];
+    // The fleet's hostPath volumes serve every node; the default (ReadWriteMany) is the real
+    // multi-node choice.
+    spec["workspace"] = json!({"size": "1Gi"});
+    spec["warmup"]["resources"] = gpus(GPUS_PER_RUN);
+    spec["rl"]["paramServerResources"] = gpus(1);
+    spec["rl"]["learnerResources"] = gpus(GPUS_PER_RUN - 1);
+    spec["distillation"]["students"][0]["resources"] = gpus(GPUS_PER_RUN);
+    Ok(run)
+}
+
+/// What the watches saw, by run: when each phase and each stage's first pod was first seen,
+/// and whether the run ever reported that its pods could not be scheduled.
+#[derive(Default)]
+struct Seen {
+    phases: HashMap<String, BTreeMap<String, Instant>>,
+    first_pod: HashMap<(String, String), Instant>,
+    unschedulable: HashMap<String, String>,
+}
+
+fn run_name(o: &DynamicObject) -> String {
+    o.metadata.name.clone().unwrap_or_default()
+}
+
+fn record_run(seen: &Mutex<Seen>, run: &DynamicObject) {
+    let now = Instant::now();
+    let mut s = seen.lock().unwrap();
+    let name = run_name(run);
+    s.phases
+        .entry(name.clone())
+        .or_default()
+        .entry(phase(run).to_string())
+        .or_insert(now);
+    for c in run.data["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let text = format!("{} {}", c["reason"], c["message"]);
+        if text.contains("Unschedulable") || text.contains("cannot be scheduled") {
+            s.unschedulable.entry(name.clone()).or_insert(text);
+        }
+    }
+}
+
+fn record_pod(seen: &Mutex<Seen>, pod: &Pod) {
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    if let (Some(run), Some(stage)) = (labels.get("rlt.dev/run"), labels.get("rlt.dev/stage")) {
+        seen.lock()
+            .unwrap()
+            .first_pod
+            .entry((run.clone(), stage.clone()))
+            .or_insert_with(Instant::now);
+    }
+}
+
+/// The operator's process, found by the pod name in its environment (the agent runs pods as
+/// local processes whose environment names its state folder).
+fn operator_pid(pod: &str, state: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let env = std::fs::read(e.path().join("environ")).ok()?;
+        let env = String::from_utf8_lossy(&env);
+        (env.contains(&format!("POD_NAME={pod}\0")) && env.contains(state)).then_some(pid)
+    })
+}
+
+/// Resident memory (bytes) and CPU seconds (user + system) of a process.
+fn process_usage(pid: u32) -> Option<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start at ")".
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = rest.get(11)?.parse::<f64>().ok()? + rest.get(12)?.parse::<f64>().ok()?;
+    Some((rss_kib * 1024, ticks / 100.0))
+}
+
+/// A quantile (0..=1) of samples, nearest rank.
+fn quantile(samples: &mut [f64], q: f64) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    samples.sort_by(f64::total_cmp);
+    let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
+    Some(samples[i])
+}
+
+/// A quantile of a Prometheus histogram (cumulative `le` buckets), interpolated linearly within
+/// its bucket as Prometheus' `histogram_quantile` does.
+fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lo);
+            }
+            let within = if count > below {
+                (rank - below) / (count - below)
+            } else {
+                1.0
+            };
+            return Some(lo + (le - lo) * within);
+        }
+        (lo, below) = (le, count);
+    }
+    None
+}
+
+/// `name{le="x"} n` lines of one histogram in a text exposition.
+fn histogram(metrics: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|l| {
+            let (le, rest) = l.split_once("\"}")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, rest.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn scrape(url: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").context("http URL")?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut s = tokio::net::TcpStream::connect(authority).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+/// The operator's requests in the audit log (one per request: watches at ResponseStarted,
+/// since they complete only when they end; everything else at ResponseComplete).
+fn operator_requests(path: &std::path::Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["user"]["username"] == OPERATOR_USER)
+        .filter(|v| {
+            let watch = v["verb"] == "watch";
+            v["stage"]
+                == if watch {
+                    "ResponseStarted"
+                } else {
+                    "ResponseComplete"
+                }
+        })
+        .map(|v| {
+            (
+                v["requestReceivedTimestamp"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                v["verb"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect())
+}
+
+/// Requests by verb within `[from, to)` (RFC 3339 as the API server writes them).
+fn by_verb(requests: &[(String, String)], from: &str, to: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (_, verb) in requests
+        .iter()
+        .filter(|(at, _)| at.as_str() >= from && at.as_str() < to)
+    {
+        *out.entry(verb.clone()).or_default() += 1;
+    }
+    out
+}
+
+fn rfc3339_at(start: (Instant, k8s_openapi::jiff::Timestamp), at: Instant) -> String {
+    let offset = k8s_openapi::jiff::SignedDuration::try_from(at - start.0).unwrap();
+    (start.1 + offset)
+        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
+}
+
+fn per_run_minute(counts: &BTreeMap<String, u64>, runs: usize, window: Duration) -> String {
+    if counts.is_empty() {
+        return "0".into();
+    }
+    let minutes = window.as_secs_f64().max(1.0) / 60.0;
+    counts
+        .iter()
+        .map(|(verb, n)| format!("{verb} {:.2}", *n as f64 / runs as f64 / minutes))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[tokio::test]
+#[ignore = "the scale benchmark: scripts/dev e2e-scale"]
+async fn a_thousand_runs_on_a_simulated_fleet() -> Result<()> {
+    let n: usize = env_or("RLT_SCALE_RUNS", 100);
+    let stage_s: u64 = env_or("RLT_SCALE_STAGE_SECONDS", 60);
+    let gpu_nodes: u64 = env_or("RLT_SCALE_GPU_NODES", 250);
+    let report = std::env::var("RLT_SCALE_REPORT").unwrap_or_else(|_| format!("scale-{n}"));
+    let node_state = std::env::var("RLT_E2E_NODE_STATE").context("RLT_E2E_NODE_STATE")?;
+    let audit = audit_log().context("the scale benchmark needs RLT_E2E_AUDIT_LOG")?;
+    let ns = namespace();
+    let client = client().await?;
+
+    // The operator runs as a process; every stage pod is simulated for the node agent's
+    // --simulate-duration.
+    set_node_rules(
+        &client,
+        "- selector: app.kubernetes.io/name=rlt-operator\n  action: run\n",
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    install_operator(&["--set", "logging.level=info"])?;
+    let operator_pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let op = operator_pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=rlt-operator"))
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .context("no operator pod")?;
+    let op_name = op.metadata.name.clone().unwrap_or_default();
+    let op_ip = op
+        .status
+        .and_then(|s| s.pod_ip)
+        .context("operator pod IP")?;
+    let metrics_url = format!("http://{op_ip}:8080/metrics");
+    let pid = operator_pid(&op_name, &node_state).context("the operator's process")?;
+
+    // `client()` made the runs' namespace.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let runs = rltruns(&client);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let watch_runs = tokio::spawn({
+        let (seen, runs) = (seen.clone(), runs.clone());
+        async move {
+            let mut stream = watcher(runs, watcher::Config::default()).boxed();
+            while let Ok(Some(ev)) = stream.try_next().await {
+                if let watcher::Event::Apply(r) | watcher::Event::InitApply(r) = ev {
+                    record_run(&seen, &r);
+                }
+            }
+        }
+    });
+    let watch_pods = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            let cfg = watcher::Config::default().labels("rlt.dev/run");
+            let mut stream = watcher(pods, cfg).boxed();
+            while let Ok(Some(ev)) = stream.try_next().await {
+                if let watcher::Event::Apply(p) | watcher::Event::InitApply(p) = ev {
+                    record_pod(&seen, &p);
+                }
+            }
+        }
+    });
+
+    let (_, cpu_before) = process_usage(pid).context("operator usage")?;
+    let start = (Instant::now(), k8s_openapi::jiff::Timestamp::now());
+    let mut applied = HashMap::new();
+    let created: Vec<Result<(String, Instant)>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let runs = runs.clone();
+            let ns = ns.clone();
+            async move {
+                let name = format!("scale-{i:04}");
+                let run = scale_run(&name, &ns)?;
+                runs.create(&PostParams::default(), &run).await?;
+                Ok((name, Instant::now()))
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for r in created {
+        let (name, at) = r?;
+        applied.insert(name, at);
+    }
+    let applied_all = Instant::now();
+    println!(
+        "applied {n} runs in {:.1} s",
+        (applied_all - start.0).as_secs_f64()
+    );
+
+    // Ideal: identical runs in waves of what the fleet holds at once.
+    let per_wave = (gpu_nodes * GPUS_PER_NODE / GPUS_PER_RUN).max(1) as usize;
+    let waves = n.div_ceil(per_wave) as u64;
+    let ideal = Duration::from_secs(waves * STAGES.len() as u64 * stage_s);
+    let deadline = start.0 + ideal * 3 + Duration::from_secs(600);
+
+    let mut max_rss = 0u64;
+    let mut max_in_flight = 0f64;
+    let (done_at, started_at) = loop {
+        if let Some((rss, _)) = process_usage(pid) {
+            max_rss = max_rss.max(rss);
+        }
+        if let Ok(m) = scrape(&metrics_url).await {
+            if let Some(v) = gauge(&m, "rlt_operator_reconciles_in_flight") {
+                max_in_flight = max_in_flight.max(v);
+            }
+        }
+        let (succeeded, started, last_start) = {
+            let s = seen.lock().unwrap();
+            let phase_of = |name: &str, p: &str| s.phases.get(name).and_then(|m| m.get(p)).copied();
+            let succeeded: Vec<Instant> = applied
+                .keys()
+                .filter_map(|r| phase_of(r, "Succeeded"))
+                .collect();
+            if let Some(f) = applied.keys().find(|r| phase_of(r, "Failed").is_some()) {
+                bail!("run {f} Failed");
+            }
+            let starts: Vec<Instant> = applied
+                .keys()
+                .filter_map(|r| s.first_pod.get(&(r.clone(), "warmup".into())).copied())
+                .collect();
+            (succeeded.len(), starts.len(), starts.iter().max().copied())
+        };
+        if succeeded == n {
+            let s = seen.lock().unwrap();
+            let last = applied
+                .keys()
+                .filter_map(|r| s.phases.get(r).and_then(|m| m.get("Succeeded")).copied())
+                .max()
+                .unwrap();
+            break (last, last_start.unwrap_or(applied_all));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{succeeded} of {n} runs Succeeded ({started} started) after {:?}",
+                start.0.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    let (_, cpu_done) = process_usage(pid).context("operator usage")?;
+
+    // Idle: every run Succeeded; a minute in which the operator must write nothing.
+    let idle_from = Instant::now() + Duration::from_secs(10);
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    let idle_to = idle_from + Duration::from_secs(60);
+    let (rss_end, cpu_end) = process_usage(pid).context("operator usage")?;
+    max_rss = max_rss.max(rss_end);
+    let metrics = scrape(&metrics_url).await.unwrap_or_default();
+    watch_runs.abort();
+    watch_pods.abort();
+
+    let requests = operator_requests(&audit)?;
+    let at = |i: Instant| rfc3339_at(start, i);
+    let startup = by_verb(&requests, &at(start.0), &at(started_at));
+    let running = by_verb(&requests, &at(started_at), &at(done_at));
+    let idle = by_verb(&requests, &at(idle_from), &at(idle_to));
+    let idle_writes: u64 = idle
+        .iter()
+        .filter(|(v, _)| is_write(v))
+        .map(|(_, n)| n)
+        .sum();
+
+    let durations = histogram(&metrics, "rlt_operator_reconcile_duration_seconds");
+    let reconciles = durations.last().map_or(0.0, |b| b.1);
+    let ms = |q: f64| {
+        histogram_quantile(&durations, q).map_or("n/a".into(), |s| format!("{:.1}", s * 1e3))
+    };
+    let (first_pod, unschedulable) = {
+        let s = seen.lock().unwrap();
+        let mut out = Vec::new();
+        for stage in STAGES {
+            let mut lat: Vec<f64> = applied
+                .iter()
+                .filter_map(|(r, t)| {
+                    s.first_pod
+                        .get(&(r.clone(), stage.to_string()))
+                        .map(|p| p.duration_since(*t).as_secs_f64())
+                })
+                .collect();
+            out.push(format!(
+                "{stage} {:.1} / {:.1}",
+                quantile(&mut lat, 0.5).unwrap_or(f64::NAN),
+                quantile(&mut lat, 0.99).unwrap_or(f64::NAN)
+            ));
+        }
+        (out.join("; "), s.unschedulable.len())
+    };
+    let total = done_at - start.0;
+    let vs_ideal = total.as_secs_f64() / ideal.as_secs_f64() - 1.0;
+    let startup_s = (started_at - start.0).as_secs_f64();
+    let in_flight = match gauge(&metrics, "rlt_operator_reconciles_in_flight") {
+        Some(_) => format!("{max_in_flight:.0}"),
+        None => "n/a".into(),
+    };
+    let rows: Vec<(String, String)> = [
+        (
+            "runs; fleet".to_string(),
+            format!(
+                "{n}; {gpu_nodes} nodes x {GPUS_PER_NODE} GPUs, {GPUS_PER_RUN} GPUs per run, \
+                 stages {stage_s} s each"
+            ),
+        ),
+        (
+            format!(
+                "API requests per run per minute, start-up (apply until every run has its \
+                 warm-up pod: {startup_s:.0} s)"
+            ),
+            per_run_minute(&startup, n, started_at - start.0),
+        ),
+        (
+            "API requests per run per minute, running (until every run Succeeded)".into(),
+            per_run_minute(&running, n, done_at - started_at),
+        ),
+        (
+            "LISTs while running (all runs)".into(),
+            running.get("list").copied().unwrap_or(0).to_string(),
+        ),
+        (
+            "reconciles; duration p50 / p99 (ms)".into(),
+            format!("{reconciles:.0}; {} / {}", ms(0.5), ms(0.99)),
+        ),
+        ("reconciles in flight (max sampled)".into(), in_flight),
+        ("apply to first pod, p50 / p99 (s)".into(), first_pod),
+        (
+            "operator RSS max (MiB); CPU seconds (running; idle minute)".into(),
+            format!(
+                "{:.1}; {:.1}; {:.2}",
+                max_rss as f64 / 1048576.0,
+                cpu_done - cpu_before,
+                cpu_end - cpu_done
+            ),
+        ),
+        (
+            "all Succeeded after (s); ideal (s); over ideal".into(),
+            format!(
+                "{:.0}; {}; {:+.1}%",
+                total.as_secs_f64(),
+                ideal.as_secs(),
+                vs_ideal * 100.0
+            ),
+        ),
+        (
+            "runs that showed Unschedulable while waiting".into(),
+            unschedulable.to_string(),
+        ),
+        (
+            "writes per idle run per minute".into(),
+            format!(
+                "{:.3} ({idle_writes} writes in 60 s)",
+                idle_writes as f64 / n as f64
+            ),
+        ),
+    ]
+    .into();
+    let mut md = format!("\n### N = {n}\n\n| measure | value |\n|---|---|\n");
+    for (k, v) in &rows {
+        md += &format!("| {k} | {v} |\n");
+    }
+    println!("{md}");
+    std::fs::write(format!("{report}.md"), &md)?;
+    let json: BTreeMap<&str, &str> = rows.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    std::fs::write(
+        format!("{report}.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+
+    assert_eq!(idle_writes, 0, "the operator wrote for idle runs: {idle:?}");
+    Ok(())
+}
+
+#[test]
+fn quantiles_of_samples_and_of_a_histogram() {
+    let mut s = vec![5.0, 1.0, 3.0, 2.0, 4.0];
+    assert_eq!(quantile(&mut s, 0.5), Some(3.0));
+    assert_eq!(quantile(&mut s, 0.99), Some(5.0));
+    let h = [
+        (0.01, 50.0),
+        (0.05, 90.0),
+        (0.1, 100.0),
+        (f64::INFINITY, 100.0),
+    ];
+    assert!((histogram_quantile(&h, 0.5).unwrap() - 0.01).abs() < 1e-12);
+    assert!((histogram_quantile(&h, 0.7).unwrap() - 0.03).abs() < 1e-12);
+    let text = "x_bucket{le=\"0.01\"} 50\nx_bucket{le=\"+Inf\"} 100\nx_sum 1\n";
+    assert_eq!(
+        histogram(text, "x"),
+        vec![(0.01, 50.0), (f64::INFINITY, 100.0)]
+    );
+}
