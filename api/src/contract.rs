@@ -58,6 +58,14 @@ pub mod env {
     /// ([`TERMINATION_LOG_PATH`](super::TERMINATION_LOG_PATH)), so the reason shows in the pod
     /// status and in the run's condition.
     pub const TERMINATION_LOG: &str = "RLT_TERMINATION_LOG";
+    /// Ranks this process (pod) runs: one per GPU the pod requests, 1 without GPUs. A
+    /// data-parallel stage has `RLT_REPLICAS` x this ranks; the rank of local rank `l` is
+    /// `RLT_REPLICA_INDEX` x this + `l`.
+    pub const RANKS_PER_POD: &str = "RLT_RANKS_PER_POD";
+    /// Comma-separated `host:port` of every pod of a data-parallel stage (warm-up, a student's
+    /// distillation), in index order: where its ranks meet for their collective. Local rank
+    /// `l` of a pod listens on `port + l`. Unset for a single-pod, single-rank stage.
+    pub const PEERS: &str = "RLT_PEERS";
     /// Address the trainer's listeners (gRPC, `/metrics`, `/status`) bind; default `0.0.0.0`.
     /// The operator does not set it; the e2e node agent sets it to the pod's IP, since the
     /// pods it plays share the host's network.
@@ -100,12 +108,17 @@ pub struct StageEnv {
     pub param_servers: Option<String>,
     /// The student of a distillation process.
     pub student: Option<String>,
+    /// Ranks per pod (GPUs requested; 1 without).
+    pub ranks_per_pod: u32,
+    /// The data-parallel peers (warm-up and distillation with more than one rank).
+    pub peers: Option<String>,
 }
 
 impl StageEnv {
     /// The variables a role may or may not get: a process that does not get one must not
     /// inherit it from whoever started it.
-    pub const PER_ROLE: [&'static str; 3] = [env::RPC_PORT, env::PARAM_SERVERS, env::STUDENT];
+    pub const PER_ROLE: [&'static str; 4] =
+        [env::RPC_PORT, env::PARAM_SERVERS, env::STUDENT, env::PEERS];
 
     /// The variables in the contract's order; unset ones are left out.
     pub fn vars(&self) -> Vec<(&'static str, EnvValue)> {
@@ -117,6 +130,7 @@ impl StageEnv {
             (env::ATTEMPT, lit(self.attempt.to_string())),
             (env::REPLICA_INDEX, self.replica_index.clone()),
             (env::REPLICAS, lit(self.replicas.to_string())),
+            (env::RANKS_PER_POD, lit(self.ranks_per_pod.max(1).to_string())),
         ];
         if let Some(port) = self.rpc_port {
             out.push((env::RPC_PORT, lit(port.to_string())));
@@ -131,6 +145,9 @@ impl StageEnv {
         }
         if let Some(s) = &self.student {
             out.push((env::STUDENT, lit(s.clone())));
+        }
+        if let Some(p) = &self.peers {
+            out.push((env::PEERS, lit(p.clone())));
         }
         out
     }
@@ -164,6 +181,8 @@ pub const EXIT_BAD_CONFIG: i32 = 2;
 
 pub const DEFAULT_RPC_PORT: u16 = 50051;
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
+/// Base port of the data-parallel ranks' collective (local rank `l` listens on base + `l`).
+pub const DEFAULT_COLLECTIVE_PORT: u16 = 29500;
 /// Where the operator mounts the ConfigMap with the rendered run configuration.
 pub const CONFIG_MOUNT_DIR: &str = "/etc/rlt";
 pub const CONFIG_FILE: &str = "run.yaml";
@@ -221,6 +240,8 @@ mod tests {
             termination_log: None,
             param_servers: None,
             student: Some("s".into()),
+            ranks_per_pod: 1,
+            peers: None,
         }
     }
 
@@ -236,6 +257,7 @@ mod tests {
                 env::ATTEMPT,
                 env::REPLICA_INDEX,
                 env::REPLICAS,
+                env::RANKS_PER_POD,
                 env::METRICS_PORT,
                 env::DEVICE,
                 env::STUDENT
@@ -248,6 +270,7 @@ mod tests {
         let all = StageEnv {
             rpc_port: Some(1),
             param_servers: Some("a:1".into()),
+            peers: Some("a:29500,b:29500".into()),
             termination_log: Some("/dev/termination-log".into()),
             ..stage_env()
         }

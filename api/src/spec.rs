@@ -166,6 +166,12 @@ pub struct RltRunSpec {
     /// `cpu`, `cuda`, or `auto` (= `cuda` for pods that request `nvidia.com/gpu`).
     #[serde(default = "defaults::device")]
     pub device: Device,
+    /// Number format of training: `auto` is `bf16` on CUDA and `fp32` on CPU. `bf16` keeps
+    /// weights and activations in bfloat16 with fp32 master weights, fp32 gradient
+    /// accumulation and fp32 optimizer state (sharded across the ranks); `fp32` is fp32
+    /// throughout.
+    #[serde(default = "defaults::precision")]
+    pub precision: Precision,
     /// The teacher's starting model (warm-up starts from it; with warm-up disabled RL does).
     pub teacher: ModelRef,
     /// The dataset of (question, solution[, reasoning trace]) rows.
@@ -217,6 +223,25 @@ pub enum Device {
     Auto,
     Cpu,
     Cuda,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Auto,
+    Bf16,
+    Fp32,
+}
+
+/// Sequences at least this long recompute each decoder layer's activations in the backward
+/// pass unless the stage says otherwise: at 4k tokens and up, activations dominate memory.
+pub const ACTIVATION_CHECKPOINTING_FROM: u32 = 4096;
+
+/// Whether a fine-tune of sequences up to `max_length` recomputes activations per decoder
+/// layer: as the stage's `activationCheckpointing` says, else from
+/// [`ACTIVATION_CHECKPOINTING_FROM`] tokens.
+pub fn activation_checkpointing(setting: Option<bool>, max_length: u32) -> bool {
+    setting.unwrap_or(max_length >= ACTIVATION_CHECKPOINTING_FROM)
 }
 
 /// A model: either a Hugging Face checkpoint directory or a tiny random model the trainer
@@ -465,9 +490,8 @@ pub struct WarmupStage {
     /// `false` skips warm-up: RL starts from `spec.teacher` as given.
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
-    /// Data-parallel ranks (an Indexed Job). The trainer has no data-parallel warm-up yet, so
-    /// a value above 1 is refused (InvalidSpec) rather than run as ranks that race on one
-    /// checkpoint.
+    /// Data-parallel pods (an Indexed Job); each runs one rank per GPU it requests. The ranks
+    /// split every global batch and take one optimizer step together.
     #[serde(default = "defaults::one")]
     #[schemars(range(min = 1, max = 256))]
     pub replicas: u32,
@@ -486,6 +510,10 @@ pub struct WarmupStage {
     #[serde(default = "defaults::max_length")]
     #[schemars(range(min = 16, max = 1048576))]
     pub max_length: u32,
+    /// Recompute each decoder layer's activations in the backward pass (less memory, about a
+    /// third more compute). Unset: on when `maxLength` is 4096 or more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_checkpointing: Option<bool>,
     /// Fraction of the steps over which the learning rate warms up linearly (then cosine).
     #[serde(default = "defaults::warmup_warmup_ratio")]
     #[schemars(range(min = 0.0, max = 1.0))]
@@ -636,6 +664,14 @@ pub struct DistillationStage {
     #[serde(default = "defaults::max_length")]
     #[schemars(range(min = 16, max = 1048576))]
     pub max_length: u32,
+    /// As `warmup.activationCheckpointing`, for the students' fine-tunes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_checkpointing: Option<bool>,
+    /// Data-parallel pods per student (an Indexed Job); each runs one rank per GPU it
+    /// requests. The ranks split the collection of explanations and every global batch.
+    #[serde(default = "defaults::one")]
+    #[schemars(range(min = 1, max = 256))]
+    pub replicas: u32,
     #[serde(default)]
     pub trace_splitting: TraceSplitting,
     #[serde(default = "defaults::checkpoint_interval")]
@@ -721,6 +757,9 @@ pub mod defaults {
     }
     pub fn device() -> Device {
         Device::Auto
+    }
+    pub fn precision() -> Precision {
+        Precision::Auto
     }
     pub fn dataset_format() -> DatasetFormat {
         DatasetFormat::Auto
@@ -888,6 +927,7 @@ pub mod defaults {
             learning_rate: warmup_lr(),
             batch_size: batch16(),
             max_length: max_length(),
+            activation_checkpointing: None,
             warmup_ratio: warmup_warmup_ratio(),
             optimizer: warmup_optimizer(),
             checkpoint_interval: checkpoint_interval(),
@@ -941,6 +981,8 @@ pub mod defaults {
             warmup_ratio: distill_warmup_ratio(),
             optimizer: distillation_optimizer(),
             max_length: max_length(),
+            activation_checkpointing: None,
+            replicas: 1,
             trace_splitting: trace_splitting(),
             checkpoint_interval: checkpoint_interval(),
             scheduling: Scheduling::default(),

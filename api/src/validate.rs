@@ -213,16 +213,6 @@ pub fn semantic_errors(run: &RltRun) -> Vec<FieldError> {
     for (field, r) in resources {
         resource_errors(&field, r, &mut errors);
     }
-    if spec.warmup.enabled && spec.warmup.replicas > 1 {
-        errors.push(err(
-            "spec.warmup.replicas",
-            format!(
-                "{} ranks asked for, but the trainer has no data-parallel warm-up yet: use 1",
-                spec.warmup.replicas
-            ),
-            "semantic",
-        ));
-    }
     if let Some(size) = &spec.workspace.size {
         if !quantity::is_quantity(size) {
             errors.push(err(

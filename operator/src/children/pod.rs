@@ -96,6 +96,8 @@ pub(super) fn env(ctx: &Ctx, p: &PodParts) -> Vec<EnvVar> {
             )
         }),
         student: p.student.map(|s| s.name.clone()),
+        ranks_per_pod: 1,
+        peers: None,
     };
     let contract_env: Vec<EnvVar> = stage_env
         .vars()

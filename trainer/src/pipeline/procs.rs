@@ -83,6 +83,8 @@ pub fn run_stage(
             termination_log: None,
             param_servers: (stage == Stage::Rl).then(|| addresses.clone()),
             student: p.student.clone(),
+            ranks_per_pod: 1,
+            peers: None,
         };
         for name in StageEnv::PER_ROLE {
             cmd.env_remove(name);
