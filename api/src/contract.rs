@@ -130,7 +130,10 @@ impl StageEnv {
             (env::ATTEMPT, lit(self.attempt.to_string())),
             (env::REPLICA_INDEX, self.replica_index.clone()),
             (env::REPLICAS, lit(self.replicas.to_string())),
-            (env::RANKS_PER_POD, lit(self.ranks_per_pod.max(1).to_string())),
+            (
+                env::RANKS_PER_POD,
+                lit(self.ranks_per_pod.max(1).to_string()),
+            ),
         ];
         if let Some(port) = self.rpc_port {
             out.push((env::RPC_PORT, lit(port.to_string())));

@@ -24,8 +24,10 @@ pub const MAX_RUN_NAME: usize = 24;
 pub const MAX_STUDENT_NAME: usize = 20;
 /// Digits of the largest stage attempt child names are sized for (an Indexed Job's pods
 /// are named `<job>-<index>`, itself a 63-character DNS label): attempts count failures
-/// (`failurePolicy.retries` <= 100) and resumes, so seven digits are never reached.
-pub const MAX_ATTEMPT_DIGITS: usize = 7;
+/// (`failurePolicy.retries` <= 100) and resumes, so five digits are never reached. Five, not
+/// more, so that a 256-pod distillation Job's pods `<run>-distill-<student>-<attempt>-255`
+/// fit.
+pub const MAX_ATTEMPT_DIGITS: usize = 5;
 /// Largest seed: any u32, so a seed survives a round trip through any JSON reader.
 const MAX_SEED: u64 = u32::MAX as u64;
 /// Largest checkpoint / re-sync interval in steps.
@@ -668,7 +670,8 @@ pub struct DistillationStage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activation_checkpointing: Option<bool>,
     /// Data-parallel pods per student (an Indexed Job); each runs one rank per GPU it
-    /// requests. The ranks split the collection of explanations and every global batch.
+    /// requests. Rank 0 collects the teacher's explanations while the others wait, then the
+    /// ranks split every global batch of the student's fine-tune.
     #[serde(default = "defaults::one")]
     #[schemars(range(min = 1, max = 256))]
     pub replicas: u32,

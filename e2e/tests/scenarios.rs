@@ -964,3 +964,51 @@ fn tempdir(label: &str) -> Result<std::path::PathBuf> {
     std::fs::create_dir_all(&dir).context("temp dir")?;
     Ok(dir)
 }
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s10_data_parallel_warmup_and_distillation_span_pods_that_find_each_other() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let name = "e2e-dp";
+    delete_run(&client, name).await?;
+    let mut run = tiny_run(name)?;
+    // Two pods each: their ranks meet by DNS name through the run's ranks Service.
+    run.data["spec"]["warmup"]["replicas"] = json!(2);
+    run.data["spec"]["distillation"]["replicas"] = json!(2);
+    let api = rltruns(&client);
+    apply_run(&api, &run).await?;
+    let done = wait_phase(&client, name, "Succeeded", secs(900)).await?;
+
+    let services: Api<Service> = Api::namespaced(client.clone(), &namespace());
+    let ranks = services.get(&format!("{name}-ranks")).await?;
+    let spec = ranks.spec.unwrap_or_default();
+    ensure!(
+        spec.cluster_ip.as_deref() == Some("None"),
+        "the ranks Service is not headless: {:?}",
+        spec.cluster_ip
+    );
+    let warmup = pods_of(&client, &format!("rlt.dev/run={name},rlt.dev/stage=warmup")).await?;
+    ensure!(warmup.len() == 2, "{} warm-up pods, want 2", warmup.len());
+    for p in &warmup {
+        let s = p.spec.as_ref().unwrap();
+        ensure!(
+            s.subdomain.as_deref() == Some(&format!("{name}-ranks")) && s.hostname.is_some(),
+            "warm-up pod {:?} has no DNS name under the ranks Service",
+            p.metadata.name
+        );
+    }
+    // Every rank's share of the optimizer state went into the checkpoints; both stages ended.
+    let missing = missing_in_workspace(
+        &client,
+        &done,
+        &[
+            "warmup/final/model.safetensors",
+            "distill/student/final/model.safetensors",
+        ],
+    )
+    .await?;
+    ensure!(missing.is_empty(), "artifacts missing: {missing:?}");
+    api.delete(name, &DeleteParams::background()).await?;
+    Ok(())
+}

@@ -691,6 +691,8 @@ pub fn reconcile_with(run: &RltRun, obs: &Observed, activity: &Activity, now: &T
             if stage == Stage::Rl {
                 p.ensure(children::param_server_service(&p.ctx));
                 p.ensure(children::param_server_set(&p.ctx, attempt));
+            } else if children::needs_ranks_service(run) {
+                p.ensure(children::ranks_service(&p.ctx));
             }
             for (student, job) in p.stage_jobs(stage, attempt, &done) {
                 p.create_job(stage, attempt, student.as_deref(), &job);

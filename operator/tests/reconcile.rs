@@ -855,3 +855,43 @@ fn a_failed_rl_attempt_gets_new_param_servers_never_a_rolling_update_of_the_old(
         "the new set is left alone: {again:#?}"
     );
 }
+
+#[test]
+fn a_memory_preflight_refusal_fails_the_run_at_once_naming_the_fields_to_change() {
+    // What `rlt-trainer warmup` writes to its termination log and exits 2 with when the stage
+    // cannot fit its GPUs (trainer/src/memory.rs), as the kubelet reports it.
+    let refusal = "memory preflight: warm-up needs about 96.4 GiB per GPU (80.0 GiB available) \
+                   for a 7.6B-parameter model at maxLength 16384 with 1 rank; raise \
+                   warmup.replicas (or the GPUs per pod) to 4, or lower warmup.maxLength";
+    let mut w = World::new(run_from(TINY));
+    assert!(w.run.spec.failure_policy.retries > 0, "retries are left");
+    w.step();
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "tiny-cpu-warmup-0-0-abcde",
+            "labels": {"rlt.dev/run": "tiny-cpu", "rlt.dev/stage": "warmup", "rlt.dev/attempt": "0"}},
+        "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "image": "i",
+            "imageID": "", "ready": false, "restartCount": 0, "state": {"terminated": {
+            "reason": "Error", "exitCode": 2, "message": refusal}}}]}
+    }))
+    .unwrap();
+    w.obs.pods = vec![rlt_operator::observe::pod(&pod)];
+    w.activity = Activity::from_pods(&[pod]);
+    w.set_job("tiny-cpu-warmup-0", fail("PodFailurePolicy"));
+    let plan = w.step();
+    assert!(plan.apply.is_empty(), "no new attempt");
+    assert_eq!(w.phase(), Phase::Failed);
+    let (_, reason, message) = w.condition(cond::FAILED);
+    assert_eq!(reason, "WarmUpFailed");
+    for part in [
+        "warmup.replicas",
+        "warmup.maxLength",
+        "96.4 GiB",
+        "not retried",
+    ] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    assert!(plan
+        .events
+        .iter()
+        .any(|e| e.note.contains("warmup.replicas")));
+}

@@ -237,7 +237,7 @@ pub fn bench_effect(a: BenchEffectArgs) -> Result<EffectReport> {
         keep_completions: false,
         device: crate::cli::DeviceArgs {
             device: "cpu".into(),
-            dtype: "f32".into(),
+            dtype: Some("f32".into()),
             threads: None,
         },
     };

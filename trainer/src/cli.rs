@@ -16,9 +16,10 @@ pub struct DeviceArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, env = env::DEVICE, default_value = "cpu")]
     pub device: String,
-    /// f32 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    /// f32 or bf16; default: the run's `spec.precision` (`auto`: bf16 on CUDA, f32 on the
+    /// CPU), f32 without a run.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// libtorch intra-op CPU threads (default: libtorch's choice, one per core). Tiny models
     /// run faster on 1, especially on a busy machine.
     #[arg(long)]
@@ -26,12 +27,25 @@ pub struct DeviceArgs {
 }
 
 impl DeviceArgs {
-    /// Applies `--threads` and parses `--device` / `--dtype`.
+    /// Applies `--threads` and parses `--device` / `--dtype` (f32 unless given).
     pub fn resolve(&self) -> Result<(tch::Device, tch::Kind)> {
+        self.resolve_for(None)
+    }
+
+    /// As [`DeviceArgs::resolve`], the dtype defaulting to the run's `spec.precision`.
+    pub fn resolve_for(&self, run: Option<&Staged>) -> Result<(tch::Device, tch::Kind)> {
+        use rlt_api::spec::Precision;
         if let Some(t) = self.threads {
             tch::set_num_threads(t.max(1));
         }
-        Ok((parse_device(&self.device)?, parse_kind(&self.dtype)?))
+        let device = parse_device(&self.device)?;
+        let kind = match (&self.dtype, run.map(|s| s.spec().precision)) {
+            (Some(d), _) => parse_kind(d)?,
+            (None, Some(Precision::Bf16)) => tch::Kind::BFloat16,
+            (None, Some(Precision::Auto)) if device.is_cuda() => tch::Kind::BFloat16,
+            _ => tch::Kind::Float,
+        };
+        Ok((device, kind))
     }
 }
 
@@ -272,6 +286,9 @@ pub struct SftArgs {
     /// Longest training sequence in tokens.
     #[arg(long)]
     pub max_len: Option<usize>,
+    /// Recompute each decoder layer in the backward pass (true/false).
+    #[arg(long)]
+    pub activation_checkpointing: Option<bool>,
     /// Optimizer steps between resumable checkpoints.
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -306,6 +323,10 @@ impl SftArgs {
         set(&mut c.adamw.beta2, self.beta2);
         set(&mut c.clip_grad_norm, self.clip);
         set(&mut c.max_len, self.max_len);
+        set(
+            &mut c.activation_checkpointing,
+            self.activation_checkpointing,
+        );
         set(&mut c.checkpoint_every, self.checkpoint_every);
         set(&mut c.keep_checkpoints, self.keep_checkpoints);
         set(&mut c.seed, self.seed);
@@ -338,6 +359,8 @@ pub struct WarmupArgs {
     pub sft: SftArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub ranks: crate::ranks::RankArgs,
 }
 
 impl WarmupArgs {
@@ -359,17 +382,36 @@ pub fn publish(stage: &StageArgs) -> Result<Option<crate::metrics::Published>> {
     Ok(Some(p))
 }
 
-pub fn warmup(a: WarmupArgs) -> Result<crate::sft::SftOutcome> {
+pub fn warmup(a: WarmupArgs) -> Result<()> {
     use std::io::IsTerminal;
     let run = Staged::from_env()?;
     let run = run.as_ref();
-    let prompts = a.data.prompts.over(run);
-    let examples = a.data.load(run)?;
+    let mut cfg = a.sft_config(run);
     let model = flag_or_run(
         a.model.clone(),
         run.map(|s| s.inputs.teacher.clone()),
         "--model",
     )?;
+    let (device, kind) = a.device.resolve_for(run)?;
+    let world = a.ranks.world();
+    // Before anything is loaded (every local rank decides the same micro-batches).
+    crate::ranks::check_batch(world, cfg.batch_size, "warmup.batchSize")
+        .map_err(crate::exit::bad_config)?;
+    let stage = crate::memory::Stage::sft(
+        "warm-up".into(),
+        "warmup",
+        &cfg,
+        kind,
+        world,
+        a.ranks.ranks_per_pod,
+    );
+    cfg.grad_accum = crate::memory::check_stage(&model, &stage, cfg.grad_accum, device)
+        .map_err(crate::exit::bad_config)?;
+    if a.ranks.starts_local_ranks() {
+        return crate::ranks::run_local_ranks(a.ranks.ranks_per_pod);
+    }
+    let prompts = a.data.prompts.over(run);
+    let examples = a.data.load(run)?;
     let mut pairs = Vec::with_capacity(examples.len());
     let mut no_trace = 0;
     for (i, e) in examples.iter().enumerate() {
@@ -387,20 +429,24 @@ pub fn warmup(a: WarmupArgs) -> Result<crate::sft::SftOutcome> {
     if no_trace > 0 {
         tracing::warn!(skipped = no_trace, "rows without a reasoning trace skipped");
     }
-    let (device, kind) = a.device.resolve()?;
-    let cfg = a.sft_config(run);
+    let local = a.ranks.local_rank.unwrap_or(0);
     let job = crate::sft::SftJob {
         name: "warmup".into(),
         stage: a.stage.run_dir(run)?.warmup(),
         attempt: a.stage.attempt,
         init_model: model,
-        device,
+        device: a.ranks.device(device),
         kind,
         pairs,
-        published: publish(&a.stage)?,
+        // One metrics server per pod: its first local rank's.
+        published: if local == 0 { publish(&a.stage)? } else { None },
         progress_bar: std::io::stderr().is_terminal(),
     };
-    let out = crate::sft::run_sft(job, &cfg)?;
+    let mut group = a.ranks.join(&a.stage.bind, a.stage.attempt)?;
+    let out = crate::sft::run_sft_ranks(job, &cfg, &mut group)?;
+    if group.rank != 0 {
+        return Ok(());
+    }
     tracing::info!(
         final_dir = %out.final_dir.display(),
         steps = out.total_steps,
@@ -408,10 +454,11 @@ pub fn warmup(a: WarmupArgs) -> Result<crate::sft::SftOutcome> {
         first_loss = out.first_losses,
         last_loss = out.last_losses,
         tokens_per_s = out.tokens_per_second as u64,
+        peak_rss_mib = crate::memory::peak_rss_mib().unwrap_or(f64::NAN) as u64,
         "warm-up complete"
     );
     println!("{}", out.final_dir.display());
-    Ok(out)
+    Ok(())
 }
 
 #[derive(Args, Debug)]

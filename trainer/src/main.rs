@@ -20,6 +20,9 @@ enum Command {
     Generate(cli::GenerateArgs),
     /// Warm-up stage: supervised fine-tuning of the teacher on the teacher format.
     Warmup(cli::WarmupArgs),
+    /// GiB per GPU of a bf16 fine-tune by Qwen2 size, sequence length and ranks (the
+    /// README's table; the memory preflight's arithmetic).
+    Memory,
     /// Write the synthetic arithmetic task (train.jsonl, heldout.jsonl).
     Synth(cli::SynthArgs),
     /// Time the SFT step and batched sampling here and in transformers, side by side.
@@ -72,14 +75,22 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::InitTiny(a) => cli::init_tiny(a),
         Command::Generate(a) => cli::generate(a),
-        Command::Warmup(a) => cli::warmup(a).map(|_| ()),
+        Command::Warmup(a) => cli::warmup(a),
+        Command::Memory => {
+            use rlt_trainer::memory;
+            print!(
+                "{}",
+                memory::table(&memory::README_LENGTHS, &memory::README_RANKS)
+            );
+            Ok(())
+        }
         Command::Synth(a) => cli::synth(a),
         Command::Bench(a) => rlt_trainer::bench::bench(a),
         Command::ParamServer(a) => rlt_trainer::rl::cli::param_server(a),
         Command::Learner(a) => rlt_trainer::rl::cli::learner(a),
         Command::Score(a) => rlt_trainer::rl::score::score(a),
         Command::RlBench(a) => rlt_trainer::rl::bench::rl_bench(a),
-        Command::Distill(a) => rlt_trainer::distill::distill(a).map(|_| ()),
+        Command::Distill(a) => rlt_trainer::distill::distill(a),
         Command::Eval(a) => rlt_trainer::eval::run::eval(a).map(|_| ()),
         Command::Pipeline(a) => rlt_trainer::pipeline::pipeline(a).map(|_| ()),
         Command::BenchEffect(a) => rlt_trainer::bench_effect::bench_effect(a).map(|_| ()),

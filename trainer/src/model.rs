@@ -39,6 +39,21 @@ impl KvCache {
     }
 }
 
+/// Positions per chunk of logits in [`Qwen2::backward_checkpointed`]: a 152k vocabulary
+/// makes 1024 positions about 1.8 GB of logits, log-probabilities and their gradients in bf16.
+pub const LOGIT_CHUNK: i64 = 1024;
+
+/// Backpropagates `grad` (the gradient of the loss with respect to `out`) through the graph
+/// of `out`, and returns the gradient reaching the leaf `input` (undefined if none does).
+fn backward_into(out: &Tensor, grad: &Tensor, input: &Tensor) -> Tensor {
+    if !grad.defined() {
+        return Tensor::new();
+    }
+    // d/d(out) of sum(out * grad) is grad: the chain rule from here down.
+    (out * grad.detach()).sum(Kind::Float).backward();
+    input.grad()
+}
+
 #[derive(Debug)]
 struct RmsNorm {
     weight: Tensor,
@@ -388,27 +403,101 @@ impl Qwen2 {
             }
         };
         let mut x = self.embed_tokens.forward(input_ids);
-        let kind = x.kind();
-        // Rotary tables in f32, cast to the model's dtype, as transformers does.
-        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
-        let (cos, sin) = (emb.cos().to_kind(kind), emb.sin().to_kind(kind));
-        for (i, layer) in self.layers.iter().enumerate() {
+        let (cos, sin) = self.rotary(&positions, x.kind());
+        for i in 0..self.layers.len() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = layer.self_attn.forward(
-                &layer.input_layernorm.forward(&x),
-                &cos,
-                &sin,
-                &mask,
-                slot,
-            );
-            x = &x + a;
-            x = &x
-                + layer
-                    .mlp
-                    .forward(&layer.post_attention_layernorm.forward(&x));
+            x = self.layer(i, &x, &cos, &sin, &mask, slot);
         }
         self.norm.forward(&x)
+    }
+
+    /// Rotary tables for `positions` `[batch, seq]`: in f32, cast to `kind`, as transformers.
+    fn rotary(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+    }
+
+    /// Decoder layer `i` on hidden states `x`.
+    fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttnMask,
+        slot: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
+        let layer = &self.layers[i];
+        let a = layer
+            .self_attn
+            .forward(&layer.input_layernorm.forward(x), cos, sin, mask, slot);
+        let x = x + a;
+        &x + layer
+            .mlp
+            .forward(&layer.post_attention_layernorm.forward(&x))
+    }
+
+    /// Forward and backward of a training loss with activation checkpointing: the forward
+    /// pass keeps only each decoder layer's input, the backward pass recomputes one layer at a
+    /// time from it (what `torch.utils.checkpoint` does per layer), and the logits exist one
+    /// chunk of `chunk` positions at a time. `loss_of(hidden, start)` is the loss of the final
+    /// hidden states of positions `start..start + hidden.size()[1]` (`[batch, len, hidden]`),
+    /// and the whole loss is their sum. Gradients land in the variables as `loss.backward()`
+    /// would put them; returns the loss. Right-padded batches only (no attention mask).
+    pub fn backward_checkpointed(
+        &self,
+        input_ids: &Tensor,
+        chunk: i64,
+        loss_of: impl Fn(&Tensor, i64) -> Tensor,
+    ) -> f64 {
+        let (b, t) = input_ids.size2().expect("input_ids must be [batch, seq]");
+        let device = input_ids.device();
+        let positions = Tensor::arange(t, (Kind::Int64, device))
+            .view([1, t])
+            .expand([b, t], false);
+        let mask = if t > 1 {
+            AttnMask::Causal
+        } else {
+            AttnMask::None
+        };
+        let (inputs, last, cos, sin) = tch::no_grad(|| {
+            let mut x = self.embed_tokens.forward(input_ids);
+            let (cos, sin) = self.rotary(&positions, x.kind());
+            let mut inputs = Vec::with_capacity(self.layers.len());
+            for i in 0..self.layers.len() {
+                let next = self.layer(i, &x, &cos, &sin, &mask, None);
+                inputs.push(x);
+                x = next;
+            }
+            (inputs, x, cos, sin)
+        });
+        // The final norm, then the head chunk by chunk on a detached copy of its output.
+        let x_last = last.set_requires_grad(true);
+        let hidden = self.norm.forward(&x_last);
+        let h = hidden.detach().set_requires_grad(true);
+        let mut total = 0.0;
+        let mut start = 0;
+        while start < t {
+            let len = chunk.max(1).min(t - start);
+            let loss = loss_of(&h.narrow(1, start, len), start);
+            if loss.requires_grad() {
+                loss.backward();
+            }
+            total += loss.double_value(&[]);
+            start += len;
+        }
+        let mut g = backward_into(&hidden, &h.grad(), &x_last);
+        for i in (0..self.layers.len()).rev() {
+            let x = inputs[i].detach().set_requires_grad(true);
+            let y = self.layer(i, &x, &cos, &sin, &mask, None);
+            g = backward_into(&y, &g, &x);
+        }
+        if g.defined() {
+            let e = self.embed_tokens.forward(input_ids);
+            (e * g).sum(Kind::Float).backward();
+        }
+        total
     }
 
     /// Projects hidden states onto the vocabulary (tied: the embedding matrix).

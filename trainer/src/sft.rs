@@ -7,10 +7,18 @@
 //! (shuffles are a function of (seed, epoch), the position a function of the step). A
 //! non-finite loss or gradient stops with an error before the update, so the last checkpoint
 //! stays the last good state.
+//!
+//! Data-parallel: W ranks ([`run_sft_ranks`]) each take every W-th example of the global batch
+//! and make one update together ([`crate::data_parallel`]); they reach the weights one rank
+//! reaches with the same global batch. Rank 0 writes the model, each rank its share of the
+//! optimizer state, into the same checkpoint.
 use crate::checkpoint::{load_checkpoint, save_dir_atomically, CausalLm};
+use crate::collective::Group;
 use crate::data::PromptCompletion;
+use crate::data_parallel::{local_rows, Update};
 use crate::metrics::Published;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::model::{Qwen2, LOGIT_CHUNK};
+use crate::optim::{AdamWConfig, LrSchedule};
 use crate::sampling::{right_pad, SplitMix64};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
@@ -18,19 +26,20 @@ use rlt_api::contract::TrainingFigures;
 use rlt_api::layout::{
     checkpoint_name, is_complete, latest_checkpoint, parse_checkpoint_name, StageDir,
 };
-use rlt_api::spec::{defaults, DistillationStage, WarmupStage};
+use rlt_api::spec::{activation_checkpointing, defaults, DistillationStage, WarmupStage};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub use crate::data_parallel::OPTIMIZER_FILE;
 pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SftConfig {
     pub epochs: usize,
-    /// Examples per optimizer update (split into `grad_accum` micro-batches).
+    /// Examples per optimizer update (each rank splits its share into `grad_accum`
+    /// micro-batches).
     pub batch_size: usize,
     pub grad_accum: usize,
     pub lr: f64,
@@ -39,6 +48,10 @@ pub struct SftConfig {
     pub clip_grad_norm: f64,
     /// Longer examples are cut to this many tokens (counted in the outcome).
     pub max_len: usize,
+    /// Recompute each decoder layer in the backward pass ([`Qwen2::backward_checkpointed`]):
+    /// less memory, the same gradients, about a third more compute.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
     pub checkpoint_every: u64,
     /// Older checkpoints of this stage beyond this many are deleted.
     pub keep_checkpoints: usize,
@@ -59,6 +72,10 @@ impl SftConfig {
             adamw: AdamWConfig::from(&w.optimizer),
             clip_grad_norm: w.optimizer.max_grad_norm,
             max_len: w.max_length as usize,
+            activation_checkpointing: activation_checkpointing(
+                w.activation_checkpointing,
+                w.max_length,
+            ),
             checkpoint_every: w.checkpoint_interval.into(),
             ..Self::unstaged()
         }
@@ -75,6 +92,10 @@ impl SftConfig {
             adamw: AdamWConfig::from(&d.optimizer),
             clip_grad_norm: d.optimizer.max_grad_norm,
             max_len: d.max_length as usize,
+            activation_checkpointing: activation_checkpointing(
+                d.activation_checkpointing,
+                d.max_length,
+            ),
             checkpoint_every: d.checkpoint_interval.into(),
             ..Self::unstaged()
         }
@@ -92,6 +113,7 @@ impl SftConfig {
             adamw: AdamWConfig::from(&w.optimizer),
             clip_grad_norm: w.optimizer.max_grad_norm,
             max_len: w.max_length as usize,
+            activation_checkpointing: false,
             checkpoint_every: w.checkpoint_interval.into(),
             keep_checkpoints: 2,
             seed: 0,
@@ -264,7 +286,7 @@ fn prune_checkpoints(dir: &Path, keep: usize) {
 /// completion token) of right-padded `ids`, divided by `denominator` (the number of completion
 /// tokens of the whole optimizer batch, so micro-batch gradients add up to the batch mean).
 pub fn completion_loss(
-    model: &crate::model::Qwen2,
+    model: &Qwen2,
     ids: &Tensor,
     loss_mask: &Tensor,
     denominator: usize,
@@ -276,11 +298,41 @@ pub fn completion_loss(
     -(lp * m).sum(Kind::Float) / denominator.max(1) as f64
 }
 
-/// Runs (or resumes, or finds already done) one SFT stage.
+/// [`completion_loss`] and its backward pass with activation checkpointing, the logits
+/// computed `chunk` positions at a time. Returns the loss.
+pub fn completion_loss_checkpointed(
+    model: &Qwen2,
+    ids: &Tensor,
+    loss_mask: &Tensor,
+    denominator: usize,
+    chunk: i64,
+) -> f64 {
+    let t = ids.size()[1];
+    let targets = ids.narrow(1, 1, t - 1);
+    let m = loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
+    model.backward_checkpointed(ids, chunk, |h, start| {
+        // Position p predicts token p + 1: the last position predicts nothing.
+        let len = h.size()[1].min(t - 1 - start);
+        if len <= 0 {
+            return Tensor::from(0.0);
+        }
+        let logits = model.lm_logits(&h.narrow(1, 0, len));
+        let lp = crate::logprobs::token_logprobs(&logits, &targets.narrow(1, start, len), 1.0);
+        -(lp * m.narrow(1, start, len)).sum(Kind::Float) / denominator.max(1) as f64
+    })
+}
+
+/// Runs (or resumes, or finds already done) one SFT stage in this process alone.
 pub fn run_sft(job: SftJob, cfg: &SftConfig) -> Result<SftOutcome> {
-    if cfg.batch_size == 0 || cfg.batch_size.checked_rem(cfg.grad_accum) != Some(0) {
+    run_sft_ranks(job, cfg, &mut Group::single())
+}
+
+/// Runs one SFT stage as rank `group.rank` of `group.world` data-parallel ranks (every rank
+/// is given the same job and configuration).
+pub fn run_sft_ranks(job: SftJob, cfg: &SftConfig, group: &mut Group) -> Result<SftOutcome> {
+    if cfg.batch_size == 0 || cfg.grad_accum == 0 {
         bail!(
-            "batch size {} must be a positive multiple of grad_accum {}",
+            "batch size {} and grad_accum {} must be positive",
             cfg.batch_size,
             cfg.grad_accum
         );
@@ -288,6 +340,8 @@ pub fn run_sft(job: SftJob, cfg: &SftConfig) -> Result<SftOutcome> {
     if job.pairs.is_empty() {
         bail!("no training examples");
     }
+    let (rank, world) = (group.rank, group.world);
+    let lead = rank == 0;
     let final_dir = job.stage.final_dir();
     let steps_per_epoch = job.pairs.len().div_ceil(cfg.batch_size) as u64;
     let total_steps = cfg.max_steps.unwrap_or(cfg.epochs as u64 * steps_per_epoch);
@@ -313,22 +367,23 @@ pub fn run_sft(job: SftJob, cfg: &SftConfig) -> Result<SftOutcome> {
         }
         None => load_checkpoint(&job.init_model, job.device, job.kind)?,
     };
-    let mut opt = AdamW::for_var_store(&lm.vs, cfg.adamw);
+    let mut update = Update::new(lm.vs.variables().into_iter().collect(), group, cfg.adamw);
     let start = match &resume {
         Some((step, dir)) => {
-            opt.load(&dir.join(OPTIMIZER_FILE))?;
+            update.load(dir)?;
             *step
         }
         None => 0,
     };
     let (data, truncated) = encode_pairs(&tok, &job.pairs, cfg.max_len)?;
-    if truncated > 0 {
+    if truncated > 0 && lead {
         tracing::warn!(truncated, max_len = cfg.max_len, "examples cut to max_len");
     }
     let sched = LrSchedule::with_warmup_ratio(cfg.lr, total_steps, cfg.warmup_ratio);
-    let gauges = Gauges::new(&job.name, &job.published)?;
+    let published = if lead { job.published.clone() } else { None };
+    let gauges = Gauges::new(&job.name, &published)?;
     gauges.total.set(total_steps as i64);
-    let bar = if job.progress_bar {
+    let bar = if job.progress_bar && lead {
         let b = indicatif::ProgressBar::new(total_steps);
         b.set_style(
             indicatif::ProgressStyle::with_template(
@@ -342,9 +397,8 @@ pub fn run_sft(job: SftJob, cfg: &SftConfig) -> Result<SftOutcome> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    tracing::info!(stage = %job.name, examples = data.len(), total_steps, start, params = lm.num_parameters(), "training");
+    tracing::info!(stage = %job.name, rank, world, examples = data.len(), total_steps, start, params = lm.num_parameters(), "training");
 
-    let micro = cfg.batch_size / cfg.grad_accum;
     let mut order_epoch = u64::MAX;
     let mut order = vec![];
     let (mut losses, mut first_losses) = (Vec::new(), None);
@@ -362,10 +416,21 @@ pub fn run_sft(job: SftJob, cfg: &SftConfig) -> Result<SftOutcome> {
             .iter()
             .map(|&i| &data[i])
             .collect();
+        // Every rank knows the whole batch: each divides its loss by the batch's completion
+        // tokens, so the ranks' gradients add up to the batch mean.
         let targets: usize = batch.iter().map(|e| e.ids.len() - e.completion_start).sum();
-        opt.zero_grad();
-        let mut loss_value = 0.0;
-        for chunk in batch.chunks(micro) {
+        let mine = local_rows(&batch, rank, world);
+        // Every rank makes the same number of micro-steps (each one is a collective), sized
+        // by the largest share: rank 0's, with the rows dealt round-robin.
+        let most = batch.len().div_ceil(world);
+        let micro = most.div_ceil(cfg.grad_accum).max(1);
+        let (mut loss_local, mut tokens_local) = (0.0, 0usize);
+        for m in 0..most.div_ceil(micro) {
+            let chunk = &mine[(m * micro).min(mine.len())..((m + 1) * micro).min(mine.len())];
+            if chunk.is_empty() {
+                update.accumulate(group)?;
+                continue;
+            }
             let rows: Vec<Vec<i64>> = chunk.iter().map(|e| e.ids.clone()).collect();
             let (ids, _) = right_pad(&rows, tok.pad_id(), job.device);
             let loss_rows: Vec<Vec<i64>> = chunk
@@ -377,20 +442,27 @@ pub fn run_sft(job: SftJob, cfg: &SftConfig) -> Result<SftOutcome> {
                 })
                 .collect();
             let (loss_mask, _) = right_pad(&loss_rows, 0, job.device);
-            let loss = completion_loss(&lm.model, &ids, &loss_mask, targets);
-            loss.backward();
-            loss_value += loss.double_value(&[]);
-            tokens += rows.iter().map(Vec::len).sum::<usize>();
+            loss_local += if cfg.activation_checkpointing {
+                completion_loss_checkpointed(&lm.model, &ids, &loss_mask, targets, LOGIT_CHUNK)
+            } else {
+                let loss = completion_loss(&lm.model, &ids, &loss_mask, targets);
+                loss.backward();
+                loss.double_value(&[])
+            };
+            update.accumulate(group)?;
+            tokens_local += rows.iter().map(Vec::len).sum::<usize>();
         }
+        let reduced = update.reduce(group, [loss_local, tokens_local as f64])?;
+        let ([loss_value, step_tokens], grad_norm) = (reduced.sums, reduced.grad_norm);
         if !loss_value.is_finite() {
             bail!("{}: loss is {loss_value} at step {step}; stopping (last good checkpoint kept in {})", job.name, ckpt_root.display());
         }
-        let grad_norm = clip_grad_norm(&opt.params(), cfg.clip_grad_norm);
         if !grad_norm.is_finite() {
             bail!("{}: gradient norm is {grad_norm} at step {step}; stopping (last good checkpoint kept in {})", job.name, ckpt_root.display());
         }
         let lr = sched.lr(step);
-        opt.step(lr);
+        update.step(group, lr, cfg.clip_grad_norm, &reduced)?;
+        tokens += step_tokens as usize;
         last_loss = loss_value;
         losses.push(loss_value);
         let done = step + 1;
@@ -400,7 +472,7 @@ pub fn run_sft(job: SftJob, cfg: &SftConfig) -> Result<SftOutcome> {
         gauges.lr.set(lr);
         gauges.grad_norm.set(grad_norm);
         gauges.tps.set(tps);
-        if let Some(p) = &job.published {
+        if let Some(p) = &published {
             p.set_figures(TrainingFigures {
                 step: done,
                 total_steps,
@@ -416,7 +488,7 @@ pub fn run_sft(job: SftJob, cfg: &SftConfig) -> Result<SftOutcome> {
             first_losses.get_or_insert(mean);
             let wtps = (tokens - window.0) as f64 / window.1.elapsed().as_secs_f64().max(1e-9);
             window = (tokens, Instant::now());
-            if bar.is_hidden() {
+            if bar.is_hidden() && lead {
                 tracing::info!(stage = %job.name, step = done, total_steps, loss = mean, lr, grad_norm, tokens_per_s = wtps as u64, "step");
             }
         }
@@ -430,18 +502,19 @@ pub fn run_sft(job: SftJob, cfg: &SftConfig) -> Result<SftOutcome> {
                 resumed_from_step: resume.as_ref().map(|r| r.0),
                 config: cfg.clone(),
             };
-            save_dir_atomically(&dir, |tmp| {
+            save_checkpoint(&dir, group, &update, |tmp| {
                 lm.save(tmp)?;
                 tok.save(tmp)?;
-                opt.save(&tmp.join(OPTIMIZER_FILE))?;
                 std::fs::write(
                     tmp.join(TRAINER_STATE_FILE),
                     serde_json::to_string_pretty(&state)?,
                 )?;
                 Ok(())
             })?;
-            prune_checkpoints(&ckpt_root, cfg.keep_checkpoints);
-            tracing::info!(stage = %job.name, step = done, dir = %dir.display(), "checkpoint saved");
+            if lead {
+                prune_checkpoints(&ckpt_root, cfg.keep_checkpoints);
+                tracing::info!(stage = %job.name, step = done, dir = %dir.display(), "checkpoint saved");
+            }
         }
     }
     bar.finish_and_clear();
@@ -453,7 +526,11 @@ pub fn run_sft(job: SftJob, cfg: &SftConfig) -> Result<SftOutcome> {
         resumed_from_step: resume.as_ref().map(|r| r.0),
         config: cfg.clone(),
     };
-    save_final(&final_dir, &lm, &tok, &state)?;
+    if lead {
+        save_final(&final_dir, &lm, &tok, &state)?;
+    }
+    // No rank reports success before the final model is there.
+    group.barrier()?;
     let n = losses.len().min(cfg.log_every.max(1) as usize).max(1);
     let last_losses = losses.iter().rev().take(n).sum::<f64>() / n as f64;
     Ok(SftOutcome {
@@ -466,6 +543,56 @@ pub fn run_sft(job: SftJob, cfg: &SftConfig) -> Result<SftOutcome> {
         tokens_per_second: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
         truncated,
     })
+}
+
+/// Writes one checkpoint of a (possibly data-parallel) fine-tune: each rank other than 0
+/// stages its optimizer share beside the checkpoint, then rank 0 writes the model (`fill`),
+/// its own share and the staged ones into the directory atomically, so the checkpoint
+/// becomes complete with every rank's state in it or not at all.
+fn save_checkpoint(
+    dir: &Path,
+    group: &mut Group,
+    update: &Update,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("checkpoint");
+    let staging = dir.with_file_name(format!(".{name}.ranks"));
+    if group.rank != 0 {
+        std::fs::create_dir_all(&staging)
+            .with_context(|| format!("creating {}", staging.display()))?;
+        let file = staging.join(update.optimizer_file());
+        let tmp = staging.join(format!(".{}", update.optimizer_file()));
+        update.optimizer.save(&tmp)?;
+        std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
+    }
+    group.barrier()?;
+    if group.rank == 0 {
+        save_dir_atomically(dir, |tmp| {
+            fill(tmp)?;
+            update.optimizer.save(&tmp.join(update.optimizer_file()))?;
+            if group.world > 1 {
+                for entry in std::fs::read_dir(&staging)
+                    .with_context(|| format!("reading {}", staging.display()))?
+                {
+                    let from = entry?.path();
+                    if let Some(n) = from
+                        .file_name()
+                        .filter(|n| !n.to_string_lossy().starts_with('.'))
+                    {
+                        std::fs::rename(&from, tmp.join(n))
+                            .with_context(|| format!("moving {}", from.display()))?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    // Every rank continues only once the checkpoint is complete (or rank 0 failed writing it).
+    group.barrier()
 }
 
 fn save_final(dir: &Path, lm: &CausalLm, tok: &Tokenizer, state: &TrainerState) -> Result<()> {

@@ -27,8 +27,8 @@ mod workloads;
 
 pub use pod::{DEFAULT_SHM_SIZE, SCRATCH_DIR};
 pub use workloads::{
-    distill_job, learner_job, param_server_service, param_server_set, stale_param_server_sets,
-    status_url, warmup_job,
+    distill_job, learner_job, needs_ranks_service, param_server_service, param_server_set,
+    ranks_service, stale_param_server_sets, status_url, warmup_job,
 };
 
 pub const LABEL_RUN: &str = "rlt.dev/run";
@@ -36,6 +36,8 @@ pub const LABEL_STAGE: &str = "rlt.dev/stage";
 pub const LABEL_ROLE: &str = "rlt.dev/role";
 pub const LABEL_ATTEMPT: &str = "rlt.dev/attempt";
 pub const LABEL_STUDENT: &str = "rlt.dev/student";
+/// On the pods of a data-parallel group spanning pods: what the ranks Service selects.
+pub const LABEL_RANK: &str = "rlt.dev/rank";
 /// Hash of the desired object; a child whose annotation matches is left alone (no write).
 pub const ANNOTATION_HASH: &str = "rlt.dev/spec-hash";
 pub const CONTAINER: &str = "trainer";

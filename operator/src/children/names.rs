@@ -46,6 +46,18 @@ pub fn param_server_host(run: &str, namespace: &str, attempt: u32, shard: u32) -
         param_servers(run)
     )
 }
+/// The headless Service of the data-parallel ranks of the run's warm-up and distillation
+/// Jobs (their pods' subdomain): pod `i` of Job `j` is `<j>-<i>.<run>-ranks.<namespace>.svc`.
+pub fn ranks(run: &str) -> String {
+    format!("{run}-ranks")
+}
+/// `host:port` of every pod of a data-parallel Job (`RLT_PEERS`), in index order.
+pub fn rank_addresses(run: &str, namespace: &str, job: &str, pods: u32, port: u16) -> String {
+    (0..pods)
+        .map(|i| format!("{job}-{i}.{}.{namespace}.svc:{port}", ranks(run)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
 pub fn learner_job(run: &str, attempt: u32) -> String {
     format!("{run}-learner-{attempt}")
 }
@@ -101,10 +113,12 @@ mod tests {
         let derived = [
             format!("{}-0", warmup_job(&run, attempt)),
             format!("{}-1023", learner_job(&run, attempt)),
-            format!("{}-0", distill_job(&run, &student, attempt)),
+            format!("{}-255", warmup_job(&run, attempt)),
+            format!("{}-255", distill_job(&run, &student, attempt)),
             param_server_pod(&run, attempt, 63),
             format!("{}-{}", param_server_set(&run, attempt), "h".repeat(10)),
             param_servers(&run),
+            ranks(&run),
             workspace(&run),
             config_map(&run),
         ];
@@ -112,6 +126,11 @@ mod tests {
             assert!(dns_label(&name), "{name} ({} chars)", name.len());
         }
         for label in param_server_host(&run, "ns", attempt, 63).split('.') {
+            assert!(label.len() <= 63, "{label}");
+        }
+        let job = distill_job(&run, &student, attempt);
+        let peers = rank_addresses(&run, "ns", &job, 256, 29500);
+        for label in peers.rsplit(',').next().unwrap().split([':', '.']) {
             assert!(label.len() <= 63, "{label}");
         }
     }
@@ -126,6 +145,10 @@ mod tests {
         assert_eq!(
             param_server_addresses("run", "ml", 2, 2, 50051),
             "run-ps-2-0.run-ps.ml.svc:50051,run-ps-2-1.run-ps.ml.svc:50051"
+        );
+        assert_eq!(
+            rank_addresses("run", "ml", "run-warmup-0", 2, 29500),
+            "run-warmup-0-0.run-ranks.ml.svc:29500,run-warmup-0-1.run-ranks.ml.svc:29500"
         );
     }
 }

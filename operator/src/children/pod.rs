@@ -2,7 +2,7 @@
 //! `rlt-trainer <role>` with the stage contract's environment, the run configuration, the
 //! workspace and two scratch volumes, hardened for a restricted namespace. One builder per
 //! concern: [`env`], [`container`], [`volumes`], [`security`].
-use super::{names, Ctx, Stage, CONTAINER, LABEL_STUDENT, RUN_AS};
+use super::{names, Ctx, Stage, CONTAINER, LABEL_RANK, LABEL_STUDENT, RUN_AS};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, LocalObjectReference, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
@@ -13,6 +13,10 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use rlt_api::contract::{self, EnvValue, Role, StageEnv};
 use rlt_api::spec::{Scheduling, Student};
+use std::collections::BTreeMap;
+
+/// The extended resource of NVIDIA's device plugin.
+const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 /// Size of the `/dev/shm` volume when the pod has no memory limit (a memory-backed emptyDir
 /// counts against the pod's memory; with a limit, the limit bounds it).
@@ -33,6 +37,9 @@ pub(super) struct PodParts<'a> {
     pub student: Option<&'a Student>,
     pub restart_policy: &'static str,
     pub rpc_port: bool,
+    /// The Job of a data-parallel role (warm-up, a student's distillation): its ranks meet
+    /// in a collective, one rank per GPU of each pod.
+    pub job: Option<String>,
 }
 
 pub(super) fn plain(name: &str, value: impl ToString) -> EnvVar {
@@ -57,15 +64,41 @@ fn from_field(name: &str, path: &str) -> EnvVar {
     }
 }
 
-fn wants_gpu(resources: Option<&ResourceRequirements>) -> bool {
+/// GPUs the container asks for (`nvidia.com/gpu`, a whole number: the device plugin
+/// refuses fractions): the limit, else the request.
+pub(super) fn gpus(resources: Option<&ResourceRequirements>) -> u32 {
+    let count = |m: &Option<BTreeMap<String, Quantity>>| {
+        m.as_ref()
+            .and_then(|m| m.get(GPU_RESOURCE))
+            .and_then(|q| q.0.parse::<u32>().ok())
+    };
     resources
-        .map(|r| {
-            [&r.limits, &r.requests]
-                .into_iter()
-                .flatten()
-                .any(|m| m.contains_key("nvidia.com/gpu"))
-        })
-        .unwrap_or(false)
+        .and_then(|r| count(&r.limits).or_else(|| count(&r.requests)))
+        .unwrap_or(0)
+}
+
+/// Whether the pods of this role form one data-parallel group over several pods: their ranks
+/// then find each other by DNS, through the run's ranks Service ([`names::ranks`]).
+pub(super) fn spans_pods(p: &PodParts) -> bool {
+    p.job.is_some() && p.replicas > 1
+}
+
+/// `RLT_PEERS` of a data-parallel role: every pod's collective address when the ranks span
+/// pods, loopback when they all live in this pod, nothing for a single rank.
+fn peers(ctx: &Ctx, p: &PodParts, ranks_per_pod: u32) -> Option<String> {
+    let port = contract::DEFAULT_COLLECTIVE_PORT;
+    let job = p.job.as_deref()?;
+    if spans_pods(p) {
+        Some(names::rank_addresses(
+            &ctx.name,
+            &ctx.namespace,
+            job,
+            p.replicas,
+            port,
+        ))
+    } else {
+        (ranks_per_pod > 1).then(|| format!("127.0.0.1:{port}"))
+    }
 }
 
 /// The container's environment, one entry per name (the API server refuses a pod template
@@ -75,6 +108,8 @@ fn wants_gpu(resources: Option<&ResourceRequirements>) -> bool {
 /// refuses it, and it is dropped here too).
 pub(super) fn env(ctx: &Ctx, p: &PodParts) -> Vec<EnvVar> {
     let spec = &ctx.run.spec;
+    let gpus = gpus(p.resources);
+    let ranks_per_pod = if p.job.is_some() { gpus.max(1) } else { 1 };
     let stage_env = StageEnv {
         run_name: ctx.name.clone(),
         workspace: contract::WORKSPACE_MOUNT_DIR.into(),
@@ -84,7 +119,7 @@ pub(super) fn env(ctx: &Ctx, p: &PodParts) -> Vec<EnvVar> {
         replicas: p.replicas,
         rpc_port: Some(contract::DEFAULT_RPC_PORT),
         metrics_port: contract::DEFAULT_METRICS_PORT,
-        device: contract::device_choice(spec.device, Some(wants_gpu(p.resources))),
+        device: contract::device_choice(spec.device, Some(gpus > 0)),
         termination_log: Some(contract::TERMINATION_LOG_PATH.into()),
         param_servers: (p.stage == Stage::Rl).then(|| {
             names::param_server_addresses(
@@ -96,8 +131,8 @@ pub(super) fn env(ctx: &Ctx, p: &PodParts) -> Vec<EnvVar> {
             )
         }),
         student: p.student.map(|s| s.name.clone()),
-        ranks_per_pod: 1,
-        peers: None,
+        ranks_per_pod,
+        peers: peers(ctx, p, ranks_per_pod),
     };
     let contract_env: Vec<EnvVar> = stage_env
         .vars()
@@ -137,6 +172,9 @@ pub(super) fn container(ctx: &Ctx, p: &PodParts) -> Container {
     let mut ports = vec![port("metrics", contract::DEFAULT_METRICS_PORT)];
     if p.rpc_port {
         ports.insert(0, port("rpc", contract::DEFAULT_RPC_PORT));
+    }
+    if spans_pods(p) {
+        ports.push(port("collective", contract::DEFAULT_COLLECTIVE_PORT));
     }
     let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
         name: name.into(),
@@ -263,6 +301,10 @@ pub(super) fn pod_template(ctx: &Ctx, p: PodParts) -> PodTemplateSpec {
     if let Some(s) = p.student {
         labels.insert(LABEL_STUDENT.into(), s.name.clone());
     }
+    let spans_pods = spans_pods(&p);
+    if spans_pods {
+        labels.insert(LABEL_RANK.into(), "true".into());
+    }
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels),
@@ -284,6 +326,9 @@ pub(super) fn pod_template(ctx: &Ctx, p: PodParts) -> PodTemplateSpec {
             priority_class_name: sched.priority_class_name,
             scheduler_name: sched.scheduler_name,
             security_context: Some(security()),
+            // Indexed Job pods are named `<job>-<index>`: with this subdomain (the ranks'
+            // headless Service) each gets the DNS name its peers dial.
+            subdomain: spans_pods.then(|| names::ranks(&ctx.name)),
             volumes: Some(volumes(ctx, &p)),
             ..Default::default()
         }),

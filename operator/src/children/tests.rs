@@ -28,6 +28,7 @@ fn all_children(run: &RltRun) -> Vec<Child> {
         learner_job(&ctx, 3),
         param_server_set(&ctx, 3),
         param_server_service(&ctx),
+        ranks_service(&ctx),
     ];
     out.extend(workspace_pvc(&ctx));
     out.extend(
@@ -374,4 +375,91 @@ fn figures_are_read_at_parameter_server_0s_pod_ip_when_observed() {
         url(vec![ps("tiny-cpu-ps-2-0", Some("fd00::7"), false)]),
         "http://[fd00::7]:9090/status"
     );
+}
+
+#[test]
+fn data_parallel_pods_get_one_rank_per_gpu_and_find_their_peers_by_dns() {
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let gpus = |n: &str| ResourceRequirements {
+        limits: Some(BTreeMap::from([(
+            "nvidia.com/gpu".to_string(),
+            Quantity(n.into()),
+        )])),
+        ..Default::default()
+    };
+    let mut run = tiny();
+    run.spec.warmup.replicas = 2;
+    run.spec.warmup.resources = Some(gpus("4"));
+    run.spec.distillation.replicas = 1;
+    run.spec.distillation.students[0].resources = Some(gpus("8"));
+    assert!(needs_ranks_service(&run));
+    let ctx = Ctx::new(&run);
+
+    // Two pods of four GPUs: eight ranks, dialing each pod by its DNS name under the
+    // ranks Service, which selects exactly those pods.
+    let warmup = warmup_job(&ctx, 1);
+    let t = template(&warmup).unwrap();
+    let spec = pod(&warmup);
+    assert_eq!(value(spec, env::RANKS_PER_POD), Some("4"));
+    assert_eq!(value(spec, env::REPLICAS), Some("2"));
+    assert_eq!(
+        value(spec, env::PEERS),
+        Some(
+            "tiny-cpu-warmup-1-0.tiny-cpu-ranks.ml.svc:29500,\
+             tiny-cpu-warmup-1-1.tiny-cpu-ranks.ml.svc:29500"
+        )
+    );
+    assert_eq!(spec.subdomain.as_deref(), Some("tiny-cpu-ranks"));
+    let Child::Service(svc) = ranks_service(&ctx) else {
+        panic!()
+    };
+    assert_eq!(svc.metadata.name.as_deref(), Some("tiny-cpu-ranks"));
+    let svc = svc.spec.unwrap();
+    assert_eq!(svc.cluster_ip.as_deref(), Some("None"));
+    let labels = t.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+    for (k, v) in svc.selector.unwrap() {
+        assert_eq!(labels.get(&k), Some(&v), "selector {k} matches the pods");
+    }
+    assert!(spec.containers[0]
+        .ports
+        .iter()
+        .flatten()
+        .any(|p| p.container_port == 29500));
+
+    // One pod of eight GPUs: eight ranks on loopback, no DNS, not selected by the Service.
+    let student = &run.spec.distillation.students[0];
+    let distill = distill_job(&ctx, student, 1);
+    let spec = pod(&distill);
+    assert_eq!(value(spec, env::RANKS_PER_POD), Some("8"));
+    assert_eq!(value(spec, env::PEERS), Some("127.0.0.1:29500"));
+    assert_eq!(spec.subdomain, None);
+    let labels = template(&distill)
+        .unwrap()
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .as_ref();
+    assert!(!labels.unwrap().contains_key(LABEL_RANK));
+
+    // Learners and parameter servers are not a collective: one rank each, no peers.
+    for child in [learner_job(&ctx, 1), param_server_set(&ctx, 1)] {
+        let spec = pod(&child);
+        assert_eq!(
+            value(spec, env::RANKS_PER_POD),
+            Some("1"),
+            "{}",
+            child.name()
+        );
+        assert_eq!(value(spec, env::PEERS), None, "{}", child.name());
+    }
+
+    // A single-pod, CPU-only run needs none of it.
+    let plain = tiny();
+    assert!(!needs_ranks_service(&plain));
+    let ctx = Ctx::new(&plain);
+    let spec = pod(&warmup_job(&ctx, 0)).clone();
+    assert_eq!(value(&spec, env::RANKS_PER_POD), Some("1"));
+    assert_eq!(value(&spec, env::PEERS), None);
 }

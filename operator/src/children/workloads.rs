@@ -1,7 +1,7 @@
 //! The stage workloads: an Indexed Job per warm-up, learner and distillation attempt; per
 //! RL attempt a parameter-server StatefulSet behind the run's headless Service.
 use super::pod::{pod_template, PodParts};
-use super::{hashed, names, Child, Ctx, Stage, LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN};
+use super::{hashed, names, Child, Ctx, Stage, LABEL_ATTEMPT, LABEL_RANK, LABEL_ROLE, LABEL_RUN};
 use crate::observe::Observed;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::batch::v1::{
@@ -53,9 +53,10 @@ fn job_index() -> EnvValue {
 
 pub fn warmup_job(ctx: &Ctx, attempt: u32) -> Child {
     let w = &ctx.run.spec.warmup;
+    let name = names::warmup_job(&ctx.name, attempt);
     job(
         ctx,
-        names::warmup_job(&ctx.name, attempt),
+        name.clone(),
         PodParts {
             stage: Stage::Warmup,
             role: Role::Warmup,
@@ -67,6 +68,7 @@ pub fn warmup_job(ctx: &Ctx, attempt: u32) -> Child {
             student: None,
             restart_policy: "Never",
             rpc_port: false,
+            job: Some(name),
         },
     )
 }
@@ -87,26 +89,29 @@ pub fn learner_job(ctx: &Ctx, attempt: u32) -> Child {
             student: None,
             restart_policy: "Never",
             rpc_port: false,
+            job: None,
         },
     )
 }
 
 pub fn distill_job(ctx: &Ctx, student: &Student, attempt: u32) -> Child {
     let d = &ctx.run.spec.distillation;
+    let name = names::distill_job(&ctx.name, &student.name, attempt);
     job(
         ctx,
-        names::distill_job(&ctx.name, &student.name, attempt),
+        name.clone(),
         PodParts {
             stage: Stage::Distillation,
             role: Role::Distill,
             attempt,
             resources: student.resources.as_ref(),
             scheduling: &d.scheduling,
-            replicas: 1,
+            replicas: d.replicas,
             index: job_index(),
             student: Some(student),
             restart_policy: "Never",
             rpc_port: false,
+            job: Some(name),
         },
     )
 }
@@ -143,6 +148,7 @@ pub fn param_server_set(ctx: &Ctx, attempt: u32) -> Child {
             student: None,
             restart_policy: "Always",
             rpc_port: true,
+            job: None,
         },
     );
     // Ready once the shard is loaded and serving gRPC: `kubectl get pods` then tells a
@@ -219,6 +225,43 @@ pub fn param_server_service(ctx: &Ctx) -> Child {
                 port("rpc", contract::DEFAULT_RPC_PORT),
                 port("metrics", contract::DEFAULT_METRICS_PORT),
             ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Child::Service(hashed(svc))
+}
+
+/// Whether the run has a data-parallel stage whose ranks span pods (the ranks Service's reason
+/// to exist).
+pub fn needs_ranks_service(run: &RltRun) -> bool {
+    let s = &run.spec;
+    (s.warmup.enabled && s.warmup.replicas > 1)
+        || (s.distillation.enabled && s.distillation.replicas > 1)
+}
+
+/// Headless Service whose name is the subdomain of every data-parallel pod spanning pods
+/// (warm-up and distillation Jobs): pod `i` of Job `j` resolves as
+/// `<j>-<i>.<run>-ranks.<namespace>.svc` ([`names::rank_addresses`]). Published before the
+/// pods are ready: ranks dial each other while they start.
+pub fn ranks_service(ctx: &Ctx) -> Child {
+    let port = contract::DEFAULT_COLLECTIVE_PORT as i32;
+    let svc = Service {
+        metadata: ctx.meta(names::ranks(&ctx.name), ctx.labels(None, None, None)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(BTreeMap::from([
+                (LABEL_RUN.to_string(), ctx.name.clone()),
+                (LABEL_RANK.to_string(), "true".to_string()),
+            ])),
+            ports: Some(vec![ServicePort {
+                name: Some("collective".into()),
+                port,
+                target_port: Some(IntOrString::Int(port)),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
         ..Default::default()

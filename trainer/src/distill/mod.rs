@@ -14,10 +14,11 @@ pub mod traces;
 
 use crate::checkpoint::load_checkpoint;
 use crate::cli::{DataArgs, DeviceArgs, SftArgs, StageArgs};
+use crate::collective::Group;
 use crate::data::{Example, Prompts};
 use crate::metrics::Published;
 use crate::runconfig::{flag_or_run, Staged};
-use crate::sft::{run_sft, SftConfig, SftJob, SftOutcome};
+use crate::sft::{run_sft_ranks, SftConfig, SftJob, SftOutcome};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -58,6 +59,8 @@ pub struct DistillArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub stage: StageArgs,
+    #[command(flatten)]
+    pub ranks: crate::ranks::RankArgs,
     #[command(flatten)]
     pub sft: SftArgs,
     #[command(flatten)]
@@ -101,16 +104,34 @@ impl DistillArgs {
     }
 }
 
-pub fn distill(a: DistillArgs) -> Result<DistillOutcome> {
+pub fn distill(a: DistillArgs) -> Result<()> {
     let run = Staged::from_env()?;
     let run = run.as_ref();
+    let mut sft = a.sft_config(run);
     let run_dir = a.stage.run_dir(run)?;
     let student_model = match (&a.student_model, run) {
         (Some(m), _) => m.clone(),
         (None, Some(s)) => s.student_model(&a.student)?,
         (None, None) => flag_or_run(None, None, "--student-model")?,
     };
-    let (device, kind) = a.device.resolve()?;
+    let (device, kind) = a.device.resolve_for(run)?;
+    let world = a.ranks.world();
+    // Before anything is loaded (every local rank decides the same micro-batches).
+    crate::ranks::check_batch(world, sft.batch_size, "distillation.batchSize")
+        .map_err(crate::exit::bad_config)?;
+    let stage = crate::memory::Stage::sft(
+        format!("distillation of student {}", a.student),
+        "distillation",
+        &sft,
+        kind,
+        world,
+        a.ranks.ranks_per_pod,
+    );
+    sft.grad_accum = crate::memory::check_stage(&student_model, &stage, sft.grad_accum, device)
+        .map_err(crate::exit::bad_config)?;
+    if a.ranks.starts_local_ranks() {
+        return crate::ranks::run_local_ranks(a.ranks.ranks_per_pod);
+    }
     let job = DistillJob {
         name: a.student.clone(),
         stage: run_dir.distill(&a.student),
@@ -122,13 +143,19 @@ pub fn distill(a: DistillArgs) -> Result<DistillOutcome> {
         examples: a.data.load(run)?,
         prompts: a.data.prompts.over(run),
         collect: a.collect_config(run),
-        sft: a.sft_config(run),
+        sft,
         attempt: a.stage.attempt,
-        device,
+        device: a.ranks.device(device),
         kind,
-        published: crate::cli::publish(&a.stage)?,
+        // One metrics server per pod: its first local rank's.
+        published: if a.ranks.local_rank.unwrap_or(0) == 0 {
+            crate::cli::publish(&a.stage)?
+        } else {
+            None
+        },
     };
-    run_distill(job)
+    let mut group = a.ranks.join(&a.stage.bind, a.stage.attempt)?;
+    run_distill_ranks(job, &mut group).map(|_| ())
 }
 
 /// One student's distillation, wherever its directory is (the run's `distill/<student>/`, or
@@ -149,6 +176,12 @@ pub struct DistillJob {
 }
 
 pub fn run_distill(job: DistillJob) -> Result<DistillOutcome> {
+    run_distill_ranks(job, &mut Group::single())
+}
+
+/// [`run_distill`] as one of `group.world` data-parallel ranks: rank 0 collects the
+/// explanations while the others wait, then all fine-tune the student together.
+pub fn run_distill_ranks(job: DistillJob, group: &mut Group) -> Result<DistillOutcome> {
     let DistillJob {
         name,
         stage,
@@ -173,12 +206,8 @@ pub fn run_distill(job: DistillJob) -> Result<DistillOutcome> {
     }
     let student_tok = Tokenizer::from_dir(&student_model)?;
 
-    // 1. Explanations, resumable.
+    // 1. Explanations, resumable; by rank 0 alone (the others wait for them).
     let traces_path = stage.traces();
-    let (mut file, done) = traces::TraceFile::open(&traces_path, |i| {
-        examples.get(i).map(|e| e.question.as_str())
-    })?;
-    let already = done.len();
     let total = examples.len() as u64;
     let show = |rows: usize| {
         if let Some(p) = &published {
@@ -189,33 +218,40 @@ pub fn run_distill(job: DistillJob) -> Result<DistillOutcome> {
             });
         }
     };
-    if already < examples.len() {
-        let (teacher_lm, teacher_tok) = load_checkpoint(&teacher, device, kind)?;
-        if !teacher_tok.same_vocab(&student_tok) {
-            tracing::warn!("teacher and student tokenizers differ: trace budgets are counted in the student's tokens");
+    let mut already = 0;
+    if group.rank == 0 {
+        let (mut file, done) = traces::TraceFile::open(&traces_path, |i| {
+            examples.get(i).map(|e| e.question.as_str())
+        })?;
+        already = done.len();
+        if already < examples.len() {
+            let (teacher_lm, teacher_tok) = load_checkpoint(&teacher, device, kind)?;
+            if !teacher_tok.same_vocab(&student_tok) {
+                tracing::warn!("teacher and student tokenizers differ: trace budgets are counted in the student's tokens");
+            }
+            tracing::info!(student = %name, teacher = %teacher.display(), rows = total, resume_at = already, "collecting explanations");
+            let bar = crate::eval::run::progress_bar(total, &format!("traces {name}"));
+            bar.set_position(already as u64);
+            let mut rows = already;
+            show(rows);
+            collect::collect(
+                &teacher_lm,
+                &teacher_tok,
+                &student_tok,
+                &prompts,
+                &examples,
+                &mut file,
+                &cfg,
+                |n| {
+                    rows += n;
+                    show(rows);
+                    bar.inc(n as u64)
+                },
+            )?;
+            bar.finish_and_clear();
         }
-        tracing::info!(student = %name, teacher = %teacher.display(), rows = total, resume_at = already, "collecting explanations");
-        let bar = crate::eval::run::progress_bar(total, &format!("traces {name}"));
-        bar.set_position(already as u64);
-        let mut rows = already;
-        show(rows);
-        collect::collect(
-            &teacher_lm,
-            &teacher_tok,
-            &student_tok,
-            &prompts,
-            &examples,
-            &mut file,
-            &cfg,
-            |n| {
-                rows += n;
-                show(rows);
-                bar.inc(n as u64)
-            },
-        )?;
-        bar.finish_and_clear();
     }
-    drop(file);
+    group.barrier_unbounded()?;
     let rows = traces::read_rows(&traces_path)?;
     let incomplete_rows = rows.iter().filter(|r| !r.complete).count();
     let multi = rows.iter().filter(|r| r.traces.len() > 1).count();
@@ -235,7 +271,7 @@ pub fn run_distill(job: DistillJob) -> Result<DistillOutcome> {
         published,
         progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    let outcome = run_sft(sft_job, &sft).context("fine-tuning the student")?;
+    let outcome = run_sft_ranks(sft_job, &sft, group).context("fine-tuning the student")?;
     if !is_complete(&stage.final_dir()) {
         bail!(
             "the fine-tune finished without a complete {}",

@@ -30,6 +30,7 @@ impl Proc {
     /// A short tag for log lines, like the pod's role and index.
     pub fn tag(&self) -> String {
         match &self.student {
+            Some(s) if self.replicas > 1 => format!("distill-{s}-{}", self.index),
             Some(s) => format!("distill-{s}"),
             None if self.replicas > 1 => format!("{}-{}", self.role.subcommand(), self.index),
             None => self.role.subcommand().to_string(),
@@ -55,11 +56,14 @@ pub fn processes(stage: Stage, run: &RltRun, pending: &[String]) -> Vec<Proc> {
             .collect(),
         Stage::Distillation => pending
             .iter()
-            .map(|s| Proc {
-                role: Role::Distill,
-                index: 0,
-                replicas: 1,
-                student: Some(s.clone()),
+            .flat_map(|s| {
+                let n = spec.distillation.replicas;
+                (0..n).map(move |index| Proc {
+                    role: Role::Distill,
+                    index,
+                    replicas: n,
+                    student: Some(s.clone()),
+                })
             })
             .collect(),
     }

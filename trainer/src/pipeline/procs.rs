@@ -61,6 +61,18 @@ pub fn run_stage(
         .map(|p| format!("127.0.0.1:{p}"))
         .collect::<Vec<_>>()
         .join(",");
+    // The data-parallel ranks of warm-up and of each student meet on loopback ports.
+    let mut collective: std::collections::BTreeMap<Option<String>, Vec<String>> =
+        Default::default();
+    for p in procs
+        .iter()
+        .filter(|p| p.replicas > 1 && matches!(p.role, Role::Warmup | Role::Distill))
+    {
+        collective
+            .entry(p.student.clone())
+            .or_default()
+            .push(format!("127.0.0.1:{}", free_port()?));
+    }
     let bars = indicatif::MultiProgress::new();
     let exe = std::env::current_exe().context("locating the rlt-trainer binary")?;
 
@@ -84,7 +96,7 @@ pub fn run_stage(
             param_servers: (stage == Stage::Rl).then(|| addresses.clone()),
             student: p.student.clone(),
             ranks_per_pod: 1,
-            peers: None,
+            peers: collective.get(&p.student).map(|a| a.join(",")),
         };
         for name in StageEnv::PER_ROLE {
             cmd.env_remove(name);
@@ -96,7 +108,7 @@ pub fn run_stage(
             };
         }
         cmd.env("RUST_LOG", &base.log);
-        if server {
+        if server || collective.contains_key(&p.student) {
             // Loopback only: a local try-run must not listen on the network.
             cmd.args(["--bind", "127.0.0.1"]);
         }
@@ -117,7 +129,7 @@ pub fn run_stage(
         // The processes whose /status the operator (or a user) would watch.
         let watched = matches!(
             (p.role, p.index),
-            (Role::Warmup, 0) | (Role::ParamServer, 0) | (Role::Distill, _)
+            (Role::Warmup, 0) | (Role::ParamServer, 0) | (Role::Distill, 0)
         );
         let bar = watched.then(|| {
             let b = bars.add(indicatif::ProgressBar::new(0));

@@ -28,7 +28,7 @@ use crate::tokenizer::Tokenizer;
 
 #[derive(Args, Debug)]
 pub struct RlBenchArgs {
-    /// Model sizes to run: `tiny`, `medium` (~24M parameters).
+    /// Model sizes to run: `tiny`, `medium` (~24M parameters), `0.5b` (Qwen2.5-0.5B's shape).
     #[arg(long, value_delimiter = ',', default_value = "tiny,medium")]
     pub sizes: Vec<String>,
     /// Learner counts to compare.
@@ -72,7 +72,16 @@ fn spec(size: &str) -> Result<TinySpec> {
             intermediate_size: 1408,
             seed: 1,
         },
-        other => anyhow::bail!("unknown size {other:?} (tiny or medium)"),
+        // Qwen2.5-0.5B's decoder (over the tiny tokenizer's vocabulary: ~0.36B parameters).
+        "0.5b" => TinySpec {
+            hidden_size: 896,
+            num_hidden_layers: 24,
+            num_attention_heads: 14,
+            num_key_value_heads: 2,
+            intermediate_size: 4864,
+            seed: 1,
+        },
+        other => anyhow::bail!("unknown size {other:?} (tiny, medium or 0.5b)"),
     })
 }
 
@@ -129,6 +138,13 @@ pub fn rl_bench(a: RlBenchArgs) -> Result<()> {
             &CausalLm::tiny(&TinySpec { seed: 2, ..s }, &tok, Device::Cpu, Kind::Float)?,
             &tok,
         )?;
+        let (f32_rate, bf16_rate, mb) = transport(&teacher)?;
+        println!(
+            "{:<7} transport: one stream pulls {mb:.0} MB of weights at {:.2} GB/s as f32, {:.2} GB/s as bf16 (half the bytes)",
+            size,
+            f32_rate / 1e9,
+            bf16_rate / 1e9
+        );
         for &m in &a.learners {
             let r = run_one(
                 &a,
@@ -156,6 +172,49 @@ pub fn rl_bench(a: RlBenchArgs) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&root);
     Ok(())
+}
+
+/// Bytes per second of one learner pulling every weight from one parameter server over
+/// loopback gRPC (best of 3), in f32 and in bf16, and the f32 megabytes of one pull.
+fn transport(teacher: &Path) -> Result<(f64, f64, f64)> {
+    use super::client::ShardClients;
+    let rt = tokio::runtime::Runtime::new()?;
+    let initial = read_checkpoint_tensors(teacher)?;
+    let ws = teacher.with_file_name("transport");
+    let cfg = ServerConfig {
+        shard: 0,
+        num_shards: 1,
+        num_learners: 1,
+        total_steps: 1,
+        optimizer: RlOptimizer::default(),
+        grpo: GrpoConfig::default(),
+        checkpoint_every: 1000,
+        stage_dir: RunDir::new(&ws, "bench").rl(),
+        attempt: 0,
+    };
+    let server = ParamServer::new(cfg, &initial)?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?.to_string();
+    let handle = rt.spawn(server.serve(listener, None));
+    let mut clients = ShardClients::new(&[addr], 0, 1, Duration::from_secs(30))?;
+    rt.block_on(clients.hello())?;
+    let mut rate = |kind: Kind| -> Result<(f64, f64)> {
+        clients.weights_kind = kind;
+        let mut best: f64 = 0.0;
+        let mut bytes = 0.0;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let pulled = rt.block_on(clients.pull(0, false))?;
+            bytes = pulled.bytes as f64;
+            best = best.max(bytes / t.elapsed().as_secs_f64());
+        }
+        Ok((best, bytes))
+    };
+    let (f32_rate, f32_bytes) = rate(Kind::Float)?;
+    let (bf16_rate, _) = rate(Kind::BFloat16)?;
+    handle.abort();
+    let _ = std::fs::remove_dir_all(&ws);
+    Ok((f32_rate, bf16_rate, f32_bytes / 1e6))
 }
 
 fn run_one(

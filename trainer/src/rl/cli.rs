@@ -292,7 +292,7 @@ pub fn learner(a: LearnerArgs) -> Result<()> {
         run.map(|s| s.inputs.rl_student.clone()),
         "--student",
     )?;
-    let (device, kind) = a.device.resolve()?;
+    let (device, kind) = a.device.resolve_for(run)?;
     let models = Models::load(&teacher, &student, device, kind)?;
     let examples = a.data.load(run)?;
     let prompts = a.data.prompts.over(run);

@@ -50,6 +50,8 @@ pub struct ShardClients {
     pub retry_for: Duration,
     /// Pushed gradients of the last steps, to replay to a restarted server.
     replay: BTreeMap<u64, Pushed>,
+    /// The kind the learner computes in: weights are pulled in its wire dtype.
+    pub weights_kind: tch::Kind,
 }
 
 /// One step as this learner sent it: its push to each shard and the norm of the step's whole
@@ -133,6 +135,7 @@ impl ShardClients {
             num_learners,
             retry_for,
             replay: BTreeMap::new(),
+            weights_kind: tch::Kind::Float,
         })
     }
 
@@ -217,7 +220,7 @@ impl ShardClients {
             let c = self.clients[i].clone();
             parts.push(
                 with_backoff(&what, self.retry_for, || {
-                    pull_one(c.clone(), min_version, include_reference)
+                    pull_one(c.clone(), min_version, include_reference, self.weights_kind)
                 })
                 .await?,
             );
@@ -263,7 +266,7 @@ impl ShardClients {
             let shard = *owner
                 .get(name)
                 .with_context(|| format!("no parameter server owns {name:?}"))?;
-            for c in wire::tensor_chunks(name, g, KIND_POLICY) {
+            for c in wire::tensor_chunks(name, g, KIND_POLICY, wire::wire_dtype(g.kind())) {
                 bytes += c.data.len() as u64;
                 per_shard[shard].push(pb::PushMessage {
                     body: Some(pb::push_message::Body::Chunk(c)),
@@ -328,6 +331,7 @@ impl ShardClients {
         }
         // 3. Every shard applies the step with that norm; then the new weights.
         let replay = &self.replay;
+        let weights_kind = self.weights_kind;
         let tasks = self.clients.iter().enumerate().map(|(i, c)| async move {
             let mut first = true;
             with_backoff(&what(i, "apply"), retry_for, move || {
@@ -343,7 +347,7 @@ impl ShardClients {
                         global_norm,
                     };
                     c.apply(req).await?;
-                    pull_one(c, step + 1, include_reference).await
+                    pull_one(c, step + 1, include_reference, weights_kind).await
                 }
             })
             .await
@@ -378,11 +382,13 @@ async fn pull_one(
     mut c: Client,
     min_version: u64,
     include_reference: bool,
+    weights_kind: tch::Kind,
 ) -> Result<Part, tonic::Status> {
     let req = pb::PullRequest {
         protocol: PROTOCOL_VERSION,
         min_version,
         include_reference,
+        dtype: wire::wire_dtype(weights_kind),
     };
     let mut stream = c.pull(req).await?.into_inner();
     let mut header = None;

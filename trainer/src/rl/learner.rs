@@ -206,6 +206,7 @@ pub async fn run_learner(
         cfg.learners as u32,
         cfg.retry_for,
     )?;
+    clients.weights_kind = models.teacher.kind();
     let topo = clients.hello().await?;
     let mine = models.param_shapes();
     for (name, shape) in &mine {

@@ -502,7 +502,7 @@ impl pb::param_server_server::ParamServer for ParamServer {
             let mut bytes = 0;
             let mut add = |tensors: &Vec<Tensor>, kind| {
                 for (name, t) in s.names.iter().zip(tensors) {
-                    for c in wire::tensor_chunks(name, t, kind) {
+                    for c in wire::tensor_chunks(name, t, kind, req.dtype) {
                         bytes += c.data.len() as u64;
                         msgs.push(pb::PullMessage {
                             body: Some(pb::pull_message::Body::Chunk(c)),

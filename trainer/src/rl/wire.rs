@@ -1,5 +1,6 @@
 //! The learner <-> parameter-server wire format: the generated gRPC code, the protocol
-//! version, and tensors cut into chunks and put back together.
+//! version, and tensors cut into chunks of their raw memory (f32, or bf16 where the sender
+//! holds bf16 or the receiver computes in it) and put back together.
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
@@ -11,15 +12,37 @@ pub mod pb {
 }
 
 /// Version of the wire format, sent in every request. Bump on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
-/// Elements per chunk: 2 MiB of f32, well under gRPC's default 4 MiB message limit.
-pub const CHUNK_ELEMS: usize = 512 * 1024;
+/// Bytes per chunk: 2 MiB, well under gRPC's default 4 MiB message limit.
+pub const CHUNK_BYTES: usize = 2 << 20;
 
 /// `kind` of a chunk: the policy weights (or gradients) ...
 pub const KIND_POLICY: u32 = 0;
 /// ... or the GRPO reference weights.
 pub const KIND_REFERENCE: u32 = 1;
+
+/// `dtype` of a chunk's bytes.
+pub const DTYPE_F32: u32 = 0;
+pub const DTYPE_BF16: u32 = 1;
+
+/// The wire dtype of a tensor kind: bf16 stays bf16 (half the bytes, nothing lost: it is
+/// what the sender holds or what the receiver computes in), anything else travels as f32.
+pub fn wire_dtype(kind: Kind) -> u32 {
+    if kind == Kind::BFloat16 {
+        DTYPE_BF16
+    } else {
+        DTYPE_F32
+    }
+}
+
+fn dtype_kind(dtype: u32) -> Option<Kind> {
+    match dtype {
+        DTYPE_F32 => Some(Kind::Float),
+        DTYPE_BF16 => Some(Kind::BFloat16),
+        _ => None,
+    }
+}
 
 /// Rejects a request made with another wire-format version, naming both.
 #[allow(clippy::result_large_err)]
@@ -33,41 +56,50 @@ pub fn check_protocol(got: u32) -> Result<(), tonic::Status> {
     Ok(())
 }
 
-/// Cuts one tensor into little-endian f32 chunks.
-pub fn tensor_chunks(name: &str, t: &Tensor, kind: u32) -> Vec<pb::TensorChunk> {
-    let flat = t.to_kind(Kind::Float).contiguous().view([-1]);
+/// Cuts one tensor into chunks of its memory in the wire `dtype` (one conversion of the
+/// whole tensor when its kind differs, then plain byte copies: no per-element work).
+pub fn tensor_chunks(name: &str, t: &Tensor, kind: u32, dtype: u32) -> Vec<pb::TensorChunk> {
+    let as_kind = dtype_kind(dtype).unwrap_or(Kind::Float);
+    let flat = t
+        .detach()
+        .to_device(tch::Device::Cpu)
+        .to_kind(as_kind)
+        .contiguous()
+        .view([-1]);
     let numel = flat.size()[0] as usize;
-    let mut values = vec![0f32; numel];
-    flat.to_device(tch::Device::Cpu)
-        .copy_data(&mut values, numel);
+    let mut bytes = vec![0u8; numel * as_kind.elt_size_in_bytes()];
+    flat.copy_data_u8(&mut bytes, numel);
     let shape = t.size();
-    let mut out = Vec::with_capacity(numel.div_ceil(CHUNK_ELEMS).max(1));
+    let step = CHUNK_BYTES - CHUNK_BYTES % as_kind.elt_size_in_bytes();
+    let mut out = Vec::with_capacity(bytes.len().div_ceil(step).max(1));
     let mut offset = 0;
     loop {
-        let end = (offset + CHUNK_ELEMS).min(numel);
-        let mut data = Vec::with_capacity((end - offset) * 4);
-        for v in &values[offset..end] {
-            data.extend_from_slice(&v.to_le_bytes());
-        }
+        let end = (offset + step).min(bytes.len());
         out.push(pb::TensorChunk {
             name: name.to_string(),
             shape: shape.clone(),
-            offset: offset as u64,
-            data,
+            offset: (offset / as_kind.elt_size_in_bytes()) as u64,
+            data: bytes[offset..end].to_vec(),
             kind,
+            dtype,
         });
         offset = end;
-        if offset >= numel {
+        if offset >= bytes.len() {
             break;
         }
     }
     out
 }
 
-/// Collects chunks into whole tensors, checking each arrives complete and consistent.
-/// A tensor being assembled: (shape, values, values received so far).
-type Partial = (Vec<i64>, Vec<f32>, usize);
+/// A tensor being assembled: shape, dtype, its bytes, bytes received so far.
+struct Partial {
+    shape: Vec<i64>,
+    dtype: u32,
+    bytes: Vec<u8>,
+    filled: usize,
+}
 
+/// Collects chunks into whole tensors, checking each arrives complete and consistent.
 #[derive(Default)]
 pub struct Assembler {
     partial: BTreeMap<(u32, String), Partial>,
@@ -76,15 +108,17 @@ pub struct Assembler {
 
 impl Assembler {
     pub fn add(&mut self, c: pb::TensorChunk) -> Result<()> {
-        if !c.data.len().is_multiple_of(4) {
+        let Some(kind) = dtype_kind(c.dtype) else {
+            bail!("chunk of {:?} has unknown dtype {}", c.name, c.dtype);
+        };
+        let size = kind.elt_size_in_bytes();
+        if !c.data.len().is_multiple_of(size) {
             bail!(
-                "chunk of {:?} has {} bytes, not a whole number of f32",
+                "chunk of {:?} has {} bytes, not a whole number of {size}-byte values",
                 c.name,
                 c.data.len()
             );
         }
-        self.bytes += c.data.len() as u64;
-        let numel: i64 = c.shape.iter().product();
         if c.shape.iter().any(|&d| d < 0) {
             bail!(
                 "chunk of {:?} has a negative dimension in shape {:?}",
@@ -92,51 +126,58 @@ impl Assembler {
                 c.shape
             );
         }
+        self.bytes += c.data.len() as u64;
+        let numel: i64 = c.shape.iter().product();
         let entry = self
             .partial
             .entry((c.kind, c.name.clone()))
-            .or_insert_with(|| (c.shape.clone(), vec![0f32; numel as usize], 0));
-        if entry.0 != c.shape {
+            .or_insert_with(|| Partial {
+                shape: c.shape.clone(),
+                dtype: c.dtype,
+                bytes: vec![0u8; numel as usize * size],
+                filled: 0,
+            });
+        if entry.shape != c.shape || entry.dtype != c.dtype {
             bail!(
-                "chunks of {:?} disagree on its shape: {:?} vs {:?}",
+                "chunks of {:?} disagree on its shape or dtype: {:?} ({}) vs {:?} ({})",
                 c.name,
-                entry.0,
-                c.shape
+                entry.shape,
+                entry.dtype,
+                c.shape,
+                c.dtype
             );
         }
-        let n = c.data.len() / 4;
-        let start = c.offset as usize;
-        if start + n > entry.1.len() {
+        let start = c.offset as usize * size;
+        if start + c.data.len() > entry.bytes.len() {
             bail!(
-                "chunk of {:?} at offset {start} with {n} values overruns its {} elements",
+                "chunk of {:?} at offset {} with {} values overruns its {} elements",
                 c.name,
-                entry.1.len()
+                c.offset,
+                c.data.len() / size,
+                entry.bytes.len() / size
             );
         }
-        for (dst, src) in entry.1[start..start + n]
-            .iter_mut()
-            .zip(c.data.chunks_exact(4))
-        {
-            *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
-        }
-        entry.2 += n;
+        entry.bytes[start..start + c.data.len()].copy_from_slice(&c.data);
+        entry.filled += c.data.len();
         Ok(())
     }
 
-    /// The assembled tensors of one kind, by name; fails if any tensor is incomplete.
+    /// The assembled tensors (f32, whatever their wire dtype), by (kind, name); fails if any
+    /// tensor is incomplete.
     pub fn finish(self) -> Result<BTreeMap<(u32, String), Tensor>> {
         let mut out = BTreeMap::new();
-        for ((kind, name), (shape, values, filled)) in self.partial {
-            if filled != values.len() {
+        for ((kind, name), p) in self.partial {
+            if p.filled != p.bytes.len() {
+                let size = dtype_kind(p.dtype).map_or(4, |k| k.elt_size_in_bytes());
                 bail!(
-                    "tensor {name:?} arrived incomplete: {filled} of {} values",
-                    values.len()
+                    "tensor {name:?} arrived incomplete: {} of {} values",
+                    p.filled / size,
+                    p.bytes.len() / size
                 );
             }
-            out.insert(
-                (kind, name),
-                Tensor::from_slice(&values).view(shape.as_slice()),
-            );
+            let wire = dtype_kind(p.dtype).unwrap_or(Kind::Float);
+            let t = Tensor::from_data_size(&p.bytes, &p.shape, wire).to_kind(Kind::Float);
+            out.insert((kind, name), t);
         }
         Ok(out)
     }
@@ -156,34 +197,48 @@ mod tests {
 
     #[test]
     fn chunks_round_trip_large_and_empty_tensors() {
-        let big = Tensor::arange(CHUNK_ELEMS as i64 * 2 + 17, (Kind::Float, tch::Device::Cpu))
-            .view([-1, 1]);
+        let big = Tensor::arange(
+            (CHUNK_BYTES / 4) as i64 * 2 + 17,
+            (Kind::Float, tch::Device::Cpu),
+        )
+        .view([-1, 1]);
         let empty = Tensor::zeros([0, 3], (Kind::Float, tch::Device::Cpu));
         let mut a = Assembler::default();
-        let chunks = tensor_chunks("big", &big, KIND_POLICY);
+        let chunks = tensor_chunks("big", &big, KIND_POLICY, DTYPE_F32);
         assert_eq!(chunks.len(), 3);
-        for c in chunks
-            .into_iter()
-            .chain(tensor_chunks("e", &empty, KIND_REFERENCE))
-        {
+        // Whole numbers up to 256 are exact in bf16: half the bytes, the same values.
+        let small = Tensor::arange(256, (Kind::Float, tch::Device::Cpu)).view([16, 16]);
+        let halves = tensor_chunks("small", &small, KIND_POLICY, DTYPE_BF16);
+        assert_eq!(halves.iter().map(|c| c.data.len()).sum::<usize>(), 512);
+        for c in chunks.into_iter().chain(halves).chain(tensor_chunks(
+            "e",
+            &empty,
+            KIND_REFERENCE,
+            DTYPE_F32,
+        )) {
             a.add(c).unwrap();
         }
         let out = a.finish().unwrap();
         assert!(out[&(KIND_POLICY, "big".to_string())].equal(&big));
+        assert!(out[&(KIND_POLICY, "small".to_string())].equal(&small));
         assert_eq!(out[&(KIND_REFERENCE, "e".to_string())].size(), vec![0, 3]);
     }
 
     #[test]
     fn incomplete_or_inconsistent_chunks_are_rejected() {
-        let t = Tensor::arange(CHUNK_ELEMS as i64 + 5, (Kind::Float, tch::Device::Cpu));
-        let mut chunks = tensor_chunks("w", &t, KIND_POLICY);
+        let t = Tensor::arange(
+            (CHUNK_BYTES / 4) as i64 + 5,
+            (Kind::Float, tch::Device::Cpu),
+        );
+        let mut chunks = tensor_chunks("w", &t, KIND_POLICY, DTYPE_F32);
         chunks.pop();
         let mut a = Assembler::default();
         for c in chunks {
             a.add(c).unwrap();
         }
         assert!(a.finish().err().unwrap().to_string().contains("incomplete"));
-        let mut bad = tensor_chunks("w", &Tensor::from_slice(&[1.0f32]), KIND_POLICY).remove(0);
+        let mut bad =
+            tensor_chunks("w", &Tensor::from_slice(&[1.0f32]), KIND_POLICY, DTYPE_F32).remove(0);
         bad.offset = 3;
         assert!(Assembler::default()
             .add(bad)

@@ -1,0 +1,196 @@
+//! Who this process is among a data-parallel stage's ranks (warm-up, a student's
+//! distillation), from the stage contract: `RLT_REPLICAS` pods, this one `RLT_REPLICA_INDEX`,
+//! each running `RLT_RANKS_PER_POD` ranks (one per GPU), meeting at `RLT_PEERS`.
+//!
+//! A pod with several ranks starts as one process, which runs one child process per local
+//! rank (each on its own GPU, like `torchrun`) and ends as they end: the first to fail stops
+//! the others, and its exit code and message become the pod's.
+use crate::collective::{Group, Topology};
+use crate::exit;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use rlt_api::contract::env;
+use std::process::{Child, Command};
+use std::time::Duration;
+use tch::Device;
+
+/// Set by a pod's first process on each local rank it starts.
+pub const LOCAL_RANK: &str = "RLT_LOCAL_RANK";
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct RankArgs {
+    /// This pod's index among the stage's pods.
+    #[arg(long = "replica-index", env = env::REPLICA_INDEX, default_value_t = 0)]
+    pub pod: usize,
+    /// The stage's pods.
+    #[arg(long = "replicas", env = env::REPLICAS, default_value_t = 1)]
+    pub pods: usize,
+    /// Ranks in this pod (one per GPU).
+    #[arg(long, env = env::RANKS_PER_POD, default_value_t = 1)]
+    pub ranks_per_pod: usize,
+    /// `host:port` of every pod, comma-separated; local rank `l` listens on `port + l`.
+    #[arg(long, env = env::PEERS)]
+    pub peers: Option<String>,
+    /// This process's rank within its pod (set on the processes a pod starts per rank).
+    #[arg(long, env = LOCAL_RANK, hide = true)]
+    pub local_rank: Option<usize>,
+    /// How long a rank waits for the others to come up (pods are scheduled one by one).
+    #[arg(long, default_value_t = 900)]
+    pub rendezvous_timeout_s: u64,
+}
+
+impl RankArgs {
+    pub fn world(&self) -> usize {
+        self.pods.max(1) * self.ranks_per_pod.max(1)
+    }
+
+    /// Whether this process is a pod's first process that should start its local ranks.
+    pub fn starts_local_ranks(&self) -> bool {
+        self.ranks_per_pod > 1 && self.local_rank.is_none()
+    }
+
+    /// The device of this rank: a pod's local rank `l` uses `cuda:l` when the stage runs on
+    /// CUDA.
+    pub fn device(&self, device: Device) -> Device {
+        match (device, self.local_rank) {
+            (Device::Cuda(_), Some(l)) => Device::Cuda(l),
+            (d, _) => d,
+        }
+    }
+
+    /// Joins the stage's ranks (a group of one when there is a single rank). `tag` is the
+    /// stage attempt: ranks of different attempts never pair up.
+    pub fn join(&self, bind: &str, tag: u32) -> Result<Group> {
+        if self.world() == 1 {
+            return Ok(Group::single());
+        }
+        let peers = self.peers.as_deref().ok_or_else(|| {
+            exit::bad_config(anyhow!(
+                "{} ranks ({} pods x {} per pod) but no peers ({} / --peers)",
+                self.world(),
+                self.pods,
+                self.ranks_per_pod,
+                env::PEERS
+            ))
+        })?;
+        let topo = Topology::from_pods(
+            peers,
+            self.ranks_per_pod,
+            self.pod,
+            self.local_rank.unwrap_or(0),
+        )
+        .map_err(exit::bad_config)?;
+        if topo.world != self.world() {
+            return Err(exit::bad_config(anyhow!(
+                "{} lists {} ranks, the stage has {} ({} pods x {} per pod)",
+                env::PEERS,
+                topo.world,
+                self.world(),
+                self.pods,
+                self.ranks_per_pod
+            )));
+        }
+        tracing::info!(
+            rank = topo.rank,
+            world = topo.world,
+            "joining the data-parallel ranks"
+        );
+        let group = Group::connect(
+            &topo,
+            bind,
+            tag,
+            Duration::from_secs(self.rendezvous_timeout_s),
+        )?;
+        tracing::info!(rank = group.rank, world = group.world, "ranks connected");
+        Ok(group)
+    }
+}
+
+/// Runs this very command once per local rank (`RLT_LOCAL_RANK` = 0..n) and waits for all of
+/// them. The first failure stops the rest and is returned with its exit code kept (a bad
+/// configuration stays one) and its message (the child's termination message).
+pub fn run_local_ranks(n: usize) -> Result<()> {
+    let exe = std::env::current_exe().context("locating the rlt-trainer binary")?;
+    let scratch = std::env::temp_dir().join(format!("rlt-ranks-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let log = |l: usize| scratch.join(format!("rank-{l}.termination"));
+    let mut children: Vec<(usize, Child)> = Vec::with_capacity(n);
+    for l in 0..n {
+        let child = Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env(LOCAL_RANK, l.to_string())
+            .env(env::TERMINATION_LOG, log(l))
+            .spawn()
+            .with_context(|| format!("starting local rank {l}"));
+        match child {
+            Ok(c) => children.push((l, c)),
+            Err(e) => {
+                stop(&mut children);
+                return Err(e);
+            }
+        }
+    }
+    tracing::info!(ranks = n, "local ranks started");
+    let outcome = loop {
+        let mut running = false;
+        let mut failed = None;
+        for (l, c) in &mut children {
+            match c.try_wait() {
+                Ok(Some(status)) if !status.success() => {
+                    failed = Some((*l, status.code().unwrap_or(exit::CRASH)));
+                    break;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => running = true,
+                Err(e) => {
+                    failed = Some((*l, exit::CRASH));
+                    tracing::error!(rank = l, "waiting for local rank: {e}");
+                    break;
+                }
+            }
+        }
+        if let Some(f) = failed {
+            break Some(f);
+        }
+        if !running {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    stop(&mut children);
+    let result = match outcome {
+        None => Ok(()),
+        Some((l, code)) => {
+            let message = std::fs::read_to_string(log(l))
+                .unwrap_or_else(|_| format!("exited with code {code}"));
+            let e = anyhow!("local rank {l}: {}", message.trim());
+            if code == exit::BAD_CONFIG {
+                Err(exit::bad_config(e))
+            } else {
+                Err(e)
+            }
+        }
+    };
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn stop(children: &mut [(usize, Child)]) {
+    for (_, c) in children.iter_mut() {
+        if matches!(c.try_wait(), Ok(None)) {
+            let _ = c.kill();
+        }
+        let _ = c.wait();
+    }
+}
+
+/// Refuses a rank layout the stage cannot use.
+pub fn check_batch(world: usize, batch_size: usize, field: &str) -> Result<()> {
+    if world > batch_size {
+        bail!(
+            "{world} data-parallel ranks but {field} is {batch_size}: every rank needs at least \
+             one example per step; raise {field} or use fewer ranks"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! Data-parallel warm-up with real rank processes (`rlt-trainer warmup` as the pods run it,
+//! the ranks meeting over TCP on loopback): 1, 2 and 4 ranks reach the same weights from the
+//! same global batch, whether the ranks are pods or several ranks in one pod; a rank killed
+//! mid-epoch brings its group down and the next attempt resumes from the last checkpoint to the
+//! same result; every rank's share of the optimizer state is in each checkpoint.
+use rlt_api::layout::{latest_checkpoint, RunDir};
+use rlt_trainer::checkpoint::{init_tiny, load_checkpoint};
+use rlt_trainer::config::TinySpec;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rlt-dp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn model(root: &Path) -> PathBuf {
+    let dir = root.join("tiny");
+    let spec = TinySpec {
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        intermediate_size: 64,
+        seed: 5,
+    };
+    init_tiny(&dir, &spec, Kind::Float).unwrap();
+    dir
+}
+
+/// A port `p` with `p..p + n` all free now (a pod's local ranks listen on consecutive ports).
+fn free_run(n: usize, taken: &mut Vec<TcpListener>) -> u16 {
+    loop {
+        let first = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = first.local_addr().unwrap().port();
+        let rest: Option<Vec<TcpListener>> = (1..n as u16)
+            .map(|i| {
+                base.checked_add(i)
+                    .and_then(|p| TcpListener::bind(("127.0.0.1", p)).ok())
+            })
+            .collect();
+        if let Some(rest) = rest {
+            // Held until every pod has its ports, so two pods never get overlapping runs.
+            taken.push(first);
+            taken.extend(rest);
+            return base;
+        }
+    }
+}
+
+/// One pod's process: `pods` pods of `per_pod` ranks each, this one `pod`.
+fn warmup(
+    model: &Path,
+    ws: &Path,
+    pods: usize,
+    per_pod: usize,
+    pod: usize,
+    peers: &str,
+    attempt: u32,
+) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rlt-trainer"));
+    c.args([
+        "warmup",
+        "--synthetic",
+        "96",
+        "--prompts",
+        "short",
+        "--run",
+        "r",
+    ]);
+    c.args([
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "3e-3",
+    ]);
+    c.args([
+        "--checkpoint-every",
+        "4",
+        "--log-every",
+        "4",
+        "--threads",
+        "1",
+        "--bind",
+        "127.0.0.1",
+    ]);
+    c.arg("--model").arg(model).arg("--workspace").arg(ws);
+    c.env_remove("RLT_METRICS_PORT")
+        .env_remove("RLT_LOCAL_RANK")
+        .env("RLT_ATTEMPT", attempt.to_string())
+        .env("RLT_REPLICAS", pods.to_string())
+        .env("RLT_REPLICA_INDEX", pod.to_string())
+        .env("RLT_RANKS_PER_POD", per_pod.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if pods * per_pod > 1 {
+        c.env("RLT_PEERS", peers);
+    } else {
+        c.env_remove("RLT_PEERS");
+    }
+    c
+}
+
+/// Starts every pod of a group, each with its own run of loopback ports.
+fn start(model: &Path, ws: &Path, pods: usize, per_pod: usize, attempt: u32) -> Vec<Child> {
+    let mut taken = Vec::new();
+    let peers: Vec<String> = (0..pods)
+        .map(|_| format!("127.0.0.1:{}", free_run(per_pod, &mut taken)))
+        .collect();
+    drop(taken);
+    let peers = peers.join(",");
+    (0..pods)
+        .map(|pod| {
+            warmup(model, ws, pods, per_pod, pod, &peers, attempt)
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn wait_all(children: Vec<Child>) -> Vec<Output> {
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+fn assert_ok(outs: &[Output]) {
+    for o in outs {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+fn final_weights(ws: &Path) -> Vec<(String, Tensor)> {
+    let (lm, _) = load_checkpoint(
+        &RunDir::new(ws, "r").warmup().final_dir(),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    let mut v: Vec<_> = lm.vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn max_difference(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> (f64, String) {
+    a.iter()
+        .zip(b)
+        .map(|((n, x), (_, y))| ((x - y).abs().max().double_value(&[]), n.clone()))
+        .fold((0.0, String::new()), |m, d| if d.0 > m.0 { d } else { m })
+}
+
+#[test]
+fn one_two_and_four_ranks_reach_the_same_weights() {
+    let root = tmpdir("equal");
+    let model = model(&root);
+    let run = |name: &str, pods: usize, per_pod: usize| {
+        let ws = root.join(name);
+        assert_ok(&wait_all(start(&model, &ws, pods, per_pod, 0)));
+        final_weights(&ws)
+    };
+    let one = run("one", 1, 1);
+    let initial = {
+        let (lm, _) = load_checkpoint(&model, Device::Cpu, Kind::Float).unwrap();
+        let mut v: Vec<_> = lm.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let (moved, _) = max_difference(&one, &initial);
+    assert!(moved > 1e-3, "training moved the weights by only {moved}");
+    // Two pods of one rank, and one pod of four ranks (as a pod with 4 GPUs runs them).
+    for (name, pods, per_pod) in [("two-pods", 2, 1), ("four-in-a-pod", 1, 4)] {
+        let w = run(name, pods, per_pod);
+        let (d, which) = max_difference(&one, &w);
+        // Only the order of float summation differs (f32, 24 steps of AdamW).
+        assert!(
+            d < 2e-4,
+            "{name}: {which} differs by {d} from one rank (training moved weights by {moved})"
+        );
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_killed_rank_fails_its_group_and_the_next_attempt_resumes_to_the_same_weights() {
+    let root = tmpdir("kill");
+    let model = model(&root);
+    let ws = root.join("ws");
+    let stage = RunDir::new(&ws, "r").warmup();
+    let mut pods = start(&model, &ws, 2, 1, 0);
+    let t = Instant::now();
+    let killed_at = loop {
+        if let Some((step, dir)) = latest_checkpoint(&stage.checkpoints(), 0) {
+            // Both ranks' optimizer shares are in the checkpoint, not only rank 0's.
+            for r in 0..2 {
+                let f = dir.join(format!("optimizer.rank-{r}-of-2.safetensors"));
+                assert!(f.exists(), "{} missing", f.display());
+            }
+            pods[1].kill().unwrap();
+            break step;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "no checkpoint after 3 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let outs = wait_all(pods);
+    assert!(!outs[0].status.success(), "rank 0 went on without rank 1");
+    let err = String::from_utf8_lossy(&outs[0].stderr);
+    assert!(err.contains("did it exit?"), "{err}");
+    assert!(
+        !stage.final_dir().exists(),
+        "the run finished before the kill"
+    );
+
+    // Attempt 1, as the operator would start it: resumes from the checkpoint.
+    assert_ok(&wait_all(start(&model, &ws, 2, 1, 1)));
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(stage.final_dir().join("trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    let resumed = state["resumed_from_step"]
+        .as_u64()
+        .expect("attempt 1 resumed");
+    assert!(
+        resumed >= killed_at,
+        "resumed from {resumed}, killed after {killed_at}"
+    );
+
+    let ws2 = root.join("uninterrupted");
+    assert_ok(&wait_all(start(&model, &ws2, 2, 1, 0)));
+    let (d, which) = max_difference(&final_weights(&ws), &final_weights(&ws2));
+    assert!(
+        d < 1e-5,
+        "{which} differs by {d} between the resumed and the uninterrupted run"
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_group_without_peers_is_a_bad_configuration() {
+    let root = tmpdir("nopeers");
+    let model = model(&root);
+    let mut c = warmup(&model, &root.join("ws"), 2, 1, 0, "", 0);
+    c.env_remove("RLT_PEERS");
+    let out = c.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RLT_PEERS"));
+    std::fs::remove_dir_all(&root).unwrap();
+}
