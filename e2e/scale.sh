@@ -15,7 +15,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-BASE="${RLT_SCALE_STATE:-$ROOT/target/e2e-scale}"
+# Absolute: the scale test runs in the e2e crate's directory.
+BASE="$(realpath -m "${RLT_SCALE_STATE:-$ROOT/target/e2e-scale}")"
 OUT="$BASE/reports"
 STATE="$BASE/cluster"
 # shellcheck source=e2e/lib.sh

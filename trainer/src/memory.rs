@@ -244,6 +244,10 @@ fn breakdown(e: &Estimate) -> String {
     )
 }
 
+/// The sequence lengths and rank counts of the README's table.
+pub const README_LENGTHS: [u32; 2] = [4096, 16384];
+pub const README_RANKS: [u32; 5] = [1, 2, 4, 8, 16];
+
 /// The README's table: GiB per GPU of a bf16 fine-tune with activation checkpointing, one
 /// sequence per micro-batch, by model and ranks (✗: more than an 80 GB H100 holds), and the
 /// fewest such GPUs that fit.
@@ -581,7 +585,3 @@ mod tests {
         );
     }
 }
-
-/// The sequence lengths and rank counts of the README's table.
-pub const README_LENGTHS: [u32; 2] = [4096, 16384];
-pub const README_RANKS: [u32; 5] = [1, 2, 4, 8, 16];
