@@ -196,6 +196,8 @@ fn transport(teacher: &Path) -> Result<(f64, f64, f64)> {
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?.to_string();
     let handle = rt.spawn(server.serve(listener, None));
+    // The client's channel is created lazily on this runtime.
+    let _runtime = rt.enter();
     let mut clients = ShardClients::new(&[addr], 0, 1, Duration::from_secs(30))?;
     rt.block_on(clients.hello())?;
     let mut rate = |kind: Kind| -> Result<(f64, f64)> {
