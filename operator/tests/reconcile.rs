@@ -708,20 +708,27 @@ fn a_job_that_cannot_create_its_pods_is_lifted_into_the_condition_and_an_event()
     assert!(w.step().is_noop(), "reported once");
 }
 
+/// Warm-up pod of attempt 0 whose trainer exited with `code`, as the kubelet reports it.
+fn failed_warmup_pod(code: i32, message: &str) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "tiny-cpu-warmup-0-0-abcde",
+            "labels": {"rlt.dev/run": "tiny-cpu", "rlt.dev/stage": "warmup", "rlt.dev/attempt": "0"}},
+        "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "image": "i",
+            "imageID": "", "ready": false, "restartCount": 0, "state": {"terminated": {
+            "reason": "Error", "exitCode": code, "message": message}}}]}
+    }))
+    .unwrap()
+}
+
 #[test]
 fn the_trainers_termination_message_reaches_the_condition_and_the_event() {
     let mut w = World::new(run_from(TINY));
     w.run.spec.failure_policy.retries = 0;
     w.step();
-    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "tiny-cpu-warmup-0-0-abcde",
-            "labels": {"rlt.dev/run": "tiny-cpu", "rlt.dev/stage": "warmup", "rlt.dev/attempt": "0"}},
-        "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "image": "i",
-            "imageID": "", "ready": false, "restartCount": 0, "state": {"terminated": {
-            "reason": "Error", "exitCode": 1,
-            "message": "loading the teacher: /workspace/tiny-cpu/inputs/models/x/model.safetensors: unexpected end of file"}}}]}
-    }))
-    .unwrap();
+    let pod = failed_warmup_pod(
+        1,
+        "loading the teacher: /workspace/tiny-cpu/inputs/models/x/model.safetensors: unexpected end of file",
+    );
     w.obs.pods = vec![rlt_operator::observe::pod(&pod)];
     w.set_job("tiny-cpu-warmup-0", fail("BackoffLimitExceeded"));
     let plan = w.step();
@@ -866,14 +873,7 @@ fn a_memory_preflight_refusal_fails_the_run_at_once_naming_the_fields_to_change(
     let mut w = World::new(run_from(TINY));
     assert!(w.run.spec.failure_policy.retries > 0, "retries are left");
     w.step();
-    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "tiny-cpu-warmup-0-0-abcde",
-            "labels": {"rlt.dev/run": "tiny-cpu", "rlt.dev/stage": "warmup", "rlt.dev/attempt": "0"}},
-        "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "image": "i",
-            "imageID": "", "ready": false, "restartCount": 0, "state": {"terminated": {
-            "reason": "Error", "exitCode": 2, "message": refusal}}}]}
-    }))
-    .unwrap();
+    let pod = failed_warmup_pod(2, refusal);
     w.obs.pods = vec![rlt_operator::observe::pod(&pod)];
     w.activity = Activity::from_pods(&[pod]);
     w.set_job("tiny-cpu-warmup-0", fail("PodFailurePolicy"));

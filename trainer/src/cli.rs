@@ -393,22 +393,15 @@ pub fn warmup(a: WarmupArgs) -> Result<()> {
         "--model",
     )?;
     let (device, kind) = a.device.resolve_for(run)?;
-    let world = a.ranks.world();
-    // Before anything is loaded (every local rank decides the same micro-batches).
-    crate::ranks::check_batch(world, cfg.batch_size, "warmup.batchSize")
-        .map_err(crate::exit::bad_config)?;
-    let stage = crate::memory::Stage::sft(
+    if crate::ranks::prepare_stage(
+        &a.ranks,
+        &mut cfg,
+        &model,
         "warm-up".into(),
         "warmup",
-        &cfg,
-        kind,
-        world,
-        a.ranks.ranks_per_pod,
-    );
-    cfg.grad_accum = crate::memory::check_stage(&model, &stage, cfg.grad_accum, device)
-        .map_err(crate::exit::bad_config)?;
-    if a.ranks.starts_local_ranks() {
-        return crate::ranks::run_local_ranks(a.ranks.ranks_per_pod);
+        (device, kind),
+    )? {
+        return Ok(());
     }
     let prompts = a.data.prompts.over(run);
     let examples = a.data.load(run)?;

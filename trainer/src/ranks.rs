@@ -106,6 +106,31 @@ impl RankArgs {
     }
 }
 
+/// What an SFT stage does before loading anything, in every process of the pod: refuses a
+/// batch too small for the ranks, runs the memory preflight (which may raise
+/// `cfg.grad_accum`: every local rank decides the same), then, in a pod's first process with
+/// several ranks, runs them. `true`: this process ran its pod's local ranks and is done.
+pub fn prepare_stage(
+    ranks: &RankArgs,
+    cfg: &mut crate::sft::SftConfig,
+    model: &std::path::Path,
+    what: String,
+    section: &'static str,
+    (device, kind): (Device, tch::Kind),
+) -> Result<bool> {
+    let world = ranks.world();
+    check_batch(world, cfg.batch_size, &format!("{section}.batchSize"))
+        .map_err(exit::bad_config)?;
+    let stage = crate::memory::Stage::sft(what, section, cfg, kind, world, ranks.ranks_per_pod);
+    cfg.grad_accum = crate::memory::check_stage(model, &stage, cfg.grad_accum, device)
+        .map_err(exit::bad_config)?;
+    if ranks.starts_local_ranks() {
+        run_local_ranks(ranks.ranks_per_pod)?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 /// Runs this very command once per local rank (`RLT_LOCAL_RANK` = 0..n) and waits for all of
 /// them. The first failure stops the rest and is returned with its exit code kept (a bad
 /// configuration stays one) and its message (the child's termination message).

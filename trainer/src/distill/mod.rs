@@ -115,22 +115,15 @@ pub fn distill(a: DistillArgs) -> Result<()> {
         (None, None) => flag_or_run(None, None, "--student-model")?,
     };
     let (device, kind) = a.device.resolve_for(run)?;
-    let world = a.ranks.world();
-    // Before anything is loaded (every local rank decides the same micro-batches).
-    crate::ranks::check_batch(world, sft.batch_size, "distillation.batchSize")
-        .map_err(crate::exit::bad_config)?;
-    let stage = crate::memory::Stage::sft(
+    if crate::ranks::prepare_stage(
+        &a.ranks,
+        &mut sft,
+        &student_model,
         format!("distillation of student {}", a.student),
         "distillation",
-        &sft,
-        kind,
-        world,
-        a.ranks.ranks_per_pod,
-    );
-    sft.grad_accum = crate::memory::check_stage(&student_model, &stage, sft.grad_accum, device)
-        .map_err(crate::exit::bad_config)?;
-    if a.ranks.starts_local_ranks() {
-        return crate::ranks::run_local_ranks(a.ranks.ranks_per_pod);
+        (device, kind),
+    )? {
+        return Ok(());
     }
     let job = DistillJob {
         name: a.student.clone(),
