@@ -1,7 +1,10 @@
 # syntax=docker/dockerfile:1.7
-# The trainer, on libtorch from the PyTorch wheel tch 0.26 is built against.
-#   CPU:  --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-#   CUDA: --build-arg TORCH_INDEX_URL=https://pypi.org/simple   (PyPI's torch is the CUDA build)
+# The trainer, on libtorch from the PyTorch wheel tch 0.26 is built against (torch 2.13.0).
+#   CPU:  --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu   (2.13.0+cpu)
+#   CUDA: --build-arg TORCH_INDEX_URL=https://pypi.org/simple   (PyPI's torch is the CUDA build:
+#         2.13.0+cu130, i.e. libtorch with CUDA 13.0 and cuDNN 9.20 from the nvidia-* wheels,
+#         which needs an NVIDIA driver of the 580 series or newer on the nodes)
+# The image carries those libraries itself; nothing from the host but the driver is used.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
@@ -28,6 +31,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && find /out/site-packages/torch -mindepth 1 -maxdepth 1 ! -name lib -exec rm -rf {} +
 
 FROM debian:bookworm-slim
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL
+LABEL org.opencontainers.image.title="rlt-trainer" \
+      dev.rlt.libtorch.version="${TORCH_VERSION}" \
+      dev.rlt.libtorch.index="${TORCH_INDEX_URL}"
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libgomp1 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 1000 --create-home --shell /usr/sbin/nologin rlt

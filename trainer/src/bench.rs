@@ -1,12 +1,15 @@
 //! `rlt-trainer bench`: the SFT training step and batched sampling, timed in rlt-trainer and in
 //! Hugging Face transformers (trainer/bench/hf_bench.py) on the same checkpoint, the same batch
-//! and the same torch build, at two model sizes; prints both and the ratio. Also one AdamW
+//! and the same torch build, at the model sizes asked for; prints both, the ratio, the model
+//! TFLOP/s of each ([`crate::flops`]) and, where the device's bf16 peak is known (a GPU by
+//! name, or `--peak-tflops`), the model FLOP utilisation (MFU). Also one AdamW
 //! update over the model's parameters: the trainer's own ([`crate::optim::AdamW`], what every
 //! stage runs) against libtorch's C++ `torch::optim::AdamW` (tch exposes neither the fused nor
 //! the foreach kernels, so that is the libtorch implementation within reach).
 use crate::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
-use crate::config::TinySpec;
-use crate::device::{parse_device, parse_kind};
+use crate::config::{Qwen2Config, TinySpec};
+use crate::device::{gpu_name, parse_device, parse_kind};
+use crate::flops;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::sampling::{generate, right_pad, SamplingConfig, SplitMix64};
 use crate::sft::completion_loss;
@@ -20,7 +23,8 @@ use tch::{Device, Kind};
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Sizes to run: tiny (~0.1M params), small (~23M params).
+    /// Sizes to run: tiny (~0.1M parameters), small (22.7M), medium (24M), 0.5b (Qwen2.5-0.5B:
+    /// 494M); see [`TinySpec::bench_shape`].
     #[arg(long, value_delimiter = ',', default_value = "tiny,small")]
     pub sizes: Vec<String>,
     #[arg(long, default_value = "cpu")]
@@ -61,28 +65,10 @@ pub struct BenchArgs {
     /// Skip the transformers side.
     #[arg(long)]
     pub rust_only: bool,
-}
-
-pub fn size_spec(name: &str) -> Result<TinySpec> {
-    Ok(match name {
-        "tiny" => TinySpec {
-            hidden_size: 64,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            intermediate_size: 176,
-            seed: 1,
-        },
-        "small" => TinySpec {
-            hidden_size: 512,
-            num_hidden_layers: 8,
-            num_attention_heads: 8,
-            num_key_value_heads: 2,
-            intermediate_size: 1408,
-            seed: 1,
-        },
-        other => bail!("unknown bench size {other:?} (tiny, small)"),
-    })
+    /// The device's peak in TFLOP/s for the dtype benchmarked, for MFU (default: a GPU's dense
+    /// bf16 peak from its name; none on the CPU).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -308,19 +294,46 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("rlt-bench-{}", std::process::id())));
     let tok = Tokenizer::tiny();
+    let device = parse_device(&a.device)?;
+    let gpu = match device {
+        Device::Cuda(i) => gpu_name(i),
+        _ => None,
+    };
+    // The peaks known by name are bf16 tensor-core peaks; other dtypes need --peak-tflops.
+    let bf16 = parse_kind(&a.dtype)? == Kind::BFloat16;
+    let peak = a.peak_tflops.or_else(|| {
+        gpu.as_deref()
+            .filter(|_| bf16)
+            .and_then(flops::bf16_peak_tflops)
+    });
     println!(
-        "device {} dtype {} threads {threads}; SFT batch {}x{} tokens; sampling {} prompts <= {} tokens + {} new \
+        "device {}{} dtype {} threads {threads}; SFT batch {}x{} tokens; sampling {} prompts <= {} tokens + {} new \
          (T={}, top-p={}); best of {} rounds x {} iters",
-        a.device, a.dtype, a.batch, a.seq_len, a.batch, a.prompt_len, a.max_new_tokens, a.temperature, a.top_p, a.rounds, a.iters
+        a.device,
+        gpu.as_deref().map(|g| format!(" ({g})")).unwrap_or_default(),
+        a.dtype, a.batch, a.seq_len, a.batch, a.prompt_len, a.max_new_tokens, a.temperature, a.top_p, a.rounds, a.iters
     );
+    match peak {
+        Some(p) => println!("MFU against a peak of {p} TFLOP/s (model FLOPs: crate::flops)"),
+        None => println!("MFU: no peak known for this device (pass --peak-tflops)"),
+    }
     println!(
-        "{:<6} {:>7}  {:<9} {:>22} {:>22} {:>8}",
+        "{:<6} {:>7}  {:<9} {:>34} {:>34} {:>8}",
         "size", "params", "workload", "rlt-trainer", "transformers", "speed-up"
     );
     for size in &a.sizes {
-        let spec = size_spec(size)?;
+        let (spec, vocab) = TinySpec::bench_shape(size)?;
         let dir = root.join(size);
-        let lm = CausalLm::tiny(&spec, &tok, Device::Cpu, Kind::Float)?;
+        let lm = match vocab {
+            Some(v) => CausalLm::random(
+                &Qwen2Config::tiny(&spec, v),
+                spec.seed,
+                Device::Cpu,
+                Kind::Float,
+            )?,
+            None => CausalLm::tiny(&spec, &tok, Device::Cpu, Kind::Float)?,
+        };
+        let config = lm.config.clone();
         let params = lm.num_parameters();
         save_checkpoint(&dir, &lm, &tok)?;
         drop(lm);
@@ -341,29 +354,45 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
         let ours = ours.expect("at least one round");
         let p = format!("{:.1}M", params as f64 / 1e6);
-        let cell = |s: f64, tps: f64| format!("{:>9.1} ms {:>7.0} tok/s", s * 1e3, tps);
+        let prompt = w.prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let work = [
+            flops::train_step(&config, a.batch, a.seq_len),
+            flops::generation(&config, a.batch, prompt, a.max_new_tokens),
+        ];
+        let cell = |s: f64, tps: f64, work: f64| {
+            let tflops = work / s / 1e12;
+            let mfu = peak.map_or(String::new(), |p| format!(" {:>5.1}%", 100.0 * tflops / p));
+            format!(
+                "{:>9.1} ms {:>7.0} tok/s {:>6.2} TF/s{mfu}",
+                s * 1e3,
+                tps,
+                tflops
+            )
+        };
         let rows = [
             (
                 "sft step",
                 ours.sft_seconds,
                 ours.sft_tokens_per_second,
                 theirs.map(|t| (t.sft_seconds, t.sft_tokens_per_second)),
+                work[0],
             ),
             (
                 "sampling",
                 ours.sample_seconds,
                 ours.sample_tokens_per_second,
                 theirs.map(|t| (t.sample_seconds, t.sample_tokens_per_second)),
+                work[1],
             ),
         ];
-        for (name, s, tps, other) in rows {
+        for (name, s, tps, other, work) in rows {
             let (theirs_cell, ratio) = match other {
-                Some((ts, ttps)) => (cell(ts, ttps), format!("{:.2}x", ts / s)),
+                Some((ts, ttps)) => (cell(ts, ttps, work), format!("{:.2}x", ts / s)),
                 None => ("-".into(), "-".into()),
             };
             println!(
-                "{size:<6} {p:>7}  {name:<9} {} {theirs_cell:>22} {ratio:>8}",
-                cell(s, tps)
+                "{size:<6} {p:>7}  {name:<9} {:>34} {theirs_cell:>34} {ratio:>8}",
+                cell(s, tps, work)
             );
         }
         println!(

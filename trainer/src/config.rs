@@ -64,6 +64,34 @@ impl From<&rlt_api::spec::TinyModel> for TinySpec {
     }
 }
 
+impl TinySpec {
+    /// The model shapes the benchmarks (`bench`, `rl-bench`) run, by name, with the vocabulary
+    /// of the shape when it is not the tiny tokenizer's: `tiny` (~0.1M parameters), `small`
+    /// (22.7M), `medium` (24M: `small` with 4 KV heads), `0.5b` (Qwen2.5-0.5B's decoder; its
+    /// 151,936-token vocabulary makes the real 494M parameters).
+    pub fn bench_shape(name: &str) -> Result<(TinySpec, Option<i64>)> {
+        let spec = |hidden_size,
+                    num_hidden_layers,
+                    num_attention_heads,
+                    num_key_value_heads,
+                    intermediate_size| TinySpec {
+            hidden_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            intermediate_size,
+            seed: 1,
+        };
+        Ok(match name {
+            "tiny" => (spec(64, 2, 4, 2, 176), None),
+            "small" => (spec(512, 8, 8, 2, 1408), None),
+            "medium" => (spec(512, 8, 8, 4, 1408), None),
+            "0.5b" => (spec(896, 24, 14, 2, 4864), Some(151_936)),
+            other => bail!("unknown model size {other:?} (tiny, small, medium, 0.5b)"),
+        })
+    }
+}
+
 impl Default for TinySpec {
     /// The spec's `tiny: {}`.
     fn default() -> Self {

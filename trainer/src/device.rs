@@ -24,6 +24,35 @@ pub fn parse_kind(s: &str) -> Result<Kind> {
     })
 }
 
+/// One `nvidia-smi --query-gpu` field of GPU `index` (e.g. `name`, `memory.total`), where
+/// `nvidia-smi` is installed and answers.
+pub fn nvidia_smi(index: usize, field: &str) -> Option<String> {
+    let out = std::process::Command::new("nvidia-smi")
+        .arg(format!("--query-gpu={field}"))
+        .args(["--format=csv,noheader,nounits", &format!("--id={index}")])
+        .output()
+        .ok()?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !v.is_empty()).then_some(v)
+}
+
+/// The name of GPU `index` ("NVIDIA H100 80GB HBM3"): from `nvidia-smi`, else from the
+/// driver's `/proc/driver/nvidia/gpus/*/information` (present in containers without the tool).
+pub fn gpu_name(index: usize) -> Option<String> {
+    nvidia_smi(index, "name").or_else(|| {
+        let mut dirs: Vec<_> = std::fs::read_dir("/proc/driver/nvidia/gpus")
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        let info = std::fs::read_to_string(dirs.get(index)?.join("information")).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("Model:"))
+            .map(|m| m.trim().to_string())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,7 @@ pub mod device;
 pub mod distill;
 pub mod eval;
 pub mod exit;
+pub mod flops;
 pub mod logprobs;
 pub mod memory;
 pub mod metrics;

@@ -303,12 +303,7 @@ pub fn available(device: tch::Device, ranks_per_pod: u32) -> Option<f64> {
     }
     match device {
         tch::Device::Cuda(i) => {
-            let out = std::process::Command::new("nvidia-smi")
-                .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits"])
-                .arg(format!("--id={i}"))
-                .output()
-                .ok()?;
-            let mib: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+            let mib: f64 = crate::device::nvidia_smi(i, "memory.total")?.parse().ok()?;
             Some(mib * (1u64 << 20) as f64)
         }
         _ => host_memory().map(|b| b / f64::from(ranks_per_pod.max(1))),

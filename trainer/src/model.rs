@@ -10,32 +10,96 @@
 use crate::config::Qwen2Config;
 use tch::{nn, nn::Module, Kind, Tensor};
 
-/// Key/value cache for incremental decoding: one `(k, v)` pair per layer, each
-/// `[batch, kv_heads, seq, head_dim]` (before the grouped heads are repeated).
+/// Key/value cache for incremental decoding: per layer, keys and values in buffers
+/// `[batch, kv_heads, capacity, head_dim]` (before the grouped heads are repeated) of which the
+/// first `len` positions are filled. A decoded token is written in place; a buffer is only
+/// reallocated (doubling) when a call outgrows it, so a cache made with the whole generation's
+/// length ([`Qwen2::new_cache_for`]) never copies what it holds.
 #[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+    /// Positions to allocate on the first write.
+    reserve: i64,
+}
+
+#[derive(Debug)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: i64,
+}
+
+impl LayerCache {
+    /// Writes `k`, `v` (`[batch, kv_heads, t, head_dim]`) after the cached positions and
+    /// returns views of everything cached so far.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        let t = k.size()[2];
+        let capacity = self.k.size()[2];
+        if self.len + t > capacity {
+            let grown = (2 * capacity).max(self.len + t);
+            let grow = |old: &Tensor| {
+                let mut shape = old.size();
+                shape[2] = grown;
+                let new = Tensor::empty(shape.as_slice(), (old.kind(), old.device()));
+                new.narrow(2, 0, self.len)
+                    .copy_(&old.narrow(2, 0, self.len));
+                new
+            };
+            self.k = grow(&self.k);
+            self.v = grow(&self.v);
+        }
+        self.k.narrow(2, self.len, t).copy_(k);
+        self.v.narrow(2, self.len, t).copy_(v);
+        self.len += t;
+        (self.k.narrow(2, 0, self.len), self.v.narrow(2, 0, self.len))
+    }
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
+        Self::with_capacity(num_layers, 0)
+    }
+    /// A cache whose buffers hold `positions` (prompt and new tokens) without reallocating.
+    pub fn with_capacity(num_layers: usize, positions: i64) -> Self {
         KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
+            reserve: positions,
         }
     }
     /// Number of positions already cached.
     pub fn seq_len(&self) -> i64 {
         match self.layers.first() {
-            Some(Some((k, _))) => k.size()[2],
+            Some(Some(l)) => l.len,
             _ => 0,
+        }
+    }
+    /// Positions the buffers hold before they must grow.
+    pub fn capacity(&self) -> i64 {
+        match self.layers.first() {
+            Some(Some(l)) => l.k.size()[2],
+            _ => self.reserve,
         }
     }
     /// Keeps only the given batch rows (e.g. after some sequences finished).
     pub fn select_rows(&mut self, rows: &Tensor) {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(0, rows);
-            *v = v.index_select(0, rows);
+        for l in self.layers.iter_mut().flatten() {
+            l.k = l.k.index_select(0, rows);
+            l.v = l.v.index_select(0, rows);
         }
+    }
+    /// Appends layer `i`'s new keys and values; returns all of that layer's cached ones.
+    fn append(&mut self, i: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        let reserve = self.reserve;
+        let layer = self.layers[i].get_or_insert_with(|| {
+            let mut shape = k.size();
+            shape[2] = reserve.max(shape[2]);
+            LayerCache {
+                k: Tensor::empty(shape.as_slice(), (k.kind(), k.device())),
+                v: Tensor::empty(shape.as_slice(), (v.kind(), v.device())),
+                len: 0,
+            }
+        });
+        layer.append(&k, &v)
     }
 }
 
@@ -131,7 +195,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &AttnMask,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
         let d = self.head_dim;
@@ -153,14 +217,7 @@ impl Attention {
         let q = &q * cos + rotate_half(&q) * sin;
         let k = &k * cos + rotate_half(&k) * sin;
         let (k, v) = match cache {
-            Some(slot) => {
-                let kv = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
-                    None => (k, v),
-                };
-                *slot = Some((kv.0.shallow_clone(), kv.1.shallow_clone()));
-                kv
-            }
+            Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
         let k = repeat_kv(&k, self.heads / self.kv_heads);
@@ -335,6 +392,11 @@ impl Qwen2 {
         KvCache::new(self.layers.len())
     }
 
+    /// A cache preallocated for `positions` tokens (prompt plus everything to be generated).
+    pub fn new_cache_for(&self, positions: i64) -> KvCache {
+        KvCache::with_capacity(self.layers.len(), positions)
+    }
+
     /// Logits `[batch, seq, vocab]` (in the model's dtype) for `input_ids` `[batch, seq]`.
     ///
     /// `attention_mask` (`[batch, past + seq]`, 1 = token, 0 = padding; any integer or bool
@@ -405,7 +467,7 @@ impl Qwen2 {
         let mut x = self.embed_tokens.forward(input_ids);
         let (cos, sin) = self.rotary(&positions, x.kind());
         for i in 0..self.layers.len() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let slot = cache.as_deref_mut().map(|c| (c, i));
             x = self.layer(i, &x, &cos, &sin, &mask, slot);
         }
         self.norm.forward(&x)
@@ -426,7 +488,7 @@ impl Qwen2 {
         cos: &Tensor,
         sin: &Tensor,
         mask: &AttnMask,
-        slot: Option<&mut Option<(Tensor, Tensor)>>,
+        slot: Option<(&mut KvCache, usize)>,
     ) -> Tensor {
         let layer = &self.layers[i];
         let a = layer

@@ -149,8 +149,22 @@ pub fn sample_tokens(
     cfg: &SamplingConfig,
     rng: &mut SplitMix64,
 ) -> (Tensor, Tensor) {
+    let rows = logits.size()[0] as usize;
+    sample_with(logits, cfg, &uniforms(cfg, rng, rows))
+}
+
+/// One uniform draw per row for sampling (none for greedy).
+fn uniforms(cfg: &SamplingConfig, rng: &mut SplitMix64, rows: usize) -> Vec<f32> {
+    if cfg.temperature <= 0.0 {
+        return vec![];
+    }
+    (0..rows).map(|_| rng.next_f64() as f32).collect()
+}
+
+/// [`sample_tokens`] with the rows' uniform draws given (`u[i]` for row `i`).
+fn sample_with(logits: &Tensor, cfg: &SamplingConfig, u: &[f32]) -> (Tensor, Tensor) {
     let logits = logits.to_kind(Kind::Float);
-    let (b, v) = logits.size2().unwrap();
+    let v = logits.size()[1];
     let ids = if cfg.temperature <= 0.0 {
         logits.argmax(-1, false)
     } else {
@@ -164,8 +178,7 @@ pub fn sample_tokens(
             (probs, None)
         };
         let cdf = sorted.cumsum(-1, Kind::Float);
-        let u: Vec<f32> = (0..b).map(|_| rng.next_f64() as f32).collect();
-        let u = Tensor::from_slice(&u).to(logits.device()).unsqueeze(1) * cdf.narrow(1, v - 1, 1);
+        let u = Tensor::from_slice(u).to(logits.device()).unsqueeze(1) * cdf.narrow(1, v - 1, 1);
         let pos = cdf
             .lt_tensor(&u)
             .sum_dim_intlist(-1, true, Kind::Int64)
@@ -180,6 +193,11 @@ pub fn sample_tokens(
 }
 
 /// Generates continuations of `prompts` (token lists, left-padded into one batch).
+///
+/// The KV cache is allocated once for the prompt and every new token. A row that emits a stop
+/// token leaves the batch (its cache rows are dropped), so the remaining rows decode at the
+/// cost of their own number. Each step draws one uniform per prompt, whether its row is still
+/// decoding or not, so a row's samples do not depend on when the others finished.
 pub fn generate(
     model: &Qwen2,
     prompts: &[Vec<i64>],
@@ -195,53 +213,77 @@ pub fn generate(
     let device = model.device();
     let (prompt_ids, prompt_mask) = left_pad(prompts, pad_id, device);
     let b = prompts.len() as i64;
+    let p = prompt_ids.size()[1];
+    let max_new = cfg.max_new_tokens as i64;
     let mut rng = SplitMix64::new(cfg.seed);
     let stop = Tensor::from_slice(&cfg.stop_tokens).to(device);
     tch::no_grad(|| {
-        let mut cache = model.new_cache();
-        let p = prompt_ids.size()[1];
+        let mut cache = model.new_cache_for(p + max_new);
         let hidden = model.forward_hidden(&prompt_ids, Some(&prompt_mask), Some(&mut cache));
         let mut logits = model.lm_logits(&hidden.narrow(1, p - 1, 1)).squeeze_dim(1);
-        let mut mask_all = prompt_mask.shallow_clone();
-        let mut done = Tensor::zeros([b], (Kind::Bool, device));
-        let (mut toks, mut lps, mut valid) = (vec![], vec![], vec![]);
-        for step in 0..cfg.max_new_tokens {
-            let (tok, lp) = sample_tokens(&logits, cfg, &mut rng);
-            let live = done.logical_not();
-            let tok = tok.where_self(&live, &Tensor::full([b], pad_id, (Kind::Int64, device)));
-            lps.push(lp.where_self(&live, &Tensor::zeros([b], (Kind::Float, device))));
-            valid.push(live.to_kind(Kind::Int64));
-            if !cfg.stop_tokens.is_empty() {
-                done = done.logical_or(&Tensor::isin(&tok, &stop, false, false));
+        // Outputs of all rows, filled column by column at the rows still decoding.
+        let tokens = Tensor::full([b, max_new], pad_id, (Kind::Int64, device));
+        let logprobs = Tensor::zeros([b, max_new], (Kind::Float, device));
+        let mask = Tensor::zeros([b, max_new], (Kind::Int64, device));
+        // The attention mask of the rows still decoding, for every position they will reach.
+        let mut attention = Tensor::cat(
+            &[
+                &prompt_mask,
+                &Tensor::ones([b, max_new], (Kind::Int64, device)),
+            ],
+            1,
+        );
+        let mut live: Vec<i64> = (0..b).collect();
+        let mut live_t = Tensor::arange(b, (Kind::Int64, device));
+        let mut stopped = vec![false; b as usize];
+        let mut steps = 0;
+        for step in 0..max_new {
+            steps = step + 1;
+            let mut u = uniforms(cfg, &mut rng, b as usize);
+            if !u.is_empty() {
+                u = live.iter().map(|&r| u[r as usize]).collect();
             }
-            toks.push(tok.shallow_clone());
-            if step + 1 == cfg.max_new_tokens || done.all().int64_value(&[]) == 1 {
+            let (mut tok, lp) = sample_with(&logits, cfg, &u);
+            // In place into the outputs' column `step` (the returned handles are not needed).
+            let _ = tokens.select(1, step).index_copy_(0, &live_t, &tok);
+            let _ = logprobs.select(1, step).index_copy_(0, &live_t, &lp);
+            let _ = mask.select(1, step).index_fill_(0, &live_t, 1);
+            let ended = if cfg.stop_tokens.is_empty() {
+                vec![false; live.len()]
+            } else {
+                Vec::<bool>::try_from(
+                    Tensor::isin(&tok, &stop, false, false).to_device(Device::Cpu),
+                )?
+            };
+            for (&r, _) in live.iter().zip(&ended).filter(|(_, &e)| e) {
+                stopped[r as usize] = true;
+            }
+            if steps == max_new || ended.iter().all(|&e| e) {
                 break;
             }
-            mask_all = Tensor::cat(
-                &[&mask_all, &Tensor::ones([b, 1], (Kind::Int64, device))],
-                1,
-            );
+            if ended.iter().any(|&e| e) {
+                let keep: Vec<i64> = (0..live.len() as i64)
+                    .filter(|&i| !ended[i as usize])
+                    .collect();
+                let keep_t = Tensor::from_slice(&keep).to(device);
+                live = keep.iter().map(|&i| live[i as usize]).collect();
+                live_t = Tensor::from_slice(&live).to(device);
+                cache.select_rows(&keep_t);
+                attention = attention.index_select(0, &keep_t);
+                tok = tok.index_select(0, &keep_t);
+            }
             logits = model
-                .forward(&tok.unsqueeze(1), Some(&mask_all), Some(&mut cache))
+                .forward(
+                    &tok.unsqueeze(1),
+                    Some(&attention.narrow(1, 0, p + steps)),
+                    Some(&mut cache),
+                )
                 .squeeze_dim(1);
         }
-        let stopped = Vec::<i64>::try_from(done.to_kind(Kind::Int64).to_device(Device::Cpu))
-            .unwrap_or_default()
-            .into_iter()
-            .map(|d| d != 0)
-            .collect();
-        let stack = |v: &[Tensor], kind| {
-            if v.is_empty() {
-                Tensor::zeros([b, 0], (kind, device))
-            } else {
-                Tensor::stack(v, 1)
-            }
-        };
         Ok(Generation {
-            tokens: stack(&toks, Kind::Int64),
-            logprobs: stack(&lps, Kind::Float),
-            mask: stack(&valid, Kind::Int64),
+            tokens: tokens.narrow(1, 0, steps),
+            logprobs: logprobs.narrow(1, 0, steps),
+            mask: mask.narrow(1, 0, steps),
             prompt_ids: prompt_ids.shallow_clone(),
             prompt_mask: prompt_mask.shallow_clone(),
             stopped,

@@ -123,6 +123,26 @@ fn cache_and_left_padding_match_full_forward() {
         "cache vs full: {}",
         max_abs_diff(&full, &inc)
     );
+    // Without a reservation the buffers grew (doubling) to hold what was decoded.
+    assert_eq!(cache.seq_len(), n);
+    assert!(cache.capacity() >= n && cache.capacity() < 2 * n);
+    // Reserved for the whole sequence: written in place, never reallocated, same logits.
+    let mut cache = lm.model.new_cache_for(n + 5);
+    let mut parts = vec![lm.model.forward(
+        &Tensor::from_slice(&ids[..10]).unsqueeze(0),
+        None,
+        Some(&mut cache),
+    )];
+    for &t in &ids[10..] {
+        parts.push(lm.model.forward(
+            &Tensor::from_slice(&[t]).unsqueeze(0),
+            None,
+            Some(&mut cache),
+        ));
+        assert_eq!(cache.capacity(), n + 5);
+    }
+    assert_eq!(cache.seq_len(), n);
+    assert!(max_abs_diff(&full, &Tensor::cat(&parts, 1)) < 1e-4);
     // Left-padded in a batch with a longer row: the real positions give the same logits.
     let other = tok
         .encode("A much longer sentence that forces padding of the first")
@@ -235,4 +255,48 @@ fn greedy_stops_on_stop_tokens_and_masks_after() {
             .double_value(&[]),
         0.0
     );
+}
+
+#[test]
+fn finished_rows_leave_the_batch_without_changing_the_others() {
+    let (lm, tok) = tiny();
+    let prompts: Vec<Vec<i64>> = ["1+1=", "What is 7*6? Answer:", "x", "The fox"]
+        .iter()
+        .map(|p| tok.encode(p).unwrap())
+        .collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: 16,
+        temperature: 0.8,
+        top_p: 0.95,
+        stop_tokens: vec![],
+        seed: 5,
+    };
+    let free = generate(&lm.model, &prompts, tok.pad_id(), &cfg)
+        .unwrap()
+        .token_lists();
+    // Row 1 stops at its third token and leaves the batch; every row is its free-running
+    // self cut after its first stop token.
+    let stop = free[1][2];
+    let cfg = SamplingConfig {
+        stop_tokens: vec![stop],
+        ..cfg
+    };
+    let g = generate(&lm.model, &prompts, tok.pad_id(), &cfg).unwrap();
+    let lists = g.token_lists();
+    for (r, (cut, whole)) in lists.iter().zip(&free).enumerate() {
+        let end = whole
+            .iter()
+            .position(|&t| t == stop)
+            .map_or(whole.len(), |i| i + 1);
+        assert_eq!(cut, &whole[..end], "row {r}");
+        assert_eq!(g.stopped[r], whole.contains(&stop), "row {r}");
+    }
+    assert!(lists[1].len() <= 3 && g.stopped[1]);
+    // The log-probs reported after rows left still match a full forward of each row.
+    let (ids, mask) = g.full_sequences();
+    let lp = tch::no_grad(|| sequence_logprobs(&lm.model, &ids, Some(&mask), cfg.temperature));
+    let p = g.prompt_ids.size()[1];
+    let recomputed = lp.narrow(1, p - 1, g.tokens.size()[1]) * g.mask.to_kind(Kind::Float);
+    let d = max_abs_diff(&recomputed, &g.logprobs);
+    assert!(d < 1e-4, "log-probs after compaction differ by {d}");
 }

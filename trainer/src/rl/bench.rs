@@ -28,7 +28,8 @@ use crate::tokenizer::Tokenizer;
 
 #[derive(Args, Debug)]
 pub struct RlBenchArgs {
-    /// Model sizes to run: `tiny`, `medium` (~24M parameters), `0.5b` (Qwen2.5-0.5B's shape).
+    /// Model sizes to run: `tiny`, `medium` (~24M parameters), `0.5b` (Qwen2.5-0.5B's decoder
+    /// over the tiny tokenizer's vocabulary: ~0.36B parameters); see [`TinySpec::bench_shape`].
     #[arg(long, value_delimiter = ',', default_value = "tiny,medium")]
     pub sizes: Vec<String>,
     /// Learner counts to compare.
@@ -52,37 +53,6 @@ pub struct RlBenchArgs {
     /// Scratch directory (default: a temporary one).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-}
-
-fn spec(size: &str) -> Result<TinySpec> {
-    Ok(match size {
-        "tiny" => TinySpec {
-            hidden_size: 64,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            intermediate_size: 176,
-            seed: 1,
-        },
-        "medium" => TinySpec {
-            hidden_size: 512,
-            num_hidden_layers: 8,
-            num_attention_heads: 8,
-            num_key_value_heads: 4,
-            intermediate_size: 1408,
-            seed: 1,
-        },
-        // Qwen2.5-0.5B's decoder (over the tiny tokenizer's vocabulary: ~0.36B parameters).
-        "0.5b" => TinySpec {
-            hidden_size: 896,
-            num_hidden_layers: 24,
-            num_attention_heads: 14,
-            num_key_value_heads: 2,
-            intermediate_size: 4864,
-            seed: 1,
-        },
-        other => anyhow::bail!("unknown size {other:?} (tiny, medium or 0.5b)"),
-    })
 }
 
 /// Averages of the timed steps over learners (phases: the slowest learner's; communication:
@@ -127,7 +97,8 @@ pub fn rl_bench(a: RlBenchArgs) -> Result<()> {
         let tok = Tokenizer::tiny();
         let teacher = dir.join("teacher");
         let student = dir.join("student");
-        let s = spec(size)?;
+        // Over the tiny tokenizer's vocabulary: rewards decode what the teacher samples.
+        let (s, _) = TinySpec::bench_shape(size)?;
         save_checkpoint(
             &teacher,
             &CausalLm::tiny(&s, &tok, Device::Cpu, Kind::Float)?,

@@ -121,6 +121,9 @@ impl ShardClients {
                 })?
                 .connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
+                .initial_stream_window_size(wire::STREAM_WINDOW)
+                .initial_connection_window_size(wire::CONNECTION_WINDOW)
+                .max_frame_size(wire::MAX_FRAME)
                 .connect_lazy();
             clients.push(
                 Client::new(ch)

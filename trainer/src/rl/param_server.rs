@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use futures::{Stream, StreamExt};
 use rlt_api::contract::TrainingFigures;
 use rlt_api::layout;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -269,6 +269,9 @@ impl ParamServer {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
+            .initial_stream_window_size(wire::STREAM_WINDOW)
+            .initial_connection_window_size(wire::CONNECTION_WINDOW)
+            .max_frame_size(wire::MAX_FRAME)
             .add_service(pb::param_server_server::ParamServerServer::new(
                 self.clone(),
             ))
@@ -594,7 +597,8 @@ impl pb::param_server_server::ParamServer for ParamServer {
                     p.size()
                 )));
             }
-            grads.push(g.shallow_clone());
+            // Averaged and applied in f32, whatever dtype the learner sent.
+            grads.push(g.to_kind(Kind::Float));
         }
         // A learner that retries (e.g. after a lost reply) replaces its earlier push.
         inner.pending.insert(

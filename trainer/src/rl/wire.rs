@@ -17,6 +17,14 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// Bytes per chunk: 2 MiB, well under gRPC's default 4 MiB message limit.
 pub const CHUNK_BYTES: usize = 2 << 20;
 
+/// HTTP/2 flow control for bulk transfers, on both ends: hyper's defaults (a 64 KiB stream
+/// window with 16 KiB frames) stop the sender every 64 KiB to wait for the receiver's window
+/// update, which on loopback caps one stream well below 1 GB/s. A window of several chunks
+/// keeps the pipe full; 1 MiB frames cut the per-frame work.
+pub const STREAM_WINDOW: u32 = 16 << 20;
+pub const CONNECTION_WINDOW: u32 = 64 << 20;
+pub const MAX_FRAME: u32 = 1 << 20;
+
 /// `kind` of a chunk: the policy weights (or gradients) ...
 pub const KIND_POLICY: u32 = 0;
 /// ... or the GRPO reference weights.
@@ -57,7 +65,8 @@ pub fn check_protocol(got: u32) -> Result<(), tonic::Status> {
 }
 
 /// Cuts one tensor into chunks of its memory in the wire `dtype` (one conversion of the
-/// whole tensor when its kind differs, then plain byte copies: no per-element work).
+/// whole tensor when its kind differs, then slices of that one buffer: no per-element work,
+/// no copy per chunk).
 pub fn tensor_chunks(name: &str, t: &Tensor, kind: u32, dtype: u32) -> Vec<pb::TensorChunk> {
     let as_kind = dtype_kind(dtype).unwrap_or(Kind::Float);
     let flat = t
@@ -66,11 +75,16 @@ pub fn tensor_chunks(name: &str, t: &Tensor, kind: u32, dtype: u32) -> Vec<pb::T
         .to_kind(as_kind)
         .contiguous()
         .view([-1]);
-    let numel = flat.size()[0] as usize;
-    let mut bytes = vec![0u8; numel * as_kind.elt_size_in_bytes()];
-    flat.copy_data_u8(&mut bytes, numel);
+    // The chunks must not see later in-place updates of `t`: copy when nothing else did.
+    let flat = if flat.data_ptr() == t.data_ptr() {
+        flat.copy()
+    } else {
+        flat
+    };
+    let elt = as_kind.elt_size_in_bytes();
+    let bytes = prost::bytes::Bytes::from_owner(CpuMemory(flat));
     let shape = t.size();
-    let step = CHUNK_BYTES - CHUNK_BYTES % as_kind.elt_size_in_bytes();
+    let step = CHUNK_BYTES - CHUNK_BYTES % elt;
     let mut out = Vec::with_capacity(bytes.len().div_ceil(step).max(1));
     let mut offset = 0;
     loop {
@@ -78,8 +92,8 @@ pub fn tensor_chunks(name: &str, t: &Tensor, kind: u32, dtype: u32) -> Vec<pb::T
         out.push(pb::TensorChunk {
             name: name.to_string(),
             shape: shape.clone(),
-            offset: (offset / as_kind.elt_size_in_bytes()) as u64,
-            data: bytes[offset..end].to_vec(),
+            offset: (offset / elt) as u64,
+            data: bytes.slice(offset..end),
             kind,
             dtype,
         });
@@ -91,15 +105,42 @@ pub fn tensor_chunks(name: &str, t: &Tensor, kind: u32, dtype: u32) -> Vec<pb::T
     out
 }
 
-/// A tensor being assembled: shape, dtype, its bytes, bytes received so far.
+/// The memory of a contiguous CPU tensor that nothing else writes, as bytes.
+struct CpuMemory(Tensor);
+
+impl AsRef<[u8]> for CpuMemory {
+    fn as_ref(&self) -> &[u8] {
+        let len = self.0.numel() * self.0.kind().elt_size_in_bytes();
+        if len == 0 {
+            return &[];
+        }
+        // SAFETY: the tensor is contiguous and on the CPU (made so by `tensor_chunks`), so its
+        // `len` bytes start at `data_ptr`; it is owned here and no one writes it while shared.
+        unsafe { std::slice::from_raw_parts(self.0.data_ptr() as *const u8, len) }
+    }
+}
+
+/// A tensor being assembled: its memory (in the wire dtype) and the bytes received so far.
 struct Partial {
-    shape: Vec<i64>,
+    tensor: Tensor,
     dtype: u32,
-    bytes: Vec<u8>,
     filled: usize,
 }
 
-/// Collects chunks into whole tensors, checking each arrives complete and consistent.
+impl Partial {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let len = self.tensor.numel() * self.tensor.kind().elt_size_in_bytes();
+        if len == 0 {
+            return &mut [];
+        }
+        // SAFETY: a contiguous CPU tensor created by `Assembler::add` and owned by this
+        // `Partial`: `len` bytes from `data_ptr`, borrowed mutably through `&mut self` only.
+        unsafe { std::slice::from_raw_parts_mut(self.tensor.data_ptr().cast::<u8>(), len) }
+    }
+}
+
+/// Collects chunks into whole tensors, checking each arrives complete and consistent. A chunk
+/// is copied once, straight into the memory of the tensor it belongs to.
 #[derive(Default)]
 pub struct Assembler {
     partial: BTreeMap<(u32, String), Partial>,
@@ -127,57 +168,53 @@ impl Assembler {
             );
         }
         self.bytes += c.data.len() as u64;
-        let numel: i64 = c.shape.iter().product();
         let entry = self
             .partial
             .entry((c.kind, c.name.clone()))
             .or_insert_with(|| Partial {
-                shape: c.shape.clone(),
+                tensor: Tensor::empty(c.shape.as_slice(), (kind, tch::Device::Cpu)),
                 dtype: c.dtype,
-                bytes: vec![0u8; numel as usize * size],
                 filled: 0,
             });
-        if entry.shape != c.shape || entry.dtype != c.dtype {
+        if entry.tensor.size() != c.shape || entry.dtype != c.dtype {
             bail!(
                 "chunks of {:?} disagree on its shape or dtype: {:?} ({}) vs {:?} ({})",
                 c.name,
-                entry.shape,
+                entry.tensor.size(),
                 entry.dtype,
                 c.shape,
                 c.dtype
             );
         }
         let start = c.offset as usize * size;
-        if start + c.data.len() > entry.bytes.len() {
+        let memory = entry.bytes_mut();
+        if start + c.data.len() > memory.len() {
             bail!(
                 "chunk of {:?} at offset {} with {} values overruns its {} elements",
                 c.name,
                 c.offset,
                 c.data.len() / size,
-                entry.bytes.len() / size
+                memory.len() / size
             );
         }
-        entry.bytes[start..start + c.data.len()].copy_from_slice(&c.data);
+        memory[start..start + c.data.len()].copy_from_slice(&c.data);
         entry.filled += c.data.len();
         Ok(())
     }
 
-    /// The assembled tensors (f32, whatever their wire dtype), by (kind, name); fails if any
-    /// tensor is incomplete.
+    /// The assembled tensors in their wire dtype (a bf16 pull stays bf16 for a learner that
+    /// computes in it), by (kind, name); fails if any tensor is incomplete.
     pub fn finish(self) -> Result<BTreeMap<(u32, String), Tensor>> {
         let mut out = BTreeMap::new();
         for ((kind, name), p) in self.partial {
-            if p.filled != p.bytes.len() {
-                let size = dtype_kind(p.dtype).map_or(4, |k| k.elt_size_in_bytes());
+            let (size, numel) = (p.tensor.kind().elt_size_in_bytes(), p.tensor.numel());
+            if p.filled != numel * size {
                 bail!(
-                    "tensor {name:?} arrived incomplete: {} of {} values",
-                    p.filled / size,
-                    p.bytes.len() / size
+                    "tensor {name:?} arrived incomplete: {} of {numel} values",
+                    p.filled / size
                 );
             }
-            let wire = dtype_kind(p.dtype).unwrap_or(Kind::Float);
-            let t = Tensor::from_data_size(&p.bytes, &p.shape, wire).to_kind(Kind::Float);
-            out.insert((kind, name), t);
+            out.insert((kind, name), p.tensor);
         }
         Ok(out)
     }
@@ -220,7 +257,9 @@ mod tests {
         }
         let out = a.finish().unwrap();
         assert!(out[&(KIND_POLICY, "big".to_string())].equal(&big));
-        assert!(out[&(KIND_POLICY, "small".to_string())].equal(&small));
+        let halves = &out[&(KIND_POLICY, "small".to_string())];
+        assert_eq!(halves.kind(), Kind::BFloat16);
+        assert!(halves.to_kind(Kind::Float).equal(&small));
         assert_eq!(out[&(KIND_REFERENCE, "e".to_string())].size(), vec![0, 3]);
     }
 
