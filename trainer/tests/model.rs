@@ -2,6 +2,7 @@
 use rlt_trainer::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
 use rlt_trainer::config::{Qwen2Config, TinySpec};
 use rlt_trainer::logprobs::sequence_logprobs;
+use rlt_trainer::model::KvCache;
 use rlt_trainer::sampling::{generate, left_pad, SamplingConfig};
 use rlt_trainer::tokenizer::Tokenizer;
 use std::path::PathBuf;
@@ -103,21 +104,26 @@ fn cache_and_left_padding_match_full_forward() {
     let full = lm
         .model
         .forward(&Tensor::from_slice(&ids).unsqueeze(0), None, None);
-    // Incremental: prefix of 10, then one token at a time.
-    let mut cache = lm.model.new_cache();
-    let mut parts = vec![lm.model.forward(
-        &Tensor::from_slice(&ids[..10]).unsqueeze(0),
-        None,
-        Some(&mut cache),
-    )];
-    for &t in &ids[10..] {
-        parts.push(lm.model.forward(
-            &Tensor::from_slice(&[t]).unsqueeze(0),
+    // Incremental: prefix of 10, then one token at a time; the cache's capacity after each step.
+    let incremental = |cache: &mut KvCache| {
+        let mut parts = vec![lm.model.forward(
+            &Tensor::from_slice(&ids[..10]).unsqueeze(0),
             None,
-            Some(&mut cache),
-        ));
-    }
-    let inc = Tensor::cat(&parts, 1);
+            Some(&mut *cache),
+        )];
+        let mut capacities = vec![];
+        for &t in &ids[10..] {
+            parts.push(lm.model.forward(
+                &Tensor::from_slice(&[t]).unsqueeze(0),
+                None,
+                Some(&mut *cache),
+            ));
+            capacities.push(cache.capacity());
+        }
+        (Tensor::cat(&parts, 1), capacities)
+    };
+    let mut cache = lm.model.new_cache();
+    let (inc, _) = incremental(&mut cache);
     assert!(
         max_abs_diff(&full, &inc) < 1e-4,
         "cache vs full: {}",
@@ -128,21 +134,10 @@ fn cache_and_left_padding_match_full_forward() {
     assert!(cache.capacity() >= n && cache.capacity() < 2 * n);
     // Reserved for the whole sequence: written in place, never reallocated, same logits.
     let mut cache = lm.model.new_cache_for(n + 5);
-    let mut parts = vec![lm.model.forward(
-        &Tensor::from_slice(&ids[..10]).unsqueeze(0),
-        None,
-        Some(&mut cache),
-    )];
-    for &t in &ids[10..] {
-        parts.push(lm.model.forward(
-            &Tensor::from_slice(&[t]).unsqueeze(0),
-            None,
-            Some(&mut cache),
-        ));
-        assert_eq!(cache.capacity(), n + 5);
-    }
+    let (inc, capacities) = incremental(&mut cache);
+    assert!(capacities.iter().all(|&c| c == n + 5), "{capacities:?}");
     assert_eq!(cache.seq_len(), n);
-    assert!(max_abs_diff(&full, &Tensor::cat(&parts, 1)) < 1e-4);
+    assert!(max_abs_diff(&full, &inc) < 1e-4);
     // Left-padded in a batch with a longer row: the real positions give the same logits.
     let other = tok
         .encode("A much longer sentence that forces padding of the first")

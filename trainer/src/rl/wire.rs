@@ -123,7 +123,6 @@ impl AsRef<[u8]> for CpuMemory {
 /// A tensor being assembled: its memory (in the wire dtype) and the bytes received so far.
 struct Partial {
     tensor: Tensor,
-    dtype: u32,
     filled: usize,
 }
 
@@ -173,15 +172,14 @@ impl Assembler {
             .entry((c.kind, c.name.clone()))
             .or_insert_with(|| Partial {
                 tensor: Tensor::empty(c.shape.as_slice(), (kind, tch::Device::Cpu)),
-                dtype: c.dtype,
                 filled: 0,
             });
-        if entry.tensor.size() != c.shape || entry.dtype != c.dtype {
+        if entry.tensor.size() != c.shape || entry.tensor.kind() != kind {
             bail!(
                 "chunks of {:?} disagree on its shape or dtype: {:?} ({}) vs {:?} ({})",
                 c.name,
                 entry.tensor.size(),
-                entry.dtype,
+                wire_dtype(entry.tensor.kind()),
                 c.shape,
                 c.dtype
             );
