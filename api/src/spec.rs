@@ -575,6 +575,11 @@ pub struct RlStage {
     #[serde(default = "defaults::max_new_tokens")]
     #[schemars(range(min = 1, max = 1048576))]
     pub max_new_tokens: u32,
+    /// Recompute each decoder layer's activations in the learners' policy-gradient pass over
+    /// prompt and explanation (less memory, about a third more compute for that pass). Unset:
+    /// on when `maxNewTokens` is 4096 or more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_checkpointing: Option<bool>,
     #[serde(default)]
     pub reward: RewardSpec,
     /// GRPO KL penalty towards the reference model.
@@ -950,6 +955,7 @@ pub mod defaults {
             group_size: group_size(),
             temperature: temperature(),
             max_new_tokens: max_new_tokens(),
+            activation_checkpointing: None,
             reward: reward(),
             beta: beta(),
             reference_sync: reference_sync(),

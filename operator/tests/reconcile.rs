@@ -710,9 +710,19 @@ fn a_job_that_cannot_create_its_pods_is_lifted_into_the_condition_and_an_event()
 
 /// Warm-up pod of attempt 0 whose trainer exited with `code`, as the kubelet reports it.
 fn failed_warmup_pod(code: i32, message: &str) -> k8s_openapi::api::core::v1::Pod {
+    failed_pod(Stage::Warmup, "tiny-cpu-warmup-0-0-abcde", code, message)
+}
+
+/// A `stage` pod of attempt 0 whose trainer exited with `code`, as the kubelet reports it.
+fn failed_pod(
+    stage: Stage,
+    name: &str,
+    code: i32,
+    message: &str,
+) -> k8s_openapi::api::core::v1::Pod {
     serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "tiny-cpu-warmup-0-0-abcde",
-            "labels": {"rlt.dev/run": "tiny-cpu", "rlt.dev/stage": "warmup", "rlt.dev/attempt": "0"}},
+        "metadata": {"name": name,
+            "labels": {"rlt.dev/run": "tiny-cpu", "rlt.dev/stage": stage.label(), "rlt.dev/attempt": "0"}},
         "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "image": "i",
             "imageID": "", "ready": false, "restartCount": 0, "state": {"terminated": {
             "reason": "Error", "exitCode": code, "message": message}}}]}
@@ -894,4 +904,37 @@ fn a_memory_preflight_refusal_fails_the_run_at_once_naming_the_fields_to_change(
         .events
         .iter()
         .any(|e| e.note.contains("warmup.replicas")));
+}
+
+#[test]
+fn a_learner_memory_refusal_fails_rl_at_once_naming_the_fields_to_change() {
+    // What `rlt-trainer learner` writes to its termination log and exits 2 with when a
+    // learner cannot fit its GPU (trainer/src/memory.rs: learner_preflight).
+    let refusal = "memory preflight: an RL learner needs about 97.2 GiB per GPU (79.6 GiB \
+                   available) for a 7.6B-parameter teacher and a 7.6B-parameter student with \
+                   sequences up to 17408 tokens, one at a time: weights 42.6, gradients 14.2, \
+                   optimizer 0.0, activations 31.4, logits 6.5 GiB; set \
+                   rl.activationCheckpointing: true, or lower rl.maxNewTokens to 4096";
+    let mut w = at_rl();
+    let pod = failed_pod(Stage::Rl, "tiny-cpu-learner-0-0-abcde", 2, refusal);
+    w.obs.pods = vec![rlt_operator::observe::pod(&pod)];
+    w.activity = Activity::from_pods(&[pod]);
+    w.set_job("tiny-cpu-learner-0", fail("PodFailurePolicy"));
+    let plan = w.step();
+    assert_eq!(w.phase(), Phase::Failed);
+    let (_, reason, message) = w.condition(cond::FAILED);
+    assert_eq!(reason, "RLFailed");
+    for part in [
+        "an RL learner needs about 97.2 GiB",
+        "rl.activationCheckpointing: true",
+        "rl.maxNewTokens",
+        "not retried",
+    ] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    assert!(
+        plan.delete
+            .contains(&(Kind::StatefulSet, "tiny-cpu-ps-0".to_string())),
+        "the parameter servers go: {plan:#?}"
+    );
 }

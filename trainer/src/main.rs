@@ -20,8 +20,8 @@ enum Command {
     Generate(cli::GenerateArgs),
     /// Warm-up stage: supervised fine-tuning of the teacher on the teacher format.
     Warmup(cli::WarmupArgs),
-    /// GiB per GPU of a bf16 fine-tune by Qwen2 size, sequence length and ranks (the
-    /// README's table; the memory preflight's arithmetic).
+    /// GiB per GPU of a bf16 fine-tune by Qwen2 size, sequence length and ranks, and of an RL
+    /// learner and parameter server (the README's tables; the memory preflight's arithmetic).
     Memory,
     /// Write the synthetic arithmetic task (train.jsonl, heldout.jsonl).
     Synth(cli::SynthArgs),
@@ -79,8 +79,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Memory => {
             use rlt_trainer::memory;
             print!(
-                "{}",
-                memory::table(&memory::README_LENGTHS, &memory::README_RANKS)
+                "{}\n{}",
+                memory::table(&memory::README_LENGTHS, &memory::README_RANKS),
+                memory::rl_table(&memory::README_LENGTHS)
             );
             Ok(())
         }

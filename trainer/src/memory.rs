@@ -10,7 +10,9 @@
 //! - a fixed allowance for the CUDA context and the allocator's fragmentation.
 //!
 //! [`preflight`] runs at the start of the stage, before anything is loaded: a stage that
-//! cannot fit stops with the spec fields to change. [`table`] is the README's table.
+//! cannot fit stops with the spec fields to change. [`table`] is the README's table. The RL
+//! stage has its own arithmetic: [`learner_estimate`] (three whole models, sampling and
+//! backward passes over a few rows of a group) and [`server_bytes`] (one shard's state).
 use crate::config::Qwen2Config;
 use anyhow::{anyhow, Result};
 use std::fmt::Write as _;
@@ -108,27 +110,36 @@ pub fn estimate(s: &Shape, p: &Plan) -> Estimate {
     let w = f64::from(p.ranks.max(1));
     let masters = if p.dtype_bytes < 4 { 4.0 } else { 0.0 };
     let tokens = f64::from(p.micro_batch.max(1)) * f64::from(p.max_length);
-    let layer = s.layer_elements_per_token() * tokens * b;
-    let activations = if p.checkpointing {
-        // Each layer's input, then one layer's saved tensors and their gradients at a time.
-        s.layers * s.hidden * tokens * b + 2.0 * layer
-    } else {
-        s.layers * layer
-    };
-    // Logits in the training dtype, their f32 log-softmax, and both gradients.
-    let logit_tokens = if p.checkpointing {
-        tokens.min(crate::model::LOGIT_CHUNK as f64)
-    } else {
-        tokens
-    };
     Estimate {
         weights: b * s.params,
         gradients: b * s.params,
         // f32 masters, two moments and the accumulator, sharded.
         optimizer: (masters + 8.0 + 4.0) * s.params / w,
-        activations,
-        logits: logit_tokens * s.vocab * (2.0 * b + 8.0),
+        activations: activations(s, tokens, b, p.checkpointing),
+        logits: logits(s, tokens, b, p.checkpointing),
     }
+}
+
+/// What the backward pass over `tokens` tokens keeps of the decoder layers.
+fn activations(s: &Shape, tokens: f64, b: f64, checkpointing: bool) -> f64 {
+    let layer = s.layer_elements_per_token() * tokens * b;
+    if checkpointing {
+        // Each layer's input, then one layer's saved tensors and their gradients at a time.
+        s.layers * s.hidden * tokens * b + 2.0 * layer
+    } else {
+        s.layers * layer
+    }
+}
+
+/// Logits in the training dtype, their f32 log-softmax, and both gradients: of every token,
+/// or of one chunk of [`crate::model::LOGIT_CHUNK`] tokens when checkpointing.
+fn logits(s: &Shape, tokens: f64, b: f64, checkpointing: bool) -> f64 {
+    let logit_tokens = if checkpointing {
+        tokens.min(crate::model::LOGIT_CHUNK as f64)
+    } else {
+        tokens
+    };
+    logit_tokens * s.vocab * (2.0 * b + 8.0)
 }
 
 /// A stage about to start, for [`preflight`].
@@ -243,6 +254,215 @@ fn breakdown(e: &Estimate) -> String {
         e.logits / GIB
     )
 }
+
+/// An RL learner's settings, as far as memory goes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LearnerPlan {
+    /// Bytes per element of the models' dtype.
+    pub dtype_bytes: u32,
+    pub group_size: u32,
+    /// The longest teacher prompt or student chat around the explanation, in tokens.
+    pub prompt: u32,
+    pub max_new_tokens: u32,
+    /// Rows per forward/backward pass over a group's sequences.
+    pub micro_batch: u32,
+    /// Rows per sampling pass (the KV cache holds these).
+    pub generation_batch: u32,
+    pub checkpointing: bool,
+}
+
+impl LearnerPlan {
+    /// The longest sequence a pass sees.
+    pub fn sequence(&self) -> u32 {
+        self.prompt + self.max_new_tokens
+    }
+}
+
+/// A learner holds the policy, its GRPO reference and the student whole, and the policy's
+/// gradient (the optimizer state lives on the parameter servers). Per group it first samples
+/// (a KV cache of `generation_batch` rows), then scores and backpropagates `micro_batch` rows
+/// at a time; sampling and the backward pass never hold memory at once. With the whole group
+/// in one pass and no checkpointing the graph is built while the student scores.
+pub fn learner_estimate(teacher: &Shape, student: &Shape, p: &LearnerPlan) -> Estimate {
+    let b = f64::from(p.dtype_bytes);
+    let seq = f64::from(p.sequence());
+    let kv_cache =
+        f64::from(p.generation_batch.max(1)) * seq * teacher.layers * 2.0 * teacher.kv_dim * b;
+    let tokens = f64::from(p.micro_batch.max(1)) * seq;
+    let backward = activations(teacher, tokens, b, p.checkpointing);
+    // A pass without a graph holds about one layer's tensors at a time.
+    let scoring = student
+        .layer_elements_per_token()
+        .max(teacher.layer_elements_per_token())
+        * tokens
+        * b;
+    let whole_group = !p.checkpointing && p.micro_batch >= p.group_size;
+    Estimate {
+        weights: (2.0 * teacher.params + student.params) * b,
+        gradients: teacher.params * b,
+        optimizer: 0.0,
+        activations: if whole_group {
+            kv_cache.max(backward + scoring)
+        } else {
+            kv_cache.max(backward).max(scoring)
+        },
+        logits: logits(teacher, tokens, b, p.checkpointing),
+    }
+}
+
+/// The passes a learner splits a group into: the fewest (largest `micro_batch`, then largest
+/// `generation_batch`) that fit in `available`, keeping any the plan fixes (non-zero in
+/// `fixed`); `None` when not even one row at a time fits.
+pub fn learner_passes(
+    teacher: &Shape,
+    student: &Shape,
+    plan: &LearnerPlan,
+    fixed: (u32, u32),
+    available: f64,
+) -> Option<LearnerPlan> {
+    let g = plan.group_size.max(1);
+    let fits = |p: &LearnerPlan| learner_estimate(teacher, student, p).total() <= available;
+    let choices = |fixed: u32| if fixed > 0 { fixed..=fixed } else { 1..=g };
+    let micro_batch = choices(fixed.0).rev().find(|&m| {
+        fits(&LearnerPlan {
+            micro_batch: m,
+            generation_batch: fixed.1.max(1),
+            ..*plan
+        })
+    })?;
+    let generation_batch = choices(fixed.1).rev().find(|&n| {
+        fits(&LearnerPlan {
+            micro_batch,
+            generation_batch: n,
+            ..*plan
+        })
+    })?;
+    Some(LearnerPlan {
+        micro_batch,
+        generation_batch,
+        ..*plan
+    })
+}
+
+/// The learner's passes ([`learner_passes`]), or the error naming the `rl` fields that would
+/// make it fit.
+pub fn learner_preflight(
+    teacher: &Shape,
+    student: &Shape,
+    plan: &LearnerPlan,
+    fixed: (u32, u32),
+    available: f64,
+) -> Result<LearnerPlan, String> {
+    let one = LearnerPlan {
+        micro_batch: 1,
+        generation_batch: 1,
+        ..*plan
+    };
+    if let Some(p) = learner_passes(teacher, student, plan, fixed, available) {
+        return Ok(p);
+    }
+    let fits = |p: LearnerPlan| learner_estimate(teacher, student, &p).total() <= available;
+    let mut fixes = Vec::new();
+    if fits(one) {
+        fixes.push("pass fewer rows at a time (--micro-batch, --generation-batch)".to_string());
+    }
+    if !plan.checkpointing
+        && fits(LearnerPlan {
+            checkpointing: true,
+            ..one
+        })
+    {
+        fixes.push("set rl.activationCheckpointing: true".to_string());
+    }
+    if let Some(n) = (1..plan.max_new_tokens / 1024)
+        .rev()
+        .map(|k| k * 1024)
+        .find(|&n| {
+            fits(LearnerPlan {
+                max_new_tokens: n,
+                ..one
+            })
+        })
+    {
+        fixes.push(format!("lower rl.maxNewTokens to {n}"));
+    }
+    let need = learner_estimate(teacher, student, &one);
+    let fixes = if fixes.is_empty() {
+        format!(
+            "no rl setting makes it fit: a learner holds the teacher, its reference and the \
+             student whole ({:.1} GiB of weights and gradients), so use GPUs with more memory",
+            (need.weights + need.gradients) / GIB
+        )
+    } else {
+        fixes.join(", or ")
+    };
+    Err(format!(
+        "memory preflight: an RL learner needs about {:.1} GiB per GPU ({:.1} GiB available) \
+         for a {:.1}B-parameter teacher and a {:.1}B-parameter student with sequences up to \
+         {} tokens, one at a time{}: {}; {fixes}",
+        need.total() / GIB,
+        available / GIB,
+        teacher.params / 1e9,
+        student.params / 1e9,
+        plan.sequence(),
+        if plan.checkpointing {
+            " with activation checkpointing"
+        } else {
+            ""
+        },
+        breakdown(&need),
+    ))
+}
+
+/// A parameter server's host memory for its 1/`servers` share: f32 weights, AdamW's two
+/// moments and the GRPO reference (f32), one pending f32 gradient per learner and their
+/// average, and the encoded weights and reference the learners' pulls share.
+pub fn server_bytes(s: &Shape, servers: u32, learners: u32) -> f64 {
+    let l = f64::from(learners.max(1));
+    (4.0 + 8.0 + 4.0 + 4.0 * l + 4.0 + 8.0) * s.params / f64::from(servers.max(1))
+}
+
+/// The RL part of the README's table: per model (teacher and student of the same shape), bf16
+/// learners on an 80 GB GPU at the paper's group of 64 and `max_new_tokens`, prompts of
+/// [`README_RL_PROMPT`] tokens, and the host memory of 4 parameter servers for 4 learners.
+pub fn rl_table(max_new_tokens: &[u32]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| model | maxNewTokens | learner GiB, checkpointing, 1 row per pass | rows per pass on 80 GB (backward / sampling) | parameter server GiB (4 servers, 4 learners) |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    for (name, config) in qwen2_shapes() {
+        let shape = Shape::of(&config);
+        for &n in max_new_tokens {
+            let plan = LearnerPlan {
+                dtype_bytes: 2,
+                group_size: 64,
+                prompt: README_RL_PROMPT,
+                max_new_tokens: n,
+                micro_batch: 1,
+                generation_batch: 1,
+                checkpointing: true,
+            };
+            let one = learner_estimate(&shape, &shape, &plan).total();
+            let passes = learner_passes(&shape, &shape, &plan, (0, 0), H100_80GB)
+                .map_or("does not fit".to_string(), |p| {
+                    format!("{} / {}", p.micro_batch, p.generation_batch)
+                });
+            let _ = writeln!(
+                out,
+                "| {name} | {n} | {:.1}{} | {passes} | {:.1} |",
+                one / GIB,
+                if one <= H100_80GB { "" } else { " ✗" },
+                server_bytes(&shape, 4, 4) / GIB
+            );
+        }
+    }
+    out
+}
+
+/// Prompt tokens the README's RL table assumes (a question and its solution).
+pub const README_RL_PROMPT: u32 = 1024;
 
 /// The sequence lengths and rank counts of the README's table.
 pub const README_LENGTHS: [u32; 2] = [4096, 16384];
@@ -368,8 +588,7 @@ pub fn check_stage(
     grad_accum: usize,
     device: tch::Device,
 ) -> Result<usize> {
-    let config = Qwen2Config::from_file(&model_dir.join(crate::checkpoint::CONFIG_FILE))?;
-    let shape = Shape::of(&config);
+    let shape = shape_of(model_dir)?;
     let Some(available) = available(device, stage.ranks_per_pod) else {
         tracing::warn!(stage = %stage.what, "device memory unknown (set RLT_DEVICE_MEMORY_GIB); memory preflight skipped");
         return Ok(grad_accum);
@@ -395,6 +614,118 @@ pub fn check_stage(
         breakdown(&need)
     );
     Ok(g as usize)
+}
+
+fn shape_of(model_dir: &std::path::Path) -> Result<Shape> {
+    let config = Qwen2Config::from_file(&model_dir.join(crate::checkpoint::CONFIG_FILE))?;
+    Ok(Shape::of(&config))
+}
+
+/// The preflight of an RL learner (the teacher's and the student's `config.json` only): the
+/// rows per backward pass and per sampling pass to use (those `fixed` gives when non-zero),
+/// or the error naming the fields to change. Unknown device memory is logged and let through
+/// with `fixed` as it is (0: whole groups).
+pub fn check_learner(
+    teacher_dir: &std::path::Path,
+    student_dir: &std::path::Path,
+    plan: &LearnerPlan,
+    fixed: (u32, u32),
+    checkpoint_interval: u32,
+    device: tch::Device,
+) -> Result<(usize, usize)> {
+    let (teacher, student) = (shape_of(teacher_dir)?, shape_of(student_dir)?);
+    // The replay buffer is host memory, checked after the device (on a CPU learner the two
+    // share one memory, which this does not add up).
+    let replay = || match host_memory() {
+        Some(host) => replay_preflight(&teacher, checkpoint_interval, host).map_err(|m| anyhow!(m)),
+        None => Ok(()),
+    };
+    let Some(available) = available(device, 1) else {
+        tracing::warn!(
+            "device memory unknown (set RLT_DEVICE_MEMORY_GIB); learner memory preflight skipped"
+        );
+        replay()?;
+        return Ok((fixed.0 as usize, fixed.1 as usize));
+    };
+    let p =
+        learner_preflight(&teacher, &student, plan, fixed, available).map_err(|m| anyhow!(m))?;
+    replay()?;
+    let need = learner_estimate(&teacher, &student, &p);
+    tracing::info!(
+        need_gib = format!("{:.1}", need.total() / GIB),
+        available_gib = format!("{:.1}", available / GIB),
+        rows_per_backward = p.micro_batch,
+        rows_per_sampling = p.generation_batch,
+        "learner memory preflight: fits ({})",
+        breakdown(&need)
+    );
+    Ok((p.micro_batch as usize, p.generation_batch as usize))
+}
+
+/// A learner's f32 gradients of the steps since the parameter servers' last checkpoint (and
+/// the step being pushed), kept to replay to a server that restarts from it.
+pub fn replay_bytes(teacher: &Shape, checkpoint_interval: u32) -> f64 {
+    4.0 * teacher.params * f64::from(checkpoint_interval + 1)
+}
+
+/// Whether a learner's replay buffer fits its host memory; if not, the interval that would.
+pub fn replay_preflight(
+    teacher: &Shape,
+    checkpoint_interval: u32,
+    host: f64,
+) -> Result<(), String> {
+    let fits = |k| replay_bytes(teacher, k) + OVERHEAD <= host;
+    if fits(checkpoint_interval) {
+        return Ok(());
+    }
+    let fix = (1..checkpoint_interval)
+        .rev()
+        .find(|&k| fits(k))
+        .map_or(String::new(), |k| {
+            format!("lower rl.checkpointInterval to {k}, or ")
+        });
+    Err(format!(
+        "memory preflight: an RL learner keeps its f32 gradients of the last {} steps to replay \
+         to a restarted parameter server, about {:.1} GiB of host memory for a \
+         {:.1}B-parameter teacher ({:.1} GiB available); {fix}raise rl.learnerResources' \
+         memory",
+        checkpoint_interval + 1,
+        (replay_bytes(teacher, checkpoint_interval) + OVERHEAD) / GIB,
+        teacher.params / 1e9,
+        host / GIB,
+    ))
+}
+
+/// The preflight of a parameter server (host memory): its share of the model's state, or
+/// the error naming the fields to change.
+pub fn check_server(model_dir: &std::path::Path, servers: u32, learners: u32) -> Result<()> {
+    let shape = shape_of(model_dir)?;
+    let Some(available) = available(tch::Device::Cpu, 1) else {
+        return Ok(());
+    };
+    let need = server_bytes(&shape, servers, learners) + OVERHEAD;
+    if need <= available {
+        tracing::info!(
+            need_gib = format!("{:.1}", need / GIB),
+            available_gib = format!("{:.1}", available / GIB),
+            "parameter server memory preflight: fits"
+        );
+        return Ok(());
+    }
+    let more =
+        (servers + 1..=1024).find(|&k| server_bytes(&shape, k, learners) + OVERHEAD <= available);
+    Err(anyhow!(
+        "memory preflight: a parameter server needs about {:.1} GiB ({:.1} GiB available) for \
+         its 1/{servers} of a {:.1}B-parameter model with {learners} learners (f32 weights, \
+         AdamW moments, the reference, pending gradients, pull buffers); {}raise \
+         rl.paramServerResources' memory",
+        need / GIB,
+        available / GIB,
+        shape.params / 1e9,
+        more.map_or(String::new(), |k| format!(
+            "raise rl.paramServers to {k}, or "
+        )),
+    ))
 }
 
 #[cfg(test)]
@@ -569,6 +900,72 @@ mod tests {
         .is_ok());
     }
 
+    fn paper_learner(checkpointing: bool) -> LearnerPlan {
+        LearnerPlan {
+            dtype_bytes: 2,
+            group_size: 64,
+            prompt: 1024,
+            max_new_tokens: 16384,
+            micro_batch: 1,
+            generation_batch: 1,
+            checkpointing,
+        }
+    }
+
+    #[test]
+    fn a_7b_learner_at_the_papers_length_fits_80gb_only_with_checkpointing() {
+        let s = shape("7B");
+        let gpu = 79.6 * GIB;
+        let p = learner_preflight(&s, &s, &paper_learner(true), (0, 0), gpu).unwrap();
+        // Not the whole group of 64 at once: its KV cache alone would be ~63 GiB.
+        assert!(p.micro_batch >= 1 && p.micro_batch < 64, "{p:?}");
+        assert!(p.generation_batch >= 1 && p.generation_batch < 64, "{p:?}");
+        assert!(learner_estimate(&s, &s, &p).total() <= gpu);
+        let more = LearnerPlan {
+            micro_batch: p.micro_batch + 1,
+            ..p
+        };
+        assert!(
+            learner_estimate(&s, &s, &more).total() > gpu || p.micro_batch == 64,
+            "the preflight takes the most rows that fit"
+        );
+        let err = learner_preflight(&s, &s, &paper_learner(false), (0, 0), gpu).unwrap_err();
+        assert!(
+            err.contains("set rl.activationCheckpointing: true"),
+            "{err}"
+        );
+        // A 32B student beside a 7B teacher: its weights alone leave no room.
+        let err =
+            learner_preflight(&s, &shape("32B"), &paper_learner(true), (0, 0), gpu).unwrap_err();
+        assert!(err.contains("use GPUs with more memory"), "{err}");
+        // Rows fixed by hand are kept, or refused when they do not fit.
+        let fixed = learner_preflight(&s, &s, &paper_learner(true), (1, 2), gpu).unwrap();
+        assert_eq!((fixed.micro_batch, fixed.generation_batch), (1, 2));
+        let err = learner_preflight(&s, &s, &paper_learner(true), (64, 64), gpu).unwrap_err();
+        assert!(err.contains("--micro-batch"), "{err}");
+    }
+
+    #[test]
+    fn a_learners_replay_buffer_is_checked_against_its_host_memory() {
+        let s = shape("7B");
+        // 11 steps of 7B f32 gradients (interval 10) are ~312 GiB; 200 GiB holds 6.
+        let err = replay_preflight(&s, 10, 200.0 * GIB).unwrap_err();
+        assert!(err.contains("lower rl.checkpointInterval to 5"), "{err}");
+        assert!(replay_preflight(&s, 2, 200.0 * GIB).is_ok());
+    }
+
+    #[test]
+    fn a_shorter_explanation_is_the_fix_when_checkpointing_is_not_enough() {
+        let s = shape("1.5B");
+        let plan = LearnerPlan {
+            dtype_bytes: 4,
+            ..paper_learner(true)
+        };
+        let need = learner_estimate(&s, &s, &plan).total();
+        let err = learner_preflight(&s, &s, &plan, (0, 0), need - GIB).unwrap_err();
+        assert!(err.contains("lower rl.maxNewTokens to"), "{err}");
+    }
+
     #[test]
     fn the_readme_table_is_this_code_s() {
         let readme =
@@ -577,6 +974,11 @@ mod tests {
         assert!(
             readme.contains(&table),
             "README.md's memory table is stale; `rlt-trainer memory` prints it:\n{table}"
+        );
+        let rl = rl_table(&README_LENGTHS);
+        assert!(
+            readme.contains(&rl),
+            "README.md's RL memory table is stale; `rlt-trainer memory` prints it:\n{rl}"
         );
     }
 }

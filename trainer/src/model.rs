@@ -118,6 +118,59 @@ fn backward_into(out: &Tensor, grad: &Tensor, input: &Tensor) -> Tensor {
     input.grad()
 }
 
+/// Rotary positions `[batch, seq]` and the attention mask of `seq` new tokens after `past`
+/// cached ones. `attention_mask` (`[batch, past + seq]`, 1 = token, 0 = padding) makes
+/// positions count tokens only, so left padding does not shift them (as transformers).
+fn positions_and_mask(
+    b: i64,
+    t: i64,
+    past: i64,
+    attention_mask: Option<&Tensor>,
+    device: tch::Device,
+) -> (Tensor, AttnMask) {
+    let s = past + t;
+    match attention_mask {
+        Some(m) => {
+            assert_eq!(
+                m.size(),
+                [b, s],
+                "attention_mask must be [batch, past + seq]"
+            );
+            let m = m.to_kind(Kind::Int64);
+            let pos = (m.cumsum(-1, Kind::Int64) - 1)
+                .clamp_min(0)
+                .narrow(1, past, t);
+            // Key j is visible to query i (absolute past + i) if j <= past + i and j is a
+            // token. A query always sees itself, so padding rows stay finite (their outputs
+            // are never used).
+            let q_abs = Tensor::arange_start(past, s, (Kind::Int64, device)).view([t, 1]);
+            let k_abs = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
+            let causal = k_abs.le_tensor(&q_abs).view([1, 1, t, s]);
+            let keys = m.gt(0).view([b, 1, 1, s]);
+            let diag = k_abs.eq_tensor(&q_abs).view([1, 1, t, s]);
+            (
+                pos,
+                AttnMask::Explicit(causal.logical_and(&keys).logical_or(&diag)),
+            )
+        }
+        None => {
+            let pos = Tensor::arange_start(past, s, (Kind::Int64, device))
+                .view([1, t])
+                .expand([b, t], false);
+            let mask = if past == 0 && t > 1 {
+                AttnMask::Causal
+            } else if t == 1 {
+                AttnMask::None
+            } else {
+                let q_abs = Tensor::arange_start(past, s, (Kind::Int64, device)).view([t, 1]);
+                let k_abs = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
+                AttnMask::Explicit(k_abs.le_tensor(&q_abs).view([1, 1, t, s]))
+            };
+            (pos, mask)
+        }
+    }
+}
+
 #[derive(Debug)]
 struct RmsNorm {
     weight: Tensor,
@@ -421,49 +474,8 @@ impl Qwen2 {
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
         let (b, t) = input_ids.size2().expect("input_ids must be [batch, seq]");
-        let device = input_ids.device();
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let s = past + t;
-        let (positions, mask) = match attention_mask {
-            Some(m) => {
-                assert_eq!(
-                    m.size(),
-                    [b, s],
-                    "attention_mask must be [batch, past + seq]"
-                );
-                let m = m.to_kind(Kind::Int64);
-                let pos = (m.cumsum(-1, Kind::Int64) - 1)
-                    .clamp_min(0)
-                    .narrow(1, past, t);
-                // Key j is visible to query i (absolute past + i) if j <= past + i and j is a
-                // token. A query always sees itself, so padding rows stay finite (their outputs
-                // are never used).
-                let q_abs = Tensor::arange_start(past, s, (Kind::Int64, device)).view([t, 1]);
-                let k_abs = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
-                let causal = k_abs.le_tensor(&q_abs).view([1, 1, t, s]);
-                let keys = m.gt(0).view([b, 1, 1, s]);
-                let diag = k_abs.eq_tensor(&q_abs).view([1, 1, t, s]);
-                (
-                    pos,
-                    AttnMask::Explicit(causal.logical_and(&keys).logical_or(&diag)),
-                )
-            }
-            None => {
-                let pos = Tensor::arange_start(past, s, (Kind::Int64, device))
-                    .view([1, t])
-                    .expand([b, t], false);
-                let mask = if past == 0 && t > 1 {
-                    AttnMask::Causal
-                } else if t == 1 {
-                    AttnMask::None
-                } else {
-                    let q_abs = Tensor::arange_start(past, s, (Kind::Int64, device)).view([t, 1]);
-                    let k_abs = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
-                    AttnMask::Explicit(k_abs.le_tensor(&q_abs).view([1, 1, t, s]))
-                };
-                (pos, mask)
-            }
-        };
+        let (positions, mask) = positions_and_mask(b, t, past, attention_mask, input_ids.device());
         let mut x = self.embed_tokens.forward(input_ids);
         let (cos, sin) = self.rotary(&positions, x.kind());
         for i in 0..self.layers.len() {
@@ -506,23 +518,17 @@ impl Qwen2 {
     /// chunk of `chunk` positions at a time. `loss_of(hidden, start)` is the loss of the final
     /// hidden states of positions `start..start + hidden.size()[1]` (`[batch, len, hidden]`),
     /// and the whole loss is their sum. Gradients land in the variables as `loss.backward()`
-    /// would put them; returns the loss. Right-padded batches only (no attention mask).
+    /// would put them; returns the loss. `attention_mask` as in [`Qwen2::forward`] (`None`:
+    /// no padding, or right padding the loss masks out).
     pub fn backward_checkpointed(
         &self,
         input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
         chunk: i64,
         loss_of: impl Fn(&Tensor, i64) -> Tensor,
     ) -> f64 {
         let (b, t) = input_ids.size2().expect("input_ids must be [batch, seq]");
-        let device = input_ids.device();
-        let positions = Tensor::arange(t, (Kind::Int64, device))
-            .view([1, t])
-            .expand([b, t], false);
-        let mask = if t > 1 {
-            AttnMask::Causal
-        } else {
-            AttnMask::None
-        };
+        let (positions, mask) = positions_and_mask(b, t, 0, attention_mask, input_ids.device());
         let (inputs, last, cos, sin) = tch::no_grad(|| {
             let mut x = self.embed_tokens.forward(input_ids);
             let (cos, sin) = self.rotary(&positions, x.kind());

@@ -68,6 +68,38 @@ impl Generation {
             .collect()
     }
 
+    /// The generations of consecutive row ranges as one: prompts left-padded and new tokens
+    /// right-padded to the longest.
+    pub fn concat(parts: &[Generation], pad_id: i64) -> Generation {
+        let p = parts
+            .iter()
+            .map(|g| g.prompt_ids.size()[1])
+            .max()
+            .unwrap_or(0);
+        let n = parts.iter().map(|g| g.tokens.size()[1]).max().unwrap_or(0);
+        // Widens `[rows, w]` to `[rows, width]` with `fill`, on the left or the right.
+        let widen = |t: &Tensor, width: i64, fill: f64, left: bool| {
+            let (rows, w) = t.size2().expect("[rows, len]");
+            if w == width {
+                return t.shallow_clone();
+            }
+            let extra = Tensor::full([rows, width - w], fill, (t.kind(), t.device()));
+            Tensor::cat(&if left { [&extra, t] } else { [t, &extra] }, 1)
+        };
+        let cat = |f: &dyn Fn(&Generation) -> Tensor| {
+            Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0)
+        };
+        let pad = pad_id as f64;
+        Generation {
+            prompt_ids: cat(&|g| widen(&g.prompt_ids, p, pad, true)),
+            prompt_mask: cat(&|g| widen(&g.prompt_mask, p, 0.0, true)),
+            tokens: cat(&|g| widen(&g.tokens, n, pad, false)),
+            logprobs: cat(&|g| widen(&g.logprobs, n, 0.0, false)),
+            mask: cat(&|g| widen(&g.mask, n, 0.0, false)),
+            stopped: parts.iter().flat_map(|g| g.stopped.clone()).collect(),
+        }
+    }
+
     /// Prompt and generation side by side: (`[batch, prompt_len + new]` ids, mask).
     pub fn full_sequences(&self) -> (Tensor, Tensor) {
         (
@@ -196,13 +228,54 @@ fn sample_with(logits: &Tensor, cfg: &SamplingConfig, u: &[f32]) -> (Tensor, Ten
 ///
 /// The KV cache is allocated once for the prompt and every new token. A row that emits a stop
 /// token leaves the batch (its cache rows are dropped), so the remaining rows decode at the
-/// cost of their own number. Each step draws one uniform per prompt, whether its row is still
-/// decoding or not, so a row's samples do not depend on when the others finished.
+/// cost of their own number. Each row draws its uniforms from its own stream (of the seed and
+/// the row's index), so a row's samples depend neither on when the others finished nor on
+/// which rows share its batch ([`generate_in_batches`]).
 pub fn generate(
     model: &Qwen2,
     prompts: &[Vec<i64>],
     pad_id: i64,
     cfg: &SamplingConfig,
+) -> Result<Generation> {
+    generate_rows(model, prompts, pad_id, cfg, 0)
+}
+
+/// [`generate`] over `rows_per_pass` prompts at a time (all at once when 0), with the same
+/// samples: the KV cache then holds `rows_per_pass` rows, not all of them (64 rows of 16k
+/// tokens of a 7B model are 60 GB of keys and values).
+pub fn generate_in_batches(
+    model: &Qwen2,
+    prompts: &[Vec<i64>],
+    pad_id: i64,
+    cfg: &SamplingConfig,
+    rows_per_pass: usize,
+) -> Result<Generation> {
+    if rows_per_pass == 0 || rows_per_pass >= prompts.len() {
+        return generate(model, prompts, pad_id, cfg);
+    }
+    let parts = prompts
+        .chunks(rows_per_pass)
+        .enumerate()
+        .map(|(i, chunk)| generate_rows(model, chunk, pad_id, cfg, (i * rows_per_pass) as u64))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Generation::concat(&parts, pad_id))
+}
+
+/// The seed of row `row`'s uniform stream.
+fn row_seed(seed: u64, row: u64) -> u64 {
+    let mut x = seed ^ (row + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// [`generate`] of prompts that are rows `first_row..` of a larger batch.
+fn generate_rows(
+    model: &Qwen2,
+    prompts: &[Vec<i64>],
+    pad_id: i64,
+    cfg: &SamplingConfig,
+    first_row: u64,
 ) -> Result<Generation> {
     if prompts.is_empty() {
         bail!("generate: no prompts");
@@ -215,7 +288,9 @@ pub fn generate(
     let b = prompts.len() as i64;
     let p = prompt_ids.size()[1];
     let max_new = cfg.max_new_tokens as i64;
-    let mut rng = SplitMix64::new(cfg.seed);
+    let mut rngs: Vec<SplitMix64> = (0..b as u64)
+        .map(|r| SplitMix64::new(row_seed(cfg.seed, first_row + r)))
+        .collect();
     let stop = Tensor::from_slice(&cfg.stop_tokens).to(device);
     tch::no_grad(|| {
         let mut cache = model.new_cache_for(p + max_new);
@@ -239,10 +314,13 @@ pub fn generate(
         let mut steps = 0;
         for step in 0..max_new {
             steps = step + 1;
-            let mut u = uniforms(cfg, &mut rng, b as usize);
-            if !u.is_empty() {
-                u = live.iter().map(|&r| u[r as usize]).collect();
-            }
+            let u: Vec<f32> = if cfg.temperature <= 0.0 {
+                vec![]
+            } else {
+                live.iter()
+                    .map(|&r| rngs[r as usize].next_f64() as f32)
+                    .collect()
+            };
             let (mut tok, lp) = sample_with(&logits, cfg, &u);
             // In place into the outputs' column `step` (the returned handles are not needed).
             let _ = tokens.select(1, step).index_copy_(0, &live_t, &tok);

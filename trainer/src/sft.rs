@@ -310,7 +310,7 @@ pub fn completion_loss_checkpointed(
     let t = ids.size()[1];
     let targets = ids.narrow(1, 1, t - 1);
     let m = loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
-    model.backward_checkpointed(ids, chunk, |h, start| {
+    model.backward_checkpointed(ids, None, chunk, |h, start| {
         // Position p predicts token p + 1: the last position predicts nothing.
         let len = h.size()[1].min(t - 1 - start);
         if len <= 0 {

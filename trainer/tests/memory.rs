@@ -1,13 +1,15 @@
 //! The memory side of the fine-tune: activation checkpointing gives the gradients the plain
 //! backward pass gives while keeping less (peak memory of a real `rlt-trainer warmup` step),
 //! bf16 weights with f32 masters track an f32 run on the synthetic task, and the memory
-//! preflight stops a warm-up that cannot fit before loading any weights, naming the fields.
+//! preflight stops a warm-up or an RL learner that cannot fit before loading any weights,
+//! naming the fields.
 use rlt_api::layout::RunDir;
-use rlt_trainer::checkpoint::{init_tiny, CausalLm};
+use rlt_trainer::checkpoint::{init_tiny, save_checkpoint, CausalLm};
 use rlt_trainer::config::{Qwen2Config, TinySpec};
 use rlt_trainer::data::synthetic::{generate, SyntheticSpec};
 use rlt_trainer::data::{teacher_chat, Prompts};
 use rlt_trainer::sft::{completion_loss, completion_loss_checkpointed, run_sft, SftConfig, SftJob};
+use rlt_trainer::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
@@ -274,5 +276,108 @@ fn the_preflight_stops_an_impossible_warmup_before_loading_weights() {
     }
     // It stopped before reading weights: there are none, and that is not what it says.
     assert!(!message.contains("safetensors"), "{message}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// A checkpoint directory with the tiny tokenizer and the config of a published Qwen2.5
+/// shape, and no weights that could be loaded as that shape.
+fn config_only_model(root: &Path, name: &str) -> PathBuf {
+    let (_, config) = rlt_trainer::memory::qwen2_shapes()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .unwrap();
+    let dir = root.join(name);
+    let tok = Tokenizer::tiny();
+    save_checkpoint(
+        &dir,
+        &CausalLm::tiny(&TinySpec::default(), &tok, Device::Cpu, Kind::Float).unwrap(),
+        &tok,
+    )
+    .unwrap();
+    config.to_file(&dir.join("config.json")).unwrap();
+    dir
+}
+
+/// `rlt-trainer learner` with the paper's group and explanation length on an 80 GiB GPU:
+/// (exit code, termination message).
+fn learner_preflight(teacher: &Path, student: &Path, checkpointing: bool) -> (Option<i32>, String) {
+    let root = teacher.parent().unwrap();
+    let termination = root.join(format!("termination-{checkpointing}"));
+    let out = Command::new(env!("CARGO_BIN_EXE_rlt-trainer"))
+        .args([
+            "learner",
+            "--synthetic",
+            "16",
+            "--run",
+            "r",
+            "--dtype",
+            "bf16",
+        ])
+        .args([
+            "--replica-index",
+            "0",
+            "--replicas",
+            "4",
+            "--param-servers",
+            "127.0.0.1:9",
+        ])
+        .args(["--group-size", "64", "--max-new-tokens", "16384"])
+        .args(["--activation-checkpointing", &checkpointing.to_string()])
+        .arg("--teacher")
+        .arg(teacher)
+        .arg("--student")
+        .arg(student)
+        .arg("--workspace")
+        .arg(root.join("ws"))
+        .arg("--retry-secs")
+        .arg("1")
+        .env("RLT_DEVICE_MEMORY_GIB", "79.6")
+        .env("RLT_TERMINATION_LOG", &termination)
+        .env_remove("RLT_METRICS_PORT")
+        .output()
+        .unwrap();
+    let message = std::fs::read_to_string(&termination).unwrap_or_default();
+    (
+        out.status.code(),
+        message + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn the_learner_preflight_refuses_what_cannot_fit_before_loading_weights() {
+    let root = tmpdir("learner-preflight");
+    let (b7, b32) = (
+        config_only_model(&root, "7B"),
+        config_only_model(&root, "32B"),
+    );
+    // A 7B teacher and student at 16k tokens without checkpointing: checkpointing would fit.
+    let (code, message) = learner_preflight(&b7, &b7, false);
+    assert_eq!(code, Some(2), "{message}");
+    for part in [
+        "memory preflight: an RL learner needs about",
+        "set rl.activationCheckpointing: true",
+    ] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    assert!(
+        !message.contains("safetensors"),
+        "stopped before the weights: {message}"
+    );
+    // A 32B student: nothing in rl fits it beside a 7B teacher on 80 GB.
+    let (code, message) = learner_preflight(&b7, &b32, true);
+    assert_eq!(code, Some(2), "{message}");
+    assert!(message.contains("use GPUs with more memory"), "{message}");
+    // A model that fits passes the preflight and goes on (to a parameter server that is not
+    // there: a different failure, not exit 2).
+    let tiny = root.join("tiny");
+    let tok = Tokenizer::tiny();
+    let lm = CausalLm::tiny(&TinySpec::default(), &tok, Device::Cpu, Kind::Float).unwrap();
+    save_checkpoint(&tiny, &lm, &tok).unwrap();
+    let (code, message) = learner_preflight(&tiny, &tiny, true);
+    assert_ne!(code, Some(2), "{message}");
+    assert!(
+        message.contains("learner memory preflight: fits"),
+        "{message}"
+    );
     std::fs::remove_dir_all(&root).unwrap();
 }

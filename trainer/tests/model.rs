@@ -3,7 +3,7 @@ use rlt_trainer::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
 use rlt_trainer::config::{Qwen2Config, TinySpec};
 use rlt_trainer::logprobs::sequence_logprobs;
 use rlt_trainer::model::KvCache;
-use rlt_trainer::sampling::{generate, left_pad, SamplingConfig};
+use rlt_trainer::sampling::{generate, generate_in_batches, left_pad, SamplingConfig};
 use rlt_trainer::tokenizer::Tokenizer;
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
@@ -294,4 +294,37 @@ fn finished_rows_leave_the_batch_without_changing_the_others() {
     let recomputed = lp.narrow(1, p - 1, g.tokens.size()[1]) * g.mask.to_kind(Kind::Float);
     let d = max_abs_diff(&recomputed, &g.logprobs);
     assert!(d < 1e-4, "log-probs after compaction differ by {d}");
+}
+
+#[test]
+fn generating_in_batches_samples_what_one_batch_samples() {
+    let (lm, tok) = tiny();
+    let prompts: Vec<Vec<i64>> = ["1+1=", "What is 7*6? Answer:", "x", "The fox", "2*3=", "ab"]
+        .iter()
+        .map(|p| tok.encode(p).unwrap())
+        .collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: 12,
+        temperature: 0.9,
+        top_p: 0.95,
+        stop_tokens: vec![tok.encode("=").unwrap()[0]],
+        seed: 11,
+    };
+    let whole = generate(&lm.model, &prompts, tok.pad_id(), &cfg).unwrap();
+    for rows in [1, 2, 4] {
+        let parts = generate_in_batches(&lm.model, &prompts, tok.pad_id(), &cfg, rows).unwrap();
+        assert_eq!(
+            parts.token_lists(),
+            whole.token_lists(),
+            "{rows} rows per pass"
+        );
+        assert_eq!(parts.stopped, whole.stopped, "{rows} rows per pass");
+        // Same layout: the full sequences line up with the one-batch generation's.
+        let (a, am) = parts.full_sequences();
+        let (b, bm) = whole.full_sequences();
+        assert_eq!(a.size(), b.size(), "{rows} rows per pass");
+        assert!(a.equal(&b) && am.equal(&bm), "{rows} rows per pass");
+        let d = max_abs_diff(&parts.logprobs, &whole.logprobs);
+        assert!(d < 1e-4, "{rows} rows per pass: log-probs differ by {d}");
+    }
 }

@@ -123,6 +123,7 @@ fn reward_through_tiny_models_matches_direct_computation() {
         &completions,
         &ids,
         &cfg,
+        2,
     )
     .unwrap();
     assert_eq!(well_formed, vec![true, true, false]);
@@ -246,6 +247,9 @@ fn mean_reward_rises_over_rl_steps_after_warmup() {
         reward: RewardConfig::default(),
         grpo: GrpoConfig::default(),
         seed: 0,
+        micro_batch: 0,
+        generation_batch: 0,
+        activation_checkpointing: false,
     };
     // Evaluated on a fixed set of 8 groups with fixed sampling seeds (the groups of step
     // EVAL), so before and after differ only by the teacher's weights.
@@ -370,6 +374,9 @@ fn learner_with_a_teacher_of_another_shape_fails_fast() {
             reward: RewardConfig::default(),
             grpo: GrpoConfig::default(),
             seed: 0,
+            micro_batch: 0,
+            generation_batch: 0,
+            activation_checkpointing: false,
         },
         retry_for: std::time::Duration::from_secs(5),
         final_dir: None,

@@ -12,7 +12,7 @@ use rlt_trainer::cli::{DataArgs, PromptArgs, PromptStyle};
 use rlt_trainer::config::TinySpec;
 use rlt_trainer::data::{Example, Prompts};
 use rlt_trainer::rl::grpo::GrpoConfig;
-use rlt_trainer::rl::learner::{LocalRun, Models};
+use rlt_trainer::rl::learner::{compute_step, LocalRun, Models};
 use rlt_trainer::rl::reward::RewardConfig;
 use rlt_trainer::rl::rollout::RolloutConfig;
 use rlt_trainer::rl::shard::RlOptimizer;
@@ -77,6 +77,9 @@ fn rollout_cfg() -> RolloutConfig {
         reward: RewardConfig::default(),
         grpo: grpo_cfg(),
         seed: 7,
+        micro_batch: 0,
+        generation_batch: 0,
+        activation_checkpointing: false,
     }
 }
 fn grpo_cfg() -> GrpoConfig {
@@ -488,5 +491,47 @@ fn assert_running(servers: &mut [Child], learners: &mut [Child], c: &Cluster) {
                 c.log(&format!("learner-{i}.log"))
             );
         }
+    }
+}
+
+#[test]
+fn micro_batches_and_checkpointing_change_memory_not_the_gradient() {
+    let root = tmp("micro");
+    let (teacher, student) = tiny_models(&root);
+    let models = Models::load(&teacher, &student, Device::Cpu, Kind::Float).unwrap();
+    let prompts: Vec<_> = synthetic_examples()
+        .iter()
+        .map(|e| models.group_prompt(&Prompts::short(), e).unwrap())
+        .collect();
+    let ids = models.special_ids().unwrap();
+    let step = |micro_batch, generation_batch, activation_checkpointing| {
+        let cfg = RolloutConfig {
+            micro_batch,
+            generation_batch,
+            activation_checkpointing,
+            ..rollout_cfg()
+        };
+        compute_step(&models, &prompts, &ids, &cfg, 1, GROUPS, (0, 1)).unwrap()
+    };
+    // The whole group in one pass, its graph built while scoring: the reference.
+    let (whole, stats) = step(0, 0, false);
+    let scale = whole
+        .values()
+        .map(|g| g.abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    assert!(scale > 0.0, "the step must have a gradient");
+    for (micro, gen, ckpt) in [(1, 0, false), (3, 2, false), (0, 1, true), (2, 3, true)] {
+        let (grads, s) = step(micro, gen, ckpt);
+        assert_eq!(s.generated_tokens, stats.generated_tokens, "same samples");
+        assert!(
+            (s.reward_sum - stats.reward_sum).abs() < 1e-4,
+            "same rewards"
+        );
+        assert!((s.loss_sum - stats.loss_sum).abs() < 1e-5, "same loss");
+        let diff = max_diff(&grads, &whole);
+        assert!(
+            diff < 1e-5 * scale.max(1.0),
+            "micro-batch {micro}, generation batch {gen}, checkpointing {ckpt}: gradient differs by {diff} (largest {scale})"
+        );
     }
 }

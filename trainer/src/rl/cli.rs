@@ -19,6 +19,7 @@ use super::reward::{RewardConfig, WeightedReductions};
 use super::rollout::RolloutConfig;
 use super::shard::RlOptimizer;
 use crate::cli::{DataArgs, DeviceArgs};
+use crate::memory;
 use crate::optim::AdamWConfig;
 
 /// Where the run lives in the shared workspace.
@@ -181,6 +182,8 @@ pub fn param_server(a: ParamServerArgs) -> Result<()> {
         .parse()
         .with_context(|| format!("--bind {:?}", a.bind))
         .map_err(crate::exit::bad_config)?;
+    memory::check_server(&init, a.num_shards as u32, num_learners as u32)
+        .map_err(crate::exit::bad_config)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(param_server::run(
         cfg,
@@ -217,6 +220,16 @@ pub struct RolloutArgs {
     pub format_penalty: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Rows of a group per forward/backward pass (default: the most the memory preflight
+    /// finds room for).
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    /// Rows of a group per sampling pass (default: as `--micro-batch`).
+    #[arg(long)]
+    pub generation_batch: Option<usize>,
+    /// Recompute decoder layers in the backward pass (`rl.activationCheckpointing`).
+    #[arg(long)]
+    pub activation_checkpointing: Option<bool>,
 }
 
 impl RolloutArgs {
@@ -227,9 +240,10 @@ impl RolloutArgs {
     pub fn config(&self, rl: &RlStage, grpo: GrpoConfig) -> RolloutConfig {
         let base = RewardConfig::of_rl(rl);
         let temperature = self.temperature.unwrap_or(rl.temperature);
+        let max_new_tokens = self.max_new_tokens.unwrap_or(rl.max_new_tokens as usize);
         RolloutConfig {
             group_size: self.group_size.unwrap_or(rl.group_size as usize),
-            max_new_tokens: self.max_new_tokens.unwrap_or(rl.max_new_tokens as usize),
+            max_new_tokens,
             temperature,
             top_p: self.top_p,
             reward: RewardConfig {
@@ -241,6 +255,14 @@ impl RolloutArgs {
             },
             grpo,
             seed: self.seed,
+            micro_batch: self.micro_batch.unwrap_or(0),
+            generation_batch: self.generation_batch.unwrap_or(0),
+            activation_checkpointing: self.activation_checkpointing.unwrap_or_else(|| {
+                rlt_api::spec::activation_checkpointing(
+                    rl.activation_checkpointing,
+                    max_new_tokens as u32,
+                )
+            }),
         }
     }
 }
@@ -293,18 +315,66 @@ pub fn learner(a: LearnerArgs) -> Result<()> {
         "--student",
     )?;
     let (device, kind) = a.device.resolve_for(run)?;
-    let models = Models::load(&teacher, &student, device, kind)?;
     let examples = a.data.load(run)?;
     let prompts = a.data.prompts.over(run);
+    let mut rollout = a.rollout.config(&rl, a.optim.grpo(&rl));
+    // Before loading the models: the passes a group is split into, or a refusal.
+    let plan = memory::LearnerPlan {
+        dtype_bytes: kind.elt_size_in_bytes() as u32,
+        group_size: rollout.group_size as u32,
+        prompt: longest_prompt(&teacher, &prompts, &examples)?,
+        max_new_tokens: rollout.max_new_tokens as u32,
+        micro_batch: 0,
+        generation_batch: 0,
+        checkpointing: rollout.activation_checkpointing,
+    };
+    let fixed = (
+        a.rollout.micro_batch.unwrap_or(0) as u32,
+        a.rollout
+            .generation_batch
+            .or(a.rollout.micro_batch)
+            .unwrap_or(0) as u32,
+    );
+    (rollout.micro_batch, rollout.generation_batch) = memory::check_learner(
+        &teacher,
+        &student,
+        &plan,
+        fixed,
+        rl.checkpoint_interval,
+        device,
+    )
+    .map_err(crate::exit::bad_config)?;
+    let models = Models::load(&teacher, &student, device, kind)?;
     let cfg = LearnerConfig {
         param_servers: a.param_servers.clone(),
         learner: a.learner,
         learners: a.learners,
         groups_per_step: a.rollout.groups_per_step(&rl),
-        rollout: a.rollout.config(&rl, a.optim.grpo(&rl)),
+        rollout,
         retry_for: Duration::from_secs(a.retry_secs),
         final_dir: Some(run_dir.rl().final_dir()),
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(run_learner(&models, &examples, &prompts, &cfg, |_| {}))
+}
+
+/// The longest teacher prompt or student chat (without the explanation) of the dataset, in
+/// tokens of the teacher's tokenizer.
+fn longest_prompt(
+    teacher: &std::path::Path,
+    prompts: &crate::data::Prompts,
+    examples: &[crate::data::Example],
+) -> Result<u32> {
+    let tok = crate::tokenizer::Tokenizer::from_dir(teacher)
+        .with_context(|| format!("teacher tokenizer in {}", teacher.display()))?;
+    let mut longest = 0;
+    for e in examples {
+        let p = super::rollout::GroupPrompt::new(&tok, prompts, e)?;
+        let student = p.student_prefix.len()
+            + p.student_middle.len()
+            + p.solution.len()
+            + p.student_suffix.len();
+        longest = longest.max(p.teacher_prompt.len()).max(student);
+    }
+    Ok(longest as u32)
 }

@@ -244,7 +244,7 @@ impl ShardClients {
         &mut self,
         step: u64,
         owner: &BTreeMap<String, usize>,
-        grads: &BTreeMap<String, Tensor>,
+        grads: BTreeMap<String, Tensor>,
         weight: f64,
         stats: pb::StepStats,
         keep_steps: u64,
@@ -267,9 +267,10 @@ impl ShardClients {
         let mut bytes = 0;
         for (name, g) in grads {
             let shard = *owner
-                .get(name)
+                .get(&name)
                 .with_context(|| format!("no parameter server owns {name:?}"))?;
-            for c in wire::tensor_chunks(name, g, KIND_POLICY, wire::wire_dtype(g.kind())) {
+            let dtype = wire::wire_dtype(g.kind());
+            for c in wire::owned_tensor_chunks(&name, g, KIND_POLICY, dtype) {
                 bytes += c.data.len() as u64;
                 per_shard[shard].push(pb::PushMessage {
                     body: Some(pb::push_message::Body::Chunk(c)),
@@ -585,6 +586,11 @@ mod tests {
         // element, norm 1.5) is clipped; step 1's (0.05, norm 0.15) is not, and its update
         // depends on the moments step 0 left, so the clipping shows in the weights.
         let steps = [(g(1.0), g(-3.0)), (g(0.2), g(0.0))];
+        let shallow = |m: &BTreeMap<String, Tensor>| -> BTreeMap<String, Tensor> {
+            m.iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect()
+        };
         let grpo = GrpoConfig {
             ref_sync_every: 1,
             ..GrpoConfig::default()
@@ -604,8 +610,8 @@ mod tests {
         for (step, (g0, g1)) in steps.iter().enumerate() {
             let step = step as u64;
             let (r0, r1) = tokio::join!(
-                l0.push_and_pull(step, &topo.owner, g0, 1.0, stats, 2, true),
-                l1.push_and_pull(step, &topo.owner, g1, 3.0, stats, 2, true)
+                l0.push_and_pull(step, &topo.owner, shallow(g0), 1.0, stats, 2, true),
+                l1.push_and_pull(step, &topo.owner, shallow(g1), 3.0, stats, 2, true)
             );
             let (p0, p1) = (r0.unwrap().1, r1.unwrap().1);
             assert_eq!((p0.version, p1.version), (step + 1, step + 1));

@@ -67,9 +67,7 @@ pub fn ref_mix(reference: &mut Tensor, policy: &Tensor, alpha: f64) {
 /// - `mask`: which positions are generated tokens of the row;
 /// - `advantages` `[B]`.
 ///
-/// Per token: `-(min(ratio * A, clip(ratio) * A) - beta * kl)`, with
-/// `kl = exp(ref - logp) - (ref - logp) - 1` (k3, always >= 0); averaged over each row's
-/// tokens.
+/// Per token: [`grpo_token_loss`], averaged over each row's tokens ([`token_weights`]).
 pub fn grpo_sequence_loss(
     logp: &Tensor,
     old_logp: &Tensor,
@@ -78,16 +76,36 @@ pub fn grpo_sequence_loss(
     advantages: &Tensor,
     cfg: &GrpoConfig,
 ) -> Tensor {
-    let mask = mask.to_kind(Kind::Float);
+    (grpo_token_loss(logp, old_logp, ref_logp, advantages, cfg) * token_weights(mask))
+        .sum_dim_intlist(1, false, Kind::Float)
+}
+
+/// Per token `[B, T]`: `-(min(ratio * A, clip(ratio) * A) - beta * kl)`, with
+/// `kl = exp(ref - logp) - (ref - logp) - 1` (k3, always >= 0), on every position (padding
+/// included: [`token_weights`] masks it). Each token's term depends on that token alone, so
+/// the loss can be taken over any slice of rows and positions and summed.
+pub fn grpo_token_loss(
+    logp: &Tensor,
+    old_logp: &Tensor,
+    ref_logp: &Tensor,
+    advantages: &Tensor,
+    cfg: &GrpoConfig,
+) -> Tensor {
     let adv = advantages.to_kind(Kind::Float).unsqueeze(1);
     let ratio = (logp - old_logp).exp();
     let clipped = ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps);
     let objective = (&ratio * &adv).minimum(&(clipped * &adv));
     let d = ref_logp - logp;
     let kl = d.exp() - &d - 1.0;
-    let per_token = -(objective - kl * cfg.beta);
-    let tokens = mask.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
-    (per_token * &mask).sum_dim_intlist(1, false, Kind::Float) / tokens
+    -(objective - kl * cfg.beta)
+}
+
+/// `mask` `[B, T]` over each row's number of tokens: the weights that turn per-token losses
+/// into per-row means.
+pub fn token_weights(mask: &Tensor) -> Tensor {
+    let mask = mask.to_kind(Kind::Float);
+    let tokens = mask.sum_dim_intlist(1, true, Kind::Float).clamp_min(1.0);
+    mask / tokens
 }
 
 #[cfg(test)]

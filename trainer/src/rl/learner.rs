@@ -262,7 +262,7 @@ pub async fn run_learner(
             .push_and_pull(
                 step,
                 &topo.owner,
-                &grads,
+                grads,
                 c.groups as f64,
                 stats,
                 keep,

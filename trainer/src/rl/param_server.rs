@@ -91,6 +91,48 @@ struct Inner {
     last_norm: Option<(u64, f64)>,
     done: std::collections::BTreeSet<u32>,
     last_step_at: Instant,
+    /// The last pull's messages, kept while they are current: the learners pulling a version
+    /// share one encoding of it instead of each converting and holding their own.
+    encoded: Option<Encoded>,
+}
+
+/// A pull's messages and the request they answer.
+struct Encoded {
+    /// (version, reference version, reference included, wire dtype).
+    key: (u64, u64, bool, u32),
+    messages: Arc<Vec<pb::PullMessage>>,
+    bytes: u64,
+}
+
+impl Encoded {
+    fn new(s: &ShardState, include_reference: bool, dtype: u32) -> Encoded {
+        let mut messages = vec![pb::PullMessage {
+            body: Some(pb::pull_message::Body::Header(pb::PullHeader {
+                version: s.version,
+                reference_version: s.reference_version,
+            })),
+        }];
+        let mut bytes = 0;
+        let mut add = |tensors: &Vec<Tensor>, kind| {
+            for (name, t) in s.names.iter().zip(tensors) {
+                for c in wire::tensor_chunks(name, t, kind, dtype) {
+                    bytes += c.data.len() as u64;
+                    messages.push(pb::PullMessage {
+                        body: Some(pb::pull_message::Body::Chunk(c)),
+                    });
+                }
+            }
+        };
+        add(&s.params, KIND_POLICY);
+        if include_reference {
+            add(&s.reference, KIND_REFERENCE);
+        }
+        Encoded {
+            key: (s.version, s.reference_version, include_reference, dtype),
+            messages: Arc::new(messages),
+            bytes,
+        }
+    }
 }
 
 /// Where a shard stands with a step's gradients.
@@ -228,6 +270,7 @@ impl ParamServer {
                 last_norm: None,
                 done: Default::default(),
                 last_step_at: Instant::now(),
+                encoded: None,
             })),
             version: watch::channel(version).0,
             pushed: watch::channel(0).0,
@@ -492,35 +535,26 @@ impl pb::param_server_server::ParamServer for ParamServer {
         rx.wait_for(|v| *v >= req.min_version)
             .await
             .map_err(|_| Status::unavailable("server shutting down"))?;
-        let mut msgs = Vec::new();
-        {
-            let inner = self.inner.lock().unwrap();
+        let (messages, bytes) = {
+            let mut guard = self.inner.lock().unwrap();
+            let inner = &mut *guard;
             let s = &inner.state;
-            msgs.push(pb::PullMessage {
-                body: Some(pb::pull_message::Body::Header(pb::PullHeader {
-                    version: s.version,
-                    reference_version: s.reference_version,
-                })),
-            });
-            let mut bytes = 0;
-            let mut add = |tensors: &Vec<Tensor>, kind| {
-                for (name, t) in s.names.iter().zip(tensors) {
-                    for c in wire::tensor_chunks(name, t, kind, req.dtype) {
-                        bytes += c.data.len() as u64;
-                        msgs.push(pb::PullMessage {
-                            body: Some(pb::pull_message::Body::Chunk(c)),
-                        });
-                    }
-                }
-            };
-            add(&s.params, KIND_POLICY);
-            if req.include_reference {
-                add(&s.reference, KIND_REFERENCE);
+            let key = (
+                s.version,
+                s.reference_version,
+                req.include_reference,
+                req.dtype,
+            );
+            if inner.encoded.as_ref().is_none_or(|e| e.key != key) {
+                inner.encoded = Some(Encoded::new(s, req.include_reference, req.dtype));
             }
-            self.metrics.bytes_out.inc_by(bytes);
-        }
+            let e = inner.encoded.as_ref().expect("just set");
+            (e.messages.clone(), e.bytes)
+        };
+        self.metrics.bytes_out.inc_by(bytes);
+        // Cloning a message clones its chunk's name and a handle on the shared bytes.
         Ok(Response::new(Box::pin(futures::stream::iter(
-            msgs.into_iter().map(Ok),
+            (0..messages.len()).map(move |i| Ok(messages[i].clone())),
         ))))
     }
 
@@ -610,6 +644,9 @@ impl pb::param_server_server::ParamServer for ParamServer {
             },
         );
         inner.averaged = None;
+        // A learner pushes a step only after pulling its version: that version's pulls are
+        // (all but surely) done, and the encoding need not be held through the next step.
+        inner.encoded = None;
         let version = inner.state.version;
         drop(inner);
         self.pushed.send_modify(|n| *n += 1);

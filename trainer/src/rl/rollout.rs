@@ -14,12 +14,15 @@ use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
 use super::completion::parse_completion;
-use super::grpo::{group_advantages, grpo_sequence_loss, GrpoConfig};
+use super::grpo::{
+    group_advantages, grpo_sequence_loss, grpo_token_loss, token_weights, GrpoConfig,
+};
 use super::reward::{rlt_reward, RewardBreakdown, RewardConfig, RewardInputs, Span};
 use crate::checkpoint::CausalLm;
 use crate::data::{student_segments, teacher_rl_prompt, Example, Prompts};
-use crate::logprobs::sequence_logprobs;
-use crate::sampling::{generate, left_pad, SamplingConfig};
+use crate::logprobs::{sequence_logprobs, sequence_logprobs_in_batches, token_logprobs};
+use crate::model::{Qwen2, LOGIT_CHUNK};
+use crate::sampling::{generate_in_batches, left_pad, SamplingConfig};
 use crate::tokenizer::{Tokenizer, END_OF_EXPLANATION};
 
 /// One (question, solution) as token pieces.
@@ -62,6 +65,23 @@ pub struct RolloutConfig {
     pub reward: RewardConfig,
     pub grpo: GrpoConfig,
     pub seed: u64,
+    /// Rows per backward pass of the policy gradient (0: the whole group at once). Fewer rows
+    /// bound the activations a learner holds; the gradient is the same.
+    pub micro_batch: usize,
+    /// Rows per sampling pass (0: the whole group): bounds the KV cache; the samples are the
+    /// same.
+    pub generation_batch: usize,
+    /// Recompute each decoder layer in the policy's backward pass ([`Qwen2::backward_checkpointed`]).
+    pub activation_checkpointing: bool,
+}
+
+impl RolloutConfig {
+    /// Whether a group's policy gradient is one pass over all its rows, with the graph built
+    /// while scoring (no second forward pass).
+    fn whole_group_pass(&self) -> bool {
+        !self.activation_checkpointing
+            && (self.micro_batch == 0 || self.micro_batch >= self.group_size)
+    }
 }
 
 /// Token ids the rollout needs from the tokenizer.
@@ -159,67 +179,153 @@ pub fn run_group(
         stop_tokens: ids.stop.clone(),
         seed: group_seed(cfg.seed, step, global_group),
     };
-    let gen = tch::no_grad(|| generate(&teacher.model, &prompts, ids.pad, &sampling))?;
+    let gen = tch::no_grad(|| {
+        generate_in_batches(
+            &teacher.model,
+            &prompts,
+            ids.pad,
+            &sampling,
+            cfg.generation_batch,
+        )
+    })?;
     let completions = gen.token_lists();
     out.times.generation += t0.elapsed().as_secs_f64();
 
-    // 2. Scoring: the teacher's log-probs of its own sequences (with grad: the GRPO policy
-    // term; detached: the reward's KL term, at its sampling temperature), then the reward.
+    // 2. Scoring: the teacher's log-probs of its own sequences at its sampling temperature
+    // (the reward's KL term, and GRPO's "old" policy), then the reward. When the whole group
+    // is one backward pass, this forward pass is that pass's too (its graph is kept);
+    // otherwise it runs without a graph and the gradient comes from micro-batches after the
+    // reward, since a whole group's graph at 16k tokens does not fit a GPU.
     let t1 = Instant::now();
     let (t_ids, t_mask) = gen.full_sequences();
     let p_len = gen.prompt_ids.size()[1] as usize;
-    let policy_lp = with_first_column(sequence_logprobs(
-        &teacher.model,
-        &t_ids,
-        Some(&t_mask),
-        cfg.temperature,
-    ));
-    let detached = policy_lp.detach();
+    let teacher_lp = || {
+        with_first_column(sequence_logprobs(
+            &teacher.model,
+            &t_ids,
+            Some(&t_mask),
+            cfg.temperature,
+        ))
+    };
+    let policy_lp = cfg.whole_group_pass().then(teacher_lp);
+    let old_lp = match &policy_lp {
+        Some(lp) => lp.detach(),
+        None => with_first_column(sequence_logprobs_in_batches(
+            &teacher.model,
+            &t_ids,
+            Some(&t_mask),
+            cfg.temperature,
+            cfg.micro_batch,
+        )),
+    };
     let (breakdown, well_formed) = score_completions(
         student,
         tok,
-        &detached,
+        &old_lp,
         p_len,
         prompt,
         &completions,
         ids,
         &cfg.reward,
+        cfg.micro_batch,
     )?;
     let advantages = group_advantages(&breakdown.reward, g as i64);
     out.times.scoring += t1.elapsed().as_secs_f64();
 
     // 3. Policy gradient on the generated tokens (explanation, closing tag, end of turn).
     let t2 = Instant::now();
-    let ref_lp = tch::no_grad(|| {
-        with_first_column(sequence_logprobs(
-            &reference.model,
-            &t_ids,
-            Some(&t_mask),
-            cfg.temperature,
-        ))
-    });
+    let ref_lp = with_first_column(sequence_logprobs_in_batches(
+        &reference.model,
+        &t_ids,
+        Some(&t_mask),
+        cfg.temperature,
+        cfg.micro_batch,
+    ));
     let gen_mask = Tensor::cat(&[gen.prompt_mask.zeros_like(), gen.mask.shallow_clone()], 1);
-    let per_seq = grpo_sequence_loss(
-        &policy_lp,
-        &detached,
-        &ref_lp,
-        &gen_mask,
-        &advantages,
-        &cfg.grpo,
-    );
-    let loss = per_seq.mean(Kind::Float);
-    loss.backward();
+    let loss = match policy_lp {
+        Some(lp) => {
+            let loss = grpo_sequence_loss(&lp, &old_lp, &ref_lp, &gen_mask, &advantages, &cfg.grpo)
+                .mean(Kind::Float);
+            loss.backward();
+            loss.double_value(&[])
+        }
+        None => policy_backward(
+            &teacher.model,
+            &PolicyBatch {
+                ids: &t_ids,
+                mask: &t_mask,
+                old_lp: &old_lp,
+                ref_lp: &ref_lp,
+                // Per-row means, averaged over the group.
+                weights: &(token_weights(&gen_mask) / g as f64),
+                advantages: &advantages,
+            },
+            cfg,
+        ),
+    };
     out.times.backward += t2.elapsed().as_secs_f64();
 
     out.groups += 1;
     out.samples += g;
-    out.loss_sum += loss.double_value(&[]);
+    out.loss_sum += loss;
     out.reward_sum += breakdown.reward.sum(Kind::Double).double_value(&[]);
     out.solution_sum += breakdown.solution.sum(Kind::Double).double_value(&[]);
     out.kl_sum += breakdown.kl.sum(Kind::Double).double_value(&[]);
     out.generated_tokens += completions.iter().map(Vec::len).sum::<usize>();
     out.well_formed += well_formed.iter().filter(|&&w| w).count();
     Ok(())
+}
+
+/// A scored group, as the policy gradient needs it: sequences `[G, T]` with their attention
+/// mask, and per position (column p scores token p) the sampling policy's and the
+/// reference's log-probs and the loss weight of the token (0 off the generated tokens).
+pub struct PolicyBatch<'a> {
+    pub ids: &'a Tensor,
+    pub mask: &'a Tensor,
+    pub old_lp: &'a Tensor,
+    pub ref_lp: &'a Tensor,
+    pub weights: &'a Tensor,
+    pub advantages: &'a Tensor,
+}
+
+/// Accumulates the gradient of the group's GRPO loss (the weighted sum of its per-token
+/// terms) into the teacher's variables, `cfg.micro_batch` rows at a time, with activation
+/// checkpointing if the config says so. Returns the loss.
+pub fn policy_backward(teacher: &Qwen2, batch: &PolicyBatch, cfg: &RolloutConfig) -> f64 {
+    let (rows, t) = batch.ids.size2().expect("ids must be [rows, seq]");
+    let per = match cfg.micro_batch {
+        0 => rows,
+        n => (n as i64).min(rows),
+    };
+    let mut total = 0.0;
+    for first in (0..rows).step_by(per as usize) {
+        let n = per.min(rows - first);
+        let pick = |x: &Tensor| x.narrow(0, first, n);
+        let (ids, adv) = (pick(batch.ids), pick(batch.advantages));
+        let (old, reference, weights) =
+            (pick(batch.old_lp), pick(batch.ref_lp), pick(batch.weights));
+        // Hidden states of positions `from..` predict the tokens after them.
+        let loss_of = |h: &Tensor, from: i64| {
+            let len = h.size()[1].min(t - 1 - from);
+            if len <= 0 {
+                return Tensor::from(0.0);
+            }
+            let logits = teacher.lm_logits(&h.narrow(1, 0, len));
+            let lp = token_logprobs(&logits, &ids.narrow(1, from + 1, len), cfg.temperature);
+            let cols = |x: &Tensor| x.narrow(1, from + 1, len);
+            (grpo_token_loss(&lp, &cols(&old), &cols(&reference), &adv, &cfg.grpo) * cols(&weights))
+                .sum(Kind::Float)
+        };
+        let mask = pick(batch.mask);
+        total += if cfg.activation_checkpointing {
+            teacher.backward_checkpointed(&ids, Some(&mask), (LOGIT_CHUNK / n).max(1), loss_of)
+        } else {
+            let loss = loss_of(&teacher.forward_hidden(&ids, Some(&mask), None), 0);
+            loss.backward();
+            loss.double_value(&[])
+        };
+    }
+    total
 }
 
 /// The RLT reward of a group's completions. `teacher_lp` `[G, P + N]` holds the teacher's
@@ -238,6 +344,7 @@ pub fn score_completions(
     completions: &[Vec<i64>],
     ids: &SpecialIds,
     cfg: &RewardConfig,
+    rows_per_pass: usize,
 ) -> Result<(RewardBreakdown, Vec<bool>)> {
     let mut rows = Vec::with_capacity(completions.len());
     let mut parsed = Vec::with_capacity(completions.len());
@@ -267,14 +374,13 @@ pub fn score_completions(
             len: prompt.solution.len(),
         });
     }
-    let student_lp = tch::no_grad(|| {
-        with_first_column(sequence_logprobs(
-            &student.model,
-            &s_ids,
-            Some(&s_mask),
-            cfg.student_temperature,
-        ))
-    });
+    let student_lp = with_first_column(sequence_logprobs_in_batches(
+        &student.model,
+        &s_ids,
+        Some(&s_mask),
+        cfg.student_temperature,
+        rows_per_pass,
+    ));
     let t_expl: Vec<Span> = parsed
         .iter()
         .map(|p| Span {
@@ -310,11 +416,17 @@ pub fn take_gradients(teacher: &CausalLm) -> BTreeMap<String, Tensor> {
     for (name, v) in teacher.vs.variables() {
         let g = v.grad();
         let g = if g.defined() {
-            g.to_kind(Kind::Float).to_device(tch::Device::Cpu)
+            let f32_cpu = g.to_kind(Kind::Float).to_device(tch::Device::Cpu);
+            // The variable's gradient is zeroed in place next: keep a copy, made once.
+            if f32_cpu.data_ptr() == g.data_ptr() {
+                f32_cpu.copy()
+            } else {
+                f32_cpu
+            }
         } else {
             Tensor::zeros(v.size(), (Kind::Float, tch::Device::Cpu))
         };
-        out.insert(name, g.copy());
+        out.insert(name, g);
     }
     out
 }

@@ -123,6 +123,7 @@ impl Scorer {
             completions,
             &self.ids,
             &self.reward,
+            0,
         )
     }
 }

@@ -66,24 +66,43 @@ pub fn check_protocol(got: u32) -> Result<(), tonic::Status> {
 
 /// Cuts one tensor into chunks of its memory in the wire `dtype` (one conversion of the
 /// whole tensor when its kind differs, then slices of that one buffer: no per-element work,
-/// no copy per chunk).
+/// no copy per chunk). The chunks never see later in-place updates of `t`.
 pub fn tensor_chunks(name: &str, t: &Tensor, kind: u32, dtype: u32) -> Vec<pb::TensorChunk> {
-    let as_kind = dtype_kind(dtype).unwrap_or(Kind::Float);
-    let flat = t
-        .detach()
-        .to_device(tch::Device::Cpu)
-        .to_kind(as_kind)
-        .contiguous()
-        .view([-1]);
+    let flat = flat_on_cpu(t, dtype);
     // The chunks must not see later in-place updates of `t`: copy when nothing else did.
     let flat = if flat.data_ptr() == t.data_ptr() {
         flat.copy()
     } else {
         flat
     };
-    let elt = as_kind.elt_size_in_bytes();
+    chunks_of(name, t.size(), flat, kind, dtype)
+}
+
+/// [`tensor_chunks`] of a tensor nobody writes any more (a learner's gradient copy): its own
+/// memory becomes the chunks' when it is already in the wire format.
+pub fn owned_tensor_chunks(name: &str, t: Tensor, kind: u32, dtype: u32) -> Vec<pb::TensorChunk> {
+    let flat = flat_on_cpu(&t, dtype);
+    chunks_of(name, t.size(), flat, kind, dtype)
+}
+
+/// `t` flattened, contiguous, on the CPU in the wire `dtype` (itself when it already is).
+fn flat_on_cpu(t: &Tensor, dtype: u32) -> Tensor {
+    t.detach()
+        .to_device(tch::Device::Cpu)
+        .to_kind(dtype_kind(dtype).unwrap_or(Kind::Float))
+        .contiguous()
+        .view([-1])
+}
+
+fn chunks_of(
+    name: &str,
+    shape: Vec<i64>,
+    flat: Tensor,
+    kind: u32,
+    dtype: u32,
+) -> Vec<pb::TensorChunk> {
+    let elt = flat.kind().elt_size_in_bytes();
     let bytes = prost::bytes::Bytes::from_owner(CpuMemory(flat));
-    let shape = t.size();
     let step = CHUNK_BYTES - CHUNK_BYTES % elt;
     let mut out = Vec::with_capacity(bytes.len().div_ceil(step).max(1));
     let mut offset = 0;
