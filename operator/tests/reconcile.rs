@@ -708,11 +708,6 @@ fn a_job_that_cannot_create_its_pods_is_lifted_into_the_condition_and_an_event()
     assert!(w.step().is_noop(), "reported once");
 }
 
-/// Warm-up pod of attempt 0 whose trainer exited with `code`, as the kubelet reports it.
-fn failed_warmup_pod(code: i32, message: &str) -> k8s_openapi::api::core::v1::Pod {
-    failed_pod(Stage::Warmup, "tiny-cpu-warmup-0-0-abcde", code, message)
-}
-
 /// A `stage` pod of attempt 0 whose trainer exited with `code`, as the kubelet reports it.
 fn failed_pod(
     stage: Stage,
@@ -735,7 +730,9 @@ fn the_trainers_termination_message_reaches_the_condition_and_the_event() {
     let mut w = World::new(run_from(TINY));
     w.run.spec.failure_policy.retries = 0;
     w.step();
-    let pod = failed_warmup_pod(
+    let pod = failed_pod(
+        Stage::Warmup,
+        "tiny-cpu-warmup-0-0-abcde",
         1,
         "loading the teacher: /workspace/tiny-cpu/inputs/models/x/model.safetensors: unexpected end of file",
     );
@@ -873,6 +870,19 @@ fn a_failed_rl_attempt_gets_new_param_servers_never_a_rolling_update_of_the_old(
     );
 }
 
+/// Fails `job` (of `stage`, attempt 0) the way a trainer that exited 2 with `refusal` does;
+/// the next plan and the run's Failed condition (reason, message), once it failed.
+fn refused(w: &mut World, stage: Stage, job: &str, refusal: &str) -> (Plan, String, String) {
+    let pod = failed_pod(stage, &format!("{job}-0-abcde"), 2, refusal);
+    w.obs.pods = vec![rlt_operator::observe::pod(&pod)];
+    w.activity = Activity::from_pods(&[pod]);
+    w.set_job(job, fail("PodFailurePolicy"));
+    let plan = w.step();
+    assert_eq!(w.phase(), Phase::Failed);
+    let (_, reason, message) = w.condition(cond::FAILED);
+    (plan, reason, message)
+}
+
 #[test]
 fn a_memory_preflight_refusal_fails_the_run_at_once_naming_the_fields_to_change() {
     // What `rlt-trainer warmup` writes to its termination log and exits 2 with when the stage
@@ -883,14 +893,8 @@ fn a_memory_preflight_refusal_fails_the_run_at_once_naming_the_fields_to_change(
     let mut w = World::new(run_from(TINY));
     assert!(w.run.spec.failure_policy.retries > 0, "retries are left");
     w.step();
-    let pod = failed_warmup_pod(2, refusal);
-    w.obs.pods = vec![rlt_operator::observe::pod(&pod)];
-    w.activity = Activity::from_pods(&[pod]);
-    w.set_job("tiny-cpu-warmup-0", fail("PodFailurePolicy"));
-    let plan = w.step();
+    let (plan, reason, message) = refused(&mut w, Stage::Warmup, "tiny-cpu-warmup-0", refusal);
     assert!(plan.apply.is_empty(), "no new attempt");
-    assert_eq!(w.phase(), Phase::Failed);
-    let (_, reason, message) = w.condition(cond::FAILED);
     assert_eq!(reason, "WarmUpFailed");
     for part in [
         "warmup.replicas",
@@ -916,13 +920,7 @@ fn a_learner_memory_refusal_fails_rl_at_once_naming_the_fields_to_change() {
                    optimizer 0.0, activations 31.4, logits 6.5 GiB; set \
                    rl.activationCheckpointing: true, or lower rl.maxNewTokens to 4096";
     let mut w = at_rl();
-    let pod = failed_pod(Stage::Rl, "tiny-cpu-learner-0-0-abcde", 2, refusal);
-    w.obs.pods = vec![rlt_operator::observe::pod(&pod)];
-    w.activity = Activity::from_pods(&[pod]);
-    w.set_job("tiny-cpu-learner-0", fail("PodFailurePolicy"));
-    let plan = w.step();
-    assert_eq!(w.phase(), Phase::Failed);
-    let (_, reason, message) = w.condition(cond::FAILED);
+    let (plan, reason, message) = refused(&mut w, Stage::Rl, "tiny-cpu-learner-0", refusal);
     assert_eq!(reason, "RLFailed");
     for part in [
         "an RL learner needs about 97.2 GiB",

@@ -86,7 +86,17 @@ impl TinySpec {
             "tiny" => (spec(64, 2, 4, 2, 176), None),
             "small" => (spec(512, 8, 8, 2, 1408), None),
             "medium" => (spec(512, 8, 8, 4, 1408), None),
-            "0.5b" => (spec(896, 24, 14, 2, 4864), Some(151_936)),
+            "0.5b" => {
+                let c = crate::memory::qwen2_shape("0.5B").expect("a published shape");
+                let s = spec(
+                    c.hidden_size,
+                    c.num_hidden_layers,
+                    c.num_attention_heads,
+                    c.kv_heads(),
+                    c.intermediate_size,
+                );
+                (s, Some(c.vocab_size))
+            }
             other => bail!("unknown model size {other:?} (tiny, small, medium, 0.5b)"),
         })
     }

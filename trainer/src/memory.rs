@@ -76,6 +76,13 @@ pub fn qwen2_shapes() -> Vec<(&'static str, Qwen2Config)> {
     ]
 }
 
+/// One of [`qwen2_shapes`] by name ("7B").
+pub fn qwen2_shape(name: &str) -> Option<Qwen2Config> {
+    qwen2_shapes()
+        .into_iter()
+        .find_map(|(n, c)| (n == name).then_some(c))
+}
+
 /// One fine-tune's settings, as far as memory goes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Plan {
@@ -264,9 +271,10 @@ pub struct LearnerPlan {
     /// The longest teacher prompt or student chat around the explanation, in tokens.
     pub prompt: u32,
     pub max_new_tokens: u32,
-    /// Rows per forward/backward pass over a group's sequences.
+    /// Rows per forward/backward pass over a group's sequences (0: as many as fit, for
+    /// [`learner_passes`]; an estimate counts 0 as 1).
     pub micro_batch: u32,
-    /// Rows per sampling pass (the KV cache holds these).
+    /// Rows per sampling pass (the KV cache holds these; 0 as `micro_batch`).
     pub generation_batch: u32,
     pub checkpointing: bool,
 }
@@ -311,26 +319,25 @@ pub fn learner_estimate(teacher: &Shape, student: &Shape, p: &LearnerPlan) -> Es
 }
 
 /// The passes a learner splits a group into: the fewest (largest `micro_batch`, then largest
-/// `generation_batch`) that fit in `available`, keeping any the plan fixes (non-zero in
-/// `fixed`); `None` when not even one row at a time fits.
+/// `generation_batch`) that fit in `available`, keeping those the plan fixes (non-zero);
+/// `None` when not even one row at a time fits.
 pub fn learner_passes(
     teacher: &Shape,
     student: &Shape,
     plan: &LearnerPlan,
-    fixed: (u32, u32),
     available: f64,
 ) -> Option<LearnerPlan> {
     let g = plan.group_size.max(1);
     let fits = |p: &LearnerPlan| learner_estimate(teacher, student, p).total() <= available;
     let choices = |fixed: u32| if fixed > 0 { fixed..=fixed } else { 1..=g };
-    let micro_batch = choices(fixed.0).rev().find(|&m| {
+    let micro_batch = choices(plan.micro_batch).rev().find(|&m| {
         fits(&LearnerPlan {
             micro_batch: m,
-            generation_batch: fixed.1.max(1),
+            generation_batch: plan.generation_batch.max(1),
             ..*plan
         })
     })?;
-    let generation_batch = choices(fixed.1).rev().find(|&n| {
+    let generation_batch = choices(plan.generation_batch).rev().find(|&n| {
         fits(&LearnerPlan {
             micro_batch,
             generation_batch: n,
@@ -350,7 +357,6 @@ pub fn learner_preflight(
     teacher: &Shape,
     student: &Shape,
     plan: &LearnerPlan,
-    fixed: (u32, u32),
     available: f64,
 ) -> Result<LearnerPlan, String> {
     let one = LearnerPlan {
@@ -358,7 +364,7 @@ pub fn learner_preflight(
         generation_batch: 1,
         ..*plan
     };
-    if let Some(p) = learner_passes(teacher, student, plan, fixed, available) {
+    if let Some(p) = learner_passes(teacher, student, plan, available) {
         return Ok(p);
     }
     let fits = |p: LearnerPlan| learner_estimate(teacher, student, &p).total() <= available;
@@ -445,7 +451,12 @@ pub fn rl_table(max_new_tokens: &[u32]) -> String {
                 checkpointing: true,
             };
             let one = learner_estimate(&shape, &shape, &plan).total();
-            let passes = learner_passes(&shape, &shape, &plan, (0, 0), H100_80GB)
+            let choose = LearnerPlan {
+                micro_batch: 0,
+                generation_batch: 0,
+                ..plan
+            };
+            let passes = learner_passes(&shape, &shape, &choose, H100_80GB)
                 .map_or("does not fit".to_string(), |p| {
                     format!("{} / {}", p.micro_batch, p.generation_batch)
                 });
@@ -622,14 +633,13 @@ fn shape_of(model_dir: &std::path::Path) -> Result<Shape> {
 }
 
 /// The preflight of an RL learner (the teacher's and the student's `config.json` only): the
-/// rows per backward pass and per sampling pass to use (those `fixed` gives when non-zero),
+/// rows per backward pass and per sampling pass to use (those the plan gives when non-zero),
 /// or the error naming the fields to change. Unknown device memory is logged and let through
-/// with `fixed` as it is (0: whole groups).
+/// with the plan's rows as they are (0: whole groups).
 pub fn check_learner(
     teacher_dir: &std::path::Path,
     student_dir: &std::path::Path,
     plan: &LearnerPlan,
-    fixed: (u32, u32),
     checkpoint_interval: u32,
     device: tch::Device,
 ) -> Result<(usize, usize)> {
@@ -645,10 +655,9 @@ pub fn check_learner(
             "device memory unknown (set RLT_DEVICE_MEMORY_GIB); learner memory preflight skipped"
         );
         replay()?;
-        return Ok((fixed.0 as usize, fixed.1 as usize));
+        return Ok((plan.micro_batch as usize, plan.generation_batch as usize));
     };
-    let p =
-        learner_preflight(&teacher, &student, plan, fixed, available).map_err(|m| anyhow!(m))?;
+    let p = learner_preflight(&teacher, &student, plan, available).map_err(|m| anyhow!(m))?;
     replay()?;
     let need = learner_estimate(&teacher, &student, &p);
     tracing::info!(
@@ -733,11 +742,7 @@ mod tests {
     use super::*;
 
     fn shape(name: &str) -> Shape {
-        let (_, c) = qwen2_shapes()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .unwrap();
-        Shape::of(&c)
+        Shape::of(&qwen2_shape(name).unwrap())
     }
 
     #[test]
@@ -906,8 +911,8 @@ mod tests {
             group_size: 64,
             prompt: 1024,
             max_new_tokens: 16384,
-            micro_batch: 1,
-            generation_batch: 1,
+            micro_batch: 0,
+            generation_batch: 0,
             checkpointing,
         }
     }
@@ -916,7 +921,7 @@ mod tests {
     fn a_7b_learner_at_the_papers_length_fits_80gb_only_with_checkpointing() {
         let s = shape("7B");
         let gpu = 79.6 * GIB;
-        let p = learner_preflight(&s, &s, &paper_learner(true), (0, 0), gpu).unwrap();
+        let p = learner_preflight(&s, &s, &paper_learner(true), gpu).unwrap();
         // Not the whole group of 64 at once: its KV cache alone would be ~63 GiB.
         assert!(p.micro_batch >= 1 && p.micro_batch < 64, "{p:?}");
         assert!(p.generation_batch >= 1 && p.generation_batch < 64, "{p:?}");
@@ -929,19 +934,23 @@ mod tests {
             learner_estimate(&s, &s, &more).total() > gpu || p.micro_batch == 64,
             "the preflight takes the most rows that fit"
         );
-        let err = learner_preflight(&s, &s, &paper_learner(false), (0, 0), gpu).unwrap_err();
+        let err = learner_preflight(&s, &s, &paper_learner(false), gpu).unwrap_err();
         assert!(
             err.contains("set rl.activationCheckpointing: true"),
             "{err}"
         );
         // A 32B student beside a 7B teacher: its weights alone leave no room.
-        let err =
-            learner_preflight(&s, &shape("32B"), &paper_learner(true), (0, 0), gpu).unwrap_err();
+        let err = learner_preflight(&s, &shape("32B"), &paper_learner(true), gpu).unwrap_err();
         assert!(err.contains("use GPUs with more memory"), "{err}");
         // Rows fixed by hand are kept, or refused when they do not fit.
-        let fixed = learner_preflight(&s, &s, &paper_learner(true), (1, 2), gpu).unwrap();
+        let by_hand = |micro_batch, generation_batch| LearnerPlan {
+            micro_batch,
+            generation_batch,
+            ..paper_learner(true)
+        };
+        let fixed = learner_preflight(&s, &s, &by_hand(1, 2), gpu).unwrap();
         assert_eq!((fixed.micro_batch, fixed.generation_batch), (1, 2));
-        let err = learner_preflight(&s, &s, &paper_learner(true), (64, 64), gpu).unwrap_err();
+        let err = learner_preflight(&s, &s, &by_hand(64, 64), gpu).unwrap_err();
         assert!(err.contains("--micro-batch"), "{err}");
     }
 
@@ -962,7 +971,7 @@ mod tests {
             ..paper_learner(true)
         };
         let need = learner_estimate(&s, &s, &plan).total();
-        let err = learner_preflight(&s, &s, &plan, (0, 0), need - GIB).unwrap_err();
+        let err = learner_preflight(&s, &s, &plan, need - GIB).unwrap_err();
         assert!(err.contains("lower rl.maxNewTokens to"), "{err}");
     }
 

@@ -160,7 +160,10 @@ impl SplitMix64 {
     }
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
+        Self::mix(self.0)
+    }
+    /// SplitMix64's output function: a bijective scramble of all 64 bits.
+    fn mix(mut z: u64) -> u64 {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
@@ -175,25 +178,8 @@ impl SplitMix64 {
     }
 }
 
-/// Picks one token per row from `logits` `[batch, vocab]` (f32): (ids `[batch]`, log-probs `[batch]`).
-pub fn sample_tokens(
-    logits: &Tensor,
-    cfg: &SamplingConfig,
-    rng: &mut SplitMix64,
-) -> (Tensor, Tensor) {
-    let rows = logits.size()[0] as usize;
-    sample_with(logits, cfg, &uniforms(cfg, rng, rows))
-}
-
-/// One uniform draw per row for sampling (none for greedy).
-fn uniforms(cfg: &SamplingConfig, rng: &mut SplitMix64, rows: usize) -> Vec<f32> {
-    if cfg.temperature <= 0.0 {
-        return vec![];
-    }
-    (0..rows).map(|_| rng.next_f64() as f32).collect()
-}
-
-/// [`sample_tokens`] with the rows' uniform draws given (`u[i]` for row `i`).
+/// One token per row of `logits` `[batch, vocab]`, drawn with the row's uniform `u[i]` (none
+/// for greedy): (ids `[batch]`, log-probs `[batch]`).
 fn sample_with(logits: &Tensor, cfg: &SamplingConfig, u: &[f32]) -> (Tensor, Tensor) {
     let logits = logits.to_kind(Kind::Float);
     let v = logits.size()[1];
@@ -263,10 +249,7 @@ pub fn generate_in_batches(
 
 /// The seed of row `row`'s uniform stream.
 fn row_seed(seed: u64, row: u64) -> u64 {
-    let mut x = seed ^ (row + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
+    SplitMix64::mix(seed ^ (row + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
 }
 
 /// [`generate`] of prompts that are rows `first_row..` of a larger batch.

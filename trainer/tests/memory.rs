@@ -4,12 +4,12 @@
 //! preflight stops a warm-up or an RL learner that cannot fit before loading any weights,
 //! naming the fields.
 use rlt_api::layout::RunDir;
-use rlt_trainer::checkpoint::{init_tiny, save_checkpoint, CausalLm};
+use rlt_trainer::checkpoint::{init_tiny, CausalLm};
 use rlt_trainer::config::{Qwen2Config, TinySpec};
 use rlt_trainer::data::synthetic::{generate, SyntheticSpec};
 use rlt_trainer::data::{teacher_chat, Prompts};
+use rlt_trainer::memory::qwen2_shape;
 use rlt_trainer::sft::{completion_loss, completion_loss_checkpointed, run_sft, SftConfig, SftJob};
-use rlt_trainer::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
@@ -231,13 +231,12 @@ fn bf16_with_f32_masters_tracks_f32_over_hundreds_of_steps() {
 fn the_preflight_stops_an_impossible_warmup_before_loading_weights() {
     let root = tmpdir("preflight");
     // A 7B teacher's config.json and no weights at all: the preflight needs only the shape.
-    let (_, config) = rlt_trainer::memory::qwen2_shapes()
-        .into_iter()
-        .find(|(n, _)| *n == "7B")
-        .unwrap();
     let model = root.join("qwen-7b");
     std::fs::create_dir_all(&model).unwrap();
-    config.to_file(&model.join("config.json")).unwrap();
+    qwen2_shape("7B")
+        .unwrap()
+        .to_file(&model.join("config.json"))
+        .unwrap();
     let termination = root.join("termination");
     let out = Command::new(env!("CARGO_BIN_EXE_rlt-trainer"))
         .args([
@@ -282,19 +281,12 @@ fn the_preflight_stops_an_impossible_warmup_before_loading_weights() {
 /// A checkpoint directory with the tiny tokenizer and the config of a published Qwen2.5
 /// shape, and no weights that could be loaded as that shape.
 fn config_only_model(root: &Path, name: &str) -> PathBuf {
-    let (_, config) = rlt_trainer::memory::qwen2_shapes()
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .unwrap();
     let dir = root.join(name);
-    let tok = Tokenizer::tiny();
-    save_checkpoint(
-        &dir,
-        &CausalLm::tiny(&TinySpec::default(), &tok, Device::Cpu, Kind::Float).unwrap(),
-        &tok,
-    )
-    .unwrap();
-    config.to_file(&dir.join("config.json")).unwrap();
+    init_tiny(&dir, &TinySpec::default(), Kind::Float).unwrap();
+    qwen2_shape(name)
+        .unwrap()
+        .to_file(&dir.join("config.json"))
+        .unwrap();
     dir
 }
 
@@ -370,9 +362,7 @@ fn the_learner_preflight_refuses_what_cannot_fit_before_loading_weights() {
     // A model that fits passes the preflight and goes on (to a parameter server that is not
     // there: a different failure, not exit 2).
     let tiny = root.join("tiny");
-    let tok = Tokenizer::tiny();
-    let lm = CausalLm::tiny(&TinySpec::default(), &tok, Device::Cpu, Kind::Float).unwrap();
-    save_checkpoint(&tiny, &lm, &tok).unwrap();
+    init_tiny(&tiny, &TinySpec::default(), Kind::Float).unwrap();
     let (code, message) = learner_preflight(&tiny, &tiny, true);
     assert_ne!(code, Some(2), "{message}");
     assert!(

@@ -256,7 +256,7 @@ impl RolloutArgs {
             grpo,
             seed: self.seed,
             micro_batch: self.micro_batch.unwrap_or(0),
-            generation_batch: self.generation_batch.unwrap_or(0),
+            generation_batch: self.generation_batch.or(self.micro_batch).unwrap_or(0),
             activation_checkpointing: self.activation_checkpointing.unwrap_or_else(|| {
                 rlt_api::spec::activation_checkpointing(
                     rl.activation_checkpointing,
@@ -324,26 +324,14 @@ pub fn learner(a: LearnerArgs) -> Result<()> {
         group_size: rollout.group_size as u32,
         prompt: longest_prompt(&teacher, &prompts, &examples)?,
         max_new_tokens: rollout.max_new_tokens as u32,
-        micro_batch: 0,
-        generation_batch: 0,
+        // Rows given by flags are kept; 0: the preflight picks.
+        micro_batch: rollout.micro_batch as u32,
+        generation_batch: rollout.generation_batch as u32,
         checkpointing: rollout.activation_checkpointing,
     };
-    let fixed = (
-        a.rollout.micro_batch.unwrap_or(0) as u32,
-        a.rollout
-            .generation_batch
-            .or(a.rollout.micro_batch)
-            .unwrap_or(0) as u32,
-    );
-    (rollout.micro_batch, rollout.generation_batch) = memory::check_learner(
-        &teacher,
-        &student,
-        &plan,
-        fixed,
-        rl.checkpoint_interval,
-        device,
-    )
-    .map_err(crate::exit::bad_config)?;
+    (rollout.micro_batch, rollout.generation_batch) =
+        memory::check_learner(&teacher, &student, &plan, rl.checkpoint_interval, device)
+            .map_err(crate::exit::bad_config)?;
     let models = Models::load(&teacher, &student, device, kind)?;
     let cfg = LearnerConfig {
         param_servers: a.param_servers.clone(),
