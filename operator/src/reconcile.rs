@@ -382,6 +382,12 @@ enum Outcome {
     },
 }
 
+/// After a stage's turn: look at the next stage (this one just completed), or stop here.
+enum Next {
+    Stage,
+    Stop,
+}
+
 /// Decides what to do for a run given what exists. See the module docs for the stage machine.
 pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
     reconcile_with(run, obs, &Activity::default(), now)
@@ -391,169 +397,258 @@ pub fn reconcile(run: &RltRun, obs: &Observed, now: &Time) -> Plan {
 /// configuration, and why a Job has no pods.
 pub fn reconcile_with(run: &RltRun, obs: &Observed, activity: &Activity, now: &Time) -> Plan {
     let old = run.status.clone().unwrap_or_default();
-    let mut status = old.clone();
-    let mut p = Planner {
-        run,
-        obs,
-        ctx: Ctx::new(run),
-        plan: Plan::default(),
-    };
-    status.observed_generation = run.metadata.generation;
-    let mut conds = Conditions {
-        list: &mut status.conditions,
-        generation: run.metadata.generation,
+    let mut r = Reconciler {
+        p: Planner {
+            run,
+            obs,
+            ctx: Ctx::new(run),
+            plan: Plan::default(),
+        },
+        status: old.clone(),
+        activity,
         now,
     };
+    r.status.observed_generation = run.metadata.generation;
+    if r.is_finished() {
+        r.stop_everything();
+    } else if !r.refuse_invalid_spec() {
+        r.ensure_run_children();
+        r.skip_disabled_stages();
+        // At most one stage completes and the next starts per turn; loop so a reconcile that
+        // sees a stage finish starts the next one right away.
+        while let Next::Stage = r.advance() {}
+    }
+    finish(r.p, old, r.status)
+}
 
-    // Sticky terminal states: nothing is (re)created; what still runs is stopped.
-    if conds.is_true(cond::SUCCEEDED) || conds.is_true(cond::FAILED) {
-        p.delete_param_servers();
-        for stage in Stage::ALL {
-            p.delete_stage_jobs(stage, true);
-        }
-        return finish(p, old, status);
-    }
+/// One reconcile in progress: the plan being built and the status being written.
+struct Reconciler<'a> {
+    p: Planner<'a>,
+    status: RltRunStatus,
+    activity: &'a Activity,
+    now: &'a Time,
+}
 
-    // What the schema cannot catch: report, create nothing, do not crash-loop.
-    let errors = validate::semantic_errors(run);
-    if !errors.is_empty() {
-        let message = clip(validate::render(&errors).replace('\n', "; "));
-        if conds.set(cond::INVALID_SPEC, true, "InvalidSpec", &message) {
-            let action = format!("ValidateGeneration{}", run.metadata.generation.unwrap_or(0));
-            p.event(EventType::Warning, "InvalidSpec", &action, message);
-        }
-        return finish(p, old, status);
-    }
-    if conds.get(cond::INVALID_SPEC).is_some() {
-        conds.set(cond::INVALID_SPEC, false, "Valid", "");
-    }
-
-    let config = names::config_map(&p.ctx.name);
-    if obs
-        .child(Kind::ConfigMap, &config)
-        .and_then(|c| c.hash.clone())
-        != Some(children::config_hash(run))
-    {
-        p.ensure(children::config_map(&p.ctx));
-    }
-    if run.spec.workspace.claim_name.is_none() {
-        let pvc = names::workspace(&p.ctx.name);
-        p.create(Kind::PersistentVolumeClaim, &pvc, |ctx| {
-            children::workspace_pvc(ctx).expect("no existing claim")
-        });
-    }
-
-    for stage in Stage::ALL {
-        if !stage.enabled(&run.spec) && !conds.is_true(stage.complete_condition()) {
-            conds.set(
-                stage.complete_condition(),
-                true,
-                "Skipped",
-                &format!("spec.{}.enabled is false", stage.label()),
-            );
+impl Reconciler<'_> {
+    fn conds(&mut self) -> Conditions<'_> {
+        Conditions {
+            list: &mut self.status.conditions,
+            generation: self.p.run.metadata.generation,
+            now: self.now,
         }
     }
 
-    let retries = run.spec.failure_policy.retries;
-    let stage_count = stage::enabled_stages(&run.spec).len();
-    // At most one stage completes and the next starts per pass; loop so a reconcile that
-    // sees a stage finish starts the next one right away.
-    loop {
-        let Some(stage) = Stage::ALL
-            .into_iter()
-            .find(|s| !conds.is_true(s.complete_condition()))
-        else {
-            if conds.set(
-                cond::SUCCEEDED,
-                true,
-                "AllStagesComplete",
-                "every stage succeeded",
-            ) {
-                p.event(
-                    EventType::Normal,
-                    "Succeeded",
-                    "Complete",
-                    "every stage succeeded".into(),
-                );
-            }
-            p.delete_param_servers();
-            status.progress = Some(stage::progress_done(stage_count));
-            break;
-        };
-        if stage != Stage::Rl {
-            p.delete_param_servers();
-        }
+    fn stage(&mut self, stage: Stage) -> &mut StageStatus {
+        stage_status_mut(&mut self.status.stages, stage)
+    }
+
+    fn set_progress(&mut self, stage: Stage, detail: &Detail) {
+        let spec = &self.p.run.spec;
         let stage_no = Stage::ALL
             .iter()
-            .filter(|s| s.enabled(&run.spec) && **s <= stage)
+            .filter(|s| s.enabled(spec) && **s <= stage)
             .count();
+        let count = stage::enabled_stages(spec).len();
+        self.status.progress = Some(stage::progress(stage_no, count, stage, detail));
+    }
 
-        if run.spec.suspend {
-            let attempt = current_attempt(&status.stages, stage);
-            if conds.set(
-                cond::SUSPENDED,
-                true,
+    fn is_finished(&mut self) -> bool {
+        let c = self.conds();
+        c.is_true(cond::SUCCEEDED) || c.is_true(cond::FAILED)
+    }
+
+    /// Sticky terminal states: nothing is (re)created; what still runs is stopped.
+    fn stop_everything(&mut self) {
+        self.p.delete_param_servers();
+        for stage in Stage::ALL {
+            self.p.delete_stage_jobs(stage, true);
+        }
+    }
+
+    /// What the schema cannot catch: report, create nothing, do not crash-loop. Returns true
+    /// when the spec is refused.
+    fn refuse_invalid_spec(&mut self) -> bool {
+        let errors = validate::semantic_errors(self.p.run);
+        if !errors.is_empty() {
+            let message = clip(validate::render(&errors).replace('\n', "; "));
+            if self
+                .conds()
+                .set(cond::INVALID_SPEC, true, "InvalidSpec", &message)
+            {
+                let generation = self.p.run.metadata.generation.unwrap_or(0);
+                let action = format!("ValidateGeneration{generation}");
+                self.p
+                    .event(EventType::Warning, "InvalidSpec", &action, message);
+            }
+            return true;
+        }
+        if self.conds().get(cond::INVALID_SPEC).is_some() {
+            self.conds().set(cond::INVALID_SPEC, false, "Valid", "");
+        }
+        false
+    }
+
+    /// The children every run has whatever its stage: the configuration and the workspace.
+    fn ensure_run_children(&mut self) {
+        let p = &mut self.p;
+        let config = names::config_map(&p.ctx.name);
+        if p.obs
+            .child(Kind::ConfigMap, &config)
+            .and_then(|c| c.hash.clone())
+            != Some(children::config_hash(p.run))
+        {
+            p.ensure(children::config_map(&p.ctx));
+        }
+        if p.run.spec.workspace.claim_name.is_none() {
+            let pvc = names::workspace(&p.ctx.name);
+            p.create(Kind::PersistentVolumeClaim, &pvc, |ctx| {
+                children::workspace_pvc(ctx).expect("no existing claim")
+            });
+        }
+    }
+
+    fn skip_disabled_stages(&mut self) {
+        for stage in Stage::ALL {
+            if !stage.enabled(&self.p.run.spec) && !self.conds().is_true(stage.complete_condition())
+            {
+                let message = format!("spec.{}.enabled is false", stage.label());
+                self.conds()
+                    .set(stage.complete_condition(), true, "Skipped", &message);
+            }
+        }
+    }
+
+    /// One turn of the stage machine for the first stage not yet complete.
+    fn advance(&mut self) -> Next {
+        let current = Stage::ALL
+            .into_iter()
+            .find(|s| !self.conds().is_true(s.complete_condition()));
+        let Some(stage) = current else {
+            self.all_stages_done();
+            return Next::Stop;
+        };
+        if stage != Stage::Rl {
+            self.p.delete_param_servers();
+        }
+        if self.p.run.spec.suspend {
+            self.suspend(stage);
+            return Next::Stop;
+        }
+        self.resume_if_suspended(stage);
+        self.start_if_new(stage);
+
+        let attempt = self.stage(stage).attempt;
+        let mut done = self.stage(stage).completed_students.clone();
+        let outcome = self.look(stage, attempt, &mut done);
+        self.stage(stage).completed_students = done.clone();
+        let attempt = match outcome {
+            Outcome::Complete => {
+                self.complete(stage, attempt);
+                return Next::Stage;
+            }
+            Outcome::Failed {
+                message,
+                bad_config,
+            } => match self.fail(stage, attempt, message, bad_config) {
+                Some(retry) => retry,
+                None => return Next::Stop,
+            },
+            Outcome::Running { problem } => {
+                self.report_running(stage, attempt, problem);
+                attempt
+            }
+        };
+        self.ensure_workload(stage, attempt, &done);
+        self.show_progress(stage, &done);
+        Next::Stop
+    }
+
+    fn all_stages_done(&mut self) {
+        if self.conds().set(
+            cond::SUCCEEDED,
+            true,
+            "AllStagesComplete",
+            "every stage succeeded",
+        ) {
+            self.p.event(
+                EventType::Normal,
+                "Succeeded",
+                "Complete",
+                "every stage succeeded".into(),
+            );
+        }
+        self.p.delete_param_servers();
+        let count = stage::enabled_stages(&self.p.run.spec).len();
+        self.status.progress = Some(stage::progress_done(count));
+    }
+
+    fn suspend(&mut self, stage: Stage) {
+        let attempt = current_attempt(&self.status.stages, stage);
+        let message = format!(
+            "spec.suspend is true: the {} pods are stopped",
+            stage.label()
+        );
+        if self
+            .conds()
+            .set(cond::SUSPENDED, true, "Suspended", &message)
+        {
+            self.p.event(
+                EventType::Normal,
                 "Suspended",
-                &format!(
-                    "spec.suspend is true: the {} pods are stopped",
-                    stage.label()
-                ),
-            ) {
-                p.event(
-                    EventType::Normal,
-                    "Suspended",
-                    &stage_action(stage, attempt),
-                    format!("{} pods stopped", stage.label()),
-                );
-            }
-            p.delete_stage_jobs(stage, true);
-            if stage == Stage::Rl {
-                p.delete_param_server_sets(None);
-            }
-            status.progress = Some(stage::progress(
-                stage_no,
-                stage_count,
-                stage,
-                &Detail::Suspended,
-            ));
-            break;
-        }
-        if conds.is_true(cond::SUSPENDED) {
-            conds.set(cond::SUSPENDED, false, "Resumed", "spec.suspend is false");
-            let st = stage_status_mut(&mut status.stages, stage);
-            if st.start_time.is_some() {
-                st.attempt += 1;
-            }
-            let attempt = st.attempt;
-            p.event(
-                EventType::Normal,
-                "Resumed",
                 &stage_action(stage, attempt),
-                format!(
-                    "{} resumes from its last checkpoint as attempt {attempt}",
-                    stage.label()
-                ),
+                format!("{} pods stopped", stage.label()),
             );
         }
-
-        let st = stage_status_mut(&mut status.stages, stage);
-        if st.start_time.is_none() {
-            st.start_time = Some(now.clone());
-            let attempt = st.attempt;
-            p.event(
-                EventType::Normal,
-                "StageStarted",
-                &stage_action(stage, attempt),
-                format!("{} started", stage.label()),
-            );
+        self.p.delete_stage_jobs(stage, true);
+        if stage == Stage::Rl {
+            self.p.delete_param_server_sets(None);
         }
-        let st = stage_status_mut(&mut status.stages, stage);
-        let mut attempt = st.attempt;
-        let mut done = st.completed_students.clone();
+        self.set_progress(stage, &Detail::Suspended);
+    }
 
-        // Look at this attempt's Jobs.
-        let jobs = p.stage_jobs(stage, attempt, &done);
-        let mut outcome = Outcome::Running { problem: None };
+    /// Resuming a started stage is a new attempt (it continues from the last checkpoint).
+    fn resume_if_suspended(&mut self, stage: Stage) {
+        if !self.conds().is_true(cond::SUSPENDED) {
+            return;
+        }
+        self.conds()
+            .set(cond::SUSPENDED, false, "Resumed", "spec.suspend is false");
+        let st = self.stage(stage);
+        if st.start_time.is_some() {
+            st.attempt += 1;
+        }
+        let attempt = st.attempt;
+        self.p.event(
+            EventType::Normal,
+            "Resumed",
+            &stage_action(stage, attempt),
+            format!(
+                "{} resumes from its last checkpoint as attempt {attempt}",
+                stage.label()
+            ),
+        );
+    }
+
+    fn start_if_new(&mut self, stage: Stage) {
+        let now = self.now.clone();
+        let st = self.stage(stage);
+        if st.start_time.is_some() {
+            return;
+        }
+        st.start_time = Some(now);
+        let attempt = st.attempt;
+        self.p.event(
+            EventType::Normal,
+            "StageStarted",
+            &stage_action(stage, attempt),
+            format!("{} started", stage.label()),
+        );
+    }
+
+    /// Looks at this attempt's Jobs; the students whose Jobs completed are added to `done`.
+    fn look(&self, stage: Stage, attempt: u32, done: &mut Vec<String>) -> Outcome {
+        let (obs, activity) = (self.p.obs, self.activity);
+        let jobs = self.p.stage_jobs(stage, attempt, done);
         let mut all_complete = true;
         for (student, job) in &jobs {
             match obs.job(job).map(|j| &j.state) {
@@ -563,155 +658,177 @@ pub fn reconcile_with(run: &RltRun, obs: &Observed, activity: &Activity, now: &T
                     }
                 }
                 Some(JobState::Failed { reason, message }) => {
-                    all_complete = false;
                     let pod = obs
                         .problem(stage, attempt, student.as_deref())
                         .map(|pr| pr.message.clone());
                     let detail = pod.unwrap_or_else(|| format!("{reason}: {message}"));
-                    outcome = Outcome::Failed {
+                    return Outcome::Failed {
                         message: format!("job {job} failed: {detail}"),
                         bad_config: activity.bad_config(stage, attempt, student.as_deref()),
                     };
-                    break;
                 }
                 _ => all_complete = false,
             }
         }
         if all_complete {
-            outcome = Outcome::Complete;
-        } else if let Outcome::Running { problem } = &mut outcome {
-            *problem = obs
-                .problem(stage, attempt, None)
-                .map(|pr| (pr.reason.clone(), pr.message.clone()))
-                .or_else(|| {
-                    jobs.iter().find_map(|(_, job)| {
-                        activity.failed_create(job).map(|m| {
-                            (
-                                "FailedCreate".to_string(),
-                                format!("job {job} cannot create its pods: {m}"),
-                            )
-                        })
+            return Outcome::Complete;
+        }
+        let problem = obs
+            .problem(stage, attempt, None)
+            .map(|pr| (pr.reason.clone(), pr.message.clone()))
+            .or_else(|| {
+                jobs.iter().find_map(|(_, job)| {
+                    activity.failed_create(job).map(|m| {
+                        (
+                            "FailedCreate".to_string(),
+                            format!("job {job} cannot create its pods: {m}"),
+                        )
                     })
-                });
-        }
-        stage_status_mut(&mut status.stages, stage).completed_students = done.clone();
+                })
+            });
+        Outcome::Running { problem }
+    }
 
-        match outcome {
-            Outcome::Complete => {
-                let st = stage_status_mut(&mut status.stages, stage);
-                st.completion_time = Some(now.clone());
-                st.artifact = Some(artifact(&p.ctx.name, stage));
-                conds.set(
-                    stage.complete_condition(),
-                    true,
-                    "Succeeded",
-                    &format!("{} succeeded in attempt {attempt}", stage.label()),
-                );
-                p.event(
-                    EventType::Normal,
-                    "StageSucceeded",
-                    &stage_action(stage, attempt),
-                    format!("{} succeeded", stage.label()),
-                );
-                if stage == Stage::Rl {
-                    p.delete_param_servers();
-                }
-                continue;
-            }
-            Outcome::Failed {
+    fn complete(&mut self, stage: Stage, attempt: u32) {
+        let (now, artifact) = (self.now.clone(), artifact(&self.p.ctx.name, stage));
+        let st = self.stage(stage);
+        st.completion_time = Some(now);
+        st.artifact = Some(artifact);
+        self.conds().set(
+            stage.complete_condition(),
+            true,
+            "Succeeded",
+            &format!("{} succeeded in attempt {attempt}", stage.label()),
+        );
+        self.p.event(
+            EventType::Normal,
+            "StageSucceeded",
+            &stage_action(stage, attempt),
+            format!("{} succeeded", stage.label()),
+        );
+        if stage == Stage::Rl {
+            self.p.delete_param_servers();
+        }
+    }
+
+    /// Counts a failed attempt: the next attempt when a retry is left (returned), else the
+    /// run fails (None).
+    fn fail(
+        &mut self,
+        stage: Stage,
+        attempt: u32,
+        message: String,
+        bad_config: bool,
+    ) -> Option<u32> {
+        let retries = self.p.run.spec.failure_policy.retries;
+        let st = self.stage(stage);
+        st.failures += 1;
+        let failures = st.failures;
+        let reason = format!("{}Failed", stage.phase().as_str());
+        if bad_config || failures > retries {
+            let why = if bad_config {
+                "the trainer reported a bad configuration: not retried".to_string()
+            } else {
+                format!("{failures} failures, retries {retries}")
+            };
+            let message = clip(format!("{message} (attempt {attempt}; {why})"));
+            self.conds()
+                .set(stage.complete_condition(), false, &reason, &message);
+            self.conds().set(cond::FAILED, true, &reason, &message);
+            self.p.event(
+                EventType::Warning,
+                &reason,
+                &stage_action(stage, attempt),
                 message,
-                bad_config,
-            } => {
-                let st = stage_status_mut(&mut status.stages, stage);
-                st.failures += 1;
-                let failures = st.failures;
-                let reason = format!("{}Failed", stage.phase().as_str());
-                if bad_config || failures > retries {
-                    let why = if bad_config {
-                        "the trainer reported a bad configuration: not retried".to_string()
-                    } else {
-                        format!("{failures} failures, retries {retries}")
-                    };
-                    let message = clip(format!("{message} (attempt {attempt}; {why})"));
-                    conds.set(stage.complete_condition(), false, &reason, &message);
-                    conds.set(cond::FAILED, true, &reason, &message);
-                    p.event(
-                        EventType::Warning,
-                        &reason,
-                        &stage_action(stage, attempt),
-                        message,
-                    );
-                    p.delete_stage_jobs(stage, true);
-                    p.delete_param_servers();
-                    status.progress = Some(stage::progress(
-                        stage_no,
-                        stage_count,
-                        stage,
-                        &Detail::Failed,
-                    ));
-                    break;
-                }
-                st.attempt += 1;
-                attempt = st.attempt;
-                let message = clip(format!("{message}; retrying as attempt {attempt} ({failures} of {retries} retries used)"));
-                conds.set(stage.complete_condition(), false, "Retrying", &message);
-                p.event(
-                    EventType::Warning,
-                    "Retrying",
-                    &stage_action(stage, attempt),
-                    message,
-                );
-            }
-            // While an earlier attempt's pods linger, the condition keeps saying why.
-            Outcome::Running { .. } if activity.earlier_attempt_alive(stage, attempt).is_some() => {
-            }
-            Outcome::Running { problem } => {
-                let (reason, message) = problem
-                    .unwrap_or_else(|| ("Running".into(), format!("attempt {attempt} running")));
-                let message = clip(message);
-                if conds.set(stage.complete_condition(), false, &reason, &message)
-                    && reason != "Running"
-                {
-                    p.event(
-                        EventType::Warning,
-                        &reason,
-                        &stage_action(stage, attempt),
-                        message,
-                    );
-                }
-            }
+            );
+            self.p.delete_stage_jobs(stage, true);
+            self.p.delete_param_servers();
+            self.set_progress(stage, &Detail::Failed);
+            return None;
         }
+        let st = self.stage(stage);
+        st.attempt += 1;
+        let attempt = st.attempt;
+        let message = clip(format!(
+            "{message}; retrying as attempt {attempt} ({failures} of {retries} retries used)"
+        ));
+        self.conds()
+            .set(stage.complete_condition(), false, "Retrying", &message);
+        self.p.event(
+            EventType::Warning,
+            "Retrying",
+            &stage_action(stage, attempt),
+            message,
+        );
+        Some(attempt)
+    }
 
-        // The workload of the (possibly new) attempt, once the earlier attempts' pods are gone.
+    /// The stage condition says what the running attempt is doing (or what troubles its pods).
+    fn report_running(&mut self, stage: Stage, attempt: u32, problem: Option<(String, String)>) {
+        // While an earlier attempt's pods linger, the condition keeps saying why.
+        if self
+            .activity
+            .earlier_attempt_alive(stage, attempt)
+            .is_some()
+        {
+            return;
+        }
+        let (reason, message) =
+            problem.unwrap_or_else(|| ("Running".into(), format!("attempt {attempt} running")));
+        let message = clip(message);
+        if self
+            .conds()
+            .set(stage.complete_condition(), false, &reason, &message)
+            && reason != "Running"
+        {
+            self.p.event(
+                EventType::Warning,
+                &reason,
+                &stage_action(stage, attempt),
+                message,
+            );
+        }
+    }
+
+    /// The workload of the (possibly new) attempt, once the earlier attempts' pods are gone.
+    fn ensure_workload(&mut self, stage: Stage, attempt: u32, done: &[String]) {
+        let p = &mut self.p;
         p.delete_superseded_jobs(stage, attempt);
         if stage == Stage::Rl {
             p.delete_param_server_sets(Some(attempt));
         }
-        if activity.earlier_attempt_alive(stage, attempt).is_none() {
+        if self
+            .activity
+            .earlier_attempt_alive(stage, attempt)
+            .is_none()
+        {
             if stage == Stage::Rl {
                 p.ensure(children::param_server_service(&p.ctx));
                 p.ensure(children::param_server_set(&p.ctx, attempt));
-            } else if children::needs_ranks_service(run) {
+            } else if children::needs_ranks_service(p.run) {
                 p.ensure(children::ranks_service(&p.ctx));
             }
-            for (student, job) in p.stage_jobs(stage, attempt, &done) {
+            for (student, job) in p.stage_jobs(stage, attempt, done) {
                 p.create_job(stage, attempt, student.as_deref(), &job);
             }
         }
         if stage == Stage::Rl {
             p.plan.poll_figures = true;
         }
+    }
 
+    /// The running stage's progress: RL steps from the latest figures, students done.
+    fn show_progress(&mut self, stage: Stage, done: &[String]) {
         let detail = match stage {
             Stage::Rl => {
-                if let Some(f) = &obs.figures {
-                    status.training = Some(TrainingStatus {
+                if let Some(f) = &self.p.obs.figures {
+                    self.status.training = Some(TrainingStatus {
                         step: f.step,
                         total_steps: f.total_steps,
                         mean_reward: f.mean_reward,
                     });
                 }
-                match &status.training {
+                match &self.status.training {
                     Some(t) => Detail::Steps {
                         step: t.step,
                         total: t.total_steps,
@@ -721,14 +838,12 @@ pub fn reconcile_with(run: &RltRun, obs: &Observed, activity: &Activity, now: &T
             }
             Stage::Distillation => Detail::Students {
                 done: done.len(),
-                total: run.spec.distillation.students.len(),
+                total: self.p.run.spec.distillation.students.len(),
             },
             Stage::Warmup => Detail::Running,
         };
-        status.progress = Some(stage::progress(stage_no, stage_count, stage, &detail));
-        break;
+        self.set_progress(stage, &detail);
     }
-    finish(p, old, status)
 }
 
 /// A child write the API server refused with a 4xx (not retried: the same request would be
