@@ -340,16 +340,12 @@ pub fn run_sft_ranks(job: SftJob, cfg: &SftConfig, group: &mut Group) -> Result<
     if job.pairs.is_empty() {
         bail!("no training examples");
     }
-    let (rank, world) = (group.rank, group.world);
-    let lead = rank == 0;
     let final_dir = job.stage.final_dir();
-    let steps_per_epoch = job.pairs.len().div_ceil(cfg.batch_size) as u64;
-    let total_steps = cfg.max_steps.unwrap_or(cfg.epochs as u64 * steps_per_epoch);
     if is_complete(&final_dir) {
         tracing::info!(stage = %job.name, dir = %final_dir.display(), "stage output already complete; nothing to do");
         return Ok(SftOutcome {
+            total_steps: Schedule::new(cfg, job.pairs.len()).total_steps,
             final_dir,
-            total_steps,
             steps_run: 0,
             resumed_from_step: None,
             first_losses: f64::NAN,
@@ -358,121 +354,230 @@ pub fn run_sft_ranks(job: SftJob, cfg: &SftConfig, group: &mut Group) -> Result<
             truncated: 0,
         });
     }
-    let ckpt_root = job.stage.checkpoints();
-    let resume = latest_checkpoint(&ckpt_root, job.attempt);
-    let (lm, tok) = match &resume {
-        Some((step, dir)) => {
-            tracing::info!(stage = %job.name, step, dir = %dir.display(), "resuming from checkpoint");
-            load_checkpoint(dir, job.device, job.kind)?
-        }
-        None => load_checkpoint(&job.init_model, job.device, job.kind)?,
-    };
-    let mut update = Update::new(lm.vs.variables().into_iter().collect(), group, cfg.adamw);
-    let start = match &resume {
-        Some((step, dir)) => {
-            update.load(dir)?;
-            *step
-        }
-        None => 0,
-    };
-    let (data, truncated) = encode_pairs(&tok, &job.pairs, cfg.max_len)?;
-    if truncated > 0 && lead {
-        tracing::warn!(truncated, max_len = cfg.max_len, "examples cut to max_len");
+    let mut run = SftRun::open(job, cfg, group)?;
+    for step in run.start..run.schedule.total_steps {
+        let (loss, grad_norm, tokens) = run.train_step(step, group)?;
+        run.record(step, loss, grad_norm, tokens);
+        run.checkpoint_if_due(step + 1, group)?;
     }
-    let sched = LrSchedule::with_warmup_ratio(cfg.lr, total_steps, cfg.warmup_ratio);
-    let published = if lead { job.published.clone() } else { None };
-    let gauges = Gauges::new(&job.name, &published)?;
-    gauges.total.set(total_steps as i64);
-    let bar = if job.progress_bar && lead {
-        let b = indicatif::ProgressBar::new(total_steps);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.set_prefix(job.name.clone());
-        b.set_position(start);
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    tracing::info!(stage = %job.name, rank, world, examples = data.len(), total_steps, start, params = lm.num_parameters(), "training");
+    run.finish(group)
+}
 
-    let mut order_epoch = u64::MAX;
-    let mut order = vec![];
-    let (mut losses, mut first_losses) = (Vec::new(), None);
-    let mut last_loss = f64::NAN;
-    let (mut tokens, t0) = (0usize, Instant::now());
-    let mut window = (0usize, Instant::now());
-    for step in start..total_steps {
-        let epoch = step / steps_per_epoch;
-        if epoch != order_epoch {
-            order = epoch_order(data.len(), cfg.seed, epoch);
-            order_epoch = epoch;
+/// How many updates a stage makes and which examples each one takes.
+struct Schedule {
+    steps_per_epoch: u64,
+    total_steps: u64,
+}
+
+impl Schedule {
+    fn new(cfg: &SftConfig, examples: usize) -> Self {
+        let steps_per_epoch = examples.div_ceil(cfg.batch_size) as u64;
+        let total_steps = cfg.max_steps.unwrap_or(cfg.epochs as u64 * steps_per_epoch);
+        Schedule {
+            steps_per_epoch,
+            total_steps,
         }
-        let k = (step % steps_per_epoch) as usize * cfg.batch_size;
-        let batch: Vec<&Encoded> = order[k..(k + cfg.batch_size).min(order.len())]
+    }
+}
+
+/// One rank's fine-tune in progress: the model, its optimizer share, the data, and the
+/// figures of the steps run so far.
+struct SftRun<'c> {
+    job: SftJob,
+    cfg: &'c SftConfig,
+    rank: usize,
+    world: usize,
+    lm: CausalLm,
+    tok: Tokenizer,
+    update: Update,
+    data: Vec<Encoded>,
+    truncated: usize,
+    schedule: Schedule,
+    /// The checkpoint this process resumed from, as (step, directory).
+    resume: Option<(u64, PathBuf)>,
+    start: u64,
+    sched: LrSchedule,
+    published: Option<Published>,
+    gauges: Gauges,
+    bar: indicatif::ProgressBar,
+    /// The current epoch's order of the examples, as (epoch, order).
+    order: (u64, Vec<usize>),
+    losses: Vec<f64>,
+    first_losses: Option<f64>,
+    last_loss: f64,
+    tokens: usize,
+    t0: Instant,
+    /// Tokens and time at the last log line (the logged rate is the window's).
+    window: (usize, Instant),
+}
+
+impl<'c> SftRun<'c> {
+    /// Loads the model (from this stage's latest checkpoint, else the initial one), the
+    /// optimizer share, and the encoded examples.
+    fn open(job: SftJob, cfg: &'c SftConfig, group: &Group) -> Result<Self> {
+        let (rank, world) = (group.rank, group.world);
+        let lead = rank == 0;
+        let schedule = Schedule::new(cfg, job.pairs.len());
+        let total_steps = schedule.total_steps;
+        let resume = latest_checkpoint(&job.stage.checkpoints(), job.attempt);
+        let (lm, tok) = match &resume {
+            Some((step, dir)) => {
+                tracing::info!(stage = %job.name, step, dir = %dir.display(), "resuming from checkpoint");
+                load_checkpoint(dir, job.device, job.kind)?
+            }
+            None => load_checkpoint(&job.init_model, job.device, job.kind)?,
+        };
+        let mut update = Update::new(lm.vs.variables().into_iter().collect(), group, cfg.adamw);
+        let start = match &resume {
+            Some((step, dir)) => {
+                update.load(dir)?;
+                *step
+            }
+            None => 0,
+        };
+        let (data, truncated) = encode_pairs(&tok, &job.pairs, cfg.max_len)?;
+        if truncated > 0 && lead {
+            tracing::warn!(truncated, max_len = cfg.max_len, "examples cut to max_len");
+        }
+        let sched = LrSchedule::with_warmup_ratio(cfg.lr, total_steps, cfg.warmup_ratio);
+        let published = if lead { job.published.clone() } else { None };
+        let gauges = Gauges::new(&job.name, &published)?;
+        gauges.total.set(total_steps as i64);
+        let bar = if job.progress_bar && lead {
+            let b = indicatif::ProgressBar::new(total_steps);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b.set_prefix(job.name.clone());
+            b.set_position(start);
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        tracing::info!(stage = %job.name, rank, world, examples = data.len(), total_steps, start, params = lm.num_parameters(), "training");
+        Ok(SftRun {
+            job,
+            cfg,
+            rank,
+            world,
+            lm,
+            tok,
+            update,
+            data,
+            truncated,
+            schedule,
+            resume,
+            start,
+            sched,
+            published,
+            gauges,
+            bar,
+            order: (u64::MAX, vec![]),
+            losses: Vec::new(),
+            first_losses: None,
+            last_loss: f64::NAN,
+            tokens: 0,
+            t0: Instant::now(),
+            window: (0, Instant::now()),
+        })
+    }
+
+    /// The examples of update `step`: the step's slice of its epoch's order.
+    fn batch(&mut self, step: u64) -> Vec<&Encoded> {
+        let spe = self.schedule.steps_per_epoch;
+        let epoch = step / spe;
+        if epoch != self.order.0 {
+            self.order = (epoch, epoch_order(self.data.len(), self.cfg.seed, epoch));
+        }
+        let order = &self.order.1;
+        let k = (step % spe) as usize * self.cfg.batch_size;
+        order[k..(k + self.cfg.batch_size).min(order.len())]
             .iter()
-            .map(|&i| &data[i])
-            .collect();
+            .map(|&i| &self.data[i])
+            .collect()
+    }
+
+    /// Forward and backward over this rank's share of the step's batch, then one update
+    /// together with the other ranks. Returns the global (loss, gradient norm, tokens).
+    fn train_step(&mut self, step: u64, group: &mut Group) -> Result<(f64, f64, usize)> {
+        let (rank, world, cfg) = (self.rank, self.world, self.cfg);
+        let (device, pad) = (self.job.device, self.tok.pad_id());
+        let batch = self.batch(step);
         // Every rank knows the whole batch: each divides its loss by the batch's completion
         // tokens, so the ranks' gradients add up to the batch mean.
         let targets: usize = batch.iter().map(|e| e.ids.len() - e.completion_start).sum();
-        let mine = local_rows(&batch, rank, world);
+        let share = local_rows(&batch, rank, world);
+        let mine: Vec<Vec<i64>> = share.iter().map(|e| e.ids.clone()).collect();
+        let starts: Vec<usize> = share.iter().map(|e| e.completion_start).collect();
         // Every rank makes the same number of micro-steps (each one is a collective), sized
         // by the largest share: rank 0's, with the rows dealt round-robin.
         let most = batch.len().div_ceil(world);
         let micro = most.div_ceil(cfg.grad_accum).max(1);
         let (mut loss_local, mut tokens_local) = (0.0, 0usize);
         for m in 0..most.div_ceil(micro) {
-            let chunk = &mine[(m * micro).min(mine.len())..((m + 1) * micro).min(mine.len())];
-            if chunk.is_empty() {
-                update.accumulate(group)?;
+            let range = (m * micro).min(mine.len())..((m + 1) * micro).min(mine.len());
+            if range.is_empty() {
+                self.update.accumulate(group)?;
                 continue;
             }
-            let rows: Vec<Vec<i64>> = chunk.iter().map(|e| e.ids.clone()).collect();
-            let (ids, _) = right_pad(&rows, tok.pad_id(), job.device);
-            let loss_rows: Vec<Vec<i64>> = chunk
+            let rows = &mine[range.clone()];
+            let (ids, _) = right_pad(rows, pad, device);
+            let loss_rows: Vec<Vec<i64>> = rows
                 .iter()
-                .map(|e| {
-                    (0..e.ids.len())
-                        .map(|i| (i >= e.completion_start) as i64)
-                        .collect()
-                })
+                .zip(&starts[range])
+                .map(|(r, &start)| (0..r.len()).map(|i| (i >= start) as i64).collect())
                 .collect();
-            let (loss_mask, _) = right_pad(&loss_rows, 0, job.device);
+            let (loss_mask, _) = right_pad(&loss_rows, 0, device);
+            let model = &self.lm.model;
             loss_local += if cfg.activation_checkpointing {
-                completion_loss_checkpointed(&lm.model, &ids, &loss_mask, targets, LOGIT_CHUNK)
+                completion_loss_checkpointed(model, &ids, &loss_mask, targets, LOGIT_CHUNK)
             } else {
-                let loss = completion_loss(&lm.model, &ids, &loss_mask, targets);
+                let loss = completion_loss(model, &ids, &loss_mask, targets);
                 loss.backward();
                 loss.double_value(&[])
             };
-            update.accumulate(group)?;
+            self.update.accumulate(group)?;
             tokens_local += rows.iter().map(Vec::len).sum::<usize>();
         }
-        let reduced = update.reduce(group, [loss_local, tokens_local as f64])?;
-        let ([loss_value, step_tokens], grad_norm) = (reduced.sums, reduced.grad_norm);
-        if !loss_value.is_finite() {
-            bail!("{}: loss is {loss_value} at step {step}; stopping (last good checkpoint kept in {})", job.name, ckpt_root.display());
+        let reduced = self
+            .update
+            .reduce(group, [loss_local, tokens_local as f64])?;
+        let ([loss, step_tokens], grad_norm) = (reduced.sums, reduced.grad_norm);
+        let ckpt_root = self.job.stage.checkpoints();
+        if !loss.is_finite() {
+            bail!(
+                "{}: loss is {loss} at step {step}; stopping (last good checkpoint kept in {})",
+                self.job.name,
+                ckpt_root.display()
+            );
         }
         if !grad_norm.is_finite() {
-            bail!("{}: gradient norm is {grad_norm} at step {step}; stopping (last good checkpoint kept in {})", job.name, ckpt_root.display());
+            bail!("{}: gradient norm is {grad_norm} at step {step}; stopping (last good checkpoint kept in {})", self.job.name, ckpt_root.display());
         }
-        let lr = sched.lr(step);
-        update.step(group, lr, cfg.clip_grad_norm, &reduced)?;
-        tokens += step_tokens as usize;
-        last_loss = loss_value;
-        losses.push(loss_value);
+        let lr = self.sched.lr(step);
+        self.update.step(group, lr, cfg.clip_grad_norm, &reduced)?;
+        Ok((loss, grad_norm, step_tokens as usize))
+    }
+
+    /// The figures of update `step`: gauges, published figures, progress bar, log line.
+    fn record(&mut self, step: u64, loss: f64, grad_norm: f64, step_tokens: usize) {
+        let total_steps = self.schedule.total_steps;
+        let lr = self.sched.lr(step);
+        self.tokens += step_tokens;
+        self.last_loss = loss;
+        self.losses.push(loss);
         let done = step + 1;
-        let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        gauges.step.set(done as i64);
-        gauges.loss.set(loss_value);
-        gauges.lr.set(lr);
-        gauges.grad_norm.set(grad_norm);
-        gauges.tps.set(tps);
-        if let Some(p) = &published {
+        let tps = self.tokens as f64 / self.t0.elapsed().as_secs_f64().max(1e-9);
+        let g = &self.gauges;
+        g.step.set(done as i64);
+        g.loss.set(loss);
+        g.lr.set(lr);
+        g.grad_norm.set(grad_norm);
+        g.tps.set(tps);
+        if let Some(p) = &self.published {
             p.set_figures(TrainingFigures {
                 step: done,
                 total_steps,
@@ -480,69 +585,87 @@ pub fn run_sft_ranks(job: SftJob, cfg: &SftConfig, group: &mut Group) -> Result<
                 ..Default::default()
             });
         }
-        bar.set_position(done);
-        bar.set_message(format!("loss {loss_value:.4}"));
-        if done % cfg.log_every.max(1) == 0 || done == total_steps {
-            let n = losses.len().min(cfg.log_every.max(1) as usize);
-            let mean = losses[losses.len() - n..].iter().sum::<f64>() / n as f64;
-            first_losses.get_or_insert(mean);
-            let wtps = (tokens - window.0) as f64 / window.1.elapsed().as_secs_f64().max(1e-9);
-            window = (tokens, Instant::now());
-            if bar.is_hidden() && lead {
-                tracing::info!(stage = %job.name, step = done, total_steps, loss = mean, lr, grad_norm, tokens_per_s = wtps as u64, "step");
-            }
-        }
-        if done % cfg.checkpoint_every.max(1) == 0 && done < total_steps {
-            let dir = ckpt_root.join(checkpoint_name(done, job.attempt));
-            let state = TrainerState {
-                step: done,
-                total_steps,
-                attempt: job.attempt,
-                last_loss,
-                resumed_from_step: resume.as_ref().map(|r| r.0),
-                config: cfg.clone(),
-            };
-            save_checkpoint(&dir, group, &update, |tmp| {
-                lm.save(tmp)?;
-                tok.save(tmp)?;
-                std::fs::write(
-                    tmp.join(TRAINER_STATE_FILE),
-                    serde_json::to_string_pretty(&state)?,
-                )?;
-                Ok(())
-            })?;
-            if lead {
-                prune_checkpoints(&ckpt_root, cfg.keep_checkpoints);
-                tracing::info!(stage = %job.name, step = done, dir = %dir.display(), "checkpoint saved");
+        self.bar.set_position(done);
+        self.bar.set_message(format!("loss {loss:.4}"));
+        let every = self.cfg.log_every.max(1);
+        if done.is_multiple_of(every) || done == total_steps {
+            let n = self.losses.len().min(every as usize);
+            let mean = self.losses[self.losses.len() - n..].iter().sum::<f64>() / n as f64;
+            self.first_losses.get_or_insert(mean);
+            let elapsed = self.window.1.elapsed().as_secs_f64().max(1e-9);
+            let wtps = (self.tokens - self.window.0) as f64 / elapsed;
+            self.window = (self.tokens, Instant::now());
+            if self.bar.is_hidden() && self.rank == 0 {
+                tracing::info!(stage = %self.job.name, step = done, total_steps, loss = mean, lr, grad_norm, tokens_per_s = wtps as u64, "step");
             }
         }
     }
-    bar.finish_and_clear();
-    let state = TrainerState {
-        step: total_steps,
-        total_steps,
-        attempt: job.attempt,
-        last_loss,
-        resumed_from_step: resume.as_ref().map(|r| r.0),
-        config: cfg.clone(),
-    };
-    if lead {
-        save_final(&final_dir, &lm, &tok, &state)?;
+
+    fn state(&self, step: u64) -> TrainerState {
+        TrainerState {
+            step,
+            total_steps: self.schedule.total_steps,
+            attempt: self.job.attempt,
+            last_loss: self.last_loss,
+            resumed_from_step: self.resume.as_ref().map(|r| r.0),
+            config: self.cfg.clone(),
+        }
     }
-    // No rank reports success before the final model is there.
-    group.barrier()?;
-    let n = losses.len().min(cfg.log_every.max(1) as usize).max(1);
-    let last_losses = losses.iter().rev().take(n).sum::<f64>() / n as f64;
-    Ok(SftOutcome {
-        final_dir,
-        total_steps,
-        steps_run: total_steps - start,
-        resumed_from_step: resume.map(|r| r.0),
-        first_losses: first_losses.unwrap_or(last_losses),
-        last_losses,
-        tokens_per_second: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-        truncated,
-    })
+
+    /// Every `checkpoint_every` updates (but not after the last: `final` follows), the
+    /// model, every rank's optimizer share and the trainer state, then older ones pruned.
+    fn checkpoint_if_due(&self, done: u64, group: &mut Group) -> Result<()> {
+        if !done.is_multiple_of(self.cfg.checkpoint_every.max(1))
+            || done >= self.schedule.total_steps
+        {
+            return Ok(());
+        }
+        let ckpt_root = self.job.stage.checkpoints();
+        let dir = ckpt_root.join(checkpoint_name(done, self.job.attempt));
+        let state = self.state(done);
+        save_checkpoint(&dir, group, &self.update, |tmp| {
+            self.lm.save(tmp)?;
+            self.tok.save(tmp)?;
+            std::fs::write(
+                tmp.join(TRAINER_STATE_FILE),
+                serde_json::to_string_pretty(&state)?,
+            )?;
+            Ok(())
+        })?;
+        if self.rank == 0 {
+            prune_checkpoints(&ckpt_root, self.cfg.keep_checkpoints);
+            tracing::info!(stage = %self.job.name, step = done, dir = %dir.display(), "checkpoint saved");
+        }
+        Ok(())
+    }
+
+    /// Rank 0 writes `final`; every rank returns once it is there.
+    fn finish(self, group: &mut Group) -> Result<SftOutcome> {
+        self.bar.finish_and_clear();
+        let total_steps = self.schedule.total_steps;
+        let final_dir = self.job.stage.final_dir();
+        if self.rank == 0 {
+            save_final(&final_dir, &self.lm, &self.tok, &self.state(total_steps))?;
+        }
+        // No rank reports success before the final model is there.
+        group.barrier()?;
+        let n = self
+            .losses
+            .len()
+            .min(self.cfg.log_every.max(1) as usize)
+            .max(1);
+        let last_losses = self.losses.iter().rev().take(n).sum::<f64>() / n as f64;
+        Ok(SftOutcome {
+            final_dir,
+            total_steps,
+            steps_run: total_steps - self.start,
+            resumed_from_step: self.resume.map(|r| r.0),
+            first_losses: self.first_losses.unwrap_or(last_losses),
+            last_losses,
+            tokens_per_second: self.tokens as f64 / self.t0.elapsed().as_secs_f64().max(1e-9),
+            truncated: self.truncated,
+        })
+    }
 }
 
 /// Writes one checkpoint of a (possibly data-parallel) fine-tune: each rank other than 0
