@@ -22,6 +22,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p rlt-trainer --bin rlt-trainer \
  && install -D target/release/rlt-trainer /out/rlt-trainer \
+ # A CUDA libtorch must be loaded by the binary (see trainer/build.rs), or no GPU works.
+ && lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__) + "/lib")') \
+ && if [ -e "$lib/libtorch_cuda.so" ]; then \
+      readelf -d /out/rlt-trainer | grep -q 'NEEDED.*\[libtorch_cuda.so\]' \
+      || { echo "rlt-trainer does not load libtorch_cuda.so" >&2; exit 1; }; \
+    fi \
  # Keep torch/lib and the nvidia wheels' libraries in their site-packages layout: libtorch's
  # RPATH finds the CUDA libraries relative to itself.
  && site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
@@ -42,6 +48,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 COPY --from=build /out/site-packages /opt/torch/site-packages
 COPY --from=build /out/rlt-trainer /usr/local/bin/rlt-trainer
 ENV LD_LIBRARY_PATH=/opt/torch/site-packages/torch/lib
+# The CUDA caching allocator grows segments instead of carving fixed blocks: far less
+# fragmentation for the learners' changing shapes (the memory preflight's margin assumes it).
+ENV PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 USER 1000:1000
 WORKDIR /workspace
 ENTRYPOINT ["/usr/local/bin/rlt-trainer"]

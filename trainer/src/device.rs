@@ -1,10 +1,13 @@
 //! `--device` and `--dtype` values.
 use anyhow::{bail, Result};
+use std::path::Path;
 use tch::{Device, Kind};
 
-/// `cpu`, `cuda` (GPU 0), `cuda:N`, or `auto` (CUDA when available).
+/// `cpu`, `cuda` (GPU 0), `cuda:N`, or `auto` (CUDA when available). A CUDA device this
+/// process cannot use is a bad configuration (exit 2, not retried): the pod would fail the
+/// same way on every attempt.
 pub fn parse_device(s: &str) -> Result<Device> {
-    Ok(match s {
+    let device = match s {
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda(0),
         "auto" => Device::cuda_if_available(),
@@ -12,7 +15,42 @@ pub fn parse_device(s: &str) -> Result<Device> {
             Some(Ok(i)) => Device::Cuda(i),
             _ => bail!("unknown device {s:?}: expected cpu, cuda, cuda:N or auto"),
         },
-    })
+    };
+    if let Device::Cuda(i) = device {
+        let seen = tch::Cuda::device_count().max(0) as usize;
+        if i >= seen {
+            return Err(crate::exit::bad_config(anyhow::anyhow!(
+                "spec.device asks for CUDA (device {s:?}), but {}; set spec.device: cpu, or run \
+                 the CUDA trainer image on a node with a GPU and request nvidia.com/gpu",
+                cuda_absence(i, seen)
+            )));
+        }
+    }
+    Ok(device)
+}
+
+/// Why CUDA device `index` is not there, as far as this process can tell.
+fn cuda_absence(index: usize, seen: usize) -> String {
+    let loaded = std::fs::read_to_string("/proc/self/maps")
+        .map(|m| m.contains("libtorch_cuda.so"))
+        .unwrap_or(false);
+    if !loaded {
+        return "this libtorch has no CUDA backend loaded (libtorch_cuda.so: a CPU-only image, \
+                or a binary linked without it)"
+            .into();
+    }
+    if seen > 0 {
+        return format!("only {seen} CUDA device(s) are visible (CUDA_VISIBLE_DEVICES={:?}), not device {index}",
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default());
+    }
+    if !Path::new("/dev/nvidiactl").exists() {
+        return "no NVIDIA device is visible to this container (/dev/nvidiactl is missing: no GPU \
+                was allocated to the pod, or the node has no NVIDIA container runtime)"
+            .into();
+    }
+    "the CUDA driver reports no usable device (driver older than the image's CUDA 13 needs, \
+     or CUDA_VISIBLE_DEVICES hides them)"
+        .into()
 }
 
 /// `f32`/`float32` or `bf16`/`bfloat16`.
@@ -60,8 +98,13 @@ mod tests {
     #[test]
     fn parses_devices_and_dtypes() {
         assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
-        assert_eq!(parse_device("cuda:1").unwrap(), Device::Cuda(1));
         assert!(parse_device("tpu").unwrap_err().to_string().contains("tpu"));
+        // No GPU here: asking for one is a bad configuration naming the field.
+        if tch::Cuda::device_count() == 0 {
+            let e = parse_device("cuda:1").unwrap_err();
+            assert_eq!(crate::exit::code(&e), crate::exit::BAD_CONFIG);
+            assert!(e.to_string().contains("spec.device"), "{e}");
+        }
         assert_eq!(parse_kind("bf16").unwrap(), Kind::BFloat16);
         assert!(parse_kind("int8").is_err());
     }

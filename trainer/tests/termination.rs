@@ -104,3 +104,33 @@ fn the_parameter_server_binds_the_address_from_rlt_bind_address() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(message.contains("--bind \"not-an-ip\""), "{message:?}");
 }
+
+#[test]
+fn cuda_asked_for_on_a_machine_without_it_exits_2_naming_spec_device() {
+    if tch::Cuda::device_count() > 0 {
+        return; // a GPU machine: CUDA is there.
+    }
+    let dir = tmp("cuda");
+    let model = dir.join("model");
+    let init = Command::new(env!("CARGO_BIN_EXE_rlt-trainer"))
+        .args(["init-tiny", "--out", model.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", stderr(&init));
+    let (out, message) = run(
+        "cuda-run",
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ],
+        &[("RLT_DEVICE", "cuda")],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(message.contains("spec.device"), "{message:?}");
+    // The binary carries the CUDA backend (tests/cuda_link.rs), so the reason is the missing
+    // device, not a missing library.
+    assert!(!message.contains("no CUDA backend"), "{message:?}");
+}
