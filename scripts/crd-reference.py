@@ -63,6 +63,9 @@ def walk(s, path, required, rows, rules):
         if "properties" in ap:
             walk(ap, path + ".<key>", set(ap.get("required", [])), rows, rules)
     for name, sub in props.items():
+        # An input is a pod volume entry (documented upstream) and its mountPath.
+        if path.endswith("inputs[]") and name not in ("mountPath", "name"):
+            continue
         p = f"{path}.{name}" if path else name
         default = sub.get("default")
         rows.append((p, type_of(sub), "yes" if name in required else "",

@@ -1,6 +1,9 @@
 //! The stage contract: how a pod (or a local process of `rlt-trainer pipeline`) is told what
 //! to do. Every pod runs `rlt-trainer <role> <args...>`; the args come from the run spec (see
 //! the `args` builders added beside the spec), the per-pod facts come from these variables.
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use std::collections::BTreeMap;
 
 /// The trainer binary's name inside the image (on PATH).
 pub const TRAINER_BIN: &str = "rlt-trainer";
@@ -32,7 +35,8 @@ impl Role {
 pub mod env {
     /// Name of the RltRun.
     pub const RUN_NAME: &str = "RLT_RUN_NAME";
-    /// Root of the shared workspace volume (the run's directory is `<workspace>/<run>`).
+    /// Root of the shared workspace volume (the run's directory in it is the configuration's
+    /// `spec.workspace.directory`).
     pub const WORKSPACE: &str = "RLT_WORKSPACE";
     /// Path of the rendered run configuration (the RltRun spec as YAML), mounted read-only.
     pub const CONFIG: &str = "RLT_CONFIG";
@@ -170,6 +174,36 @@ pub fn device_choice(device: crate::spec::Device, gpu_requested: Option<bool>) -
     }
 }
 
+/// The GPU resource a stage container requests.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// GPUs a container asks for (`nvidia.com/gpu`, a whole number: the device plugin refuses
+/// fractions): the limit, else the request.
+pub fn gpus(resources: Option<&ResourceRequirements>) -> u32 {
+    let count = |m: &Option<BTreeMap<String, Quantity>>| {
+        m.as_ref()
+            .and_then(|m| m.get(GPU_RESOURCE))
+            .and_then(|q| q.0.parse::<u32>().ok())
+    };
+    resources
+        .and_then(|r| count(&r.limits).or_else(|| count(&r.requests)))
+        .unwrap_or(0)
+}
+
+/// Whether the processes of a role with `resources` compute in bf16: `spec.precision`, where
+/// `auto` is bf16 exactly on CUDA (what [`device_choice`] gives a pod with those resources).
+pub fn computes_in_bf16(
+    spec: &crate::spec::RltRunSpec,
+    resources: Option<&ResourceRequirements>,
+) -> bool {
+    use crate::spec::Precision;
+    match spec.precision {
+        Precision::Bf16 => true,
+        Precision::Fp32 => false,
+        Precision::Auto => device_choice(spec.device, Some(gpus(resources) > 0)) == "cuda",
+    }
+}
+
 /// The container's `terminationMessagePath`, where the trainer writes its final error
 /// (told by [`env::TERMINATION_LOG`]).
 pub const TERMINATION_LOG_PATH: &str = "/dev/termination-log";
@@ -208,10 +242,12 @@ pub struct TrainingFigures {
 /// The rendered run configuration mounted at `RLT_CONFIG`: the run as the user would write it
 /// (name, namespace, the spec with every default filled in), parsed back by the trainer with
 /// [`crate::parse_yaml`]. `suspend` is left out (always false): it is the operator's business,
-/// not the trainer's, and suspending must not rewrite the config.
+/// not the trainer's, and suspending must not rewrite the config. `workspace.directory` is
+/// filled in ([`crate::layout::run_directory`]: keyed by the UID of a run the API server holds).
 pub fn render_config(run: &crate::RltRun) -> String {
     let mut spec = run.spec.clone();
     spec.suspend = false;
+    spec.workspace.directory = crate::layout::run_directory(run);
     let doc = crate::RltRun {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
             name: run.metadata.name.clone(),

@@ -14,6 +14,26 @@
 //! ```
 use std::path::{Path, PathBuf};
 
+/// The run's directory in the workspace: `spec.workspace.directory`; else, for a run the API
+/// server gave a UID, [`keyed_directory`]; else (a local run) the run's name.
+/// [`crate::contract::render_config`] writes it into the configuration every pod reads.
+pub fn run_directory(run: &crate::RltRun) -> Option<String> {
+    let name = run.metadata.name.as_deref()?;
+    Some(match (&run.spec.workspace.directory, &run.metadata.uid) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(uid)) => keyed_directory(name, uid),
+        (None, None) => name.to_string(),
+    })
+}
+
+/// The directory of a cluster run: its name and the start of its UID, so a run deleted and
+/// created again under the same name starts afresh instead of finding the earlier one's
+/// outputs.
+pub fn keyed_directory(name: &str, uid: &str) -> String {
+    let key: String = uid.chars().filter(|c| *c != '-').take(8).collect();
+    format!("{name}-{key}")
+}
+
 /// Marker written last into a finished output directory, so a reader never mistakes a
 /// half-written checkpoint for a complete one.
 pub const COMPLETE_MARKER: &str = "COMPLETE";

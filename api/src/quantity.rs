@@ -106,6 +106,11 @@ impl Quantity {
         })
     }
 
+    /// The amount in units (bytes for memory and storage).
+    pub fn as_f64(self) -> f64 {
+        self.nanos as f64 / NANOS_PER_UNIT as f64
+    }
+
     pub fn is_negative(self) -> bool {
         self.nanos < 0
     }

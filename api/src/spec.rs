@@ -9,7 +9,7 @@
 //! Serde defaults and schema defaults come from the same functions, so a run read from a file
 //! and a run read back from the API server agree.
 use k8s_openapi::api::core::v1::{
-    Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration,
+    Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration, Volume,
 };
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -122,6 +122,37 @@ fn bound_affinity_weights(schema: &mut schemars::Schema) {
     }
 }
 
+/// Bounds every integer a Kubernetes type leaves unbounded to what its format holds (int32;
+/// int64 to what a JSON number holds exactly), as the API server's own types are checked:
+/// without a maximum a value past the Rust type would be stored and break every typed read of
+/// the runs.
+fn bound_integers(schema: &mut schemars::Schema) {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                let bounds = match map.get("format").and_then(serde_json::Value::as_str) {
+                    Some("int32") => Some((i64::from(i32::MIN), i64::from(i32::MAX))),
+                    // What a JSON number holds exactly (a YAML dump of i64::MAX is a float).
+                    Some("int64") => Some((-(1i64 << 53) + 1, (1i64 << 53) - 1)),
+                    _ => None,
+                };
+                if let Some((lo, hi)) = bounds {
+                    map.entry("minimum").or_insert(lo.into());
+                    map.entry("maximum").or_insert(hi.into());
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut value = schema.clone().to_value();
+    walk(&mut value);
+    if let Ok(bounded) = schemars::Schema::try_from(value) {
+        *schema = bounded;
+    }
+}
+
 /// An RLT training run: warm-up -> RL -> distillation, each stage's pods run `rlt-trainer <role>`.
 // Clippy reads the printcolumns' repeated `type_ = "string"` as duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
@@ -178,6 +209,11 @@ pub struct RltRunSpec {
     pub teacher: ModelRef,
     /// The dataset of (question, solution[, reasoning trace]) rows.
     pub dataset: Dataset,
+    /// Read-only volumes with the run's inputs (models, datasets), mounted in every stage pod:
+    /// a model or dataset `path` under an input's `mountPath` is read from that volume.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub inputs: Vec<InputVolume>,
     /// The shared workspace volume mounted in every stage pod at `/workspace`.
     #[serde(default)]
     pub workspace: Workspace,
@@ -356,13 +392,70 @@ impl Default for SyntheticDataset {
     }
 }
 
-/// The shared workspace: an existing claim, or a claim the operator creates (and that goes
-/// away with the run).
+/// A read-only input volume: any volume source (a PersistentVolumeClaim with the models and
+/// data, an NFS export, a CSI volume, ...), mounted read-only in every stage pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("self.mountPath.startsWith('/')").message("mountPath must be an absolute path"),
+    validation = Rule::new("!['/workspace', '/etc/rlt', '/tmp', '/dev/shm', '/'].exists(p, self.mountPath == p || self.mountPath.startsWith(p + '/') && p != '/')").message("mountPath must not be /, or at or under /workspace, /etc/rlt, /tmp or /dev/shm (the stage pods' own mounts)")
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = bound_integers)]
+pub struct InputVolume {
+    /// Where the stage pods see it, e.g. `/models`; `teacher.path: /models/Qwen2.5-7B-Instruct`
+    /// then reads from it.
+    #[schemars(length(min = 2, max = 512))]
+    pub mount_path: String,
+    /// The volume, as a pod's `volumes` entry: `name` (a DNS label, unique among the inputs)
+    /// and exactly one source (`persistentVolumeClaim`, `nfs`, `csi`, `hostPath`, ...).
+    #[serde(flatten)]
+    pub volume: Volume,
+}
+
+/// What happens to a workspace claim the operator created when its run is deleted.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum RetainPolicy {
+    /// The claim outlives the run (the trained models with it); a run re-created under the
+    /// same name uses it again, in a directory of its own.
+    #[default]
+    Retain,
+    /// The claim is deleted with the run (garbage-collected through its owner reference).
+    Delete,
+}
+
+/// The shared workspace: an existing claim, or a claim the operator creates. Each run writes
+/// under a directory of its own in it (`directory`), so a run deleted and created again under
+/// the same name never picks up the earlier run's outputs.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[x_kube(validation = Rule::new("!has(self.claimName) || (!has(self.size) && !has(self.storageClassName))")
-    .message("claimName (an existing PVC) excludes size and storageClassName (a PVC the operator creates)"))]
+#[x_kube(
+    validation = Rule::new("!has(self.claimName) || (!has(self.size) && !has(self.storageClassName))")
+        .message("claimName (an existing PVC) excludes size and storageClassName (a PVC the operator creates)"),
+    validation = Rule::new("!has(self.claimName) || self.retainPolicy == 'Retain'")
+        .message("retainPolicy Delete applies to a claim the operator creates; a claim named by claimName is never deleted")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct Workspace {
+    /// The run's directory in the workspace. Default: `<run name>-<first 8 characters of the
+    /// run's UID>` on a cluster (a re-created run starts afresh), the run's name in a local
+    /// `rlt-trainer pipeline`. Naming an earlier run's directory continues that run: its
+    /// finished stages are kept and its unfinished one resumes from its checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
+    )]
+    pub directory: Option<String>,
+    /// Whether a claim the operator created outlives the run (`Retain`, the default: trained
+    /// models survive `kubectl delete rltrun`) or is deleted with it (`Delete`).
+    #[serde(default)]
+    pub retain_policy: RetainPolicy,
+    /// Checkpoints of a stage kept once its final output is complete (0: deleted; the final
+    /// output is all later stages need, and at 7B a checkpoint is tens of GB).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000))]
+    pub keep_checkpoints: u32,
     /// Use this existing PersistentVolumeClaim. With several pods per stage on several
     /// nodes it must be ReadWriteMany.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -703,10 +796,11 @@ pub struct Student {
     pub resources: Option<ResourceRequirements>,
 }
 
-/// Multi-trace collection, as the paper does it: the teacher writes `traces` whole
-/// explanations per row (independent samples), and the student trains on each one that is
-/// closed and fits its context (`maxTokensPerTrace` tokens of student chat). A row none of
-/// whose samples fits keeps its first sample, cut to the budget and marked incomplete.
+/// How explanations are fitted to the student's context, as the method collects them: one
+/// explanation per row, sampled again (up to `traces` samples) while it does not close within
+/// the student's context (`maxTokensPerTrace` tokens of student chat); the first that fits is
+/// the row's training example. A row none of whose samples fits keeps its first sample, cut to
+/// the budget and marked incomplete.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TraceSplitting {
@@ -714,7 +808,7 @@ pub struct TraceSplitting {
     #[serde(default = "defaults::max_tokens_per_trace")]
     #[schemars(range(min = 16, max = 1048576))]
     pub max_tokens_per_trace: u32,
-    /// Explanations sampled per row.
+    /// Most samples per row until one closes and fits (the row still gets one example).
     #[serde(default = "defaults::one")]
     #[schemars(range(min = 1, max = 64))]
     pub traces: u32,

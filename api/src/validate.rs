@@ -173,6 +173,7 @@ pub fn semantic_errors(run: &RltRun) -> Vec<FieldError> {
             ));
         }
     }
+    input_errors(&spec.inputs, &mut errors);
     let mut models: Vec<(String, &ModelRef)> = vec![("spec.teacher".into(), &spec.teacher)];
     if let Some(s) = &spec.rl.student {
         models.push(("spec.rl.student".into(), s));
@@ -328,6 +329,56 @@ fn resource_quantity(
         errors.push(err(&at, "must be an integer".into(), "semantic"));
     }
     Some(value)
+}
+
+/// Longest input name: its pod volume is `in-<name>`, a 63-character DNS label.
+pub const MAX_INPUT_NAME: usize = 60;
+
+/// Input volumes: a DNS-label name the pods' volume name can carry, exactly one source (the
+/// API server would refuse the stage Jobs otherwise, after the run started), distinct mounts.
+fn input_errors(inputs: &[crate::spec::InputVolume], errors: &mut Vec<FieldError>) {
+    for (i, input) in inputs.iter().enumerate() {
+        let name = &input.volume.name;
+        let label = name.len() <= MAX_INPUT_NAME
+            && !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if !label {
+            errors.push(err(
+                &format!("spec.inputs[{i}].name"),
+                format!("must be a DNS label of at most {MAX_INPUT_NAME} characters (lower case letters, digits, '-')"),
+                "semantic",
+            ));
+        }
+        let sources = serde_json::to_value(&input.volume)
+            .ok()
+            .and_then(|v| {
+                v.as_object()
+                    .map(|o| o.keys().filter(|k| *k != "name").count())
+            })
+            .unwrap_or(0);
+        if sources != 1 {
+            errors.push(err(
+                &format!("spec.inputs[{i}]"),
+                format!("must have exactly one volume source (persistentVolumeClaim, nfs, csi, hostPath, ...), has {sources}"),
+                "semantic",
+            ));
+        }
+        let path = input.mount_path.trim_end_matches('/');
+        if inputs[..i]
+            .iter()
+            .any(|o| o.mount_path.trim_end_matches('/') == path)
+        {
+            errors.push(err(
+                &format!("spec.inputs[{i}].mountPath"),
+                format!("{path} is already the mountPath of another input"),
+                "semantic",
+            ));
+        }
+    }
 }
 
 fn err(field: &str, message: String, check: &str) -> FieldError {

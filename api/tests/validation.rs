@@ -164,7 +164,8 @@ fn bounds(schema: &Value, path: &str, out: &mut Vec<(String, &'static str, Value
     }
     if let Some(props) = schema.get("properties").and_then(Value::as_object) {
         for (k, v) in props {
-            if EMBEDDED.contains(&k.as_str()) {
+            // An input is a Kubernetes Volume (upstream bounds) and our own mountPath.
+            if EMBEDDED.contains(&k.as_str()) || (path.ends_with("inputs[0]") && k != "mountPath") {
                 continue;
             }
             bounds(v, &format!("{path}.{k}"), out);

@@ -8,7 +8,7 @@
 //! the stores by namespace and the `rlt.dev/run` label and narrowed to this run instance by
 //! owner UID.
 use crate::activity::{self, Activity};
-use crate::children::{Kind, LABEL_RUN};
+use crate::children::{names, Kind, LABEL_RUN};
 use crate::observe::{self, JobState, Observed};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
@@ -136,6 +136,20 @@ pub fn owned(run: &RltRun, meta: &ObjectMeta) -> bool {
         .any(|o| Some(&o.uid) == run.metadata.uid.as_ref())
 }
 
+/// A workspace claim the operator created for an earlier run of this name with
+/// `retainPolicy: Retain` (it has no owner, so it outlived that run): this run uses it again,
+/// in a directory of its own.
+pub fn retained_workspace(run: &RltRun, kind: Kind, meta: &ObjectMeta) -> bool {
+    kind == Kind::PersistentVolumeClaim
+        && meta.owner_references.as_ref().is_none_or(Vec::is_empty)
+        && meta.name.as_deref() == Some(names::workspace(&run.name_any()).as_str())
+        && meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_RUN))
+            .is_some_and(|r| *r == run.name_any())
+}
+
 /// What one reconcile reads.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -168,7 +182,7 @@ pub fn snapshot(stores: &Stores, run: &RltRun, now: Timestamp) -> Snapshot {
     for (kind, list) in metas {
         obs.children.extend(
             list.iter()
-                .filter(|m| owned(run, m))
+                .filter(|m| owned(run, m) || retained_workspace(run, kind, m))
                 .map(|m| observe::child(kind, m)),
         );
     }

@@ -15,7 +15,7 @@
 //!    retried with backoff;
 //! 3. the Events, each with a per-transition `action` and a note within the API's limit.
 use crate::activity;
-use crate::cache::{self, owned, Stores, Writers};
+use crate::cache::{self, owned, retained_workspace, Stores, Writers};
 use crate::children::{self, Child, Kind, LABEL_RUN};
 use crate::figures::{Figures, Poller};
 use crate::http::Health;
@@ -453,6 +453,10 @@ where
     if observed {
         pp = pp.force();
     } else if let Some(existing) = api.get_opt(&name).await? {
+        if retained_workspace(run, kind, existing.meta()) {
+            // An earlier run's retained claim: used as it is, never rewritten.
+            return Ok(None);
+        }
         if !owned(run, existing.meta()) {
             return Ok(Some(not_owned(run, kind, &name, existing.meta())));
         }

@@ -190,9 +190,10 @@ fn stage_status_mut(stages: &mut StagesStatus, stage: Stage) -> &mut StageStatus
     slot.get_or_insert_with(StageStatus::default)
 }
 
-/// Artifact paths as the pods see them (`/workspace/<run>/...`).
-fn artifact(run: &str, stage: Stage) -> String {
-    let dir = RunDir::new(contract::WORKSPACE_MOUNT_DIR, run);
+/// Artifact paths as the pods see them (`/workspace/<run directory>/...`).
+fn artifact(run: &RltRun, stage: Stage) -> String {
+    let name = rlt_api::layout::run_directory(run).unwrap_or_default();
+    let dir = RunDir::new(contract::WORKSPACE_MOUNT_DIR, &name);
     let path = match stage {
         Stage::Warmup => dir.warmup().final_dir(),
         Stage::Rl => dir.rl().final_dir(),
@@ -690,7 +691,7 @@ impl Reconciler<'_> {
     }
 
     fn complete(&mut self, stage: Stage, attempt: u32) {
-        let (now, artifact) = (self.now.clone(), artifact(&self.p.ctx.name, stage));
+        let (now, artifact) = (self.now.clone(), artifact(self.p.run, stage));
         let st = self.stage(stage);
         st.completion_time = Some(now);
         st.artifact = Some(artifact);

@@ -279,7 +279,12 @@ async fn a_new_run_records_its_status_first_then_creates_its_children_then_event
     // The config the trainer reads is the run itself, defaults filled in.
     let cm = &log[2].body;
     let config = cm["data"]["run.yaml"].as_str().unwrap();
-    let parsed = rlt_api::parse_yaml(config).expect("rendered config validates");
+    let mut parsed = rlt_api::parse_yaml(config).expect("rendered config validates");
+    // ... and the run's own workspace directory, keyed by its UID.
+    assert_eq!(
+        parsed.spec.workspace.directory.take().as_deref(),
+        Some("tiny-cpu-uid1")
+    );
     assert_eq!(parsed.spec, tiny_run().spec);
     assert_eq!(cm["metadata"]["ownerReferences"][0]["uid"], "uid-1");
     // The warm-up pod follows the stage contract.

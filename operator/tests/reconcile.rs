@@ -224,7 +224,8 @@ fn warmup_success_starts_rl_with_param_servers_and_learners() {
     let warmup = w.status().stages.warmup.clone().unwrap();
     assert_eq!(
         warmup.artifact.as_deref(),
-        Some("/workspace/tiny-cpu/warmup/final")
+        // The run's own directory: its name and UID (a re-created run starts afresh).
+        Some("/workspace/tiny-cpu-uid1/warmup/final")
     );
     assert!(warmup.completion_time.is_some());
     assert!(plan.poll_figures);
@@ -329,7 +330,7 @@ fn rl_success_removes_param_servers_and_starts_one_distill_job_per_student() {
             .unwrap()
             .artifact
             .as_deref(),
-        Some("/workspace/tiny-cpu/distill")
+        Some("/workspace/tiny-cpu-uid1/distill")
     );
 }
 

@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use rlt_api::contract::{self, Role};
-use rlt_api::spec::{AccessMode, RltRun};
+use rlt_api::spec::{AccessMode, RetainPolicy, RltRun};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -247,8 +247,13 @@ pub fn workspace_pvc(ctx: &Ctx) -> Option<Child> {
                 .to_string()
         })
         .collect();
+    let mut metadata = ctx.meta(names::workspace(&ctx.name), ctx.labels(None, None, None));
+    if ws.retain_policy == RetainPolicy::Retain {
+        // No owner: deleting the run does not collect the claim (and the trained models).
+        metadata.owner_references = None;
+    }
     let pvc = PersistentVolumeClaim {
-        metadata: ctx.meta(names::workspace(&ctx.name), ctx.labels(None, None, None)),
+        metadata,
         spec: Some(PersistentVolumeClaimSpec {
             access_modes: Some(modes),
             storage_class_name: ws.storage_class_name.clone(),

@@ -13,10 +13,6 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use rlt_api::contract::{self, EnvValue, Role, StageEnv};
 use rlt_api::spec::{Scheduling, Student};
-use std::collections::BTreeMap;
-
-/// The extended resource of NVIDIA's device plugin.
-const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 /// Size of the `/dev/shm` volume when the pod has no memory limit (a memory-backed emptyDir
 /// counts against the pod's memory; with a limit, the limit bounds it).
@@ -64,19 +60,6 @@ fn from_field(name: &str, path: &str) -> EnvVar {
     }
 }
 
-/// GPUs the container asks for (`nvidia.com/gpu`, a whole number: the device plugin
-/// refuses fractions): the limit, else the request.
-pub(super) fn gpus(resources: Option<&ResourceRequirements>) -> u32 {
-    let count = |m: &Option<BTreeMap<String, Quantity>>| {
-        m.as_ref()
-            .and_then(|m| m.get(GPU_RESOURCE))
-            .and_then(|q| q.0.parse::<u32>().ok())
-    };
-    resources
-        .and_then(|r| count(&r.limits).or_else(|| count(&r.requests)))
-        .unwrap_or(0)
-}
-
 /// Whether the pods of this role form one data-parallel group over several pods: their ranks
 /// then find each other by DNS, through the run's ranks Service ([`names::ranks`]).
 pub(super) fn spans_pods(p: &PodParts) -> bool {
@@ -108,7 +91,7 @@ fn peers(ctx: &Ctx, p: &PodParts, ranks_per_pod: u32) -> Option<String> {
 /// refuses it, and it is dropped here too).
 pub(super) fn env(ctx: &Ctx, p: &PodParts) -> Vec<EnvVar> {
     let spec = &ctx.run.spec;
-    let gpus = gpus(p.resources);
+    let gpus = contract::gpus(p.resources);
     let ranks_per_pod = if p.job.is_some() { gpus.max(1) } else { 1 };
     let stage_env = StageEnv {
         run_name: ctx.name.clone(),
@@ -199,12 +182,21 @@ pub(super) fn container(ctx: &Ctx, p: &PodParts) -> Container {
         env: Some(env(ctx, p)),
         ports: Some(ports),
         resources: p.resources.cloned(),
-        volume_mounts: Some(vec![
-            mount("config", contract::CONFIG_MOUNT_DIR, true),
-            mount("workspace", contract::WORKSPACE_MOUNT_DIR, false),
-            mount("tmp", SCRATCH_DIR, false),
-            mount("shm", "/dev/shm", false),
-        ]),
+        volume_mounts: Some(
+            [
+                mount("config", contract::CONFIG_MOUNT_DIR, true),
+                mount("workspace", contract::WORKSPACE_MOUNT_DIR, false),
+                mount("tmp", SCRATCH_DIR, false),
+                mount("shm", "/dev/shm", false),
+            ]
+            .into_iter()
+            .chain(
+                spec.inputs
+                    .iter()
+                    .map(|i| mount(&input_volume(&i.volume.name), &i.mount_path, true)),
+            )
+            .collect(),
+        ),
         // The trainer writes its final error here (RLT_TERMINATION_LOG); a crash that wrote
         // nothing leaves the log's tail instead. Either way the run's condition says why.
         termination_message_path: Some(contract::TERMINATION_LOG_PATH.into()),
@@ -223,8 +215,14 @@ pub(super) fn container(ctx: &Ctx, p: &PodParts) -> Container {
     }
 }
 
-/// The run configuration (read-only), the workspace claim, the scratch directory and
-/// `/dev/shm` (memory-backed, bounded by the memory limit or [`DEFAULT_SHM_SIZE`]).
+/// The pod's name of an input volume (apart from the operator's own volumes).
+fn input_volume(name: &str) -> String {
+    format!("in-{name}")
+}
+
+/// The run configuration (read-only), the workspace claim, the scratch directory,
+/// `/dev/shm` (memory-backed, bounded by the memory limit or [`DEFAULT_SHM_SIZE`]), and the
+/// run's input volumes (mounted read-only).
 pub(super) fn volumes(ctx: &Ctx, p: &PodParts) -> Vec<Volume> {
     let shm_size = p
         .resources
@@ -263,6 +261,12 @@ pub(super) fn volumes(ctx: &Ctx, p: &PodParts) -> Vec<Volume> {
             ..Default::default()
         },
     ]
+    .into_iter()
+    .chain(ctx.run.spec.inputs.iter().map(|i| Volume {
+        name: input_volume(&i.volume.name),
+        ..i.volume.clone()
+    }))
+    .collect()
 }
 
 /// Non-root with the workspace group-writable for [`RUN_AS`]; the volume's ownership is

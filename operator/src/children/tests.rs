@@ -264,6 +264,86 @@ fn the_workspace_claim_is_read_write_many_unless_the_run_says_otherwise() {
 }
 
 #[test]
+fn a_retained_workspace_claim_has_no_owner_and_a_deleted_one_is_owned_by_the_run() {
+    let owners = |run: &RltRun| match workspace_pvc(&Ctx::new(run)) {
+        Some(Child::Pvc(p)) => p.metadata.owner_references.unwrap_or_default().len(),
+        other => panic!("{other:?}"),
+    };
+    // Retain is the default: deleting the run does not collect the trained models.
+    assert_eq!(owners(&tiny()), 0);
+    let run = run_from(&TINY.replace(
+        "workspace: {size: 1Gi}",
+        "workspace: {size: 1Gi, retainPolicy: Delete}",
+    ));
+    assert_eq!(owners(&run), 1);
+    // A later run of the same name takes the retained claim as its own, never another's.
+    let claim = ObjectMeta {
+        name: Some(names::workspace("tiny-cpu")),
+        labels: Some(BTreeMap::from([(LABEL_RUN.into(), "tiny-cpu".into())])),
+        ..Default::default()
+    };
+    let again = tiny();
+    assert!(crate::cache::retained_workspace(
+        &again,
+        Kind::PersistentVolumeClaim,
+        &claim
+    ));
+    let mut other = tiny();
+    other.metadata.name = Some("other".into());
+    assert!(!crate::cache::retained_workspace(
+        &other,
+        Kind::PersistentVolumeClaim,
+        &claim
+    ));
+    let owned = ObjectMeta {
+        owner_references: Some(vec![OwnerReference::default()]),
+        ..claim
+    };
+    assert!(!crate::cache::retained_workspace(
+        &again,
+        Kind::PersistentVolumeClaim,
+        &owned
+    ));
+}
+
+#[test]
+fn input_volumes_are_mounted_read_only_in_every_stage_pod() {
+    let run = run_from(&TINY.replace(
+        "workspace: {size: 1Gi}",
+        "workspace: {size: 1Gi}\n  inputs:\n    - {name: models, mountPath: /models, persistentVolumeClaim: {claimName: hf-models}}",
+    ));
+    assert_eq!(
+        run.spec.inputs.len(),
+        1,
+        "the sample changed: {:?}",
+        run.spec
+    );
+    for (name, pod) in pods(&run) {
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "in-models")
+            .unwrap_or_else(|| panic!("{name}: no input volume"));
+        assert_eq!(
+            volume.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "hf-models"
+        );
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "in-models")
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/models", Some(true)),
+            "{name}"
+        );
+    }
+}
+
+#[test]
 fn each_rl_attempt_gets_its_own_parameter_servers() {
     let run = tiny();
     let ctx = Ctx::new(&run);
