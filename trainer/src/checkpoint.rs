@@ -75,11 +75,13 @@ impl CausalLm {
 
     /// Loads `config.json` and the safetensors weights of a checkpoint directory, converting
     /// them to `kind`. Missing, unexpected or wrongly shaped tensors are errors naming them.
+    /// The variables are created in `kind` on the device: created in f32 and converted, a 7B
+    /// model would need 30 GB of the device before its 15 GB of bf16 weights.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config = Qwen2Config::from_file(&dir.join(CONFIG_FILE))?;
         let mut vs = nn::VarStore::new(device);
-        let model = Qwen2::new(&vs.root(), &config);
         vs.set_kind(kind);
+        let model = Qwen2::new(&vs.root(), &config);
         load_weights(&vs, dir, config.tie_word_embeddings)?;
         Ok(CausalLm { config, vs, model })
     }
@@ -348,7 +350,20 @@ pub fn load_checkpoint(dir: &Path, device: Device, kind: Kind) -> Result<(Causal
 
 /// Materialises a tiny random model + the tiny tokenizer as a checkpoint directory.
 pub fn init_tiny(dir: &Path, spec: &TinySpec, kind: Kind) -> Result<()> {
+    init_tiny_sharded(dir, spec, kind, DEFAULT_MAX_SHARD_BYTES)
+}
+
+/// [`init_tiny`], the weights in shards of at most `max_shard_bytes`.
+pub fn init_tiny_sharded(
+    dir: &Path,
+    spec: &TinySpec,
+    kind: Kind,
+    max_shard_bytes: usize,
+) -> Result<()> {
     let tok = Tokenizer::tiny();
     let lm = CausalLm::tiny(spec, &tok, Device::Cpu, kind)?;
-    save_checkpoint(dir, &lm, &tok)
+    save_dir_atomically(dir, |tmp| {
+        lm.save_sharded(tmp, max_shard_bytes)?;
+        tok.save(tmp)
+    })
 }

@@ -88,10 +88,17 @@ pub struct InitTinyArgs {
     pub tiny: TinyArgs,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Write the weights in shards of at most this many MiB (as large published checkpoints
+    /// are), not one file.
+    #[arg(long)]
+    pub max_shard_mib: Option<usize>,
 }
 
 pub fn init_tiny(a: InitTinyArgs) -> Result<()> {
-    checkpoint::init_tiny(&a.out, &a.tiny.spec(), parse_kind(&a.dtype)?)?;
+    let shard = a
+        .max_shard_mib
+        .map_or(checkpoint::DEFAULT_MAX_SHARD_BYTES, |m| m << 20);
+    checkpoint::init_tiny_sharded(&a.out, &a.tiny.spec(), parse_kind(&a.dtype)?, shard)?;
     tracing::info!(out = %a.out.display(), "wrote tiny checkpoint");
     Ok(())
 }
@@ -243,8 +250,9 @@ pub struct StageArgs {
     /// Root of the shared workspace.
     #[arg(long, env = env::WORKSPACE)]
     pub workspace: PathBuf,
-    /// Name of the run (its directory under the workspace); default: the run configuration's.
-    #[arg(long = "run", env = env::RUN_NAME)]
+    /// The run's directory under the workspace; default: the run configuration's
+    /// (`spec.workspace.directory`, else its name).
+    #[arg(long = "run")]
     pub run: Option<String>,
     /// Stage attempt; fences checkpoint writes.
     #[arg(long, env = env::ATTEMPT, default_value_t = 0)]
@@ -367,8 +375,18 @@ impl WarmupArgs {
     /// The run's warm-up (a hand run: the spec's default one) with the flags given over it.
     pub fn sft_config(&self, run: Option<&Staged>) -> crate::sft::SftConfig {
         let warmup = run.map_or_else(defaults::warmup, |s| s.spec().warmup.clone());
-        self.sft.over(crate::sft::SftConfig::warmup(&warmup))
+        crate::sft::SftConfig {
+            keep_after_final: keep_after_final(run),
+            ..self.sft.over(crate::sft::SftConfig::warmup(&warmup))
+        }
     }
+}
+
+/// Checkpoints a stage keeps once its final output is complete: the run's
+/// `spec.workspace.keepCheckpoints` (a hand run: the default).
+pub fn keep_after_final(run: Option<&Staged>) -> usize {
+    run.map_or_else(defaults::workspace, |s| s.spec().workspace.clone())
+        .keep_checkpoints as usize
 }
 
 /// Starts the metrics server when the stage has a metrics port.
@@ -393,12 +411,13 @@ pub fn warmup(a: WarmupArgs) -> Result<()> {
         "--model",
     )?;
     let (device, kind) = a.device.resolve_for(run)?;
+    let run_dir = a.stage.run_dir(run)?;
     if crate::ranks::prepare_stage(
         &a.ranks,
         &mut cfg,
         &model,
-        "warm-up".into(),
-        "warmup",
+        ("warm-up".into(), "warmup"),
+        run_dir.warmup().root(),
         (device, kind),
     )? {
         return Ok(());
@@ -425,7 +444,7 @@ pub fn warmup(a: WarmupArgs) -> Result<()> {
     let local = a.ranks.local_rank.unwrap_or(0);
     let job = crate::sft::SftJob {
         name: "warmup".into(),
-        stage: a.stage.run_dir(run)?.warmup(),
+        stage: run_dir.warmup(),
         attempt: a.stage.attempt,
         init_model: model,
         device: a.ranks.device(device),

@@ -13,8 +13,8 @@
 //! JSONL, array index for JSON, row number for Parquet), unless the caller asks to skip bad
 //! rows, in which case every skipped row is counted and reported.
 use crate::tokenizer::{
-    BEGIN_OF_EXPLANATION, BEGIN_OF_SOLUTION, BEGIN_OF_THOUGHT, END_OF_EXPLANATION, END_OF_SOLUTION,
-    END_OF_THOUGHT, IM_END, IM_START,
+    BEGIN_OF_EXPLANATION, BEGIN_OF_SOLUTION, BEGIN_OF_THOUGHT, ENDOFTEXT, END_OF_EXPLANATION,
+    END_OF_SOLUTION, END_OF_THOUGHT, IM_END, IM_START,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use rlt_api::spec::defaults;
@@ -345,12 +345,24 @@ pub fn student_chat(p: &Prompts, e: &Example, thought: &str) -> PromptCompletion
     }
 }
 
-/// Splits a teacher's generated explanation text at its closing tag. `None` when the tag is
-/// missing (the RLT format penalty applies).
-pub fn parse_explanation(generated: &str) -> Option<&str> {
-    generated
-        .find(END_OF_EXPLANATION)
-        .map(|i| generated[..i].trim())
+/// The explanation in a teacher's generated text, and whether its closing tag came: the text
+/// up to the closing tag (or, without one, up to the end of turn or text), less exactly the
+/// layout's [`PAD`] before the tag. The RL reward, `score`, bench-effect and distillation all
+/// take the explanation from here, so the student reads what the teacher wrote (trailing
+/// spaces and blank lines of its own included), not a trimmed copy.
+pub fn explanation_of(generated: &str) -> (&str, bool) {
+    let cut = [END_OF_EXPLANATION, IM_END, ENDOFTEXT]
+        .into_iter()
+        .filter_map(|m| generated.find(m).map(|i| (i, m)))
+        .min();
+    match cut {
+        Some((i, END_OF_EXPLANATION)) => {
+            let before = &generated[..i];
+            (before.strip_suffix(PAD).unwrap_or(before), true)
+        }
+        Some((i, _)) => (&generated[..i], false),
+        None => (generated, false),
+    }
 }
 
 #[cfg(test)]
@@ -455,9 +467,14 @@ mod tests {
         assert!(s[0].ends_with("<|begin_of_thought|>\n\n"));
         assert_eq!(s[3], "5");
         assert_eq!(
-            parse_explanation("a b<|end_of_explanation|><|im_end|>"),
-            Some("a b")
+            explanation_of("a b\n\n<|end_of_explanation|><|im_end|>"),
+            ("a b", true)
         );
-        assert_eq!(parse_explanation("no tag"), None);
+        assert_eq!(
+            explanation_of(" a b \n\n\n<|end_of_explanation|>"),
+            (" a b \n", true)
+        );
+        assert_eq!(explanation_of("cut off<|im_end|>"), ("cut off", false));
+        assert_eq!(explanation_of("no tag"), ("no tag", false));
     }
 }

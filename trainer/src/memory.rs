@@ -20,8 +20,11 @@ use std::fmt::Write as _;
 pub const GIB: f64 = (1u64 << 30) as f64;
 /// What `nvidia-smi` reports for an 80 GB H100 (81559 MiB).
 pub const H100_80GB: f64 = 81559.0 * (1u64 << 20) as f64;
-/// CUDA context, cuBLAS workspaces, allocator fragmentation.
+/// CUDA context, cuBLAS workspaces.
 const OVERHEAD: f64 = 2.5 * GIB;
+/// On top of everything counted: what the caching allocator loses to fragmentation with
+/// expandable segments (the CUDA image turns them on), and shapes this arithmetic rounds.
+pub const MARGIN: f64 = 0.05;
 
 /// The dimensions that decide memory.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -96,19 +99,31 @@ pub struct Plan {
     pub checkpointing: bool,
 }
 
-/// Bytes per rank, by what holds them.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Bytes per device, by what holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Estimate {
     pub weights: f64,
     pub gradients: f64,
+    /// Optimizer state, f32 master weights and gradient sums.
     pub optimizer: f64,
     pub activations: f64,
     pub logits: f64,
+    /// Tensors that live for one operation at a time: grouped-query attention's keys and
+    /// values repeated to the query heads, explicit attention masks.
+    pub transients: f64,
 }
 
 impl Estimate {
+    /// What is counted, the fixed overhead, and the [`MARGIN`] over both.
     pub fn total(&self) -> f64 {
-        self.weights + self.gradients + self.optimizer + self.activations + self.logits + OVERHEAD
+        (self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.logits
+            + self.transients
+            + OVERHEAD)
+            * (1.0 + MARGIN)
     }
 }
 
@@ -124,6 +139,8 @@ pub fn estimate(s: &Shape, p: &Plan) -> Estimate {
         optimizer: (masters + 8.0 + 4.0) * s.params / w,
         activations: activations(s, tokens, b, p.checkpointing),
         logits: logits(s, tokens, b, p.checkpointing),
+        // Right-padded batches need no mask (the fused causal kernel).
+        transients: 0.0,
     }
 }
 
@@ -253,12 +270,15 @@ pub fn preflight(shape: &Shape, stage: &Stage, available: f64) -> Result<Estimat
 
 fn breakdown(e: &Estimate) -> String {
     format!(
-        "weights {:.1}, gradients {:.1}, optimizer {:.1}, activations {:.1}, logits {:.1} GiB",
+        "weights {:.1}, gradients {:.1}, optimizer {:.1}, activations {:.1}, logits {:.1}, \
+         transients {:.1} GiB, {:.0}% margin",
         e.weights / GIB,
         e.gradients / GIB,
         e.optimizer / GIB,
         e.activations / GIB,
-        e.logits / GIB
+        e.logits / GIB,
+        e.transients / GIB,
+        MARGIN * 100.0
     )
 }
 
@@ -277,6 +297,9 @@ pub struct LearnerPlan {
     /// Rows per sampling pass (the KV cache holds these; 0 as `micro_batch`).
     pub generation_batch: u32,
     pub checkpointing: bool,
+    /// GPUs the learner's models are spread over: 1, or 2 (the reference and the student on
+    /// the second: [`crate::rl::learner::Placement`]).
+    pub devices: u32,
 }
 
 impl LearnerPlan {
@@ -286,17 +309,24 @@ impl LearnerPlan {
     }
 }
 
-/// A learner holds the policy, its GRPO reference and the student whole, and the policy's
-/// gradient (the optimizer state lives on the parameter servers). Per group it first samples
-/// (a KV cache of `generation_batch` rows), then scores and backpropagates `micro_batch` rows
-/// at a time; sampling and the backward pass never hold memory at once. With the whole group
-/// in one pass and no checkpointing the graph is built while the student scores.
+/// The fuller of a learner's devices. The policy's device holds the teacher, its gradient and
+/// (bf16) the gradient's f32 sums ([`crate::rl::rollout::GradSum`]); per group it first
+/// samples (a KV cache of `generation_batch` rows, and each decoding step repeats one layer's
+/// cached keys and values to the query heads), then scores and backpropagates `micro_batch`
+/// rows at a time over left-padded sequences with an explicit attention mask; sampling and the
+/// backward pass never hold memory at once. With the whole group in one pass and no
+/// checkpointing the graph is built while the student scores. The reference and the student
+/// are on the policy's device too, or alone on a second GPU.
 pub fn learner_estimate(teacher: &Shape, student: &Shape, p: &LearnerPlan) -> Estimate {
     let b = f64::from(p.dtype_bytes);
     let seq = f64::from(p.sequence());
-    let kv_cache =
-        f64::from(p.generation_batch.max(1)) * seq * teacher.layers * 2.0 * teacher.kv_dim * b;
-    let tokens = f64::from(p.micro_batch.max(1)) * seq;
+    let gen_rows = f64::from(p.generation_batch.max(1));
+    let rows = f64::from(p.micro_batch.max(1));
+    let kv_cache = gen_rows * seq * teacher.layers * 2.0 * teacher.kv_dim * b;
+    let gqa_copy = gen_rows * seq * 2.0 * teacher.q_dim * b;
+    // [rows, 1, seq, seq] booleans, and the two it is made of.
+    let mask = 3.0 * rows * seq * seq;
+    let tokens = rows * seq;
     let backward = activations(teacher, tokens, b, p.checkpointing);
     // A pass without a graph holds about one layer's tensors at a time.
     let scoring = student
@@ -305,17 +335,81 @@ pub fn learner_estimate(teacher: &Shape, student: &Shape, p: &LearnerPlan) -> Es
         * tokens
         * b;
     let whole_group = !p.checkpointing && p.micro_batch >= p.group_size;
-    Estimate {
-        weights: (2.0 * teacher.params + student.params) * b,
+    let split = p.devices > 1;
+    let policy = Estimate {
+        weights: if split {
+            teacher.params * b
+        } else {
+            (2.0 * teacher.params + student.params) * b
+        },
         gradients: teacher.params * b,
-        optimizer: 0.0,
+        optimizer: if p.dtype_bytes < 4 {
+            4.0 * teacher.params
+        } else {
+            0.0
+        },
         activations: if whole_group {
             kv_cache.max(backward + scoring)
         } else {
             kv_cache.max(backward).max(scoring)
         },
         logits: logits(teacher, tokens, b, p.checkpointing),
+        transients: gqa_copy.max(mask),
+    };
+    if !split {
+        return policy;
     }
+    let scorers = Estimate {
+        weights: (teacher.params + student.params) * b,
+        activations: scoring,
+        logits: logits(student, tokens, b, true),
+        transients: mask,
+        ..Estimate::default()
+    };
+    if scorers.total() > policy.total() {
+        scorers
+    } else {
+        policy
+    }
+}
+
+/// Distillation collection: the teacher samples `rows` explanations of up to `new_tokens`
+/// after prompts of up to `prompt` tokens, without a graph: its weights, the KV cache, the
+/// prefill's largest layer and last-position logits, one layer's keys and values repeated
+/// to the query heads, and the prefill's attention mask over the left-padded prompts.
+pub fn collection_estimate(
+    teacher: &Shape,
+    dtype_bytes: u32,
+    rows: u32,
+    prompt: u32,
+    new_tokens: u32,
+) -> Estimate {
+    let b = f64::from(dtype_bytes);
+    let (r, p) = (f64::from(rows.max(1)), f64::from(prompt));
+    let seq = p + f64::from(new_tokens);
+    Estimate {
+        weights: teacher.params * b,
+        activations: (r * seq * teacher.layers * 2.0 * teacher.kv_dim * b)
+            + r * p * teacher.layer_elements_per_token() * b,
+        logits: r * teacher.vocab * (b + 8.0),
+        transients: (r * seq * 2.0 * teacher.q_dim * b).max(3.0 * r * p * p),
+        ..Estimate::default()
+    }
+}
+
+/// The most rows (up to `wanted`) a collection pass fits in `available`; `None` when not
+/// even one does.
+pub fn collection_rows(
+    teacher: &Shape,
+    dtype_bytes: u32,
+    wanted: u32,
+    prompt: u32,
+    new_tokens: u32,
+    available: f64,
+) -> Option<u32> {
+    (1..=wanted.max(1)).rev().find(|&r| {
+        collection_estimate(teacher, dtype_bytes, r, prompt, new_tokens).total() <= available
+    })
 }
 
 /// The passes a learner splits a group into: the fewest (largest `micro_batch`, then largest
@@ -380,6 +474,13 @@ pub fn learner_preflight(
     {
         fixes.push("set rl.activationCheckpointing: true".to_string());
     }
+    if plan.devices < 2 && fits(LearnerPlan { devices: 2, ..one }) {
+        fixes.push(
+            "give each learner two GPUs (rl.learnerResources: nvidia.com/gpu: 2; the reference \
+             and the student move to the second)"
+                .to_string(),
+        );
+    }
     if let Some(n) = (1..plan.max_new_tokens / 1024)
         .rev()
         .map(|k| k * 1024)
@@ -396,7 +497,8 @@ pub fn learner_preflight(
     let fixes = if fixes.is_empty() {
         format!(
             "no rl setting makes it fit: a learner holds the teacher, its reference and the \
-             student whole ({:.1} GiB of weights and gradients), so use GPUs with more memory",
+             student whole, on two GPUs at most ({:.1} GiB of weights and gradients on the \
+             fuller one), so use GPUs with more memory",
             (need.weights + need.gradients) / GIB
         )
     } else {
@@ -421,11 +523,12 @@ pub fn learner_preflight(
 }
 
 /// A parameter server's host memory for its 1/`servers` share: f32 weights, AdamW's two
-/// moments and the GRPO reference (f32), one pending f32 gradient per learner and their
-/// average, and the encoded weights and reference the learners' pulls share.
-pub fn server_bytes(s: &Shape, servers: u32, learners: u32) -> f64 {
-    let l = f64::from(learners.max(1));
-    (4.0 + 8.0 + 4.0 + 4.0 * l + 4.0 + 8.0) * s.params / f64::from(servers.max(1))
+/// moments, the GRPO reference (in the learners' dtype, `learner_bytes` per element), one
+/// pending f32 gradient per learner and their average, and the encoded weights and reference
+/// the learners' pulls share (in their dtype).
+pub fn server_bytes(s: &Shape, servers: u32, learners: u32, learner_bytes: u32) -> f64 {
+    let (l, b) = (f64::from(learners.max(1)), f64::from(learner_bytes));
+    (4.0 + 8.0 + b + 4.0 * l + 4.0 + 2.0 * b) * s.params / f64::from(servers.max(1))
 }
 
 /// The RL part of the README's table: per model (teacher and student of the same shape), bf16
@@ -435,13 +538,20 @@ pub fn rl_table(max_new_tokens: &[u32]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| model | maxNewTokens | learner GiB, checkpointing, 1 row per pass | rows per pass on 80 GB (backward / sampling) | parameter server GiB (4 servers, 4 learners) |"
+        "| model | maxNewTokens | learner GiB on 1 GPU (checkpointing, 1 row per pass) | on 2 GPUs (fuller one) | rows per pass on 1 × 80 GB (backward / sampling) | on 2 × 80 GB | parameter server GiB (4 servers, 4 learners) |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let gib = |bytes: f64| {
+        format!(
+            "{:.1}{}",
+            bytes / GIB,
+            if bytes <= H100_80GB { "" } else { " ✗" }
+        )
+    };
     for (name, config) in qwen2_shapes() {
         let shape = Shape::of(&config);
         for &n in max_new_tokens {
-            let plan = LearnerPlan {
+            let plan = |devices| LearnerPlan {
                 dtype_bytes: 2,
                 group_size: 64,
                 prompt: README_RL_PROMPT,
@@ -449,23 +559,28 @@ pub fn rl_table(max_new_tokens: &[u32]) -> String {
                 micro_batch: 1,
                 generation_batch: 1,
                 checkpointing: true,
+                devices,
             };
-            let one = learner_estimate(&shape, &shape, &plan).total();
-            let choose = LearnerPlan {
-                micro_batch: 0,
-                generation_batch: 0,
-                ..plan
+            let one = |devices| learner_estimate(&shape, &shape, &plan(devices)).total();
+            let passes = |devices| {
+                let choose = LearnerPlan {
+                    micro_batch: 0,
+                    generation_batch: 0,
+                    ..plan(devices)
+                };
+                learner_passes(&shape, &shape, &choose, H100_80GB)
+                    .map_or("does not fit".to_string(), |p| {
+                        format!("{} / {}", p.micro_batch, p.generation_batch)
+                    })
             };
-            let passes = learner_passes(&shape, &shape, &choose, H100_80GB)
-                .map_or("does not fit".to_string(), |p| {
-                    format!("{} / {}", p.micro_batch, p.generation_batch)
-                });
             let _ = writeln!(
                 out,
-                "| {name} | {n} | {:.1}{} | {passes} | {:.1} |",
-                one / GIB,
-                if one <= H100_80GB { "" } else { " ✗" },
-                server_bytes(&shape, 4, 4) / GIB
+                "| {name} | {n} | {} | {} | {} | {} | {:.1} |",
+                gib(one(1)),
+                gib(one(2)),
+                passes(1),
+                passes(2),
+                server_bytes(&shape, 4, 4, 2) / GIB
             );
         }
     }
@@ -627,7 +742,7 @@ pub fn check_stage(
     Ok(g as usize)
 }
 
-fn shape_of(model_dir: &std::path::Path) -> Result<Shape> {
+pub fn shape_of(model_dir: &std::path::Path) -> Result<Shape> {
     let config = Qwen2Config::from_file(&model_dir.join(crate::checkpoint::CONFIG_FILE))?;
     Ok(Shape::of(&config))
 }
@@ -671,6 +786,115 @@ pub fn check_learner(
     Ok((p.micro_batch as usize, p.generation_batch as usize))
 }
 
+/// The preflight of a distillation collection with the teacher in `teacher_dir` (its
+/// `config.json` only): the rows per generation pass (at most `wanted`) that fit the device,
+/// or the error naming the fields to change. Unknown device memory is logged and `wanted`
+/// kept.
+pub fn check_collection(
+    teacher_dir: &std::path::Path,
+    dtype_bytes: u32,
+    wanted: usize,
+    prompt: u32,
+    new_tokens: u32,
+    device: tch::Device,
+) -> Result<usize> {
+    let teacher = shape_of(teacher_dir)?;
+    let Some(available) = available(device, 1) else {
+        tracing::warn!(
+            "device memory unknown (set RLT_DEVICE_MEMORY_GIB); collection preflight skipped"
+        );
+        return Ok(wanted);
+    };
+    let fit = collection_rows(
+        &teacher,
+        dtype_bytes,
+        wanted as u32,
+        prompt,
+        new_tokens,
+        available,
+    );
+    let one = collection_estimate(&teacher, dtype_bytes, 1, prompt, new_tokens);
+    let Some(rows) = fit else {
+        return Err(anyhow!(
+            "memory preflight: the teacher writing one explanation of up to {new_tokens} tokens \
+             after a {prompt}-token prompt needs about {:.1} GiB ({:.1} GiB available) for a \
+             {:.1}B-parameter teacher: {}; lower distillation.traceSplitting.maxTokensPerTrace, \
+             or use GPUs with more memory",
+            one.total() / GIB,
+            available / GIB,
+            teacher.params / 1e9,
+            breakdown(&one),
+        ));
+    };
+    let need = collection_estimate(&teacher, dtype_bytes, rows, prompt, new_tokens);
+    tracing::info!(
+        rows_per_pass = rows,
+        need_gib = format!("{:.1}", need.total() / GIB),
+        available_gib = format!("{:.1}", available / GIB),
+        "collection memory preflight: fits ({})",
+        breakdown(&need)
+    );
+    Ok(rows as usize)
+}
+
+/// Bytes a fine-tune of a model of `shape` writes into the workspace at its peak: the
+/// checkpoints it keeps while training (`keep`, and one more being written before the oldest
+/// goes), each the model in its dtype and the optimizer state (f32 moments, and f32 master
+/// weights in bf16), then its final model.
+pub fn sft_disk_bytes(shape: &Shape, dtype_bytes: u32, keep: u32) -> f64 {
+    let b = f64::from(dtype_bytes);
+    let masters = if dtype_bytes < 4 { 4.0 } else { 0.0 };
+    let checkpoint = (b + masters + 8.0) * shape.params;
+    f64::from(keep.max(1) + 1) * checkpoint + b * shape.params
+}
+
+/// Bytes the RL stage writes at its peak, over all parameter servers: the newest version
+/// every shard holds, the one after it and the one being written (f32 weights and moments,
+/// the reference in the learners' dtype), then the final teacher.
+pub fn rl_disk_bytes(shape: &Shape, learner_bytes: u32) -> f64 {
+    let b = f64::from(learner_bytes);
+    3.0 * (4.0 + 8.0 + b) * shape.params + b * shape.params
+}
+
+/// Free bytes of the filesystem holding `dir` (or its nearest existing parent).
+pub fn free_bytes(dir: &std::path::Path) -> Option<f64> {
+    let mut at = dir;
+    while !at.exists() {
+        at = at.parent()?;
+    }
+    let path = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: `path` is a valid C string, `stat` a plain struct statvfs fills in.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some(stat.f_bavail as f64 * stat.f_frsize as f64)
+}
+
+/// The disk preflight of a stage that will write about `need` bytes under `dir` (`what`, as
+/// users read it): refused, naming the fields, when the workspace has less free space.
+pub fn check_disk(dir: &std::path::Path, need: f64, what: &str) -> Result<()> {
+    let Some(free) = free_bytes(dir) else {
+        return Ok(());
+    };
+    if need <= free {
+        tracing::info!(
+            need_gib = format!("{:.1}", need / GIB),
+            free_gib = format!("{:.1}", free / GIB),
+            "disk preflight: fits"
+        );
+        return Ok(());
+    }
+    Err(anyhow!(
+        "disk preflight: {what} writes about {:.1} GiB into the workspace at its peak, and \
+         {:.1} GiB are free in {}; raise spec.workspace.size (or free space in the claim: \
+         earlier runs' directories, checkpoints kept by spec.workspace.keepCheckpoints)",
+        need / GIB,
+        free / GIB,
+        dir.display()
+    ))
+}
+
 /// A learner's f32 gradients of the steps since the parameter servers' last checkpoint (and
 /// the step being pushed), kept to replay to a server that restarts from it.
 pub fn replay_bytes(teacher: &Shape, checkpoint_interval: u32) -> f64 {
@@ -707,12 +931,17 @@ pub fn replay_preflight(
 
 /// The preflight of a parameter server (host memory): its share of the model's state, or
 /// the error naming the fields to change.
-pub fn check_server(model_dir: &std::path::Path, servers: u32, learners: u32) -> Result<()> {
+pub fn check_server(
+    model_dir: &std::path::Path,
+    servers: u32,
+    learners: u32,
+    learner_bytes: u32,
+) -> Result<()> {
     let shape = shape_of(model_dir)?;
     let Some(available) = available(tch::Device::Cpu, 1) else {
         return Ok(());
     };
-    let need = server_bytes(&shape, servers, learners) + OVERHEAD;
+    let need = server_bytes(&shape, servers, learners, learner_bytes) + OVERHEAD;
     if need <= available {
         tracing::info!(
             need_gib = format!("{:.1}", need / GIB),
@@ -721,8 +950,8 @@ pub fn check_server(model_dir: &std::path::Path, servers: u32, learners: u32) ->
         );
         return Ok(());
     }
-    let more =
-        (servers + 1..=1024).find(|&k| server_bytes(&shape, k, learners) + OVERHEAD <= available);
+    let more = (servers + 1..=1024)
+        .find(|&k| server_bytes(&shape, k, learners, learner_bytes) + OVERHEAD <= available);
     Err(anyhow!(
         "memory preflight: a parameter server needs about {:.1} GiB ({:.1} GiB available) for \
          its 1/{servers} of a {:.1}B-parameter model with {learners} learners (f32 weights, \
@@ -914,14 +1143,22 @@ mod tests {
             micro_batch: 0,
             generation_batch: 0,
             checkpointing,
+            devices: 1,
         }
     }
 
     #[test]
-    fn a_7b_learner_at_the_papers_length_fits_80gb_only_with_checkpointing() {
+    fn a_7b_learner_at_the_papers_length_needs_two_80gb_gpus_and_checkpointing() {
         let s = shape("7B");
         let gpu = 79.6 * GIB;
-        let p = learner_preflight(&s, &s, &paper_learner(true), gpu).unwrap();
+        // One GPU: the three bf16 models, the gradient and its f32 sums (76 GiB) leave no room.
+        let err = learner_preflight(&s, &s, &paper_learner(true), gpu).unwrap_err();
+        assert!(err.contains("nvidia.com/gpu: 2"), "{err}");
+        let two = LearnerPlan {
+            devices: 2,
+            ..paper_learner(true)
+        };
+        let p = learner_preflight(&s, &s, &two, gpu).unwrap();
         // Not the whole group of 64 at once: its KV cache alone would be ~63 GiB.
         assert!(p.micro_batch >= 1 && p.micro_batch < 64, "{p:?}");
         assert!(p.generation_batch >= 1 && p.generation_batch < 64, "{p:?}");
@@ -934,24 +1171,77 @@ mod tests {
             learner_estimate(&s, &s, &more).total() > gpu || p.micro_batch == 64,
             "the preflight takes the most rows that fit"
         );
-        let err = learner_preflight(&s, &s, &paper_learner(false), gpu).unwrap_err();
+        let err = learner_preflight(
+            &s,
+            &s,
+            &LearnerPlan {
+                checkpointing: false,
+                ..two
+            },
+            gpu,
+        )
+        .unwrap_err();
         assert!(
             err.contains("set rl.activationCheckpointing: true"),
             "{err}"
         );
         // A 32B student beside a 7B teacher: its weights alone leave no room.
-        let err = learner_preflight(&s, &shape("32B"), &paper_learner(true), gpu).unwrap_err();
+        let err = learner_preflight(&s, &shape("32B"), &two, gpu).unwrap_err();
         assert!(err.contains("use GPUs with more memory"), "{err}");
         // Rows fixed by hand are kept, or refused when they do not fit.
         let by_hand = |micro_batch, generation_batch| LearnerPlan {
             micro_batch,
             generation_batch,
-            ..paper_learner(true)
+            ..two
         };
         let fixed = learner_preflight(&s, &s, &by_hand(1, 2), gpu).unwrap();
         assert_eq!((fixed.micro_batch, fixed.generation_batch), (1, 2));
         let err = learner_preflight(&s, &s, &by_hand(64, 64), gpu).unwrap_err();
         assert!(err.contains("--micro-batch"), "{err}");
+    }
+
+    #[test]
+    fn the_learners_transients_and_gradient_sums_are_counted() {
+        let s = shape("7B");
+        let p = LearnerPlan {
+            micro_batch: 1,
+            generation_batch: 20,
+            devices: 2,
+            ..paper_learner(true)
+        };
+        let e = learner_estimate(&s, &s, &p);
+        // bf16: the gradient's f32 sums, 4 bytes per parameter.
+        assert!((e.optimizer - 4.0 * s.params).abs() < 1.0, "{e:?}");
+        // 20 rows decoding at 17k tokens repeat one layer's cached K/V to the 28 query heads:
+        // 20 x 17408 x 2 x 3584 x 2 bytes, ~4.6 GiB.
+        assert!(
+            (e.transients / GIB - 4.65).abs() < 0.1,
+            "{}",
+            e.transients / GIB
+        );
+        let f32 = learner_estimate(
+            &s,
+            &s,
+            &LearnerPlan {
+                dtype_bytes: 4,
+                ..p
+            },
+        );
+        assert_eq!(f32.optimizer, 0.0, "an f32 .grad sums in f32 already");
+    }
+
+    #[test]
+    fn collection_passes_shrink_to_fit_the_device() {
+        let s = shape("7B");
+        let gpu = 79.6 * GIB;
+        // 96 rows of 16k new tokens: ~93 GiB of K/V alone.
+        let all = collection_estimate(&s, 2, 96, 1024, 16384);
+        assert!(all.total() > gpu, "{}", all.total() / GIB);
+        let rows = collection_rows(&s, 2, 96, 1024, 16384, gpu).unwrap();
+        assert!(rows > 1 && rows < 96, "{rows}");
+        assert!(collection_estimate(&s, 2, rows, 1024, 16384).total() <= gpu);
+        assert!(collection_estimate(&s, 2, rows + 1, 1024, 16384).total() > gpu);
+        assert_eq!(collection_rows(&s, 2, 96, 1024, 16384, 10.0 * GIB), None);
     }
 
     #[test]

@@ -114,8 +114,8 @@ pub fn prepare_stage(
     ranks: &RankArgs,
     cfg: &mut crate::sft::SftConfig,
     model: &std::path::Path,
-    what: String,
-    section: &'static str,
+    (what, section): (String, &'static str),
+    stage_dir: &std::path::Path,
     (device, kind): (Device, tch::Kind),
 ) -> Result<bool> {
     let world = ranks.world();
@@ -124,6 +124,12 @@ pub fn prepare_stage(
     let stage = crate::memory::Stage::sft(what, section, cfg, kind, world, ranks.ranks_per_pod);
     cfg.grad_accum = crate::memory::check_stage(model, &stage, cfg.grad_accum, device)
         .map_err(exit::bad_config)?;
+    let disk = crate::memory::sft_disk_bytes(
+        &crate::memory::shape_of(model)?,
+        kind.elt_size_in_bytes() as u32,
+        cfg.keep_checkpoints as u32,
+    );
+    crate::memory::check_disk(stage_dir, disk, &stage.what).map_err(exit::bad_config)?;
     if ranks.starts_local_ranks() {
         run_local_ranks(ranks.ranks_per_pod)?;
         return Ok(true);

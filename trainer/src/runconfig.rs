@@ -58,7 +58,7 @@ impl Inputs {
     /// is a subset, but they are cheap and deterministic, so every role prepares all: the
     /// first caller writes them, the others find them.
     pub fn prepare(run: &RltRun, workspace: &Path) -> Result<Inputs> {
-        let run_dir = RunDir::new(workspace, &run_name(run)?);
+        let run_dir = RunDir::new(workspace, &run_directory(run)?);
         let spec = &run.spec;
         let teacher = model_dir(&spec.teacher, "spec.teacher", workspace, &run_dir)?;
         let rl_student = match &spec.rl.student {
@@ -101,10 +101,9 @@ impl Inputs {
     }
 }
 
-fn run_name(run: &RltRun) -> Result<String> {
-    run.metadata
-        .name
-        .clone()
+/// The run's directory in the workspace ([`rlt_api::layout::run_directory`]).
+pub fn run_directory(run: &RltRun) -> Result<String> {
+    rlt_api::layout::run_directory(run)
         .context("the run configuration has no metadata.name")
         .map_err(bad_config)
 }
@@ -270,8 +269,9 @@ impl Staged {
     }
 
     /// The run's name (its directory in the workspace).
-    pub fn name(&self) -> Result<String> {
-        run_name(&self.run)
+    /// The run's directory in the workspace.
+    pub fn directory(&self) -> Result<String> {
+        run_directory(&self.run)
     }
 
     /// The starting checkpoint of the distillation student `name`.
@@ -294,12 +294,12 @@ impl Staged {
     }
 }
 
-/// The run's directory in `workspace`: named by `--run` (`RLT_RUN_NAME`), else by the run
-/// configuration.
+/// The run's directory in `workspace`: named by `--run`, else by the run configuration
+/// (`spec.workspace.directory`, which the operator fills in; else the run's name).
 pub fn run_dir(workspace: &Path, flag: Option<&str>, run: Option<&Staged>) -> Result<RunDir> {
     let name = flag_or_run(
         flag.map(str::to_string),
-        run.map(Staged::name).transpose()?,
+        run.map(Staged::directory).transpose()?,
         "--run",
     )?;
     Ok(RunDir::new(workspace, &name))

@@ -53,8 +53,11 @@ pub struct SftConfig {
     #[serde(default)]
     pub activation_checkpointing: bool,
     pub checkpoint_every: u64,
-    /// Older checkpoints of this stage beyond this many are deleted.
+    /// Older checkpoints of this stage beyond this many are deleted while it trains.
     pub keep_checkpoints: usize,
+    /// Checkpoints kept once `final` is complete (`spec.workspace.keepCheckpoints`).
+    #[serde(default)]
+    pub keep_after_final: usize,
     pub seed: u64,
     /// Stop after this many updates (default: epochs x batches per epoch).
     pub max_steps: Option<u64>,
@@ -116,6 +119,7 @@ impl SftConfig {
             activation_checkpointing: false,
             checkpoint_every: w.checkpoint_interval.into(),
             keep_checkpoints: 2,
+            keep_after_final: defaults::workspace().keep_checkpoints as usize,
             seed: 0,
             max_steps: None,
             log_every: 10,
@@ -264,7 +268,8 @@ impl Gauges {
     }
 }
 
-fn prune_checkpoints(dir: &Path, keep: usize) {
+/// Deletes the complete checkpoints in `dir` but the newest `keep`.
+pub fn prune_checkpoints(dir: &Path, keep: usize) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -277,7 +282,7 @@ fn prune_checkpoints(dir: &Path, keep: usize) {
         .collect();
     found.sort();
     let n = found.len();
-    for (_, path) in found.into_iter().take(n.saturating_sub(keep.max(1))) {
+    for (_, path) in found.into_iter().take(n.saturating_sub(keep)) {
         let _ = std::fs::remove_dir_all(path);
     }
 }
@@ -633,7 +638,7 @@ impl<'c> SftRun<'c> {
             Ok(())
         })?;
         if self.rank == 0 {
-            prune_checkpoints(&ckpt_root, self.cfg.keep_checkpoints);
+            prune_checkpoints(&ckpt_root, self.cfg.keep_checkpoints.max(1));
             tracing::info!(stage = %self.job.name, step = done, dir = %dir.display(), "checkpoint saved");
         }
         Ok(())
@@ -646,6 +651,8 @@ impl<'c> SftRun<'c> {
         let final_dir = self.job.stage.final_dir();
         if self.rank == 0 {
             save_final(&final_dir, &self.lm, &self.tok, &self.state(total_steps))?;
+            // What later stages read is `final`; at 7B each checkpoint is tens of GB.
+            prune_checkpoints(&self.job.stage.checkpoints(), self.cfg.keep_after_final);
         }
         // No rank reports success before the final model is there.
         group.barrier()?;

@@ -64,6 +64,9 @@ fn byte_chars() -> Vec<char> {
     out
 }
 
+/// A token's byte range `(start, end)` in the text it was encoded from.
+pub type Offsets = (usize, usize);
+
 impl Tokenizer {
     /// The tiny tokenizer: 256 byte tokens (ids 0-255, byte-level BPE without merges, so any
     /// text encodes), then `<|endoftext|>` (256, padding), `<|im_start|>`, `<|im_end|>`, and
@@ -176,6 +179,16 @@ impl Tokenizer {
             .encode(text, false)
             .map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// [`Tokenizer::encode`], and each token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<i64>, Vec<Offsets>)> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let ids = enc.get_ids().iter().map(|&i| i as i64).collect();
+        Ok((ids, enc.get_offsets().to_vec()))
     }
 
     /// Text of `ids`, special tokens included (the RLT tags must survive decoding).

@@ -1,7 +1,7 @@
-//! The closing explanation tag with a real byte-level BPE: a tokenizer trained here with
-//! Qwen2's pre-tokenizer (its split regex glues punctuation to a following `<|`) and the chat
-//! special tokens, so `.<|end_of_explanation|>` is spelled with a token that holds the `.` and
-//! the tag's start, and the tag's standalone ids never occur.
+//! The explanation with a real byte-level BPE: a tokenizer trained here with Qwen2's
+//! pre-tokenizer (its split regex glues punctuation to a following `<|`, and to the newlines
+//! after it) and the chat special tokens, so `.<|end_of_explanation|>` is spelled with a token
+//! that holds the `.` and the tag's start, and `.\n\n` can be one token.
 use rlt_trainer::data::{student_segments, Example, Prompts};
 use rlt_trainer::rl::completion::{find_subsequence, parse_completion};
 use rlt_trainer::rl::rollout::GroupPrompt;
@@ -48,12 +48,14 @@ fn trained_bpe() -> Tokenizer {
         .special_tokens(special)
         .build()
         .into();
-    // Text in the old, unpadded layout, where the explanation's last character meets the tag.
+    // Text in the old, unpadded layout, where the explanation's last character meets the tag,
+    // and in the padded one, where it meets the padding.
     let corpus: Vec<String> = (0..40)
         .flat_map(|i| {
             ENDINGS.map(|end| {
                 format!(
-                    "<|im_start|>assistant\n<|begin_of_explanation|>step {i}: {end}<|end_of_explanation|><|im_end|>\n"
+                    "<|im_start|>assistant\n<|begin_of_explanation|>step {i}: {end}<|end_of_explanation|><|im_end|>\n\
+                     <|begin_of_thought|>\n\nstep {i}: {end}\n\n<|end_of_thought|>\n\n"
                 )
             })
         })
@@ -65,6 +67,15 @@ fn trained_bpe() -> Tokenizer {
     let tok = Tokenizer::from_dir(&dir).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     tok
+}
+
+fn question() -> Example {
+    Example {
+        question: "Q?".into(),
+        solution: "12".into(),
+        reasoning: None,
+        system: None,
+    }
 }
 
 #[test]
@@ -81,31 +92,17 @@ fn a_closing_tag_glued_to_punctuation_is_found_and_kept_out_of_the_students_thou
         ] {
             let ids = tok.encode(&generated).unwrap();
             glued += usize::from(find_subsequence(&ids, &end_tag).is_none());
-            let p = parse_completion(&ids, &tok, &end_tag, &stop).unwrap();
+            let p = parse_completion(&ids, &tok, &stop).unwrap();
             assert!(p.well_formed, "{generated:?} is well closed");
-            assert_eq!(tok.decode(&p.explanation).unwrap(), explanation);
-            assert_eq!(p.explanation[..p.shared], ids[..p.shared]);
+            assert_eq!(p.text, explanation);
 
             // The student's chat around it holds the explanation and no piece of the tag.
-            let e = Example {
-                question: "Q?".into(),
-                solution: "12".into(),
-                reasoning: None,
-                system: None,
-            };
-            let gp = GroupPrompt::new(&tok, &Prompts::short(), &e).unwrap();
-            let row: Vec<i64> = [
-                &gp.student_prefix[..],
-                &p.explanation,
-                &gp.student_middle,
-                &gp.solution,
-                &gp.student_suffix,
-            ]
-            .concat();
-            let chat = tok.decode(&row).unwrap();
+            let gp = GroupPrompt::new(&tok, &Prompts::short(), &question()).unwrap();
+            let row = gp.student_row(&tok, &p.text).unwrap();
+            let chat = tok.decode(&row.ids).unwrap();
             assert_eq!(
                 chat,
-                student_segments(&Prompts::short(), &e, &explanation).concat()
+                student_segments(&Prompts::short(), &question(), &explanation).concat()
             );
             assert!(!chat.contains("explanation|>"), "{chat}");
             assert_eq!(chat.matches(END_OF_THOUGHT).count(), 1);
@@ -115,5 +112,45 @@ fn a_closing_tag_glued_to_punctuation_is_found_and_kept_out_of_the_students_thou
     assert!(
         glued >= 3,
         "only {glued} completions lacked the standalone tag ids"
+    );
+}
+
+/// The student's chat is the one string tokenized whole, as the student saw its training
+/// chats: an explanation ending in `.` meets the padding after it in one token (`.\n\n`),
+/// which belongs to the explanation's span, and the teacher, which wrote the same `.\n\n`
+/// before its own closing tag, shares that token, so the KL term covers it.
+#[test]
+fn the_students_chat_is_tokenized_as_one_string() {
+    let tok = trained_bpe();
+    let gp = GroupPrompt::new(&tok, &Prompts::short(), &question()).unwrap();
+    let mut merged = 0;
+    for end in ENDINGS {
+        let explanation = format!("First, add.\n\nThen {end}");
+        let row = gp.student_row(&tok, &explanation).unwrap();
+        let whole = student_segments(&Prompts::short(), &question(), &explanation).concat();
+        assert_eq!(row.ids, tok.encode(&whole).unwrap(), "{explanation:?}");
+        // The spans hold the explanation and the solution.
+        let text = |r: std::ops::Range<usize>| tok.decode(&row.ids[r]).unwrap();
+        assert!(
+            text(row.explanation.clone()).starts_with(&explanation),
+            "{end}"
+        );
+        assert!(text(row.solution.clone()).contains("12"), "{end}");
+        let last = tok
+            .decode(&row.ids[row.explanation.end - 1..row.explanation.end])
+            .unwrap();
+        if last.ends_with("\n\n") {
+            merged += 1;
+            // The teacher's sampled ids up to its closing tag agree through that token.
+            let generated = tok
+                .encode(&format!("{explanation}\n\n{END_OF_EXPLANATION}<|im_end|>"))
+                .unwrap();
+            let mine = &row.ids[row.explanation.clone()];
+            assert_eq!(&generated[..mine.len()], mine, "{end}");
+        }
+    }
+    assert!(
+        merged >= 1,
+        "the tokenizer never glued an ending to the padding"
     );
 }

@@ -6,7 +6,7 @@ use rlt_trainer::checkpoint::{init_tiny, load_checkpoint};
 use rlt_trainer::config::TinySpec;
 use rlt_trainer::data::{synthetic, Example, Prompts};
 use rlt_trainer::distill::collect::{collect, student_pairs, trace_budget, CollectConfig};
-use rlt_trainer::distill::traces::{read_rows, TraceFile};
+use rlt_trainer::distill::traces::{read_rows, TraceFile, TraceRow};
 use rlt_trainer::distill::{run_distill, DistillJob};
 use rlt_trainer::sft::SftConfig;
 use std::path::PathBuf;
@@ -135,13 +135,17 @@ fn every_row_gets_raw_traces_and_a_restart_continues_where_it_stopped() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// One explanation per row, as the method collects them: a row whose sample does not close
+/// within the student's context is sampled again (up to `traces` samples), the first that
+/// fits is its one training example, and a row none of whose samples fits keeps its first,
+/// cut. More samples per row make more rows complete, never more examples per row.
 #[test]
-fn multi_trace_collection_keeps_several_whole_explanations_per_row_that_fit_the_student() {
-    let dir = tmp("multi");
+fn collection_resamples_until_an_explanation_fits_and_keeps_one_per_row() {
+    let dir = tmp("one-per-row");
     let teacher = tiny(&dir.join("teacher"), 3);
     let (lm, tok) = load_checkpoint(&teacher, Device::Cpu, Kind::Float).unwrap();
     let prompts = Prompts::short();
-    let rows = examples(4);
+    let rows = examples(8);
     // A random tiny teacher samples almost uniformly: it ends its turn (3 stop tokens of 265)
     // within a few dozen tokens about half of the time, and about half of its byte tokens are
     // not UTF-8 on their own (each costs the student three tokens). So some samples are whole
@@ -149,53 +153,38 @@ fn multi_trace_collection_keeps_several_whole_explanations_per_row_that_fit_the_
     let max_tokens = 300;
     let budget = trace_budget(&tok, &prompts, &rows[0], max_tokens).unwrap();
     assert!(budget > 150 && budget < 260, "budget {budget}");
-    let path = dir.join("traces.jsonl");
-    let (mut f, _) = TraceFile::open(&path, |i| rows.get(i).map(|e| e.question.as_str())).unwrap();
-    collect(
-        &lm,
-        &tok,
-        &tok,
-        &prompts,
-        &rows,
-        &mut f,
-        &cfg(max_tokens, 4),
-        |_| {},
-    )
-    .unwrap();
-    let got = read_rows(&path).unwrap();
+    let run = |traces: usize| {
+        let path = dir.join(format!("traces-{traces}.jsonl"));
+        let (mut f, _) =
+            TraceFile::open(&path, |i| rows.get(i).map(|e| e.question.as_str())).unwrap();
+        let cfg = cfg(max_tokens, traces);
+        collect(&lm, &tok, &tok, &prompts, &rows, &mut f, &cfg, |_| {}).unwrap();
+        read_rows(&path).unwrap()
+    };
+    let (once, resampled) = (run(1), run(4));
+    let complete = |got: &[TraceRow]| got.iter().filter(|r| r.complete).count();
+    assert!(
+        complete(&resampled) > complete(&once),
+        "resampling made no more rows complete ({} vs {})",
+        complete(&resampled),
+        complete(&once)
+    );
     let stops = ["<|im_end|>", "<|endoftext|>", "<|end_of_explanation|>"];
-    let mut several = 0;
-    for r in &got {
-        assert!((1..=4).contains(&r.traces.len()), "{r:?}");
+    for r in &resampled {
+        assert_eq!(r.traces.len(), 1, "one explanation per row: {r:?}");
         let budget = trace_budget(&tok, &prompts, &rows[r.index], max_tokens).unwrap();
-        assert!(r.tokens.iter().all(|&n| n <= budget), "{r:?} over {budget}");
+        assert!(r.tokens[0] <= budget, "{r:?} over {budget}");
         if r.complete {
-            // Each kept trace is a whole explanation, ended by the teacher, not a piece of one.
-            for t in &r.traces {
-                assert!(
-                    stops.iter().any(|s| t.ends_with(s)),
-                    "a cut trace was kept: {t:?}"
-                );
-            }
-        } else {
-            assert_eq!(
-                r.traces.len(),
-                1,
-                "a row with no whole sample keeps its first"
+            // A whole explanation, ended by the teacher, not a piece of one.
+            assert!(
+                stops.iter().any(|s| r.traces[0].ends_with(s)),
+                "a cut trace was kept: {r:?}"
             );
         }
-        several += usize::from(r.traces.len() > 1);
     }
-    assert!(
-        several > 0,
-        "no row kept several traces: the test does not exercise multi-trace collection"
-    );
-    // Every training example (one per trace) fits the student's context.
-    let pairs = student_pairs(&prompts, &got, &rows);
-    assert_eq!(
-        pairs.len(),
-        got.iter().map(|r| r.traces.len()).sum::<usize>()
-    );
+    // One training example per row, each inside the student's context.
+    let pairs = student_pairs(&prompts, &resampled, &rows);
+    assert_eq!(pairs.len(), rows.len());
     for p in &pairs {
         let n = tok.encode(&p.prompt).unwrap().len() + tok.encode(&p.completion).unwrap().len();
         assert!(

@@ -278,6 +278,52 @@ fn the_preflight_stops_an_impossible_warmup_before_loading_weights() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// A warm-up whose checkpoints cannot fit the workspace stops before loading anything, with
+/// the fields to change: a 32B model's bf16 fine-tune writes ~1.4 TB at its peak (two
+/// checkpoints kept, one being written, the final model), more than this machine's disk.
+#[test]
+fn the_disk_preflight_stops_a_warmup_the_workspace_cannot_hold() {
+    let root = tmpdir("disk-preflight");
+    let model = config_only_model(&root, "32B");
+    let termination = root.join("termination");
+    let out = Command::new(env!("CARGO_BIN_EXE_rlt-trainer"))
+        .args([
+            "warmup",
+            "--synthetic",
+            "64",
+            "--run",
+            "r",
+            "--dtype",
+            "bf16",
+        ])
+        .args(["--max-len", "256"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--workspace")
+        .arg(root.join("ws"))
+        // Memory is not what this is about.
+        .env("RLT_DEVICE_MEMORY_GIB", "100000")
+        .env("RLT_TERMINATION_LOG", &termination)
+        .env_remove("RLT_METRICS_PORT")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let message = std::fs::read_to_string(&termination).unwrap();
+    for part in [
+        "disk preflight: warm-up writes about",
+        "spec.workspace.size",
+    ] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    assert!(!message.contains("safetensors"), "{message}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 /// A checkpoint directory with the tiny tokenizer and the config of a published Qwen2.5
 /// shape, and no weights that could be loaded as that shape.
 fn config_only_model(root: &Path, name: &str) -> PathBuf {
@@ -342,12 +388,12 @@ fn the_learner_preflight_refuses_what_cannot_fit_before_loading_weights() {
         config_only_model(&root, "7B"),
         config_only_model(&root, "32B"),
     );
-    // A 7B teacher and student at 16k tokens without checkpointing: checkpointing would fit.
-    let (code, message) = learner_preflight(&b7, &b7, false);
+    // A 7B teacher and student at 16k tokens on one 80 GB GPU: a second GPU would fit.
+    let (code, message) = learner_preflight(&b7, &b7, true);
     assert_eq!(code, Some(2), "{message}");
     for part in [
         "memory preflight: an RL learner needs about",
-        "set rl.activationCheckpointing: true",
+        "rl.learnerResources: nvidia.com/gpu: 2",
     ] {
         assert!(message.contains(part), "{part}: {message}");
     }

@@ -7,11 +7,11 @@ use rlt_api::layout::RunDir;
 use rlt_trainer::checkpoint::{save_checkpoint, CausalLm};
 use rlt_trainer::config::TinySpec;
 use rlt_trainer::data::synthetic::{generate, SyntheticSpec};
-use rlt_trainer::data::{student_chat, teacher_chat, Example, Prompts};
+use rlt_trainer::data::{student_chat, student_segments, teacher_chat, Example, Prompts};
 use rlt_trainer::rl::grpo::GrpoConfig;
 use rlt_trainer::rl::learner::{compute_step, LocalRun, Models};
 use rlt_trainer::rl::reward::RewardConfig;
-use rlt_trainer::rl::rollout::{score_completions, with_first_column, RolloutConfig};
+use rlt_trainer::rl::rollout::{score_completions, with_first_column, GroupPrompt, RolloutConfig};
 use rlt_trainer::rl::shard::RlOptimizer;
 use rlt_trainer::sft::{run_sft, SftConfig, SftJob};
 use rlt_trainer::tokenizer::Tokenizer;
@@ -63,42 +63,62 @@ fn direct_row_log_probs(lm: &CausalLm, ids: &[i64], temperature: f64) -> Vec<f64
         .collect()
 }
 
-/// The reward through `score_completions` (batched, left-padded student chats, right-padded
-/// teacher completions) equals a per-row computation with no padding at all, including the
-/// min/max reductions and the format penalty of a completion without its closing tag.
-#[test]
-fn reward_through_tiny_models_matches_direct_computation() {
-    tch::set_num_threads(1);
-    let root = tmpdir("direct");
-    tiny(&root.join("t"), 11);
-    tiny(&root.join("s"), 12);
-    let models = Models::load(&root.join("t"), &root.join("s"), Device::Cpu, Kind::Float).unwrap();
+/// The reward of one completion computed by hand, row by row without padding: the student's
+/// chat built as text with `explanation` as its thought and tokenized, the solution term over
+/// the solution's tokens, the KL term over the explanation's tokens (the completion starts
+/// with them: completions here are encoded text), the teacher in its own sequence.
+fn reward_by_hand(
+    models: &Models,
+    e: &Example,
+    prompt: &GroupPrompt,
+    explanation: &str,
+    completion: &[i64],
+    well_formed: bool,
+    cfg: &RewardConfig,
+) -> f64 {
+    let tok = &models.tokenizer;
+    let [prefix, thought, middle, solution, suffix] =
+        student_segments(&Prompts::short(), e, explanation);
+    let before = tok.encode(&format!("{prefix}{thought}{middle}")).unwrap();
+    let sol_ids = tok.encode(&solution).unwrap();
+    let s_row = [
+        before.clone(),
+        sol_ids.clone(),
+        tok.encode(&suffix).unwrap(),
+    ]
+    .concat();
+    let s_lp = direct_row_log_probs(&models.student, &s_row, cfg.student_temperature);
+    let sol: Vec<f64> = (before.len()..before.len() + sol_ids.len())
+        .map(|p| s_lp[p - 1])
+        .collect();
+    let sol_term = sol.iter().sum::<f64>() / sol.len() as f64
+        + 0.01 * sol.iter().cloned().fold(f64::INFINITY, f64::min);
+    let expl = tok.encode(explanation).unwrap();
+    assert_eq!(&completion[..expl.len()], &expl[..], "{explanation:?}");
+    let p_len = prompt.teacher_prompt.len();
+    let t_row = [prompt.teacher_prompt.clone(), completion.to_vec()].concat();
+    let t_lp = direct_row_log_probs(&models.teacher, &t_row, cfg.teacher_temperature);
+    let at = tok.encode(&prefix).unwrap().len();
+    let kl: Vec<f64> = (0..expl.len())
+        .map(|j| t_lp[p_len + j - 1] - s_lp[at + j - 1])
+        .collect();
+    let kl_term = if kl.is_empty() {
+        0.0
+    } else {
+        3.0 * kl.iter().sum::<f64>() / kl.len() as f64
+            + 0.03 * kl.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+    };
+    let penalty = if well_formed { 0.0 } else { -1.0 };
+    sol_term - kl_term + penalty
+}
+
+/// Scores completions (given as text) through `score_completions` (batched, left-padded
+/// student chats, right-padded teacher completions): the rewards and which parsed.
+fn score_texts(models: &Models, prompt: &GroupPrompt, texts: &[String]) -> (Vec<f64>, Vec<bool>) {
     let tok = &models.tokenizer;
     let ids = models.special_ids().unwrap();
-    let e = Example {
-        question: "Compute 2 + 3.".into(),
-        solution: "5".into(),
-        reasoning: None,
-        system: None,
-    };
-    let prompt = models.group_prompt(&Prompts::short(), &e).unwrap();
-    // Completions of different lengths: two well formed, one cut off (no closing tag).
-    let end = ids.end_explanation.clone();
-    let eos = ids.stop[0];
-    let mk = |text: &str, closed: bool| {
-        let mut v = tok.encode(text).unwrap();
-        if closed {
-            v.extend(&end);
-            v.push(eos);
-        }
-        v
-    };
-    let completions = vec![
-        mk("2 + 3 = 5.", true),
-        mk("add them", true),
-        mk("2 plus 3 is fi", false),
-    ];
     let cfg = RewardConfig::default();
+    let completions: Vec<Vec<i64>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
     // Teacher log-probs of prompt + completion, batched with right padding (as generated).
     let p_len = prompt.teacher_prompt.len();
     let rows: Vec<Vec<i64>> = completions
@@ -116,60 +136,125 @@ fn reward_through_tiny_models_matches_direct_computation() {
     });
     let (got, well_formed) = score_completions(
         &models.student,
-        &models.tokenizer,
+        tok,
         &t_lp,
         p_len,
-        &prompt,
+        prompt,
         &completions,
         &ids,
         &cfg,
         2,
     )
     .unwrap();
-    assert_eq!(well_formed, vec![true, true, false]);
-    let got_reward: Vec<f64> = Vec::<f32>::try_from(&got.reward)
+    let rewards = Vec::<f32>::try_from(&got.reward)
         .unwrap()
         .into_iter()
         .map(f64::from)
         .collect();
-    for (k, c) in completions.iter().enumerate() {
-        let expl_len = if well_formed[k] {
-            c.len() - end.len() - 1
-        } else {
-            c.len()
-        };
-        let expl = &c[..expl_len];
-        // Student: its own chat, unpadded.
-        let s_row = [
-            prompt.student_prefix.clone(),
-            expl.to_vec(),
-            prompt.student_middle.clone(),
-            prompt.solution.clone(),
-            prompt.student_suffix.clone(),
-        ]
-        .concat();
-        let s_lp = direct_row_log_probs(&models.student, &s_row, cfg.student_temperature);
-        let sol_start = prompt.student_prefix.len() + expl.len() + prompt.student_middle.len();
-        let sol: Vec<f64> = (sol_start..sol_start + prompt.solution.len())
-            .map(|p| s_lp[p - 1])
-            .collect();
-        let sol_term = sol.iter().sum::<f64>() / sol.len() as f64
-            + 0.01 * sol.iter().cloned().fold(f64::INFINITY, f64::min);
-        // Teacher: its own sequence, unpadded, at its sampling temperature.
-        let t_lp_row = direct_row_log_probs(&models.teacher, &rows[k], cfg.teacher_temperature);
-        let kl: Vec<f64> = (0..expl.len())
-            .map(|j| t_lp_row[p_len + j - 1] - s_lp[prompt.student_prefix.len() + j - 1])
-            .collect();
-        let kl_term = 3.0 * kl.iter().sum::<f64>() / kl.len() as f64
-            + 0.03 * kl.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let penalty = if well_formed[k] { 0.0 } else { -1.0 };
-        let expected = sol_term - kl_term + penalty;
+    (rewards, well_formed)
+}
+
+fn sum_example() -> Example {
+    Example {
+        question: "Compute 2 + 3.".into(),
+        solution: "5".into(),
+        reasoning: None,
+        system: None,
+    }
+}
+
+/// The reward through `score_completions` equals a per-row computation with no padding at
+/// all, including the min/max reductions and the format penalty of a completion without its
+/// closing tag.
+#[test]
+fn reward_through_tiny_models_matches_direct_computation() {
+    tch::set_num_threads(1);
+    let root = tmpdir("direct");
+    tiny(&root.join("t"), 11);
+    tiny(&root.join("s"), 12);
+    let models = Models::load(&root.join("t"), &root.join("s"), Device::Cpu, Kind::Float).unwrap();
+    let e = sum_example();
+    let prompt = models.group_prompt(&Prompts::short(), &e).unwrap();
+    // Completions of different lengths: two well formed, one cut off (no closing tag).
+    let cases = [
+        (
+            "2 + 3 = 5.",
+            "2 + 3 = 5.<|end_of_explanation|><|im_end|>",
+            true,
+        ),
+        ("add them", "add them<|end_of_explanation|><|im_end|>", true),
+        ("2 plus 3 is fi", "2 plus 3 is fi", false),
+    ];
+    let texts: Vec<String> = cases.iter().map(|c| c.1.to_string()).collect();
+    let (got, well_formed) = score_texts(&models, &prompt, &texts);
+    assert_eq!(well_formed, vec![true, true, false]);
+    for (k, (explanation, text, closed)) in cases.iter().enumerate() {
+        let completion = models.tokenizer.encode(text).unwrap();
+        let cfg = RewardConfig::default();
+        let expected = reward_by_hand(
+            &models,
+            &e,
+            &prompt,
+            explanation,
+            &completion,
+            *closed,
+            &cfg,
+        );
         assert!(
-            (got_reward[k] - expected).abs() < 1e-3,
+            (got[k] - expected).abs() < 1e-3,
             "row {k}: got {} expected {expected}",
-            got_reward[k]
+            got[k]
         );
     }
+}
+
+/// The student reads the explanation as the teacher wrote it: only the layout's padding (one
+/// `\n\n`) before the closing tag is removed, so an explanation ending in a space, in `\n`, in
+/// its own blank line, or in nothing, is scored with exactly those characters in the student's
+/// chat and the KL span.
+#[test]
+fn an_explanations_own_trailing_whitespace_is_scored_as_written() {
+    tch::set_num_threads(1);
+    let root = tmpdir("endings");
+    tiny(&root.join("t"), 13);
+    tiny(&root.join("s"), 14);
+    let models = Models::load(&root.join("t"), &root.join("s"), Device::Cpu, Kind::Float).unwrap();
+    let e = sum_example();
+    let prompt = models.group_prompt(&Prompts::short(), &e).unwrap();
+    let explanations = [
+        "2 + 3 = 5. ",
+        "2 + 3 = 5.\n",
+        "2 + 3 = 5.\n\n\n\n",
+        "2 + 3 = 5.",
+    ];
+    // As the teacher writes them: the explanation, the layout's padding, the tag, end of turn.
+    let texts: Vec<String> = explanations
+        .iter()
+        .map(|x| format!("{x}\n\n<|end_of_explanation|><|im_end|>"))
+        .collect();
+    let (got, well_formed) = score_texts(&models, &prompt, &texts);
+    assert_eq!(well_formed, vec![true; 4]);
+    let cfg = RewardConfig::default();
+    for (k, x) in explanations.iter().enumerate() {
+        let completion = models.tokenizer.encode(&texts[k]).unwrap();
+        let expected = reward_by_hand(&models, &e, &prompt, x, &completion, true, &cfg);
+        assert!(
+            (got[k] - expected).abs() < 1e-3,
+            "explanation {x:?}: got {} expected {expected}",
+            got[k]
+        );
+    }
+    // The endings matter: the same text with its trailing whitespace trimmed scores otherwise.
+    let trimmed = reward_by_hand(
+        &models,
+        &e,
+        &prompt,
+        "2 + 3 = 5.",
+        &models.tokenizer.encode(&texts[0]).unwrap(),
+        true,
+        &cfg,
+    );
+    assert!((got[0] - trimmed).abs() > 1e-3, "{} vs {trimmed}", got[0]);
 }
 
 fn sft_job(
@@ -351,6 +436,7 @@ fn learner_with_a_teacher_of_another_shape_fails_fast() {
             checkpoint_every: 1,
             stage_dir: RunDir::new(root.join("ws"), "run").rl(),
             attempt: 0,
+            reference_kind: Kind::Float,
         },
         &read_checkpoint_tensors(&root.join("other")).unwrap(),
     )
@@ -380,6 +466,7 @@ fn learner_with_a_teacher_of_another_shape_fails_fast() {
         },
         retry_for: std::time::Duration::from_secs(5),
         final_dir: None,
+        prune_after_final: None,
     };
     let examples = generate(&SyntheticSpec {
         count: 4,

@@ -535,3 +535,93 @@ fn micro_batches_and_checkpointing_change_memory_not_the_gradient() {
         );
     }
 }
+
+/// A bf16 learner's gradient of a group, backpropagated one row at a time, is the f32 sum of
+/// each row's own bf16 gradient of the GRPO objective at ratio one (`-A * lp` per token, plus
+/// the KL penalty): the rows' gradients are summed in f32, not in the bf16 `.grad` (a group's
+/// gradient is a small difference of large terms), and the ratio is taken against the policy
+/// pass's own log-probs, not those of the sampling pass, whose other shapes make bf16 ratios
+/// drift from 1 (and the clip drop tokens).
+#[test]
+fn a_bf16_learner_sums_row_gradients_in_f32_at_ratio_one() {
+    use rlt_trainer::logprobs::token_logprobs;
+    use rlt_trainer::rl::grpo::token_weights;
+    use rlt_trainer::rl::rollout::{
+        policy_gradient, sample_and_score, zero_gradients, GradSum, StepContribution,
+    };
+    tch::set_num_threads(1);
+    let root = tmp("bf16-grad");
+    let (teacher, student) = tiny_models(&root);
+    let models = Models::load(&teacher, &student, Device::Cpu, Kind::BFloat16).unwrap();
+    let ids = models.special_ids().unwrap();
+    let cfg = RolloutConfig {
+        group_size: 8,
+        max_new_tokens: 16,
+        micro_batch: 1,
+        ..rollout_cfg()
+    };
+    let example = &synthetic_examples()[0];
+    let prompt = models.group_prompt(&Prompts::short(), example).unwrap();
+    let (t, r, s) = (&models.teacher, &models.reference, &models.student);
+    let mut out = StepContribution::default();
+    let group =
+        sample_and_score(t, r, s, &models.tokenizer, &prompt, &ids, &cfg, 3, &mut out).unwrap();
+    assert!(
+        group.advantages.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+        "the group must carry a signal"
+    );
+
+    zero_gradients(t);
+    let sums = GradSum::new(t);
+    policy_gradient(&t.model, &group, &cfg, &sums);
+    let got = sums.take(t);
+
+    // Each row alone, by hand, its bf16 gradient added up in f64.
+    let rows = group.ids.size()[0];
+    let weights = token_weights(&group.generated) / rows as f64;
+    let mut want: BTreeMap<String, Tensor> = BTreeMap::new();
+    let len = group.ids.size()[1] - 1;
+    for row in 0..rows {
+        zero_gradients(t);
+        let pick = |x: &Tensor| x.narrow(0, row, 1);
+        let h = t
+            .model
+            .forward_hidden(&pick(&group.ids), Some(&pick(&group.mask)), None);
+        let logits = t.model.lm_logits(&h.narrow(1, 0, len));
+        let lp = token_logprobs(
+            &logits,
+            &pick(&group.ids).narrow(1, 1, len),
+            cfg.temperature,
+        );
+        let cols = |x: &Tensor| pick(x).narrow(1, 1, len);
+        let d = cols(&group.ref_lp) - &lp;
+        let kl = d.exp() - &d - 1.0;
+        let adv = pick(&group.advantages).to_kind(Kind::Float).unsqueeze(1);
+        let loss = ((-(&lp * adv)) + kl * cfg.grpo.beta) * cols(&weights);
+        loss.sum(Kind::Float).backward();
+        for (name, v) in t.vs.variables() {
+            let g = v.grad().to_kind(Kind::Double);
+            let sum = want.entry(name).or_insert_with(|| g.zeros_like());
+            *sum += g;
+        }
+    }
+    zero_gradients(t);
+    let scale = want
+        .values()
+        .map(|g| g.abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    assert!(scale > 0.0);
+    let diff = got
+        .iter()
+        .map(|(n, g)| {
+            (g.to_kind(Kind::Double) - &want[n])
+                .abs()
+                .max()
+                .double_value(&[])
+        })
+        .fold(0.0, f64::max);
+    assert!(
+        diff < 1e-4 * scale,
+        "the learner's gradient differs from the rows' f32 sum by {diff} (largest {scale})"
+    );
+}

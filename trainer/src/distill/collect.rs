@@ -3,13 +3,15 @@
 //! The teacher gets the RL prompt (question and solution, cut after the opening explanation
 //! tag) and samples the explanation. What it writes is stored raw: no filtering, no cleanup.
 //!
-//! Multi-trace collection, as in the paper: a student's training example is the student chat
-//! (question, explanation as the thought, solution), which must fit the student's context
-//! (`max_tokens_per_trace`). The teacher writes `traces` whole explanations per row
-//! (independent samples from the same prompt, each with the budget that keeps its student chat
-//! inside the context) and every one that is closed and fits becomes a training example. A
-//! row none of whose samples fits keeps its first sample, cut to the budget, and is marked
-//! incomplete, so a short context degrades the data rather than losing the row.
+//! One explanation per row, as the method collects them: a student's training example is the
+//! student chat (question, explanation as the thought, solution), which must fit the student's
+//! context (`max_tokens_per_trace`), so each row's sample has the budget that keeps its chat
+//! inside it, and a row whose sample does not close within that budget is sampled again, up
+//! to `traces` samples in all; the first that closes and fits is the row's example. A row none
+//! of whose samples fits keeps its first, cut to the budget and marked incomplete, so a short
+//! context degrades the data rather than losing the row. (Every fitting sample of a row kept as
+//! its own example would duplicate questions, over-weight short explanations and multiply the
+//! fine-tune's steps.)
 use super::traces::{TraceFile, TraceRow};
 use crate::checkpoint::CausalLm;
 use crate::data::{self, Example, Prompts};
@@ -72,8 +74,9 @@ pub fn trace_budget(
     }
 }
 
-/// Collects traces for rows `file.rows()..examples.len()`, appending each batch to `file`.
-/// `on_rows` is told how many rows each batch finished (for a progress bar).
+/// Collects the traces of the rows `file` holds and has not written yet, `cfg.batch_size`
+/// rows per generation pass, appending each pass to `file`. `on_rows` is told how many rows
+/// each pass finished (for a progress bar).
 #[allow(clippy::too_many_arguments)]
 pub fn collect(
     teacher: &CausalLm,
@@ -89,30 +92,34 @@ pub fn collect(
         bail!("traces per row must be at least 1");
     }
     let end_tag = teacher_tok.encode(END_OF_EXPLANATION)?;
-    while file.rows() < examples.len() {
-        let first = file.rows();
-        let last = (first + cfg.batch_size.max(1)).min(examples.len());
-        let rows = collect_batch(
+    loop {
+        let rows: Vec<usize> = (0..cfg.batch_size.max(1))
+            .map(|k| file.next_row(k))
+            .take_while(|&i| i < examples.len())
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let out = collect_batch(
             teacher,
             teacher_tok,
             student_tok,
             prompts,
             examples,
-            first..last,
+            &rows,
             cfg,
             &end_tag,
         )?;
-        file.append(&rows)?;
-        on_rows(rows.len());
+        file.append(&out)?;
+        on_rows(out.len());
     }
-    Ok(())
 }
 
 struct Pending {
     prompt: Vec<i64>,
     budget: usize,
-    /// Whole samples that fit, in sampling order.
-    kept: Vec<Vec<i64>>,
+    /// The first sample that closed and fits.
+    kept: Option<Vec<i64>>,
     /// The first sample, cut to the budget: the row's trace when none is kept.
     first: Option<Vec<i64>>,
 }
@@ -124,12 +131,12 @@ fn collect_batch(
     student_tok: &Tokenizer,
     prompts: &Prompts,
     examples: &[Example],
-    range: std::ops::Range<usize>,
+    rows: &[usize],
     cfg: &CollectConfig,
     end_tag: &[i64],
 ) -> Result<Vec<TraceRow>> {
-    let mut pending = Vec::with_capacity(range.len());
-    for i in range.clone() {
+    let mut pending = Vec::with_capacity(rows.len());
+    for &i in rows {
         let e = &examples[i];
         let budget = trace_budget(student_tok, prompts, e, cfg.max_tokens_per_trace)
             .map_err(|err| anyhow::anyhow!("dataset row {i}: {err}"))?;
@@ -137,7 +144,7 @@ fn collect_batch(
         pending.push(Pending {
             prompt,
             budget,
-            kept: Vec::new(),
+            kept: None,
             first: None,
         });
     }
@@ -145,21 +152,29 @@ fn collect_batch(
     if let [single] = end_tag {
         stop_tokens.push(*single);
     }
-    let contexts: Vec<Vec<i64>> = pending.iter().map(|p| p.prompt.clone()).collect();
     for round in 0..cfg.traces {
+        // Only the rows still without an example are sampled (again).
+        let open: Vec<usize> = (0..pending.len())
+            .filter(|&k| pending[k].kept.is_none())
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        let contexts: Vec<Vec<i64>> = open.iter().map(|&k| pending[k].prompt.clone()).collect();
         let sampling = SamplingConfig {
-            max_new_tokens: pending.iter().map(|p| p.budget).max().unwrap_or(1),
+            max_new_tokens: open.iter().map(|&k| pending[k].budget).max().unwrap_or(1),
             temperature: cfg.temperature,
             top_p: cfg.top_p,
             stop_tokens: stop_tokens.clone(),
-            seed: cfg.seed ^ ((range.start as u64) << 8) ^ round as u64,
+            seed: cfg.seed ^ ((rows[0] as u64) << 8) ^ round as u64,
         };
         let generation =
             tch::no_grad(|| generate(&teacher.model, &contexts, teacher_tok.pad_id(), &sampling))?;
-        for (p, (mut tokens, stopped)) in pending
-            .iter_mut()
+        for (&k, (mut tokens, stopped)) in open
+            .iter()
             .zip(generation.token_lists().into_iter().zip(generation.stopped))
         {
+            let p = &mut pending[k];
             // The budget is the student's: what it trains on is the decoded text in its own
             // tokens, which can be more than the teacher's (another tokenizer, or bytes that
             // are not valid UTF-8 on their own). Rows of the batch share one generation limit;
@@ -169,7 +184,7 @@ fn collect_batch(
                     && student_tok.encode(&teacher_tok.decode(t)?)?.len() <= p.budget)
             };
             if stopped && fits(&tokens)? {
-                p.kept.push(tokens);
+                p.kept = Some(tokens);
                 continue;
             }
             if p.first.is_none() {
@@ -183,40 +198,28 @@ fn collect_batch(
             }
         }
     }
-    range
+    rows.iter()
         .zip(pending)
-        .map(|(i, p)| {
+        .map(|(&i, p)| {
             let e = &examples[i];
-            let complete = !p.kept.is_empty();
-            let traces = if complete {
-                p.kept
-            } else {
-                p.first.into_iter().collect()
-            };
+            let complete = p.kept.is_some();
+            let trace = p.kept.or(p.first).unwrap_or_default();
             Ok(TraceRow {
                 index: i,
                 question: e.question.clone(),
                 solution: e.solution.clone(),
-                traces: traces
-                    .iter()
-                    .map(|t| teacher_tok.decode(t))
-                    .collect::<Result<_>>()?,
-                tokens: traces.iter().map(Vec::len).collect(),
+                traces: vec![teacher_tok.decode(&trace)?],
+                tokens: vec![trace.len()],
                 complete,
             })
         })
         .collect()
 }
 
-/// The thought a trace gives the student: the raw trace up to the closing explanation tag (the
-/// tag and the teacher's end-of-turn are format, not explanation).
+/// The thought a trace gives the student: the explanation the teacher wrote
+/// ([`data::explanation_of`]; the tag, its padding and the end of turn are format).
 pub fn thought_of_trace(trace: &str) -> &str {
-    let text = data::parse_explanation(trace).unwrap_or(trace);
-    let mut text = text.trim_end();
-    for tail in [crate::tokenizer::IM_END, crate::tokenizer::ENDOFTEXT] {
-        text = text.strip_suffix(tail).unwrap_or(text).trim_end();
-    }
-    text
+    data::explanation_of(trace).0
 }
 
 /// The student's fine-tuning pairs: one per kept trace (question -> trace + solution, in the

@@ -43,8 +43,8 @@ pub struct DistillArgs {
     /// (`distillation.traceSplitting.maxTokensPerTrace`).
     #[arg(long)]
     pub max_tokens_per_trace: Option<usize>,
-    /// Whole explanations sampled per row, each one that fits a training example
-    /// (`distillation.traceSplitting.traces`).
+    /// Most samples per row until one closes and fits the student's context; the first that
+    /// does is the row's one training example (`distillation.traceSplitting.traces`).
     #[arg(long)]
     pub traces: Option<usize>,
     /// Teacher sampling temperature for the explanations (`rl.temperature`).
@@ -100,7 +100,10 @@ impl DistillArgs {
     /// The run's fine-tune (a hand run: the spec's default one) with the flags given over it.
     pub fn sft_config(&self, run: Option<&Staged>) -> SftConfig {
         let d = run.map_or_else(defaults::distillation, |s| s.spec().distillation.clone());
-        self.sft.over(SftConfig::distillation(&d))
+        SftConfig {
+            keep_after_final: crate::cli::keep_after_final(run),
+            ..self.sft.over(SftConfig::distillation(&d))
+        }
     }
 }
 
@@ -119,8 +122,11 @@ pub fn distill(a: DistillArgs) -> Result<()> {
         &a.ranks,
         &mut sft,
         &student_model,
-        format!("distillation of student {}", a.student),
-        "distillation",
+        (
+            format!("distillation of student {}", a.student),
+            "distillation",
+        ),
+        run_dir.distill(&a.student).root(),
         (device, kind),
     )? {
         return Ok(());
@@ -172,8 +178,8 @@ pub fn run_distill(job: DistillJob) -> Result<DistillOutcome> {
     run_distill_ranks(job, &mut Group::single())
 }
 
-/// [`run_distill`] as one of `group.world` data-parallel ranks: rank 0 collects the
-/// explanations while the others wait, then all fine-tune the student together.
+/// [`run_distill`] as one of `group.world` data-parallel ranks: each collects the
+/// explanations of every `world`-th row, then all fine-tune the student together.
 pub fn run_distill_ranks(job: DistillJob, group: &mut Group) -> Result<DistillOutcome> {
     let DistillJob {
         name,
@@ -199,56 +205,22 @@ pub fn run_distill_ranks(job: DistillJob, group: &mut Group) -> Result<DistillOu
     }
     let student_tok = Tokenizer::from_dir(&student_model)?;
 
-    // 1. Explanations, resumable; by rank 0 alone (the others wait for them).
+    // 1. Explanations, resumable, every rank writing its share of the rows.
     let traces_path = stage.traces();
-    let total = examples.len() as u64;
-    let show = |rows: usize| {
-        if let Some(p) = &published {
-            p.set_figures(TrainingFigures {
-                step: rows as u64,
-                total_steps: total,
-                ..Default::default()
-            });
-        }
+    let collector = Collector {
+        teacher: &teacher,
+        student_tok: &student_tok,
+        prompts: &prompts,
+        examples: &examples,
+        cfg: &cfg,
+        device,
+        kind,
+        published: published.as_ref(),
+        name: &name,
     };
-    let mut already = 0;
-    if group.rank == 0 {
-        let (mut file, done) = traces::TraceFile::open(&traces_path, |i| {
-            examples.get(i).map(|e| e.question.as_str())
-        })?;
-        already = done.len();
-        if already < examples.len() {
-            let (teacher_lm, teacher_tok) = load_checkpoint(&teacher, device, kind)?;
-            if !teacher_tok.same_vocab(&student_tok) {
-                tracing::warn!("teacher and student tokenizers differ: trace budgets are counted in the student's tokens");
-            }
-            tracing::info!(student = %name, teacher = %teacher.display(), rows = total, resume_at = already, "collecting explanations");
-            let bar = crate::eval::run::progress_bar(total, &format!("traces {name}"));
-            bar.set_position(already as u64);
-            let mut rows = already;
-            show(rows);
-            collect::collect(
-                &teacher_lm,
-                &teacher_tok,
-                &student_tok,
-                &prompts,
-                &examples,
-                &mut file,
-                &cfg,
-                |n| {
-                    rows += n;
-                    show(rows);
-                    bar.inc(n as u64)
-                },
-            )?;
-            bar.finish_and_clear();
-        }
-    }
-    group.barrier_unbounded()?;
-    let rows = traces::read_rows(&traces_path)?;
+    let (rows, rows_collected) = collector.run(&traces_path, group)?;
     let incomplete_rows = rows.iter().filter(|r| !r.complete).count();
-    let multi = rows.iter().filter(|r| r.traces.len() > 1).count();
-    tracing::info!(file = %traces_path.display(), rows = rows.len(), multi_trace_rows = multi, incomplete_rows, "explanations ready");
+    tracing::info!(file = %traces_path.display(), rows = rows.len(), incomplete_rows, "explanations ready");
 
     // 2. The student's fine-tune (shared SFT code; it skips a finished stage itself).
     let pairs = collect::student_pairs(&prompts, &rows, &examples);
@@ -275,9 +247,133 @@ pub fn run_distill_ranks(job: DistillJob, group: &mut Group) -> Result<DistillOu
     Ok(DistillOutcome {
         traces_path,
         rows: rows.len(),
-        rows_collected: rows.len() - already,
+        rows_collected,
         incomplete_rows,
         pairs: n_pairs,
         sft: outcome,
     })
+}
+
+/// What collecting a student's explanations needs.
+struct Collector<'a> {
+    teacher: &'a std::path::Path,
+    student_tok: &'a Tokenizer,
+    prompts: &'a Prompts,
+    examples: &'a [Example],
+    cfg: &'a CollectConfig,
+    device: tch::Device,
+    kind: tch::Kind,
+    published: Option<&'a Published>,
+    name: &'a str,
+}
+
+impl Collector<'_> {
+    /// The traces of every row, in `traces_path`, and how many rows this process collected.
+    /// Rank r of W writes rows r, r + W, ... into its own part (resumable), rank 0 merges the
+    /// parts once all are done; one rank writes `traces_path` itself.
+    fn run(
+        &self,
+        traces_path: &std::path::Path,
+        group: &mut Group,
+    ) -> Result<(Vec<traces::TraceRow>, usize)> {
+        let n = self.examples.len();
+        if traces_path.exists() {
+            let rows = traces::read_rows(traces_path)?;
+            if rows.len() == n {
+                return Ok((rows, 0));
+            }
+        }
+        let (rank, world) = (group.rank, group.world);
+        let part = |r: usize| {
+            if world == 1 {
+                traces_path.to_path_buf()
+            } else {
+                traces_path.with_extension(format!("part-{r}-of-{world}.jsonl"))
+            }
+        };
+        let question_of = |i: usize| self.examples.get(i).map(|e| e.question.as_str());
+        let (mut file, done) = traces::TraceFile::open_part(&part(rank), rank, world, question_of)?;
+        let mine = n.saturating_sub(rank).div_ceil(world);
+        let mut collected = 0;
+        if done.len() < mine {
+            collected = self.collect(&mut file, done.len(), mine, world)?;
+        }
+        if world > 1 {
+            // The others may still be generating: wait without the collective's timeout.
+            group.barrier_unbounded()?;
+            if rank == 0 {
+                let parts: Vec<_> = (0..world).map(part).collect();
+                traces::merge_parts(traces_path, &parts)?;
+            }
+            group.barrier_unbounded()?;
+        }
+        Ok((traces::read_rows(traces_path)?, collected))
+    }
+
+    /// Collects this rank's remaining rows into `file`; returns how many.
+    fn collect(
+        &self,
+        file: &mut traces::TraceFile,
+        done: usize,
+        mine: usize,
+        world: usize,
+    ) -> Result<usize> {
+        let (teacher_lm, teacher_tok) = load_checkpoint(self.teacher, self.device, self.kind)?;
+        if !teacher_tok.same_vocab(self.student_tok) {
+            tracing::warn!("teacher and student tokenizers differ: trace budgets are counted in the student's tokens");
+        }
+        // Before generating anything: the rows per pass that fit the device.
+        let mut prompt = 0;
+        for e in self.examples {
+            prompt = prompt.max(
+                teacher_tok
+                    .encode(&crate::data::teacher_rl_prompt(self.prompts, e))?
+                    .len(),
+            );
+        }
+        let cfg = CollectConfig {
+            batch_size: crate::memory::check_collection(
+                self.teacher,
+                self.kind.elt_size_in_bytes() as u32,
+                self.cfg.batch_size,
+                prompt as u32,
+                self.cfg.max_tokens_per_trace as u32,
+                self.device,
+            )
+            .map_err(crate::exit::bad_config)?,
+            ..self.cfg.clone()
+        };
+        let total = self.examples.len() as u64;
+        tracing::info!(student = %self.name, teacher = %self.teacher.display(), rows = mine, resume_at = done, rows_per_pass = cfg.batch_size, "collecting explanations");
+        let bar = crate::eval::run::progress_bar(mine as u64, &format!("traces {}", self.name));
+        bar.set_position(done as u64);
+        let mut rows = done;
+        let show = |rows: usize| {
+            if let Some(p) = self.published {
+                // This rank's share, scaled to the whole dataset.
+                p.set_figures(TrainingFigures {
+                    step: ((rows * world) as u64).min(total),
+                    total_steps: total,
+                    ..Default::default()
+                });
+            }
+        };
+        show(rows);
+        collect::collect(
+            &teacher_lm,
+            &teacher_tok,
+            self.student_tok,
+            self.prompts,
+            self.examples,
+            file,
+            &cfg,
+            |k| {
+                rows += k;
+                show(rows);
+                bar.inc(k as u64)
+            },
+        )?;
+        bar.finish_and_clear();
+        Ok(rows - done)
+    }
 }

@@ -19,20 +19,24 @@ pub struct TraceRow {
     pub index: usize,
     pub question: String,
     pub solution: String,
-    /// The explanations, raw: every whole sample that fits the student's context (several
-    /// with multi-trace collection), or, when none does, the first sample cut to the budget.
+    /// The explanation, raw, as a one-element list: the first sample that closed and fits the
+    /// student's context, or, when none did, the first sample cut to the budget.
     pub traces: Vec<String>,
     /// Generated tokens per trace.
     pub tokens: Vec<usize>,
-    /// Whether at least one sample was whole and fits (false: `traces` is the cut fallback).
+    /// Whether a sample closed and fits (false: `traces` is the cut fallback).
     pub complete: bool,
 }
 
-/// An open traces file positioned for appending.
+/// An open traces file positioned for appending. It holds every `stride`-th dataset row from
+/// row `first` (the whole dataset: 0 and 1; one data-parallel rank's part: its rank and the
+/// number of ranks).
 pub struct TraceFile {
     path: PathBuf,
     file: File,
     rows: usize,
+    first: usize,
+    stride: usize,
 }
 
 impl TraceFile {
@@ -43,6 +47,17 @@ impl TraceFile {
         path: &Path,
         question_of: impl Fn(usize) -> Option<&'a str>,
     ) -> Result<(TraceFile, Vec<TraceRow>)> {
+        Self::open_part(path, 0, 1, question_of)
+    }
+
+    /// [`TraceFile::open`] for the file of rows `first`, `first + stride`, ...
+    pub fn open_part<'a>(
+        path: &Path,
+        first: usize,
+        stride: usize,
+        question_of: impl Fn(usize) -> Option<&'a str>,
+    ) -> Result<(TraceFile, Vec<TraceRow>)> {
+        let stride = stride.max(1);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -67,8 +82,8 @@ impl TraceFile {
         let text = std::str::from_utf8(&bytes[..whole])
             .with_context(|| format!("{}: not UTF-8", path.display()))?;
         let rows = parse_rows(path, text)?;
-        for (i, row) in rows.iter().enumerate() {
-            let line = i + 1;
+        for (k, row) in rows.iter().enumerate() {
+            let (line, i) = (k + 1, first + k * stride);
             if row.index != i {
                 bail!(
                     "{}: line {line} is row {}, expected row {i}",
@@ -96,22 +111,33 @@ impl TraceFile {
                 path: path.to_path_buf(),
                 file,
                 rows: rows.len(),
+                first,
+                stride,
             },
             rows,
         ))
     }
 
-    /// Rows in the file (the next row to write is this index).
+    /// Rows in the file.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// The dataset row the `k`-th row after those written must be.
+    pub fn next_row(&self, k: usize) -> usize {
+        self.first + (self.rows + k) * self.stride
     }
 
     /// Appends rows (which must continue the file's sequence) in one write, then syncs.
     pub fn append(&mut self, rows: &[TraceRow]) -> Result<()> {
         let mut buf = String::new();
         for (k, row) in rows.iter().enumerate() {
-            if row.index != self.rows + k {
-                bail!("appending row {} after {} rows", row.index, self.rows + k);
+            if row.index != self.next_row(k) {
+                bail!(
+                    "appending row {} where row {} comes next",
+                    row.index,
+                    self.next_row(k)
+                );
             }
             buf.push_str(&serde_json::to_string(row)?);
             buf.push('\n');
@@ -123,6 +149,34 @@ impl TraceFile {
         self.rows += rows.len();
         Ok(())
     }
+}
+
+/// Writes the rows of every rank's part, in dataset order, as `path` (atomically: a reader
+/// finds the whole file or none), then removes the parts.
+pub fn merge_parts(path: &Path, parts: &[PathBuf]) -> Result<Vec<TraceRow>> {
+    let mut rows = Vec::new();
+    for part in parts {
+        rows.extend(read_rows(part)?);
+    }
+    rows.sort_by_key(|r| r.index);
+    if let Some((k, r)) = rows.iter().enumerate().find(|(k, r)| r.index != *k) {
+        bail!(
+            "the ranks' trace files lack row {k} (found row {})",
+            r.index
+        );
+    }
+    let mut text = String::new();
+    for r in &rows {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    for part in parts {
+        let _ = std::fs::remove_file(part);
+    }
+    Ok(rows)
 }
 
 /// Reads every row of a finished traces file (for the fine-tune).

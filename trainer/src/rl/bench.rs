@@ -177,6 +177,7 @@ fn transport(teacher: &Path) -> Result<(f64, f64, f64)> {
         checkpoint_every: 1000,
         stage_dir: RunDir::new(&ws, "bench").rl(),
         attempt: 0,
+        reference_kind: Kind::Float,
     };
     let server = ParamServer::new(cfg, &initial)?;
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
@@ -237,6 +238,7 @@ fn run_one(
             checkpoint_every: 1000,
             stage_dir: RunDir::new(ws, "bench").rl(),
             attempt: 0,
+            reference_kind: kind,
         };
         let server = ParamServer::new(cfg, &initial)?;
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
@@ -281,6 +283,7 @@ fn run_one(
                 rollout,
                 retry_for: Duration::from_secs(30),
                 final_dir: None,
+                prune_after_final: None,
             };
             std::thread::spawn(move || -> Result<()> {
                 let models = Models::load(&teacher, &student, device, kind)?;

@@ -13,7 +13,7 @@ use rlt_api::layout::RunDir;
 use rlt_api::spec::{defaults, RlStage};
 
 use super::grpo::GrpoConfig;
-use super::learner::{run_learner, LearnerConfig, Models};
+use super::learner::{run_learner, LearnerConfig, Models, Placement};
 use super::param_server::{self, ServerConfig};
 use super::reward::{RewardConfig, WeightedReductions};
 use super::rollout::RolloutConfig;
@@ -27,8 +27,9 @@ use crate::optim::AdamWConfig;
 pub struct RunArgs {
     #[arg(long, env = env::WORKSPACE)]
     pub workspace: PathBuf,
-    /// Name of the run (its directory under the workspace); default: the run configuration's.
-    #[arg(long = "run", env = env::RUN_NAME)]
+    /// The run's directory under the workspace; default: the run configuration's
+    /// (`spec.workspace.directory`, else its name).
+    #[arg(long = "run")]
     pub run_name: Option<String>,
     /// Stage attempt; fences checkpoint writes.
     #[arg(long, env = env::ATTEMPT, default_value_t = 0)]
@@ -173,6 +174,14 @@ pub fn param_server(a: ParamServerArgs) -> Result<()> {
         checkpoint_every: a.checkpoint_every.unwrap_or(rl.checkpoint_interval.into()),
         stage_dir: run_dir.rl(),
         attempt: a.run.attempt,
+        reference_kind: match run {
+            Some(s)
+                if contract::computes_in_bf16(s.spec(), s.spec().rl.learner_resources.as_ref()) =>
+            {
+                tch::Kind::BFloat16
+            }
+            _ => tch::Kind::Float,
+        },
     };
     let rpc: SocketAddr = format!("{}:{}", a.bind, a.rpc_port)
         .parse()
@@ -182,8 +191,17 @@ pub fn param_server(a: ParamServerArgs) -> Result<()> {
         .parse()
         .with_context(|| format!("--bind {:?}", a.bind))
         .map_err(crate::exit::bad_config)?;
-    memory::check_server(&init, a.num_shards as u32, num_learners as u32)
+    let learner_bytes = cfg.reference_kind.elt_size_in_bytes() as u32;
+    let disk = memory::rl_disk_bytes(&memory::shape_of(&init)?, learner_bytes);
+    memory::check_disk(cfg.stage_dir.root(), disk, "the RL stage")
         .map_err(crate::exit::bad_config)?;
+    memory::check_server(
+        &init,
+        a.num_shards as u32,
+        num_learners as u32,
+        learner_bytes,
+    )
+    .map_err(crate::exit::bad_config)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(param_server::run(
         cfg,
@@ -315,6 +333,7 @@ pub fn learner(a: LearnerArgs) -> Result<()> {
         "--student",
     )?;
     let (device, kind) = a.device.resolve_for(run)?;
+    let placement = Placement::of(device);
     let examples = a.data.load(run)?;
     let prompts = a.data.prompts.over(run);
     let mut rollout = a.rollout.config(&rl, a.optim.grpo(&rl));
@@ -328,11 +347,12 @@ pub fn learner(a: LearnerArgs) -> Result<()> {
         micro_batch: rollout.micro_batch as u32,
         generation_batch: rollout.generation_batch as u32,
         checkpointing: rollout.activation_checkpointing,
+        devices: placement.devices(),
     };
     (rollout.micro_batch, rollout.generation_batch) =
         memory::check_learner(&teacher, &student, &plan, rl.checkpoint_interval, device)
             .map_err(crate::exit::bad_config)?;
-    let models = Models::load(&teacher, &student, device, kind)?;
+    let models = Models::load(&teacher, &student, placement, kind)?;
     let cfg = LearnerConfig {
         param_servers: a.param_servers.clone(),
         learner: a.learner,
@@ -341,6 +361,7 @@ pub fn learner(a: LearnerArgs) -> Result<()> {
         rollout,
         retry_for: Duration::from_secs(a.retry_secs),
         final_dir: Some(run_dir.rl().final_dir()),
+        prune_after_final: Some((run_dir.rl(), crate::cli::keep_after_final(run))),
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(run_learner(&models, &examples, &prompts, &cfg, |_| {}))
@@ -358,10 +379,7 @@ fn longest_prompt(
     let mut longest = 0;
     for e in examples {
         let p = super::rollout::GroupPrompt::new(&tok, prompts, e)?;
-        let student = p.student_prefix.len()
-            + p.student_middle.len()
-            + p.solution.len()
-            + p.student_suffix.len();
+        let student = p.student_row(&tok, "")?.ids.len();
         longest = longest.max(p.teacher_prompt.len()).max(student);
     }
     Ok(longest as u32)

@@ -507,6 +507,7 @@ mod tests {
     use crate::rl::param_server::{ParamServer, ServerConfig};
     use crate::rl::shard::{assign_shards, RlOptimizer, ShardState};
     use rlt_api::layout::RunDir;
+    use tch::Kind;
 
     fn weights() -> BTreeMap<String, Tensor> {
         let mut w = BTreeMap::new();
@@ -535,6 +536,7 @@ mod tests {
                 checkpoint_every: 1,
                 stage_dir: RunDir::new(ws, "t").rl(),
                 attempt: 0,
+                reference_kind: Kind::Float,
             };
             let server = ParamServer::new(cfg, &weights()).unwrap();
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -596,7 +598,8 @@ mod tests {
             ..GrpoConfig::default()
         };
         let names: Vec<String> = weights().keys().cloned().collect();
-        let mut whole = ShardState::fresh(names.clone(), &weights(), optimizer().adamw).unwrap();
+        let mut whole =
+            ShardState::fresh(names.clone(), &weights(), optimizer().adamw, Kind::Float).unwrap();
         // What clipping each shard by its own part's norm would give instead.
         let owner = assign_shards(
             &weights()
@@ -605,7 +608,8 @@ mod tests {
                 .collect::<Vec<_>>(),
             2,
         );
-        let mut per_shard = ShardState::fresh(names, &weights(), optimizer().adamw).unwrap();
+        let mut per_shard =
+            ShardState::fresh(names, &weights(), optimizer().adamw, Kind::Float).unwrap();
         let mut pulled = None;
         for (step, (g0, g1)) in steps.iter().enumerate() {
             let step = step as u64;

@@ -14,8 +14,8 @@ use tch::{Device, Kind, Tensor};
 use super::client::ShardClients;
 use super::grpo::{ref_sync_due, GrpoConfig};
 use super::rollout::{
-    learner_slice, load_weights_into, run_group, take_gradients, zero_gradients, GroupPrompt,
-    PhaseTimes, RolloutConfig, SpecialIds, StepContribution,
+    learner_slice, load_weights_into, run_group, zero_gradients, GradSum, GroupPrompt, PhaseTimes,
+    RolloutConfig, SpecialIds, StepContribution,
 };
 use super::shard::{RlOptimizer, ShardState};
 use super::wire::pb;
@@ -34,15 +34,62 @@ pub struct Models {
     pub tokenizer: Tokenizer,
 }
 
+/// Which device holds which of a learner's models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// The policy: sampled from, trained (its gradient and f32 gradient sums live here too).
+    pub policy: Device,
+    /// The reference and the student, which only score (no graph).
+    pub scorers: Device,
+}
+
+impl Placement {
+    /// Everything on the learner's device, or, when the process sees a second GPU after it
+    /// (a learner pod requesting two), the reference and the student on that one: at 7B the
+    /// three models, the gradient and its f32 sums do not fit one 80 GB GPU.
+    pub fn of(device: Device) -> Self {
+        let scorers = match device {
+            Device::Cuda(i) if (tch::Cuda::device_count().max(0) as usize) > i + 1 => {
+                Device::Cuda(i + 1)
+            }
+            d => d,
+        };
+        Placement {
+            policy: device,
+            scorers,
+        }
+    }
+
+    /// GPUs the models are spread over (1 or 2).
+    pub fn devices(&self) -> u32 {
+        if self.policy == self.scorers {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+impl From<Device> for Placement {
+    /// Everything on one device.
+    fn from(device: Device) -> Self {
+        Placement {
+            policy: device,
+            scorers: device,
+        }
+    }
+}
+
 impl Models {
     /// Loads the teacher (twice: policy and reference) and the student. The RLT reward splices
     /// the teacher's token ids into the student's chat, so both must share one tokenizer.
     pub fn load(
         teacher_dir: &Path,
         student_dir: &Path,
-        device: Device,
+        placement: impl Into<Placement>,
         kind: Kind,
     ) -> Result<Self> {
+        let placement = placement.into();
         let tokenizer = Tokenizer::from_dir(teacher_dir)
             .with_context(|| format!("teacher tokenizer in {}", teacher_dir.display()))?;
         let student_tok = Tokenizer::from_dir(student_dir)
@@ -57,10 +104,10 @@ impl Models {
                 tokenizer.vocab_size()
             );
         }
-        let teacher = CausalLm::load(teacher_dir, device, kind)
+        let teacher = CausalLm::load(teacher_dir, placement.policy, kind)
             .with_context(|| format!("loading teacher {}", teacher_dir.display()))?;
-        let reference = CausalLm::load(teacher_dir, device, kind)?;
-        let student = CausalLm::load(student_dir, device, kind)
+        let reference = CausalLm::load(teacher_dir, placement.scorers, kind)?;
+        let student = CausalLm::load(student_dir, placement.scorers, kind)
             .with_context(|| format!("loading student {}", student_dir.display()))?;
         tokenizer.check_fits(teacher.config.vocab_size)?;
         tokenizer.check_fits(student.config.vocab_size)?;
@@ -133,6 +180,7 @@ pub fn compute_step(
     let examples = step_examples(prompts.len(), step, groups_per_step, cfg.seed);
     let mut contrib = StepContribution::default();
     zero_gradients(&models.teacher);
+    let sums = GradSum::new(&models.teacher);
     for j in learner_slice(groups_per_step, learner, learners) {
         run_group(
             &models.teacher,
@@ -144,10 +192,11 @@ pub fn compute_step(
             cfg,
             step,
             j,
+            &sums,
             &mut contrib,
         )?;
     }
-    let grads = take_gradients(&models.teacher);
+    let grads = sums.take(&models.teacher);
     zero_gradients(&models.teacher);
     Ok((grads, contrib))
 }
@@ -174,6 +223,9 @@ pub struct LearnerConfig {
     pub retry_for: Duration,
     /// Where learner 0 writes the final teacher (HF checkpoint); None = don't.
     pub final_dir: Option<PathBuf>,
+    /// Once the final teacher is written: the RL stage's directory and the shard checkpoints
+    /// each server keeps (`spec.workspace.keepCheckpoints`); the rest are deleted.
+    pub prune_after_final: Option<(rlt_api::layout::StageDir, usize)>,
 }
 
 /// Runs a learner until the servers' last step, then tells them it is done.
@@ -306,6 +358,11 @@ pub async fn run_learner(
             save_checkpoint(dir, &models.teacher, &models.tokenizer)
                 .with_context(|| format!("writing the final teacher to {}", dir.display()))?;
             tracing::info!(dir = %dir.display(), "wrote the final teacher");
+            if let Some((stage, keep)) = &cfg.prune_after_final {
+                for shard in 0..cfg.param_servers.len() {
+                    crate::sft::prune_checkpoints(&stage.shard(shard), *keep);
+                }
+            }
         }
     }
     clients.done().await
@@ -331,7 +388,7 @@ impl LocalRun {
             .collect();
         let names = weights.keys().cloned().collect();
         Ok(LocalRun {
-            state: ShardState::fresh(names, &weights, optimizer.adamw)?,
+            state: ShardState::fresh(names, &weights, optimizer.adamw, models.teacher.kind())?,
             optimizer,
             grpo,
         })

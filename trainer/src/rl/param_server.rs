@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::grpo::GrpoConfig;
-use super::shard::{assign_shards, shard_names, RlOptimizer, ShardState};
+use super::shard::{assign_shards, prune_checkpoints, shard_names, RlOptimizer, ShardState};
 use super::wire::{self, pb, KIND_POLICY, KIND_REFERENCE, PROTOCOL_VERSION};
 use crate::optim::{clip_coefficient, squared_norm};
 
@@ -40,6 +40,8 @@ pub struct ServerConfig {
     /// `shard(i)`, server 0 writes `metrics.json`.
     pub stage_dir: layout::StageDir,
     pub attempt: u32,
+    /// The learners' dtype, in which the reference is kept (they read it in no other).
+    pub reference_kind: Kind,
 }
 
 /// Reads every tensor of a Hugging Face checkpoint directory (`*.safetensors`).
@@ -241,18 +243,18 @@ impl ParamServer {
         let dir = cfg.stage_dir.shard(cfg.shard);
         let state = match layout::latest_checkpoint(&dir, cfg.attempt) {
             Some((step, path)) => {
-                let s =
-                    ShardState::load(&path, &shapes, cfg.optimizer.adamw).with_context(|| {
-                        format!(
-                            "resuming parameter server {} from {}",
-                            cfg.shard,
-                            path.display()
-                        )
-                    })?;
+                let s = ShardState::load(&path, &shapes, cfg.optimizer.adamw, cfg.reference_kind)
+                    .with_context(|| {
+                    format!(
+                        "resuming parameter server {} from {}",
+                        cfg.shard,
+                        path.display()
+                    )
+                })?;
                 tracing::info!(shard = cfg.shard, step, path = %path.display(), "resumed shard from checkpoint");
                 s
             }
-            None => ShardState::fresh(names, initial, cfg.optimizer.adamw)?,
+            None => ShardState::fresh(names, initial, cfg.optimizer.adamw, cfg.reference_kind)?,
         };
         let version = state.version;
         let metrics = ServerMetrics::new(cfg.shard)?;
@@ -410,10 +412,10 @@ impl ParamServer {
         if version.is_multiple_of(self.cfg.checkpoint_every.max(1))
             || version == self.cfg.total_steps
         {
-            let path = inner
-                .state
-                .save(&self.cfg.stage_dir.shard(self.cfg.shard), self.cfg.attempt)?;
-            tracing::info!(shard = self.cfg.shard, version, path = %path.display(), "checkpointed shard");
+            let c = &self.cfg;
+            let path = inner.state.save(&c.stage_dir.shard(c.shard), c.attempt)?;
+            prune_checkpoints(&c.stage_dir, c.shard, c.num_shards, c.attempt);
+            tracing::info!(shard = c.shard, version, path = %path.display(), "checkpointed shard");
         }
         let elapsed = inner.last_step_at.elapsed().as_secs_f64();
         inner.last_step_at = Instant::now();

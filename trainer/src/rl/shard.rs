@@ -85,11 +85,13 @@ pub struct ShardState {
 }
 
 impl ShardState {
-    /// A fresh shard from initial weights (looked up by name in `weights`).
+    /// A fresh shard from initial weights (looked up by name in `weights`), the reference kept
+    /// in `reference_kind` (the learners' dtype: they only ever read it in that dtype).
     pub fn fresh(
         names: Vec<String>,
         weights: &BTreeMap<String, Tensor>,
         adamw: AdamWConfig,
+        reference_kind: Kind,
     ) -> Result<Self> {
         let mut params = Vec::new();
         for n in &names {
@@ -98,7 +100,10 @@ impl ShardState {
                 .with_context(|| format!("initial checkpoint has no tensor {n:?}"))?;
             params.push(t.to_kind(Kind::Float).copy());
         }
-        let reference = params.iter().map(Tensor::copy).collect();
+        let reference = params
+            .iter()
+            .map(|p| p.to_kind(reference_kind).copy())
+            .collect();
         Ok(Self::assemble(names, params, reference, adamw))
     }
 
@@ -184,7 +189,12 @@ impl ShardState {
 
     /// Loads a shard checkpoint and checks it holds exactly the expected tensors with the
     /// expected shapes (a checkpoint of another model or another shard count fails here).
-    pub fn load(path: &Path, expected: &[(String, Vec<i64>)], adamw: AdamWConfig) -> Result<Self> {
+    pub fn load(
+        path: &Path,
+        expected: &[(String, Vec<i64>)],
+        adamw: AdamWConfig,
+        reference_kind: Kind,
+    ) -> Result<Self> {
         let meta: serde_json::Value = serde_json::from_slice(
             &std::fs::read(path.join("meta.json"))
                 .with_context(|| format!("reading {}/meta.json", path.display()))?,
@@ -196,7 +206,7 @@ impl ShardState {
         let reference_version = meta["reference_version"]
             .as_u64()
             .context("meta.json: missing reference_version")?;
-        let read = |file: &str| -> Result<Vec<Tensor>> {
+        let read = |file: &str, kind: Kind| -> Result<Vec<Tensor>> {
             let p = path.join(file);
             let map: BTreeMap<String, Tensor> = Tensor::read_safetensors(&p)
                 .with_context(|| format!("reading {}", p.display()))?
@@ -222,12 +232,16 @@ impl ShardState {
                         t.size()
                     );
                 }
-                out.push(t.to_kind(Kind::Float));
+                out.push(t.to_kind(kind));
             }
             Ok(out)
         };
         let names = expected.iter().map(|(n, _)| n.clone()).collect();
-        let mut state = Self::assemble(names, read(PARAMS_FILE)?, read(REFERENCE_FILE)?, adamw);
+        let (params, reference) = (
+            read(PARAMS_FILE, Kind::Float)?,
+            read(REFERENCE_FILE, reference_kind)?,
+        );
+        let mut state = Self::assemble(names, params, reference, adamw);
         let opt_path = path.join(OPTIMIZER_FILE);
         state
             .optimizer
@@ -243,6 +257,38 @@ impl ShardState {
         state.version = version;
         state.reference_version = reference_version;
         Ok(state)
+    }
+}
+
+/// The newest version every one of `num_shards` shards has a complete checkpoint of (attempts
+/// up to `attempt`): what a new attempt of the stage can resume all servers from together.
+pub fn common_version(stage: &layout::StageDir, num_shards: usize, attempt: u32) -> Option<u64> {
+    (0..num_shards)
+        .map(|i| layout::latest_checkpoint(&stage.shard(i), attempt).map(|(v, _)| v))
+        .min()
+        .flatten()
+}
+
+/// Deletes shard `shard`'s checkpoints older than the newest version complete on every shard
+/// (at 7B one version is ~120 GB of the workspace): that version stays, with anything newer.
+pub fn prune_checkpoints(stage: &layout::StageDir, shard: usize, num_shards: usize, attempt: u32) {
+    let Some(keep) = common_version(stage, num_shards, attempt) else {
+        return;
+    };
+    let dir = stage.shard(shard);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some((version, a)) = name.to_str().and_then(layout::parse_checkpoint_name) else {
+            continue;
+        };
+        if version < keep && a <= attempt {
+            if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                tracing::warn!(path = %e.path().display(), %err, "could not delete an old shard checkpoint");
+            }
+        }
     }
 }
 
@@ -297,7 +343,8 @@ mod tests {
             Tensor::from_slice(&[4.0f32, 5.0]).view([1, 2]),
         );
         let adamw = AdamWConfig::rl();
-        let mut s = ShardState::fresh(vec!["x".into(), "y".into()], &w, adamw).unwrap();
+        let mut s =
+            ShardState::fresh(vec!["x".into(), "y".into()], &w, adamw, Kind::Float).unwrap();
         let grads = vec![
             Tensor::from_slice(&[1.0f32, -1.0, 0.5]),
             Tensor::from_slice(&[0.1f32, 0.2]).view([1, 2]),
@@ -312,7 +359,7 @@ mod tests {
             layout::latest_checkpoint(&dir, 3).unwrap(),
             (1, path.clone())
         );
-        let back = ShardState::load(&path, &s.shapes(), adamw).unwrap();
+        let back = ShardState::load(&path, &s.shapes(), adamw, Kind::Float).unwrap();
         assert_eq!((back.version, back.reference_version), (1, 1));
         for (a, b) in back.params.iter().zip(&s.params) {
             assert!(a.equal(b));
@@ -326,7 +373,7 @@ mod tests {
             assert!(t.equal(&back_state[k]), "{k}");
         }
         let wrong = vec![("x".to_string(), vec![4]), ("y".to_string(), vec![1, 2])];
-        let err = ShardState::load(&path, &wrong, adamw)
+        let err = ShardState::load(&path, &wrong, adamw, Kind::Float)
             .err()
             .unwrap()
             .to_string();
@@ -335,5 +382,52 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Each shard keeps the newest version every shard has whole (a new attempt resumes all
+    /// servers from it) and newer ones; older ones go. Bf16 learners' reference is kept and
+    /// checkpointed in bf16 (half the bytes).
+    #[test]
+    fn shards_keep_the_newest_common_version_and_a_bf16_reference() {
+        let root = std::env::temp_dir().join(format!("rlt-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let stage = layout::RunDir::new(&root, "run").rl();
+        let mut w = BTreeMap::new();
+        w.insert("x".to_string(), Tensor::from_slice(&[1.0f32, 2.0, 3.0]));
+        let adamw = AdamWConfig::rl();
+        let grads = vec![Tensor::from_slice(&[1.0f32, -1.0, 0.5])];
+        let shard = || ShardState::fresh(vec!["x".into()], &w, adamw, Kind::BFloat16).unwrap();
+        let (mut a, mut b) = (shard(), shard());
+        assert_eq!(a.reference[0].kind(), Kind::BFloat16);
+        let versions = |i: usize| -> Vec<u64> {
+            let mut v: Vec<u64> = std::fs::read_dir(stage.shard(i))
+                .unwrap()
+                .flatten()
+                .filter_map(|e| layout::parse_checkpoint_name(e.file_name().to_str()?))
+                .map(|(v, _)| v)
+                .collect();
+            v.sort();
+            v
+        };
+        let grpo = GrpoConfig::default();
+        for _ in 0..3 {
+            a.apply(&grads, 0.1, 1.0, &grpo);
+            a.save(&stage.shard(0), 0).unwrap();
+            prune_checkpoints(&stage, 0, 2, 0);
+        }
+        // Shard 1 never checkpointed: shard 0 keeps everything.
+        assert_eq!(versions(0), vec![1, 2, 3]);
+        b.apply(&grads, 0.1, 1.0, &grpo);
+        b.apply(&grads, 0.1, 1.0, &grpo);
+        b.save(&stage.shard(1), 0).unwrap();
+        prune_checkpoints(&stage, 0, 2, 0);
+        prune_checkpoints(&stage, 1, 2, 0);
+        assert_eq!(common_version(&stage, 2, 0), Some(2));
+        assert_eq!((versions(0), versions(1)), (vec![2, 3], vec![2]));
+        let path = layout::latest_checkpoint(&stage.shard(1), 0).unwrap().1;
+        let back = ShardState::load(&path, &b.shapes(), adamw, Kind::BFloat16).unwrap();
+        assert_eq!(back.reference[0].kind(), Kind::BFloat16);
+        assert!(back.reference[0].equal(&b.reference[0]));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
