@@ -5,6 +5,8 @@
 //	go build -o BIN k8s.io/kubernetes/cmd/kube-apiserver
 //	go build -o BIN k8s.io/kubernetes/cmd/kube-controller-manager
 //	go build -o BIN k8s.io/kubernetes/cmd/kube-scheduler
+//	go build -o BIN k8s.io/kubernetes/cmd/kubelet
+//	go build -o BIN k8s.io/kubernetes/cmd/kube-proxy
 //	go build -o BIN go.etcd.io/etcd/server/v3   (etcd)
 package controlplane
 
@@ -12,4 +14,6 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
