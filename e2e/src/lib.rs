@@ -5,3 +5,4 @@
 //! [`node`] is the e2e node agent (`rlt-e2e-node`), which plays the pods of a local control
 //! plane that has no kubelet.
 pub mod node;
+pub mod volumes;

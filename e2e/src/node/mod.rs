@@ -9,7 +9,7 @@ pub mod nodes;
 pub mod pods;
 pub mod probes;
 pub mod process;
-pub mod provisioner;
+
 pub mod rules;
 pub mod status;
 pub mod termination;
@@ -98,7 +98,7 @@ pub async fn run(args: Args) -> Result<()> {
     let defs = nodes::definitions(&args);
     let registered = nodes::register(&client, &args, &defs).await?;
     let keep_alive = tokio::spawn(nodes::keep_alive(client.clone(), registered));
-    let provisioner = tokio::spawn(provisioner::run(client.clone(), state_dir.join("volumes")));
+    let provisioner = tokio::spawn(crate::volumes::run(client.clone(), state_dir.join("volumes")));
     let names: Vec<String> = defs.iter().map(|d| d.name.clone()).collect();
     tracing::info!(nodes = ?names, state_dir = %state_dir.display(), mode = ?args.mode, "rlt-e2e-node ready");
     let pods = tokio::spawn(pods::run(agent.clone(), names));

@@ -16,7 +16,7 @@ use kube::runtime::WatchStreamExt;
 use kube::Client;
 use std::collections::BTreeMap;
 
-use super::kubeapi::{is_already_exists, is_not_found};
+use crate::node::kubeapi::{is_already_exists, is_not_found};
 
 pub const LABEL: &str = "rlt.dev/e2e-provisioner";
 
