@@ -7,7 +7,7 @@
 //	go build -o BIN k8s.io/kubernetes/cmd/kube-scheduler
 //	go build -o BIN k8s.io/kubernetes/cmd/kubelet
 //	go build -o BIN k8s.io/kubernetes/cmd/kube-proxy
-//	go build -o BIN go.etcd.io/etcd/server/v3   (etcd)
+//	go build -o BIN go.etcd.io/etcd/server/v3   (etcd, at the version the kubernetes module uses)
 package controlplane
 
 import (
@@ -16,4 +16,6 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubelet"
 	_ "k8s.io/kubernetes/cmd/kube-proxy"
+
+	_ "go.etcd.io/etcd/server/v3"
 )
