@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The whole end-to-end test on any machine with Docker, kind, kubectl, helm and cargo:
-# create a kind cluster, build and load the operator and CPU trainer images, run the scenario
-# tests of e2e/tests/scenarios.rs (the same ones `scripts/dev e2e` runs against a local control
-# plane: chart install/upgrade, validation parity, the tiny run, faults, leader election,
-# suspend, quiet when idle), show `kubectl get rltruns`, then clean up.
+# create a kind cluster, build and load the operator and CPU trainer images (images/build.sh:
+# the same recipes and staged files as the local e2e, built by Docker), run the scenario tests
+# of e2e/tests/scenarios.rs (the same ones `scripts/dev e2e` runs against the local cluster:
+# chart install/upgrade, validation parity, the tiny run, faults, leader election, suspend,
+# quiet when idle, probes, data-parallel ranks over DNS), show `kubectl get rltruns`, then
+# clean up. Needs the torch venv's environment too (scripts/dev env): the trainer image carries
+# the libtorch the trainer is built against.
 #
 #   e2e/kind.sh            everything, deleting the cluster at the end
 #   KEEP_CLUSTER=1 e2e/kind.sh   leave the cluster for inspection
@@ -39,7 +42,7 @@ if ! kind get clusters | grep -qx "$CLUSTER"; then
 fi
 kubectl config use-context "kind-$CLUSTER"
 
-"$ROOT/images/build.sh" operator trainer-cpu
+RLT_IMAGE_BUILDER=docker "$ROOT/images/build.sh" operator trainer-cpu
 kind load docker-image --name "$CLUSTER" "$OPERATOR_IMAGE" "$TRAINER_CPU_IMAGE"
 
 kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f -
@@ -49,7 +52,8 @@ kubectl get rltruns -n "$NAMESPACE" --watch-only >"${TMPDIR:-/tmp}/rlt-e2e-watch
 watch_pid=$!
 
 # The same scenarios as scripts/dev e2e; they install the chart themselves (with these images).
-# kind has no audit log and no fault rules: the scenarios that need them say what they skip.
+# kind has no audit log: the scenarios that need it say what they skip. Their helper pods run
+# busybox:1.36 (RLT_E2E_SHELL_IMAGE).
 RLT_E2E_NAMESPACE="$NAMESPACE" RLT_E2E_OPERATOR_IMAGE="$OPERATOR_IMAGE" \
   RLT_E2E_TRAINER_IMAGE="$TRAINER_CPU_IMAGE" \
   cargo nextest run --release -p rlt-e2e --test scenarios --run-ignored ignored-only --test-threads 1

@@ -1,35 +1,50 @@
 #!/usr/bin/env bash
-# The end-to-end scenarios against a real control plane on this machine (`scripts/dev e2e`):
-# upstream etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback
-# (e2e/controlplane/cluster.sh), the e2e node agent playing the pods as local processes, the
-# operator installed by its Helm chart, then e2e/tests/scenarios.rs. Everything is torn down
-# at the end, also on failure; the component logs, the audit log and every pod's log stay in
-# $RLT_E2E_STATE/logs (default target/e2e/logs), whose path is printed on failure.
+# The end-to-end scenarios on a real cluster on this machine (`scripts/dev e2e`), every part of
+# it upstream: etcd, kube-apiserver, kube-controller-manager, kube-scheduler
+# (e2e/controlplane/cluster.sh), and a node of containerd + runc, the kubelet, kube-proxy and
+# CoreDNS (e2e/node/node.sh), all in a network and mount namespace of the e2e's own
+# (e2e/lib.sh). The pods run the operator and trainer images built here from this checkout's
+# release build (images/build.sh with buildah); the operator is installed by its Helm chart;
+# then e2e/tests/scenarios.rs. Everything is torn down at the end, also on failure; the
+# component logs, the audit log and every pod's log stay in $RLT_E2E_STATE/logs (default
+# target/e2e/logs), whose path is printed on failure.
 #
 #   e2e/local.sh [nextest filter...]     e.g. e2e/local.sh s03
-#   RLT_E2E_KEEP=1 e2e/local.sh ...      leave the cluster running afterwards (KUBECONFIG printed;
-#                                        the next run, or `e2e/local.sh --down`, stops it)
-# Needs (scripts/dev e2e provides them): the torch venv's environment, helm and kubectl on PATH.
+#   RLT_E2E_KEEP=1 e2e/local.sh ...      leave the cluster running afterwards; then
+#   e2e/local.sh --enter [CMD...]        a shell (or CMD) inside it, KUBECONFIG set
+#   e2e/local.sh --down                  stop it (the next run does too)
+# Needs (scripts/dev e2e provides them): root, Go, the torch venv's environment, helm, kubectl;
+# the Debian packages it lacks are installed (e2e/node/node.sh deps).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-STATE="${RLT_E2E_STATE:-$ROOT/target/e2e}"
+STATE="$(realpath -m "${RLT_E2E_STATE:-$ROOT/target/e2e}")"
 # shellcheck source=e2e/lib.sh
 . "$ROOT/e2e/lib.sh"
+
+case "${1:-}" in
+  --down) teardown; exit 0 ;;
+  --enter)
+    shift
+    [ "$#" -gt 0 ] || set -- bash
+    export KUBECONFIG="$STATE/kubeconfig"
+    exec nsenter --target "$(cat "$STATE/sandbox/holder.pid")" --net --mount --wd="$PWD" -- "$@"
+    ;;
+esac
 
 on_exit() {
   local rc=$?
   if [ "$rc" -ne 0 ] && [ -d "$STATE/logs" ]; then
     say "FAILED (exit $rc). Logs of every component, the audit log and each pod: $STATE/logs"
-    for f in node-agent kube-controller-manager; do
+    for f in kubelet kube-controller-manager; do
       [ -f "$STATE/logs/$f.log" ] && { echo "--- last lines of $f.log" >&2; tail -n 15 "$STATE/logs/$f.log" >&2; }
     done
-    for f in "$STATE"/logs/pods/*rlt-operator*; do
+    for f in "$STATE"/logs/pods/rlt-system_rlt-operator*/*/*.log; do
       [ -f "$f" ] && { echo "--- last lines of ${f#"$STATE"/}" >&2; tail -n 30 "$f" >&2; }
     done
   fi
-  if [ "${RLT_E2E_KEEP:-}" = 1 ]; then
-    say "left running: export KUBECONFIG=$STATE/kubeconfig (stop it with e2e/local.sh --down)"
+  if [ "${RLT_E2E_KEEP:-}" = 1 ] && [ -f "$STATE/sandbox/holder.pid" ]; then
+    say "left running: e2e/local.sh --enter [CMD] runs inside it (KUBECONFIG=$STATE/kubeconfig); e2e/local.sh --down stops it"
   else
     teardown
   fi
@@ -37,30 +52,32 @@ on_exit() {
 }
 
 teardown
-[ "${1:-}" = --down ] && exit 0
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
-say "control-plane binaries"
+say "control-plane and node binaries (cached after the first build)"
 "$CLUSTER" build >/dev/null
-say "building the operator, trainer, node agent and scenario tests (release)"
+"$NODE" build
+say "building the operator, trainer, volume provisioner and scenario tests (release)"
 # The same build as `scripts/dev test` (nextest builds with `cargo test --no-run`), so after the
-# test suite nothing is rebuilt with another feature set.
+# test suite nothing is rebuilt with another feature set; the images carry these binaries.
 cargo test --release --locked --workspace --no-run
+rm -rf --one-file-system "$STATE"
+mkdir -p "$STATE"
+say "images (operator, CPU trainer, pause, busybox) from this build, without a registry"
+build_images operator trainer-cpu
 
-say "starting the control plane"
+say "starting the sandbox, the control plane and the node"
+sandbox_up
 start_cluster
-
-say "starting the node agent (2 CPU nodes, 1 GPU node with 8 nvidia.com/gpu)"
-start_node_agent 3 --mode run --cpu-nodes 2 --gpu-nodes 1 --gpus-per-node 8
-kubectl get nodes -o wide
+in_sandbox "$NODE" gpus "$STATE" 8
+kubectl_in get nodes -o wide
 
 # What a platform team would watch, kept for the log.
-kubectl get rltruns -A --watch >"$STATE/logs/rltruns-watch.log" 2>&1 &
-echo $! >"$STATE/pids/watch"
+kubectl_in get rltruns -A --watch >"$STATE/logs/rltruns-watch.log" 2>&1 &
 
 say "running the scenarios"
-RLT_E2E_AUDIT_LOG="$STATE/logs/audit.log" RLT_E2E_NODE_RULES=1 \
-  cargo nextest run --release --locked --workspace -E 'binary_id(rlt-e2e::scenarios)' \
+in_sandbox env RLT_E2E_AUDIT_LOG="$STATE/logs/audit.log" RLT_E2E_SHELL_IMAGE="$SHELL_IMAGE" \
+  cargo nextest run --release --locked --offline --workspace -E 'binary_id(rlt-e2e::scenarios)' \
   --run-ignored ignored-only --test-threads 1 --no-fail-fast --success-output final "$@"
 say "OK: every scenario passed"

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # The operator at scale (`scripts/dev e2e-scale`): for each N (default 100 300 1000), a fresh
-# local control plane, a simulated GPU fleet (the e2e node agent in simulate mode: 250 GPU nodes
-# x 8 nvidia.com/gpu; stage pods run for a set time, then succeed), the operator installed by
-# its chart as a real process, and N RltRuns applied at once. e2e/tests/scale.rs measures and
-# prints one table per N; all tables are printed again at the end and kept in
-# target/e2e-scale/reports/scale-N.{md,json}.
+# local cluster (the same sandbox, control plane and real node as e2e/local.sh), a simulated
+# GPU fleet played by kwok (sigs.k8s.io/kwok, e2e/node/versions.env: 250 nodes x 8
+# nvidia.com/gpu, tainted so only the runs' pods go there; a Job's pod runs a set time, then
+# succeeds: e2e/kwok-stages.yaml), the operator installed by its chart on the real node, and
+# N RltRuns applied at once. e2e/tests/scale.rs measures and prints one table per N; all tables
+# are printed again at the end and kept in target/e2e-scale/reports/scale-N.{md,json}.
 #
 #   e2e/scale.sh [N...]
 #   RLT_SCALE_STAGE_SECONDS=60   each stage's simulated duration
 #   RLT_SCALE_GPU_NODES=250      the fleet
-#   RLT_E2E_OPERATOR_DIR=DIR     play the operator image with DIR/rlt-operator (e.g. an older
-#                                build, for a before/after comparison) instead of target/release
-# Needs (scripts/dev e2e-scale provides them): the torch venv's environment, helm and kubectl.
+#   RLT_E2E_OPERATOR_DIR=DIR     the operator image carries DIR/rlt-operator (e.g. an older build,
+#                                for a before/after comparison) instead of target/release's
+# Needs (scripts/dev e2e-scale provides them): as e2e/local.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -36,23 +37,60 @@ teardown
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
-say "control-plane binaries"
+# The fleet: Node objects kwok manages (label type=kwok), with their capacity in status.
+fleet() {
+  local i
+  for i in $(seq 0 $((GPU_NODES - 1))); do
+    cat <<EOF
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: kwok-gpu-$i
+  labels: {type: kwok, kubernetes.io/hostname: kwok-gpu-$i, kubernetes.io/os: linux, kubernetes.io/arch: amd64, nvidia.com/gpu.present: "true"}
+  annotations: {kwok.x-k8s.io/node: fake, node.alpha.kubernetes.io/ttl: "0"}
+spec:
+  taints: [{key: kwok.x-k8s.io/node, value: fake, effect: NoSchedule}]
+status:
+  capacity: {cpu: "96", memory: 1Ti, pods: "110", nvidia.com/gpu: "8", ephemeral-storage: 1Ti}
+EOF
+  done
+}
+
+say "control-plane, node and kwok binaries"
 "$CLUSTER" build >/dev/null
-say "building the operator, the node agent and the scale test (release; no trainer: its pods are simulated)"
-cargo build --release --locked -p rlt-operator -p rlt-e2e --bins
+"$NODE" build kwok
+say "building the operator, the volume provisioner and the scale test (release)"
+# The same build as `scripts/dev test` and `scripts/dev e2e` (nothing is rebuilt with another
+# feature set between them); the trainer is built but not used: the runs' pods are simulated.
+cargo test --release --locked --workspace --no-run
 mkdir -p "$OUT"
 failed=()
 for n in "${RUNS[@]}"; do
   teardown
-  rm -rf "$STATE"
-  say "N = $n: a fresh control plane, $GPU_NODES GPU nodes"
+  rm -rf --one-file-system "$STATE"
+  mkdir -p "$STATE"
+  RLT_RELEASE_DIR="${RLT_E2E_OPERATOR_DIR:-$REL}" build_images operator
+  say "N = $n: a fresh cluster, $GPU_NODES simulated GPU nodes"
+  sandbox_up
   RLT_E2E_CONTROLLER_QPS=200 start_cluster
-  start_node_agent "$((GPU_NODES + 2))" --mode simulate --simulate-duration "${STAGE_SECONDS}s" \
-    --cpu-nodes 2 --gpu-nodes "$GPU_NODES" --gpus-per-node 8 --log-level warn
-  RLT_SCALE_RUNS="$n" RLT_SCALE_STAGE_SECONDS="$STAGE_SECONDS" RLT_SCALE_GPU_NODES="$GPU_NODES" \
-    RLT_SCALE_REPORT="$OUT/scale-$n" RLT_E2E_NODE_STATE="$STATE/node" RLT_E2E_NAMESPACE=rlt-scale \
-    RLT_E2E_AUDIT_LOG="$STATE/logs/audit.log" RLT_E2E_NODE_RULES=1 \
-    cargo nextest run --release --locked -p rlt-e2e -E 'binary_id(rlt-e2e::scale)' \
+  sed "s/STAGE_MILLISECONDS/$((STAGE_SECONDS * 1000))/" "$ROOT/e2e/kwok-stages.yaml" >"$STATE/kwok-stages.yaml"
+  # shellcheck disable=SC2016 # expanded inside
+  in_sandbox sh -c 'setsid "$0" --kubeconfig "$1/admin.kubeconfig" --config "$1/kwok-stages.yaml" \
+      --manage-nodes-with-label-selector type=kwok --node-lease-duration-seconds 40 \
+      --cidr 10.89.0.0/16 --node-ip 10.87.0.2 \
+      >"$1/logs/kwok.log" 2>&1 </dev/null &' "$CACHE/kwok-$KWOK_VERSION/bin/kwok" "$STATE"
+  fleet >"$STATE/fleet.yaml"
+  kubectl_in apply --server-side -f "$STATE/fleet.yaml" >/dev/null
+  for i in $(seq 1 240); do
+    ready="$(kubectl_in get nodes -l type=kwok --no-headers 2>/dev/null | grep -c ' Ready ' || true)"
+    [ "$ready" -ge "$GPU_NODES" ] && break
+    [ "$i" -lt 240 ] || { say "only $ready of $GPU_NODES kwok nodes became Ready"; exit 1; }
+    sleep 1
+  done
+  in_sandbox env RLT_SCALE_RUNS="$n" RLT_SCALE_STAGE_SECONDS="$STAGE_SECONDS" RLT_SCALE_GPU_NODES="$GPU_NODES" \
+    RLT_SCALE_REPORT="$OUT/scale-$n" RLT_E2E_NAMESPACE=rlt-scale RLT_E2E_AUDIT_LOG="$STATE/logs/audit.log" \
+    cargo nextest run --release --locked --offline --workspace -E 'binary_id(rlt-e2e::scale)' \
     --run-ignored ignored-only --no-capture || failed+=("$n")
   # Keep the last N's logs for a look; earlier ones are replaced by the next cluster.
 done

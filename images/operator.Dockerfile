@@ -1,17 +1,9 @@
-# syntax=docker/dockerfile:1.7
-# The operator: a small, non-root, distroless image. It never links libtorch.
-FROM rust:1.95-bookworm AS build
-WORKDIR /src
-COPY . .
-# The cache mounts keep the registry and compiled dependencies between builds, so a change to
-# operator code rebuilds only the operator crates.
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p rlt-operator --bin rlt-operator \
- && install -D target/release/rlt-operator /out/rlt-operator
-
-FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /out/rlt-operator /usr/local/bin/rlt-operator
+# The operator: its binary (staged by images/stage.sh from a release build) on a distroless
+# base: glibc and libgcc, no shell, no package manager. It never links libtorch. Non-root, the
+# user the chart's securityContext names. Built by images/build.sh, with Docker or buildah.
+ARG BASE=gcr.io/distroless/cc-debian12:nonroot
+FROM ${BASE}
+COPY rootfs/ /
 USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/rlt-operator"]

@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
-# A real Kubernetes control plane on loopback, from upstream binaries: etcd, kube-apiserver,
-# kube-controller-manager and kube-scheduler (no kubelet: the e2e node agent plays the pods).
+# A real Kubernetes control plane from upstream binaries: etcd, kube-apiserver,
+# kube-controller-manager and kube-scheduler (the node is e2e/node/node.sh).
 #
-#   e2e/controlplane/cluster.sh build        build (or reuse) the pinned binaries; prints their folder
+#   e2e/controlplane/cluster.sh build        build (or reuse) the pinned binaries (the control
+#                                            plane's, the kubelet and kube-proxy); prints their folder
 #   e2e/controlplane/cluster.sh up STATE     throw-away PKI, start everything, write STATE/kubeconfig
+#                                            (STATE: a fresh folder)
 #   e2e/controlplane/cluster.sh down STATE   stop everything started from STATE (also after a kill)
 #
+# `up` runs inside the e2e's own network namespace (e2e/lib.sh), so its ports are fixed: the API
+# server listens on ${RLT_E2E_ADDRESS:-127.0.0.1}:6443 (the node's address, which the
+# `kubernetes` Service's endpoint and the kubelet's clients need), etcd and the controllers on
+# loopback. The PKI also holds the node's certificates (kubelet client and serving, kube-proxy)
+# for node ${RLT_E2E_NODE_NAME:-rlt-e2e}.
+#
 # The Kubernetes version is the one go.mod pins; binaries are cached under
-# ${RLT_E2E_CACHE:-$HOME/.cache/rlt-e2e}/<version>/bin and reused. etcd is Debian's etcd-server
-# (installed here when missing). STATE/logs holds every component's log and the audit log
+# ${RLT_E2E_CACHE:-$HOME/.cache/rlt-e2e}/<version>/bin and reused, etcd too (the version go.mod
+# pins: the one the kubernetes module uses). STATE/logs holds every component's log and the audit log
 # (audit.log: every write, and every request of a service account in the operator's namespace).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-VERSION="$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' "$HERE/go.mod")"
+VERSION="$(awk 'NF >= 2 && $(NF - 1) == "k8s.io/kubernetes" && $NF ~ /^v/ {print $NF}' "$HERE/go.mod")"
 CACHE="${RLT_E2E_CACHE:-$HOME/.cache/rlt-e2e}/$VERSION"
 BIN="$CACHE/bin"
-COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler)
+COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 # The namespace whose service accounts' reads are audited too (the operator's, see the chart).
 AUDITED_NAMESPACE="${RLT_E2E_OPERATOR_NAMESPACE:-rlt-system}"
+ADDRESS="${RLT_E2E_ADDRESS:-127.0.0.1}"
+NODE_NAME="${RLT_E2E_NODE_NAME:-rlt-e2e}"
+API_PORT=6443
+# The first address of the Service range: the `kubernetes` Service, which in-cluster clients dial.
+SERVICE_CIDR=10.96.0.0/16
+KUBERNETES_SERVICE_IP=10.96.0.1
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 
@@ -36,15 +50,17 @@ build() {
     (cd "$HERE" && CGO_ENABLED=0 go build -trimpath -ldflags="$ldflags" -o "$BIN/" "${missing[@]}")
     log "built in $((SECONDS - started)) s"
   fi
-  if ! command -v etcd >/dev/null; then
-    log "installing Debian's etcd-server"
-    if [ "$(id -u)" -ne 0 ]; then echo "etcd missing: apt-get install etcd-server (as root)" >&2; exit 1; fi
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+  if [ ! -x "$BIN/etcd" ]; then
+    # The etcd the kubernetes module uses (go.mod): it answers the watch-progress requests the
+    # API server's watch cache relies on (Debian's 3.4.23 is too old for them, and then every
+    # client-go 0.36 streaming list falls back with errors and delays).
+    local started=$SECONDS
+    log "building etcd $(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2}' "$HERE/go.mod") from the Go module proxy into $BIN"
+    (cd "$HERE" && CGO_ENABLED=0 go build -trimpath -ldflags=-s -o "$BIN/etcd" go.etcd.io/etcd/server/v3)
+    log "built in $((SECONDS - started)) s"
   fi
   echo "$BIN"
 }
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # pki STATE: a CA, the API server's serving cert, client certs per component, SA signing keys.
 pki() {
@@ -60,16 +76,25 @@ pki() {
     openssl x509 -req -in "$d/$1.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
       -days 2 -extfile "$d/$1.ext" -out "$d/$1.crt" 2>/dev/null
   }
-  cert apiserver "/CN=kube-apiserver" "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+  # Pods reach the API server as the `kubernetes` Service's IP and by its DNS names.
+  cert apiserver "/CN=kube-apiserver" "subjectAltName=IP:127.0.0.1,IP:$ADDRESS,IP:$KUBERNETES_SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 extendedKeyUsage=serverAuth"
   cert admin "/O=system:masters/CN=rlt-e2e-admin"
   cert controller-manager "/CN=system:kube-controller-manager"
   cert scheduler "/CN=system:kube-scheduler"
+  # The API server's client identity towards kubelets (logs, exec).
+  cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
+  # The node: the kubelet as system:node:<name> (the Node authorizer), its serving certificate,
+  # and kube-proxy (bound to system:node-proxier by the default RBAC policy).
+  cert node "/O=system:nodes/CN=system:node:$NODE_NAME"
+  cert kubelet-serving "/CN=$NODE_NAME" "subjectAltName=IP:$ADDRESS,DNS:$NODE_NAME
+extendedKeyUsage=serverAuth"
+  cert kube-proxy "/CN=system:kube-proxy"
 }
 
 kubeconfig() { # STATE name -> STATE/<name>.kubeconfig
   local s="$1" n="$2" server
-  server="https://127.0.0.1:$(cat "$s/apiserver.port")"
+  server="https://$ADDRESS:$API_PORT"
   cat >"$s/$n.kubeconfig" <<EOF
 apiVersion: v1
 kind: Config
@@ -109,21 +134,19 @@ wait_healthy() { # STATE what url [curl args]
 
 up() {
   local s="$1" started=$SECONDS
-  down "$s" 2>/dev/null || true
-  rm -rf "$s"
+  # STATE is the caller's, fresh (e2e/local.sh wipes it after its teardown).
   mkdir -p "$s/logs" "$s/pids" "$s/etcd"
   s="$(cd "$s" && pwd)"
   build >/dev/null
   pki "$s"
-  local etcd_port peer_port api_port
-  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
-  echo "$api_port" >"$s/apiserver.port"
+  echo "$API_PORT" >"$s/apiserver.port"
 
-  start "$s" etcd etcd --name rlt-e2e --data-dir "$s/etcd" \
-    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-    --initial-cluster "rlt-e2e=http://127.0.0.1:$peer_port" --quota-backend-bytes 4294967296
-  wait_healthy "$s" etcd "http://127.0.0.1:$etcd_port/health"
+  start "$s" etcd "$BIN/etcd" --name rlt-e2e --data-dir "$s/etcd" \
+    --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+    --initial-cluster rlt-e2e=http://127.0.0.1:2380 --quota-backend-bytes 4294967296 \
+    --listen-metrics-urls http://127.0.0.1:2381
+  wait_healthy "$s" etcd "http://127.0.0.1:2379/health"
 
   cat >"$s/audit-policy.yaml" <<EOF
 apiVersion: audit.k8s.io/v1
@@ -139,23 +162,28 @@ rules:
   - level: None
 EOF
   start "$s" kube-apiserver "$BIN/kube-apiserver" \
-    --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --etcd-servers http://127.0.0.1:2379 \
+    --bind-address 0.0.0.0 --advertise-address "$ADDRESS" --secure-port "$API_PORT" \
     --cert-dir "$s/pki" --tls-cert-file "$s/pki/apiserver.crt" --tls-private-key-file "$s/pki/apiserver.key" \
     --client-ca-file "$s/pki/ca.crt" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$s/pki/sa.pub" --service-account-signing-key-file "$s/pki/sa.key" \
     --api-audiences https://kubernetes.default.svc.cluster.local \
-    --service-cluster-ip-range 10.96.0.0/16 \
+    --service-cluster-ip-range "$SERVICE_CIDR" \
     --authorization-mode Node,RBAC \
+    --kubelet-client-certificate "$s/pki/apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$s/pki/apiserver-kubelet-client.key" \
+    --kubelet-certificate-authority "$s/pki/ca.crt" --kubelet-preferred-address-types InternalIP \
     --audit-policy-file "$s/audit-policy.yaml" --audit-log-path "$s/logs/audit.log" \
     --audit-log-format json --audit-log-mode blocking --audit-log-maxsize 0
-  wait_healthy "$s" kube-apiserver "https://127.0.0.1:$api_port/readyz" \
+  wait_healthy "$s" kube-apiserver "https://127.0.0.1:$API_PORT/readyz" \
     --cacert "$s/pki/ca.crt" --cert "$s/pki/admin.crt" --key "$s/pki/admin.key"
 
   kubeconfig "$s" admin
   kubeconfig "$s" controller-manager
   kubeconfig "$s" scheduler
+  kubeconfig "$s" node
+  kubeconfig "$s" kube-proxy
   cp "$s/admin.kubeconfig" "$s/kubeconfig"
 
   # RLT_E2E_CONTROLLER_QPS: the controller-manager's and scheduler's client rate (upstream
@@ -169,7 +197,7 @@ EOF
     --kubeconfig "$s/controller-manager.kubeconfig" \
     --authentication-kubeconfig "$s/controller-manager.kubeconfig" \
     --authorization-kubeconfig "$s/controller-manager.kubeconfig" \
-    --bind-address 127.0.0.1 --secure-port "$(free_port)" --leader-elect=false \
+    --bind-address 127.0.0.1 --secure-port 10257 --leader-elect=false \
     --use-service-account-credentials \
     --service-account-private-key-file "$s/pki/sa.key" --root-ca-file "$s/pki/ca.crt" \
     --controllers '*' --concurrent-job-syncs 10 "${qps[@]}"
@@ -177,7 +205,7 @@ EOF
     --kubeconfig "$s/scheduler.kubeconfig" \
     --authentication-kubeconfig "$s/scheduler.kubeconfig" \
     --authorization-kubeconfig "$s/scheduler.kubeconfig" \
-    --bind-address 127.0.0.1 --secure-port "$(free_port)" --leader-elect=false "${qps[@]}"
+    --bind-address 127.0.0.1 --secure-port 10259 --leader-elect=false "${qps[@]}"
 
   # The controllers are up once the service-account controller made `default`'s account.
   local i
@@ -214,5 +242,5 @@ case "${1:-}" in
   build) build ;;
   up) up "${2:?usage: cluster.sh up STATE}" ;;
   down) down "${2:?usage: cluster.sh down STATE}" ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

@@ -1,7 +1,6 @@
 //! End-to-end tests live in `tests/`; they talk to the cluster of the current kubeconfig and
-//! are `#[ignore]`d, so `cargo test` never needs one. `e2e/kind.sh` creates a kind cluster,
-//! installs the chart and runs them with `--ignored`.
+//! are `#[ignore]`d, so `cargo test` never needs one. `scripts/dev e2e` runs them against a
+//! local cluster of upstream components (e2e/local.sh), `e2e/kind.sh` against kind.
 //!
-//! [`node`] is the e2e node agent (`rlt-e2e-node`), which plays the pods of a local control
-//! plane that has no kubelet.
-pub mod node;
+//! [`volumes`] is the local cluster's static hostPath provisioner (`rlt-e2e-volumes`).
+pub mod volumes;

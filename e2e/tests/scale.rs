@@ -1,14 +1,13 @@
 //! The operator at scale (`scripts/dev e2e-scale`; ignored by the ordinary e2e run): N RltRuns
-//! applied at once on a simulated GPU fleet (the e2e node agent in simulate mode: every stage
-//! pod runs for a set time, then succeeds), with the operator itself a real process installed by
-//! its chart. Measured on the real API server (its audit log, split by the operator's user),
-//! the operator's own `/metrics`, and its process in `/proc`; printed as one table and written
-//! to `$RLT_SCALE_REPORT.{md,json}`.
+//! applied at once on a simulated GPU fleet (kwok's nodes, tainted `kwok.x-k8s.io/node`: every
+//! stage pod bound to one runs for a set time, then succeeds), with the operator itself a real
+//! container on the local cluster's real node, installed by its chart. Measured on the real API
+//! server (its audit log, split by the operator's user), the operator's own `/metrics`, and
+//! its process in `/proc`; printed as one table and written to `$RLT_SCALE_REPORT.{md,json}`.
 //!
 //! Knobs (e2e/scale.sh sets them): `RLT_SCALE_RUNS` (N), `RLT_SCALE_STAGE_SECONDS` (each
 //! stage's simulated duration), `RLT_SCALE_GPU_NODES` (the fleet, 8 `nvidia.com/gpu` each),
-//! `RLT_SCALE_REPORT` (report path without extension), `RLT_E2E_NODE_STATE` (the agent's
-//! state folder: the operator's process is found by it).
+//! `RLT_SCALE_REPORT` (report path without extension).
 //!
 //! The test fails unless every run Succeeded and idle runs cost no write; the performance
 //! targets (no LIST per reconcile, p99 reconcile, RSS, time against the ideal) are printed, not
@@ -48,6 +47,11 @@ fn scale_run(name: &str, ns: &str) -> Result<DynamicObject> {
     // The fleet's hostPath volumes serve every node; the default (ReadWriteMany) is the real
     // multi-node choice.
     spec["workspace"] = json!({"size": "1Gi"});
+    // Onto the simulated fleet only (the real node, where the operator runs, has no GPUs anyway).
+    spec["scheduling"] = json!({
+        "nodeSelector": {"type": "kwok"},
+        "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+    });
     spec["warmup"]["resources"] = gpus(GPUS_PER_RUN);
     spec["rl"]["paramServerResources"] = gpus(1);
     spec["rl"]["learnerResources"] = gpus(GPUS_PER_RUN - 1);
@@ -98,17 +102,6 @@ fn record_pod(seen: &Mutex<Seen>, pod: &Pod) {
             .entry((run.clone(), stage.clone()))
             .or_insert_with(Instant::now);
     }
-}
-
-/// The operator's process, found by the pod name in its environment (the agent runs pods as
-/// local processes whose environment names its state folder).
-fn operator_pid(pod: &str, state: &str) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let env = std::fs::read(e.path().join("environ")).ok()?;
-        let env = String::from_utf8_lossy(&env);
-        (env.contains(&format!("POD_NAME={pod}\0")) && env.contains(state)).then_some(pid)
-    })
 }
 
 /// Resident memory (bytes) and CPU seconds (user + system) of a process.
@@ -291,19 +284,12 @@ async fn a_thousand_runs_on_a_simulated_fleet() -> Result<()> {
     let stage_s: u64 = env_or("RLT_SCALE_STAGE_SECONDS", 60);
     let gpu_nodes: u64 = env_or("RLT_SCALE_GPU_NODES", 250);
     let report = std::env::var("RLT_SCALE_REPORT").unwrap_or_else(|_| format!("scale-{n}"));
-    let node_state = std::env::var("RLT_E2E_NODE_STATE").context("RLT_E2E_NODE_STATE")?;
     let audit = audit_log().context("the scale benchmark needs RLT_E2E_AUDIT_LOG")?;
     let ns = namespace();
     let client = client().await?;
 
-    // The operator runs as a process; every stage pod is simulated for the node agent's
-    // --simulate-duration.
-    set_node_rules(
-        &client,
-        "- selector: app.kubernetes.io/name=rlt-operator\n  action: run\n",
-    )
-    .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The operator runs on the real node (kwok's nodes are tainted); every stage pod is
+    // simulated on kwok's.
     install_operator(&["--set", "logging.level=info"])?;
     let operator_pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
     let op = operator_pods
@@ -313,13 +299,13 @@ async fn a_thousand_runs_on_a_simulated_fleet() -> Result<()> {
         .into_iter()
         .next()
         .context("no operator pod")?;
-    let op_name = op.metadata.name.clone().unwrap_or_default();
+    let op_uid = op.metadata.uid.clone().unwrap_or_default();
     let op_ip = op
         .status
         .and_then(|s| s.pod_ip)
         .context("operator pod IP")?;
     let metrics_url = format!("http://{op_ip}:8080/metrics");
-    let pid = operator_pid(&op_name, &node_state).context("the operator's process")?;
+    let pid = node_process(&op_uid, "rlt-operator").context("the operator's process")?;
 
     // `client()` made the runs' namespace.
     let seen = Arc::new(Mutex::new(Seen::default()));

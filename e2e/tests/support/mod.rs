@@ -2,14 +2,14 @@
 //! its Helm chart, RltRuns as the user writes them, waiting with a deadline, and (on the local
 //! control plane) the API server's audit log.
 //!
-//! Provider knobs, all optional (the local control plane and kind set what they need):
+//! Provider knobs, all optional (the local cluster and kind set what they need):
 //! - `RLT_E2E_NAMESPACE`: where the runs go (default `rlt-e2e`);
 //! - `RLT_E2E_OPERATOR_IMAGE` / `RLT_E2E_TRAINER_IMAGE`: images to use instead of the
 //!   chart's and the samples' (kind loads locally built ones);
+//! - `RLT_E2E_SHELL_IMAGE`: a busybox-like image for the scenarios' own helper pods (default
+//!   `busybox:1.36`; the local cluster builds one from Debian's busybox-static);
 //! - `RLT_E2E_AUDIT_LOG`: the API server's audit log (JSON lines); scenarios that count the
-//!   operator's writes need it and say so when it is absent;
-//! - `RLT_E2E_NODE_RULES=1`: the e2e node agent plays the pods and takes fault rules from the
-//!   `kube-system/rlt-e2e-node-rules` ConfigMap (not on kind).
+//!   operator's writes need it and say so when it is absent.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod};
+use k8s_openapi::api::core::v1::{Event, Namespace, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::Client;
@@ -38,8 +38,9 @@ pub fn namespace() -> String {
     std::env::var("RLT_E2E_NAMESPACE").unwrap_or_else(|_| "rlt-e2e".into())
 }
 
-pub fn node_rules_supported() -> bool {
-    std::env::var("RLT_E2E_NODE_RULES").is_ok_and(|v| v == "1")
+/// The image of the scenarios' helper pods (a shell with busybox's tools).
+pub fn shell_image() -> String {
+    std::env::var("RLT_E2E_SHELL_IMAGE").unwrap_or_else(|_| "busybox:1.36".into())
 }
 
 pub async fn client() -> Result<Client> {
@@ -256,74 +257,72 @@ pub fn event_text(e: &Event) -> String {
     )
 }
 
-/// Sets the e2e node agent's fault rules (a YAML list; see the agent's docs); `[]` clears them.
-pub async fn set_node_rules(client: &Client, rules: &str) -> Result<()> {
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
-    let body = json!({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "rlt-e2e-node-rules"},
-        "data": {"rules.yaml": rules},
-    });
-    cms.patch(
-        "rlt-e2e-node-rules",
-        &PatchParams::apply("rlt-e2e").force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
+/// The claim holding a run's workspace: the one the run names, or the one the operator made.
+pub fn workspace_claim(run: &DynamicObject) -> String {
+    let name = run.metadata.name.clone().unwrap_or_default();
+    run.data["status"]["workspaceClaim"]
+        .as_str()
+        .or_else(|| run.data["spec"]["workspace"]["claimName"].as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{name}-workspace"))
+}
+
+/// A ReadWriteOnce claim of 1Gi in the test namespace (what a user brings with
+/// `spec.workspace.claimName`), made with the cluster's default storage.
+pub async fn create_claim(client: &Client, name: &str) -> Result<()> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace());
+    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }))?;
+    claims
+        .patch(name, &PatchParams::apply("rlt-e2e"), &Patch::Apply(&claim))
+        .await?;
     Ok(())
 }
 
-/// Checks paths under the run's workspace directory from inside the cluster: a short-lived
-/// pod on the run's claim prints the paths that do NOT exist into its termination message
-/// (no `kubectl logs` needed, so it works on the node agent and on kind alike).
-pub async fn missing_in_workspace(
+/// Runs `script` (sh) in a short-lived pod of the shell image with `claim` mounted at
+/// `/workspace` and `env`, as root; returns what it wrote to `$REPORT` (its termination
+/// message: no `kubectl logs` needed, so it works on every provider alike).
+pub async fn run_on_claim(
     client: &Client,
-    run: &DynamicObject,
-    paths: &[&str],
-) -> Result<Vec<String>> {
-    let name = run.metadata.name.clone().unwrap();
-    let claim = run.data["status"]["workspaceClaim"]
-        .as_str()
-        .map(str::to_string)
-        .or_else(|| {
-            run.data["spec"]["workspace"]["claimName"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| format!("{name}-workspace"));
+    pod_name: &str,
+    claim: &str,
+    script: &str,
+    env: &[(&str, String)],
+) -> Result<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace());
-    let pod_name = format!("{name}-inspect");
-    let script = r#"cd "$RUN_DIR" || { echo "no run directory $RUN_DIR" >"$REPORT"; exit 0; }
-: >"$REPORT"
-for p in $CHECK; do [ -e "$p" ] || echo "$p" >>"$REPORT"; done
-echo checked >>"$REPORT""#;
+    let mut env: Vec<Value> = env
+        .iter()
+        .map(|(k, v)| json!({"name": k, "value": v}))
+        .collect();
+    env.push(json!({"name": "REPORT", "value": "/dev/termination-log"}));
     let pod: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod_name},
         "spec": {
             "restartPolicy": "Never",
             "automountServiceAccountToken": false,
-            "containers": [{"name": "check", "image": "busybox:1.36",
+            "containers": [{"name": "sh", "image": shell_image(),
+                "imagePullPolicy": "IfNotPresent",
                 "command": ["sh", "-c", script],
-                "env": [
-                    {"name": "RUN_DIR", "value": format!("/workspace/{name}")},
-                    {"name": "REPORT", "value": "/dev/termination-log"},
-                    {"name": "CHECK", "value": paths.join(" ")},
-                ],
+                "env": env,
+                "securityContext": {"runAsUser": 0},
                 "volumeMounts": [{"name": "ws", "mountPath": "/workspace"}]}],
             "volumes": [{"name": "ws", "persistentVolumeClaim": {"claimName": claim}}]
         }
     }))?;
     let _ = pods
-        .delete(&pod_name, &DeleteParams::default().grace_period(0))
+        .delete(pod_name, &DeleteParams::default().grace_period(0))
         .await;
-    wait_for("old inspector pod gone", secs(60), async || {
-        Ok(pods.get_opt(&pod_name).await?.is_none().then_some(()))
+    wait_for("old helper pod gone", secs(60), async || {
+        Ok(pods.get_opt(pod_name).await?.is_none().then_some(()))
     })
     .await?;
     pods.create(&Default::default(), &pod).await?;
-    let message = wait_for("inspector pod to finish", secs(180), async || {
-        let p = pods.get(&pod_name).await?;
+    let message = wait_for("helper pod to finish", secs(180), async || {
+        let p = pods.get(pod_name).await?;
         let status = p.status.unwrap_or_default();
         match status.phase.as_deref() {
             Some("Succeeded") | Some("Failed") => {
@@ -339,12 +338,53 @@ echo checked >>"$REPORT""#;
         }
     })
     .await?;
-    pods.delete(&pod_name, &DeleteParams::default()).await?;
+    pods.delete(pod_name, &DeleteParams::default()).await?;
+    Ok(message)
+}
+
+/// Checks paths under the run's workspace directory from inside the cluster: a short-lived
+/// pod on the run's claim reports the paths that do NOT exist.
+pub async fn missing_in_workspace(
+    client: &Client,
+    run: &DynamicObject,
+    paths: &[&str],
+) -> Result<Vec<String>> {
+    let name = run.metadata.name.clone().unwrap();
+    let script = r#"cd "$RUN_DIR" || { echo "no run directory $RUN_DIR" >"$REPORT"; exit 0; }
+: >"$REPORT"
+for p in $CHECK; do [ -e "$p" ] || echo "$p" >>"$REPORT"; done
+echo checked >>"$REPORT""#;
+    let message = run_on_claim(
+        client,
+        &format!("{name}-inspect"),
+        &workspace_claim(run),
+        script,
+        &[
+            ("RUN_DIR", format!("/workspace/{name}")),
+            ("CHECK", paths.join(" ")),
+        ],
+    )
+    .await?;
     let lines: Vec<String> = message.lines().map(str::to_string).collect();
     if lines.last().map(String::as_str) != Some("checked") {
         bail!("the inspector did not check the workspace: {message:?}");
     }
     Ok(lines[..lines.len() - 1].to_vec())
+}
+
+/// The process of a pod's container on this machine, found in `/proc` (a node's containers are
+/// processes of its host): the one named `comm` in the cgroup of the pod with this UID (the
+/// kubelet names pod cgroups after the UID, with `-` or, under systemd, `_`). `None` where the
+/// node's processes are not visible here.
+pub fn node_process(pod_uid: &str, comm: &str) -> Option<u32> {
+    let systemd = pod_uid.replace('-', "_");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let name = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        let cgroup = std::fs::read_to_string(e.path().join("cgroup")).ok()?;
+        (name.trim() == comm && (cgroup.contains(pod_uid) || cgroup.contains(&systemd)))
+            .then_some(pid)
+    })
 }
 
 /// One request of the audit log (the fields the scenarios look at).

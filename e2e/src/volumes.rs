@@ -1,6 +1,9 @@
-//! A static volume provisioner: every unbound, pending PersistentVolumeClaim gets a hostPath
-//! PersistentVolume under `<state-dir>/volumes/<pv>`, pre-bound to it (claimRef), which the
-//! PV controller then binds. Volumes it made that are released are deleted with their folder.
+//! A static volume provisioner for the local e2e cluster (`rlt-e2e-volumes`): every unbound,
+//! pending PersistentVolumeClaim gets a hostPath PersistentVolume under `<dir>/<pv>`,
+//! pre-bound to it (claimRef), which the PV controller then binds. The folder is
+//! world-writable, as kind's local-path provisioner makes its folders: the kubelet applies no
+//! `fsGroup` to hostPath volumes, so the stage pods (non-root) could not write a root-owned
+//! one. Volumes it made that are released are deleted with their folder.
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
@@ -16,7 +19,13 @@ use kube::runtime::WatchStreamExt;
 use kube::Client;
 use std::collections::BTreeMap;
 
-use super::kubeapi::{is_already_exists, is_not_found};
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+fn is_already_exists(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409 && s.reason == "AlreadyExists")
+}
 
 pub const LABEL: &str = "rlt.dev/e2e-provisioner";
 
@@ -50,7 +59,7 @@ pub fn volume_for(pvc: &PersistentVolumeClaim, volumes_dir: &Path) -> Persistent
             labels: Some(BTreeMap::from([(LABEL.to_string(), "true".to_string())])),
             annotations: Some(BTreeMap::from([(
                 "pv.kubernetes.io/provisioned-by".to_string(),
-                "rlt-e2e-node".to_string(),
+                "rlt-e2e-volumes".to_string(),
             )])),
             ..Default::default()
         },
@@ -82,7 +91,10 @@ async fn provision(api: &Api<PersistentVolume>, pvc: &PersistentVolumeClaim, vol
     let pv = volume_for(pvc, volumes_dir);
     let name = pv.metadata.name.clone().unwrap_or_default();
     let dir = volumes_dir.join(&name);
-    if let Err(e) = std::fs::create_dir_all(&dir) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)))
+    {
         tracing::warn!("volume {}: {e}", dir.display());
     }
     match api.create(&PostParams::default(), &pv).await {
