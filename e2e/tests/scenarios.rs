@@ -408,18 +408,29 @@ async fn s03_tiny_run_walks_every_phase_and_leaves_every_artifact() -> Result<()
         jobs_of(&client, name).await?.is_empty(),
         "a finished run recreated its Jobs"
     );
-    // Deleting the run removes every child through the garbage collector.
+    // Deleting the run removes every child through the garbage collector, but the workspace
+    // claim it created: retainPolicy Retain (the default) keeps the trained models.
     let api_del = api.delete(name, &DeleteParams::background()).await;
     ensure!(api_del.is_ok(), "deleting the run: {api_del:?}");
+    let claim = workspace_claim(&done);
     wait_for(
-        "every child of the run to be collected",
+        "every child of the run but its workspace to be collected",
         secs(120),
         async || {
-            let left = children_by_kind(&client, name).await?;
-            Ok(left.values().all(Vec::is_empty).then_some(()))
+            let mut left = children_by_kind(&client, name).await?;
+            let claims = left.remove("PersistentVolumeClaim").unwrap_or_default();
+            Ok((left.values().all(Vec::is_empty) && claims == [claim.clone()]).then_some(()))
         },
     )
-    .await
+    .await?;
+    let missing = missing_in_workspace(&client, &done, &["rl/final/model.safetensors"]).await?;
+    ensure!(
+        missing.is_empty(),
+        "the retained workspace lost the models of the deleted run: {missing:?}"
+    );
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace());
+    claims.delete(&claim, &DeleteParams::default()).await?;
+    Ok(())
 }
 
 fn stage_message(run: &kube::api::DynamicObject) -> String {
@@ -481,7 +492,9 @@ async fn s04_a_failing_stage_is_retried_then_fails_the_run_with_the_pods_reason(
     )
     .await?;
     let mut run = tiny_run(name)?;
-    run.data["spec"]["workspace"] = json!({ "claimName": claim });
+    // The run's directory named as the spoiled path (a directory named by hand continues an
+    // earlier run's).
+    run.data["spec"]["workspace"] = json!({ "claimName": claim, "directory": name });
     run.data["spec"]["failurePolicy"] = json!({"retries": 1});
     apply_run(&api, &run).await?;
     let failed = wait_phase(&client, name, "Failed", secs(300)).await?;
@@ -1136,4 +1149,92 @@ async fn s11_a_parameter_server_not_yet_serving_fails_its_readiness_probe() -> R
         "the parameter server is Ready while its probe fails: {ready:?}"
     );
     delete_run(&client, name).await
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s12_inputs_from_a_claim_and_a_re_created_run_trains_afresh() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let name = "e2e-inputs";
+    delete_run(&client, name).await?;
+    // The models and the dataset come in on a claim populated beforehand (here by the
+    // trainer image itself), mounted read-only where the run's paths point.
+    let inputs = format!("{name}-data");
+    create_claim(&client, &inputs).await?;
+    let image = tiny_run(name)?.data["spec"]["image"]
+        .as_str()
+        .context("the sample's image")?
+        .to_string();
+    for (pod, args) in [
+        ("model", "init-tiny --out /workspace/models/teacher"),
+        ("data", "synth --out /workspace/data --count 64"),
+    ] {
+        let mut command = vec!["rlt-trainer".to_string()];
+        command.extend(args.split(' ').map(String::from));
+        run_image_on_claim(
+            &client,
+            &format!("{name}-{pod}"),
+            &inputs,
+            &image,
+            &command,
+            &[],
+        )
+        .await?;
+    }
+    let mut run = tiny_run(name)?;
+    let spec = &mut run.data["spec"];
+    spec["inputs"] = json!([{"name": "data", "mountPath": "/inputs",
+        "persistentVolumeClaim": {"claimName": inputs, "readOnly": true}}]);
+    spec["teacher"] = json!({"path": "/inputs/models/teacher"});
+    spec["dataset"] = json!({"path": "/inputs/data/train.jsonl", "format": "custom"});
+    spec["rl"]["student"] = json!({"path": "/inputs/models/teacher"});
+    spec["distillation"] = json!({"enabled": false});
+    spec["rl"]["steps"] = json!(8);
+    let api = rltruns(&client);
+    apply_run(&api, &run).await?;
+    let first = wait_phase(&client, name, "Succeeded", secs(600)).await?;
+    let missing = missing_in_workspace(
+        &client,
+        &first,
+        &[
+            "warmup/final/model.safetensors",
+            "rl/final/model.safetensors",
+        ],
+    )
+    .await?;
+    ensure!(missing.is_empty(), "artifacts missing: {missing:?}");
+
+    // Deleted and created again under the same name (the usual edit-and-rerun): the retained
+    // workspace is used again, in a directory of the new run's own, and it trains afresh
+    // instead of finding the first run's final models.
+    delete_run(&client, name).await?;
+    apply_run(&api, &run).await?;
+    let second = wait_phase(&client, name, "Succeeded", secs(600)).await?;
+    let (a, b) = (run_directory(&first), run_directory(&second));
+    ensure!(a != b, "the re-created run reused {a}");
+    ensure!(
+        workspace_claim(&first) == workspace_claim(&second),
+        "the re-created run did not take the retained claim"
+    );
+    let started = |r: &Value| r["status"]["stages"]["warmup"]["startTime"].clone();
+    ensure!(started(&second.data) != started(&first.data));
+    let missing =
+        missing_in_workspace(&client, &second, &["warmup/final/trainer_state.json"]).await?;
+    ensure!(
+        missing.is_empty(),
+        "the second run has no warm-up of its own: {missing:?}"
+    );
+    // ... and the first run's outputs are still there beside it.
+    let missing = missing_in_workspace(&client, &first, &["rl/final/model.safetensors"]).await?;
+    ensure!(
+        missing.is_empty(),
+        "the first run's models went: {missing:?}"
+    );
+    delete_run(&client, name).await?;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace());
+    for claim in [workspace_claim(&first), inputs] {
+        claims.delete(&claim, &DeleteParams::default()).await?;
+    }
+    Ok(())
 }

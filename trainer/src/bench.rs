@@ -196,7 +196,9 @@ fn run_python(dir: &Path, w: &Workload, a: &BenchArgs, pad: i64, threads: i32) -
     });
     let spec_path = dir.join("bench_spec.json");
     std::fs::write(&spec_path, spec.to_string())?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/hf_bench.py");
+    // Embedded, so the binary alone (the GPU kit) carries it.
+    let script = dir.join("hf_bench.py");
+    std::fs::write(&script, include_str!("../bench/hf_bench.py"))?;
     let out = std::process::Command::new(&a.python)
         .arg(&script)
         .arg(&spec_path)
@@ -293,7 +295,6 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("rlt-bench-{}", std::process::id())));
-    let tok = Tokenizer::tiny();
     let device = parse_device(&a.device)?;
     let gpu = match device {
         Device::Cuda(i) => gpu_name(i),
@@ -322,89 +323,110 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "size", "params", "workload", "rlt-trainer", "transformers", "speed-up"
     );
     for size in &a.sizes {
-        let (spec, vocab) = TinySpec::bench_shape(size)?;
-        let dir = root.join(size);
-        let lm = match vocab {
-            Some(v) => CausalLm::random(
-                &Qwen2Config::tiny(&spec, v),
-                spec.seed,
-                Device::Cpu,
-                Kind::Float,
-            )?,
-            None => CausalLm::tiny(&spec, &tok, Device::Cpu, Kind::Float)?,
-        };
-        let config = lm.config.clone();
-        let params = lm.num_parameters();
-        save_checkpoint(&dir, &lm, &tok)?;
-        drop(lm);
-        let (adamw_ours, adamw_libtorch) = {
-            let (lm, _) = load_checkpoint(&dir, parse_device(&a.device)?, parse_kind(&a.dtype)?)?;
-            time_adamw(&lm, a.iters * 10, a.rounds)?
-        };
-        let w = workload(&a, 42);
-        let (mut ours, mut theirs): (Option<Figures>, Option<Figures>) = (None, None);
-        for _ in 0..a.rounds.max(1) {
-            ours = Some(best(ours, run_rust(&dir, &w, &a, tok.pad_id())?));
-            if !a.rust_only {
-                theirs = Some(best(
-                    theirs,
-                    run_python(&dir, &w, &a, tok.pad_id(), threads)?,
-                ));
-            }
-        }
-        let ours = ours.expect("at least one round");
-        let p = format!("{:.1}M", params as f64 / 1e6);
-        let prompt = w.prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let work = [
-            flops::train_step(&config, a.batch, a.seq_len),
-            flops::generation(&config, a.batch, prompt, a.max_new_tokens),
-        ];
-        let cell = |s: f64, tps: f64, work: f64| {
-            let tflops = work / s / 1e12;
-            let mfu = peak.map_or(String::new(), |p| format!(" {:>5.1}%", 100.0 * tflops / p));
-            format!(
-                "{:>9.1} ms {:>7.0} tok/s {:>6.2} TF/s{mfu}",
-                s * 1e3,
-                tps,
-                tflops
-            )
-        };
-        let rows = [
-            (
-                "sft step",
-                ours.sft_seconds,
-                ours.sft_tokens_per_second,
-                theirs.map(|t| (t.sft_seconds, t.sft_tokens_per_second)),
-                work[0],
-            ),
-            (
-                "sampling",
-                ours.sample_seconds,
-                ours.sample_tokens_per_second,
-                theirs.map(|t| (t.sample_seconds, t.sample_tokens_per_second)),
-                work[1],
-            ),
-        ];
-        for (name, s, tps, other, work) in rows {
-            let (theirs_cell, ratio) = match other {
-                Some((ts, ttps)) => (cell(ts, ttps, work), format!("{:.2}x", ts / s)),
-                None => ("-".into(), "-".into()),
-            };
-            println!(
-                "{size:<6} {p:>7}  {name:<9} {:>34} {theirs_cell:>34} {ratio:>8}",
-                cell(s, tps, work)
-            );
-        }
-        println!(
-            "{size:<6} {p:>7}  {:<9} {:>9.3} ms (ours) {:>13.3} ms (libtorch C++ AdamW) {:>6.2}x",
-            "adamw",
-            adamw_ours * 1e3,
-            adamw_libtorch * 1e3,
-            adamw_libtorch / adamw_ours
-        );
+        bench_size(&a, size, &root.join(size), peak, threads)?;
     }
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&root);
     }
     Ok(())
+}
+
+/// One size: the SFT step and sampling timed on both sides (best of `a.rounds`), printed as
+/// table rows, and returned as JSON (seconds, tokens/s, model TFLOP/s and MFU of each side).
+pub fn bench_size(
+    a: &BenchArgs,
+    size: &str,
+    dir: &Path,
+    peak: Option<f64>,
+    threads: i32,
+) -> Result<Value> {
+    let tok = Tokenizer::tiny();
+    let (spec, vocab) = TinySpec::bench_shape(size)?;
+    let lm = match vocab {
+        Some(v) => CausalLm::random(
+            &Qwen2Config::tiny(&spec, v),
+            spec.seed,
+            Device::Cpu,
+            Kind::Float,
+        )?,
+        None => CausalLm::tiny(&spec, &tok, Device::Cpu, Kind::Float)?,
+    };
+    let config = lm.config.clone();
+    let params = lm.num_parameters();
+    save_checkpoint(dir, &lm, &tok)?;
+    drop(lm);
+    let (adamw_ours, adamw_libtorch) = {
+        let (lm, _) = load_checkpoint(dir, parse_device(&a.device)?, parse_kind(&a.dtype)?)?;
+        time_adamw(&lm, a.iters * 10, a.rounds)?
+    };
+    let w = workload(a, 42);
+    let (mut ours, mut theirs): (Option<Figures>, Option<Figures>) = (None, None);
+    for _ in 0..a.rounds.max(1) {
+        ours = Some(best(ours, run_rust(dir, &w, a, tok.pad_id())?));
+        if !a.rust_only {
+            theirs = Some(best(theirs, run_python(dir, &w, a, tok.pad_id(), threads)?));
+        }
+    }
+    let ours = ours.expect("at least one round");
+    let p = format!("{:.1}M", params as f64 / 1e6);
+    let prompt = w.prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let work = [
+        flops::train_step(&config, a.batch, a.seq_len),
+        flops::generation(&config, a.batch, prompt, a.max_new_tokens),
+    ];
+    let cell = |s: f64, tps: f64, work: f64| {
+        let tflops = work / s / 1e12;
+        let mfu = peak.map_or(String::new(), |p| format!(" {:>5.1}%", 100.0 * tflops / p));
+        format!(
+            "{:>9.1} ms {:>7.0} tok/s {:>6.2} TF/s{mfu}",
+            s * 1e3,
+            tps,
+            tflops
+        )
+    };
+    let rows = [
+        (
+            "sft step",
+            ours.sft_seconds,
+            ours.sft_tokens_per_second,
+            theirs.map(|t| (t.sft_seconds, t.sft_tokens_per_second)),
+            work[0],
+        ),
+        (
+            "sampling",
+            ours.sample_seconds,
+            ours.sample_tokens_per_second,
+            theirs.map(|t| (t.sample_seconds, t.sample_tokens_per_second)),
+            work[1],
+        ),
+    ];
+    let side = |s: f64, tps: f64, work: f64| {
+        let tflops = work / s / 1e12;
+        json!({"seconds": s, "tokens_per_second": tps, "tflops": tflops,
+               "mfu": peak.map(|p| tflops / p)})
+    };
+    let mut report = json!({"size": size, "parameters": params,
+                            "adamw_ms": {"ours": adamw_ours * 1e3, "libtorch": adamw_libtorch * 1e3}});
+    for (name, s, tps, other, work) in rows {
+        report[name.replace(' ', "_")] = json!({
+            "rlt_trainer": side(s, tps, work),
+            "transformers": other.map(|(ts, ttps)| side(ts, ttps, work)),
+        });
+        let (theirs_cell, ratio) = match other {
+            Some((ts, ttps)) => (cell(ts, ttps, work), format!("{:.2}x", ts / s)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{size:<6} {p:>7}  {name:<9} {:>34} {theirs_cell:>34} {ratio:>8}",
+            cell(s, tps, work)
+        );
+    }
+    println!(
+        "{size:<6} {p:>7}  {:<9} {:>9.3} ms (ours) {:>13.3} ms (libtorch C++ AdamW) {:>6.2}x",
+        "adamw",
+        adamw_ours * 1e3,
+        adamw_libtorch * 1e3,
+        adamw_libtorch / adamw_ours
+    );
+    Ok(report)
 }

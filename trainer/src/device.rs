@@ -91,6 +91,43 @@ pub fn gpu_name(index: usize) -> Option<String> {
     })
 }
 
+#[cfg(rlt_cuda_stats)]
+extern "C" {
+    fn rlt_cuda_peak_allocated(device: i32) -> i64;
+    fn rlt_cuda_reset_peak(device: i32);
+}
+
+/// Whether this build reads the CUDA caching allocator's statistics.
+pub const CUDA_STATS: bool = cfg!(rlt_cuda_stats);
+
+/// The CUDA caching allocator's peak of allocated bytes on GPU `index` since the last
+/// [`cuda_reset_peak`] (`torch.cuda.max_memory_allocated`); `None` in a build without it or
+/// when libtorch refuses (no such device).
+pub fn cuda_peak_allocated(index: usize) -> Option<i64> {
+    #[cfg(rlt_cuda_stats)]
+    {
+        // SAFETY: a plain call into libtorch's allocator statistics; the shim catches its
+        // exceptions.
+        Some(unsafe { rlt_cuda_peak_allocated(index as i32) }).filter(|&b| b >= 0)
+    }
+    #[cfg(not(rlt_cuda_stats))]
+    {
+        let _ = index;
+        None
+    }
+}
+
+/// Resets [`cuda_peak_allocated`] of GPU `index` (`torch.cuda.reset_peak_memory_stats`).
+pub fn cuda_reset_peak(index: usize) {
+    #[cfg(rlt_cuda_stats)]
+    // SAFETY: as above.
+    unsafe {
+        rlt_cuda_reset_peak(index as i32)
+    }
+    #[cfg(not(rlt_cuda_stats))]
+    let _ = index;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

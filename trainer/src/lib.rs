@@ -28,6 +28,7 @@ pub mod distill;
 pub mod eval;
 pub mod exit;
 pub mod flops;
+pub mod gpu_check;
 pub mod logprobs;
 pub mod memory;
 pub mod metrics;

@@ -42,6 +42,9 @@ enum Command {
     Eval(rlt_trainer::eval::run::EvalArgs),
     /// Run an RltRun's stages here as local processes, as the operator would on a cluster.
     Pipeline(rlt_trainer::pipeline::PipelineArgs),
+    /// The trainer on a device in one JSON report: numerics and speed against transformers,
+    /// an RL group's memory against its preflight (the GPU kit's check; CPU at small shapes).
+    GpuCheck(rlt_trainer::gpu_check::GpuCheckArgs),
     /// The effect of RL, measured: warm-up vs RL teacher reward, and students distilled from
     /// each (and from solutions alone) by held-out accuracy and solution log-likelihood.
     BenchEffect(rlt_trainer::bench_effect::BenchEffectArgs),
@@ -94,6 +97,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Distill(a) => rlt_trainer::distill::distill(a),
         Command::Eval(a) => rlt_trainer::eval::run::eval(a).map(|_| ()),
         Command::Pipeline(a) => rlt_trainer::pipeline::pipeline(a).map(|_| ()),
+        Command::GpuCheck(a) => rlt_trainer::gpu_check::gpu_check(a),
         Command::BenchEffect(a) => rlt_trainer::bench_effect::bench_effect(a).map(|_| ()),
     }
 }

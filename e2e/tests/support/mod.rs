@@ -292,6 +292,19 @@ pub async fn run_on_claim(
     script: &str,
     env: &[(&str, String)],
 ) -> Result<String> {
+    let command = ["sh", "-c", script].map(String::from).to_vec();
+    run_image_on_claim(client, pod_name, claim, &shell_image(), &command, env).await
+}
+
+/// [`run_on_claim`] with any image and command (e.g. the trainer's, to write a model).
+pub async fn run_image_on_claim(
+    client: &Client,
+    pod_name: &str,
+    claim: &str,
+    image: &str,
+    command: &[String],
+    env: &[(&str, String)],
+) -> Result<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace());
     let mut env: Vec<Value> = env
         .iter()
@@ -304,9 +317,9 @@ pub async fn run_on_claim(
         "spec": {
             "restartPolicy": "Never",
             "automountServiceAccountToken": false,
-            "containers": [{"name": "sh", "image": shell_image(),
+            "containers": [{"name": "sh", "image": image,
                 "imagePullPolicy": "IfNotPresent",
-                "command": ["sh", "-c", script],
+                "command": command,
                 "env": env,
                 "securityContext": {"runAsUser": 0},
                 "volumeMounts": [{"name": "ws", "mountPath": "/workspace"}]}],
@@ -342,6 +355,16 @@ pub async fn run_on_claim(
     Ok(message)
 }
 
+/// The run's directory in its workspace: `spec.workspace.directory`, else its name and the
+/// start of its UID (`rlt_api::layout::run_directory`, which the operator renders).
+pub fn run_directory(run: &DynamicObject) -> String {
+    let name = run.metadata.name.clone().unwrap_or_default();
+    match run.data["spec"]["workspace"]["directory"].as_str() {
+        Some(dir) => dir.to_string(),
+        None => rlt_api::layout::keyed_directory(&name, run.metadata.uid.as_deref().unwrap_or("")),
+    }
+}
+
 /// Checks paths under the run's workspace directory from inside the cluster: a short-lived
 /// pod on the run's claim reports the paths that do NOT exist.
 pub async fn missing_in_workspace(
@@ -360,7 +383,7 @@ echo checked >>"$REPORT""#;
         &workspace_claim(run),
         script,
         &[
-            ("RUN_DIR", format!("/workspace/{name}")),
+            ("RUN_DIR", format!("/workspace/{}", run_directory(run))),
             ("CHECK", paths.join(" ")),
         ],
     )
