@@ -239,6 +239,18 @@ pub struct TrainingFigures {
     pub tokens_per_second: Option<f64>,
 }
 
+/// A learner's termination message when it succeeds: the stage's final [`TrainingFigures`]
+/// as one line of JSON. The operator records them in status when the stage completes, since a
+/// short stage can end between two polls of [`STATUS_PATH`].
+pub fn final_figures_message(figures: &TrainingFigures) -> String {
+    serde_json::to_string(figures).expect("figures serialize")
+}
+
+/// The figures in a succeeded learner's termination message ([`final_figures_message`]).
+pub fn parse_final_figures(message: &str) -> Option<TrainingFigures> {
+    serde_json::from_str(message.trim()).ok()
+}
+
 /// The rendered run configuration mounted at `RLT_CONFIG`: the run as the user would write it
 /// (name, namespace, the spec with every default filled in), parsed back by the trainer with
 /// [`crate::parse_yaml`]. `suspend` is left out (always false): it is the operator's business,
@@ -282,6 +294,23 @@ mod tests {
             ranks_per_pod: 1,
             peers: None,
         }
+    }
+
+    #[test]
+    fn final_figures_travel_in_one_line_and_an_error_message_is_not_read_as_figures() {
+        let f = TrainingFigures {
+            step: 8,
+            total_steps: 8,
+            mean_reward: Some(-1.25),
+            solution_term: Some(-1.0),
+            kl_term: Some(0.25),
+            tokens_per_second: None,
+        };
+        let message = final_figures_message(&f);
+        assert!(!message.contains('\n'), "{message}");
+        assert_eq!(parse_final_figures(&message), Some(f));
+        assert_eq!(parse_final_figures("error: connection reset"), None);
+        assert_eq!(parse_final_figures(""), None);
     }
 
     #[test]

@@ -42,7 +42,8 @@ pub struct RltRunStatus {
     pub attempt: Option<u32>,
     #[serde(default, skip_serializing_if = "StagesStatus::is_empty")]
     pub stages: StagesStatus,
-    /// Latest training figures read from parameter server 0 while RL runs.
+    /// RL's figures: read from parameter server 0 while the stage runs, and its last step's
+    /// from the learners' termination messages once it completes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingStatus>,
 }
@@ -131,6 +132,25 @@ pub struct TrainingStatus {
     pub step: u64,
     #[schemars(range(max = MAX_JSON_INTEGER))]
     pub total_steps: u64,
+    /// The step's mean reward: the solution term minus the KL term, as weighted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_reward: Option<f64>,
+    /// The student's mean log-probability of the solution given the explanation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub solution_term: Option<f64>,
+    /// The mean KL term that keeps the explanation natural to the student.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl_term: Option<f64>,
+}
+
+impl From<&crate::contract::TrainingFigures> for TrainingStatus {
+    fn from(f: &crate::contract::TrainingFigures) -> Self {
+        TrainingStatus {
+            step: f.step,
+            total_steps: f.total_steps,
+            mean_reward: f.mean_reward,
+            solution_term: f.solution_term,
+            kl_term: f.kl_term,
+        }
+    }
 }

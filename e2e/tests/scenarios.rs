@@ -433,6 +433,77 @@ async fn s03_tiny_run_walks_every_phase_and_leaves_every_artifact() -> Result<()
     Ok(())
 }
 
+/// The tiny run exactly as shipped (RL of 8 steps, shorter than one poll of the figures), as a
+/// user watches it: it ends with its last reward in status and nothing alarming on the run or
+/// its pods (a parameter server that exits once the stage is done would be restarted by its
+/// StatefulSet, and the kubelet's back-off would become a Warning).
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s03b_a_healthy_tiny_run_keeps_its_final_reward_and_raises_no_warning() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let name = "e2e-healthy";
+    delete_run(&client, name).await?;
+    let api = rltruns(&client);
+    let run = tiny_run(name)?;
+    let steps = run.data["spec"]["rl"]["steps"]
+        .as_u64()
+        .context("rl.steps")?;
+    apply_run(&api, &run).await?;
+    let done = wait_phase(&client, name, "Succeeded", secs(600)).await?;
+    eprintln!(
+        "{}",
+        tool("kubectl", &["get", "rltruns", name, "-n", &namespace()])?
+    );
+    eprintln!(
+        "{}",
+        tool("kubectl", &["describe", "rltrun", name, "-n", &namespace()])?
+    );
+    let training = &done.data["status"]["training"];
+    ensure!(
+        training["step"].as_u64() == Some(steps)
+            && training["totalSteps"].as_u64() == Some(steps)
+            && training["meanReward"].is_f64()
+            && training["solutionTerm"].is_f64()
+            && training["klTerm"].is_f64(),
+        "the final figures of RL are not in status: {training}"
+    );
+    // Events about the run and about each of its children and their pods.
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(client.clone(), &namespace());
+    let prefix = format!("{name}-");
+    let created = done.metadata.creation_timestamp.clone();
+    let warnings: Vec<String> = events
+        .list(&ListParams::default().fields("type=Warning"))
+        .await?
+        .items
+        .iter()
+        .filter(|e| {
+            let about = e.involved_object.name.as_deref().unwrap_or_default();
+            (about == name || about.starts_with(&prefix))
+                && e.metadata.creation_timestamp >= created
+        })
+        .map(|e| {
+            format!(
+                "{}/{}: {}",
+                e.involved_object.kind.as_deref().unwrap_or_default(),
+                e.involved_object.name.as_deref().unwrap_or_default(),
+                event_text(e)
+            )
+        })
+        .collect();
+    ensure!(
+        warnings.is_empty(),
+        "a healthy run raised Warnings: {warnings:#?}"
+    );
+    delete_run(&client, name).await?;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace());
+    claims
+        .delete(&workspace_claim(&done), &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
 fn stage_message(run: &kube::api::DynamicObject) -> String {
     run.data["status"]["conditions"]
         .as_array()

@@ -260,6 +260,7 @@ mod tests {
                 problem: None,
                 ip: Some("127.0.0.1".into()),
                 deleting: false,
+                final_figures: None,
             }],
             ..Default::default()
         };

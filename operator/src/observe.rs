@@ -7,7 +7,7 @@ use crate::children::{
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use rlt_api::contract::TrainingFigures;
+use rlt_api::contract::{parse_final_figures, TrainingFigures};
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Observed {
@@ -62,6 +62,8 @@ pub struct ObservedPod {
     pub ip: Option<String>,
     /// Being deleted (terminating).
     pub deleting: bool,
+    /// The figures a learner that succeeded left in its termination message.
+    pub final_figures: Option<TrainingFigures>,
 }
 
 impl Observed {
@@ -80,6 +82,14 @@ impl Observed {
             .filter(|p| p.stage == Some(stage) && p.attempt == Some(attempt))
             .filter(|p| student.is_none() || p.student.as_deref() == student)
             .find_map(|p| p.problem.as_ref())
+    }
+    /// The furthest figures the succeeded pods of one stage attempt reported.
+    pub fn final_figures(&self, stage: Stage, attempt: u32) -> Option<&TrainingFigures> {
+        self.pods
+            .iter()
+            .filter(|p| p.stage == Some(stage) && p.attempt == Some(attempt))
+            .filter_map(|p| p.final_figures.as_ref())
+            .max_by_key(|f| f.step)
     }
 }
 
@@ -136,9 +146,30 @@ pub fn pod(pod: &Pod) -> ObservedPod {
             .and_then(|s| s.pod_ip.clone())
             .filter(|ip| !ip.is_empty()),
         deleting: pod.metadata.deletion_timestamp.is_some(),
+        final_figures: final_figures(pod),
         name,
     }
 }
+
+/// The trainer's termination message, when it exited 0 with figures in it.
+fn final_figures(pod: &Pod) -> Option<TrainingFigures> {
+    let status = pod.status.as_ref()?;
+    let trainer = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == CONTAINER)?;
+    let t = trainer.state.as_ref()?.terminated.as_ref()?;
+    (t.exit_code == 0)
+        .then(|| t.message.as_deref().and_then(parse_final_figures))
+        .flatten()
+}
+
+/// The scheduler's word for a pod whose claim is not bound yet: a wait, not a fault (the
+/// volume binder or a provisioner binds it; upstream reports a waiting claim as Normal too).
+const UNBOUND_CLAIM: &str = "unbound immediate PersistentVolumeClaims";
+/// The reason given to a pod that waits only for its volume claim to be bound.
+pub const WAITING_FOR_VOLUME: &str = "WaitingForVolume";
 
 const WAITING_PROBLEMS: &[&str] = &[
     "ImagePullBackOff",
@@ -217,14 +248,22 @@ pub fn pod_problem(name: &str, pod: &Pod) -> Option<Problem> {
             && c.reason.as_deref() == Some("Unschedulable")
     });
     if let Some(c) = unschedulable {
-        let detail = c
-            .message
-            .as_deref()
-            .map(|m| format!(": {m}"))
-            .unwrap_or_default();
-        return Some(Problem {
-            reason: "Unschedulable".into(),
-            message: format!("pod {name} cannot be scheduled{detail}"),
+        let said = c.message.as_deref().unwrap_or_default();
+        return Some(if said.contains(UNBOUND_CLAIM) {
+            Problem {
+                reason: WAITING_FOR_VOLUME.into(),
+                message: format!("pod {name} waits for its volume claim to be bound: {said}"),
+            }
+        } else {
+            let detail = c
+                .message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default();
+            Problem {
+                reason: "Unschedulable".into(),
+                message: format!("pod {name} cannot be scheduled{detail}"),
+            }
         });
     }
     None
@@ -257,6 +296,9 @@ mod tests {
             (json!({"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                 "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}),
              "Unschedulable", "pod p cannot be scheduled: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+            (json!({"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/250 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: 0/250 nodes are available: 250 Preemption is not helpful for scheduling."}]}),
+             "WaitingForVolume", "pod p waits for its volume claim to be bound: 0/250 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: 0/250 nodes are available: 250 Preemption is not helpful for scheduling."),
             (json!({"containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
                 "state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]}),
              "OOMKilled", "pod p: the trainer was OOMKilled (exit code 137): raise its memory limit"),
@@ -280,6 +322,33 @@ mod tests {
             "restartCount": 0, "state": {"running": {}}}]}),
         ));
         assert_eq!(healthy.problem, None);
+    }
+
+    #[test]
+    fn a_learner_that_succeeded_leaves_its_final_figures_and_a_failed_one_does_not() {
+        let ended = |code: i32, message: &str| {
+            pod(&pod_from(
+                json!({"containerStatuses": [{"name": "trainer", "image": "i",
+                "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"reason": "Completed", "exitCode": code, "message": message}}}]}),
+            ))
+        };
+        let figures =
+            r#"{"step":8,"totalSteps":8,"meanReward":-0.5,"solutionTerm":-0.25,"klTerm":0.25}"#;
+        let f = ended(0, figures).final_figures.expect("figures");
+        assert_eq!((f.step, f.total_steps, f.kl_term), (8, 8, Some(0.25)));
+        assert_eq!(ended(1, figures).final_figures, None);
+        assert_eq!(ended(0, "done").final_figures, None);
+        let obs = Observed {
+            pods: vec![ended(0, figures), {
+                let mut earlier = ended(0, &figures.replace(":8,", ":5,"));
+                earlier.name = "q".into();
+                earlier
+            }],
+            ..Default::default()
+        };
+        assert_eq!(obs.final_figures(Stage::Rl, 2).map(|f| f.step), Some(8));
+        assert_eq!(obs.final_figures(Stage::Rl, 1), None);
     }
 
     #[test]

@@ -21,15 +21,13 @@
 //! Event series are keyed on (reason, action), so two failures with one reason stay two Events.
 use crate::activity::Activity;
 use crate::children::{self, names, Child, Ctx, Kind, Stage};
-use crate::observe::{JobState, Observed};
+use crate::observe::{self, JobState, Observed};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use rlt_api::layout::RunDir;
 use rlt_api::spec::RltRun;
 use rlt_api::stage::{self, Detail};
-use rlt_api::status::{
-    condition as cond, Phase, RltRunStatus, StageStatus, StagesStatus, TrainingStatus,
-};
+use rlt_api::status::{condition as cond, Phase, RltRunStatus, StageStatus, StagesStatus};
 use rlt_api::{contract, validate};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,6 +417,7 @@ pub fn reconcile_with(run: &RltRun, obs: &Observed, activity: &Activity, now: &T
         // sees a stage finish starts the next one right away.
         while let Next::Stage = r.advance() {}
     }
+    r.record_final_figures();
     finish(r.p, old, r.status)
 }
 
@@ -782,12 +781,14 @@ impl Reconciler<'_> {
             .set(stage.complete_condition(), false, &reason, &message)
             && reason != "Running"
         {
-            self.p.event(
-                EventType::Warning,
-                &reason,
-                &stage_action(stage, attempt),
-                message,
-            );
+            // A claim being bound is a wait, not a fault: no Warning on a healthy run.
+            let kind = if reason == observe::WAITING_FOR_VOLUME {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            self.p
+                .event(kind, &reason, &stage_action(stage, attempt), message);
         }
     }
 
@@ -818,16 +819,29 @@ impl Reconciler<'_> {
         }
     }
 
+    /// A short RL stage can end between two polls of the figures: its learners' termination
+    /// messages carry the last step's, kept unless the status is already further along.
+    fn record_final_figures(&mut self) {
+        let attempt = current_attempt(&self.status.stages, Stage::Rl);
+        let Some(f) = self.p.obs.final_figures(Stage::Rl, attempt) else {
+            return;
+        };
+        if self
+            .status
+            .training
+            .as_ref()
+            .is_none_or(|t| t.step <= f.step)
+        {
+            self.status.training = Some(f.into());
+        }
+    }
+
     /// The running stage's progress: RL steps from the latest figures, students done.
     fn show_progress(&mut self, stage: Stage, done: &[String]) {
         let detail = match stage {
             Stage::Rl => {
                 if let Some(f) = &self.p.obs.figures {
-                    self.status.training = Some(TrainingStatus {
-                        step: f.step,
-                        total_steps: f.total_steps,
-                        mean_reward: f.mean_reward,
-                    });
+                    self.status.training = Some(f.into());
                 }
                 match &self.status.training {
                     Some(t) => Detail::Steps {

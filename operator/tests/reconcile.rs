@@ -145,6 +145,7 @@ fn problem_pod(stage: Stage, attempt: u32, reason: &str, message: &str) -> Obser
         }),
         ip: None,
         deleting: false,
+        final_figures: None,
     }
 }
 
@@ -275,6 +276,68 @@ fn rl_figures_are_copied_into_status() {
     let t = w.status().training.clone().unwrap();
     assert_eq!((t.step, t.total_steps, t.mean_reward), (3, 4, Some(0.25)));
     assert_eq!(w.status().progress.as_deref(), Some("2/3 rl 3/4"));
+}
+
+#[test]
+fn a_short_rl_stage_never_polled_keeps_its_final_figures_from_the_learners() {
+    let mut w = at_rl();
+    let last = TrainingFigures {
+        step: 8,
+        total_steps: 8,
+        mean_reward: Some(-0.5),
+        solution_term: Some(-0.25),
+        kl_term: Some(0.25),
+        tokens_per_second: None,
+    };
+    let mut learner = problem_pod(Stage::Rl, 0, "", "");
+    learner.problem = None;
+    learner.final_figures = Some(last.clone());
+    // A figure of an earlier attempt's learner is not this stage's.
+    let mut stale = learner.clone();
+    stale.attempt = Some(1);
+    stale.final_figures = Some(TrainingFigures {
+        step: 9,
+        ..last.clone()
+    });
+    w.obs.pods = vec![stale, learner];
+    w.set_job("tiny-cpu-learner-0", JobState::Complete);
+    w.step();
+    assert_eq!(w.phase(), Phase::Distillation);
+    let t = w.status().training.clone().expect("final figures");
+    assert_eq!(
+        (
+            t.step,
+            t.total_steps,
+            t.mean_reward,
+            t.solution_term,
+            t.kl_term
+        ),
+        (8, 8, Some(-0.5), Some(-0.25), Some(0.25))
+    );
+    assert!(w.step().is_noop(), "recorded once");
+    // They stay once the learners' pods are gone.
+    w.obs.pods.clear();
+    assert!(w.step().is_noop());
+    assert_eq!(w.status().training.as_ref().map(|t| t.step), Some(8));
+}
+
+#[test]
+fn a_pod_waiting_for_its_claim_to_bind_is_a_normal_event_not_a_warning() {
+    let mut w = at_rl();
+    let message = "pod p waits for its volume claim to be bound: 0/250 nodes are available: pod has unbound immediate PersistentVolumeClaims.";
+    w.obs.pods = vec![problem_pod(Stage::Rl, 0, "WaitingForVolume", message)];
+    let plan = w.step();
+    assert_eq!(
+        w.condition(cond::RL_COMPLETE),
+        ("False".into(), "WaitingForVolume".into(), message.into())
+    );
+    assert_eq!(
+        plan.events
+            .iter()
+            .map(|e| (e.type_, e.reason.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(EventType::Normal, "WaitingForVolume")]
+    );
 }
 
 #[test]

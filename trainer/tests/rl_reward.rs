@@ -408,7 +408,9 @@ fn student_with_another_tokenizer_fails_fast() {
 #[test]
 fn learner_with_a_teacher_of_another_shape_fails_fast() {
     use rlt_trainer::rl::learner::{run_learner, LearnerConfig};
-    use rlt_trainer::rl::param_server::{read_checkpoint_tensors, ParamServer, ServerConfig};
+    use rlt_trainer::rl::param_server::{
+        read_checkpoint_tensors, ParamServer, ServeUntil, ServerConfig,
+    };
     let root = tmpdir("shape");
     tiny(&root.join("t"), 1);
     tiny(&root.join("s"), 2);
@@ -445,7 +447,7 @@ fn learner_with_a_teacher_of_another_shape_fails_fast() {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    rt.spawn(server.serve(listener, None));
+    rt.spawn(server.serve(listener, None, ServeUntil::AllLearnersDone));
     let models = Models::load(&root.join("t"), &root.join("s"), Device::Cpu, Kind::Float).unwrap();
     let cfg = LearnerConfig {
         param_servers: vec![addr],

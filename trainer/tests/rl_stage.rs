@@ -228,10 +228,18 @@ impl Cluster {
                 "60",
             ])
             .args(common_flags(self.steps))
+            .env(
+                rlt_api::contract::env::TERMINATION_LOG,
+                self.termination_log(rank),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap()
+    }
+
+    fn termination_log(&self, rank: usize) -> PathBuf {
+        self.logs.join(format!("learner-{rank}.termination"))
     }
 
     fn log(&self, name: &str) -> String {
@@ -259,6 +267,42 @@ fn wait_ok(child: &mut Child, what: &str, cluster: &Cluster, log: &str, limit: D
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A parameter server outlives its stage (a StatefulSet would restart one that exits, even
+/// with 0): once every learner is done it says so, keeps running, and leaves with 0 at SIGTERM.
+fn stop_server(server: &mut Child, shard: usize, cluster: &Cluster, log: &str) {
+    let what = format!("parameter server {shard}");
+    let start = Instant::now();
+    while !cluster
+        .log(log)
+        .contains("serving the final figures until stopped")
+    {
+        if let Some(status) = server.try_wait().unwrap() {
+            panic!(
+                "{what} exited by itself ({status}); its log:\n{}",
+                cluster.log(log)
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what} never saw every learner done; its log:\n{}",
+            cluster.log(log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "{what} stopped before it was told to; its log:\n{}",
+        cluster.log(log)
+    );
+    let sent = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    wait_ok(server, &what, cluster, log, Duration::from_secs(30));
 }
 
 /// The same steps in one process.
@@ -363,14 +407,22 @@ fn two_servers_two_learners_match_single_process_run() {
             Duration::from_secs(240),
         );
     }
+    // Each learner hands the stage's last figures to the operator in its termination message.
+    for i in 0..2 {
+        let message = std::fs::read_to_string(c.termination_log(i)).unwrap_or_default();
+        let f = rlt_api::contract::parse_final_figures(&message)
+            .unwrap_or_else(|| panic!("learner {i}'s termination message: {message:?}"));
+        assert_eq!((f.step, f.total_steps), (STEPS, STEPS), "{f:?}");
+        assert!(f.mean_reward.is_some() && f.kl_term.is_some(), "{f:?}");
+    }
+    // The stage is over, and server 0 still serves its last figures until it is stopped.
+    let last = http_get(c.metrics, rlt_api::contract::STATUS_PATH)
+        .and_then(|b| serde_json::from_str::<rlt_api::contract::TrainingFigures>(&b).ok())
+        .expect("server 0 serves /status after the last step");
+    assert_eq!(last.step, STEPS, "{last:?}");
+    assert!(last.mean_reward.is_some(), "{last:?}");
     for (i, s) in servers.iter_mut().enumerate() {
-        wait_ok(
-            s,
-            &format!("parameter server {i}"),
-            &c,
-            &format!("ps-{i}-0.log"),
-            Duration::from_secs(30),
-        );
+        stop_server(s, i, &c, &format!("ps-{i}-0.log"));
     }
     let run = RunDir::new(&c.ws, "run");
     let distributed = final_weights(&run.rl().final_dir());
@@ -431,13 +483,7 @@ fn killed_server_restarts_from_its_checkpoint_and_the_run_finishes_identically()
         Duration::from_secs(240),
     );
     for (i, s) in servers.iter_mut().enumerate() {
-        wait_ok(
-            s,
-            &format!("parameter server {i}"),
-            &c,
-            &format!("ps-{i}-{}.log", i),
-            Duration::from_secs(30),
-        );
+        stop_server(s, i, &c, &format!("ps-{i}-{i}.log"));
     }
     let restarted = c.log("ps-1-1.log");
     assert!(

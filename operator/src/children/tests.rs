@@ -427,6 +427,7 @@ fn figures_are_read_at_parameter_server_0s_pod_ip_when_observed() {
         problem: None,
         ip: ip.map(Into::into),
         deleting,
+        final_figures: None,
     };
     let url = |pods: Vec<ObservedPod>| {
         status_url(

@@ -15,7 +15,7 @@ use tch::{Device, Kind};
 
 use super::grpo::GrpoConfig;
 use super::learner::{run_learner, LearnerConfig, Models, StepReport};
-use super::param_server::{read_checkpoint_tensors, ParamServer, ServerConfig};
+use super::param_server::{read_checkpoint_tensors, ParamServer, ServeUntil, ServerConfig};
 use super::reward::RewardConfig;
 use super::rollout::RolloutConfig;
 use super::shard::RlOptimizer;
@@ -182,7 +182,7 @@ fn transport(teacher: &Path) -> Result<(f64, f64, f64)> {
     let server = ParamServer::new(cfg, &initial)?;
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?.to_string();
-    let handle = rt.spawn(server.serve(listener, None));
+    let handle = rt.spawn(server.serve(listener, None, ServeUntil::AllLearnersDone));
     // The client's channel is created lazily on this runtime.
     let _runtime = rt.enter();
     let mut clients = ShardClients::new(&[addr], 0, 1, Duration::from_secs(30))?;
@@ -243,7 +243,7 @@ fn run_one(
         let server = ParamServer::new(cfg, &initial)?;
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         addrs.push(listener.local_addr()?.to_string());
-        handles.push(rt.spawn(server.serve(listener, None)));
+        handles.push(rt.spawn(server.serve(listener, None, ServeUntil::AllLearnersDone)));
     }
     // The servers hold their copies; at the 0.5B shape this one is 1.4 GB.
     drop(initial);

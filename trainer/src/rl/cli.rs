@@ -364,7 +364,21 @@ pub fn learner(a: LearnerArgs) -> Result<()> {
         prune_after_final: Some((run_dir.rl(), crate::cli::keep_after_final(run))),
     };
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(run_learner(&models, &examples, &prompts, &cfg, |_| {}))
+    rt.block_on(run_learner(&models, &examples, &prompts, &cfg, |_| {}))?;
+    report_final_figures(&run_dir.rl().metrics());
+    Ok(())
+}
+
+/// Hands the stage's last figures (parameter server 0 wrote them before the last step was
+/// acknowledged) to the operator in the termination message.
+fn report_final_figures(path: &std::path::Path) {
+    let figures = std::fs::read(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| Ok(serde_json::from_slice::<contract::TrainingFigures>(&b)?));
+    match figures {
+        Ok(f) => crate::exit::write_termination_log(&contract::final_figures_message(&f)),
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "no final figures to report"),
+    }
 }
 
 /// The longest teacher prompt or student chat (without the explanation) of the dataset, in

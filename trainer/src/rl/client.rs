@@ -504,7 +504,7 @@ mod tests {
     use super::*;
     use crate::optim::{clip_coefficient, squared_norm, AdamWConfig};
     use crate::rl::grpo::GrpoConfig;
-    use crate::rl::param_server::{ParamServer, ServerConfig};
+    use crate::rl::param_server::{ParamServer, ServeUntil, ServerConfig};
     use crate::rl::shard::{assign_shards, RlOptimizer, ShardState};
     use rlt_api::layout::RunDir;
     use tch::Kind;
@@ -541,7 +541,7 @@ mod tests {
             let server = ParamServer::new(cfg, &weights()).unwrap();
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             addrs.push(l.local_addr().unwrap().to_string());
-            tokio::spawn(server.serve(l, None));
+            tokio::spawn(server.serve(l, None, ServeUntil::AllLearnersDone));
         }
         addrs
     }

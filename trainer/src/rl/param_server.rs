@@ -205,6 +205,29 @@ impl ServerMetrics {
     }
 }
 
+/// When a server stops serving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServeUntil {
+    /// Once every learner reported done after the last step: servers inside one process.
+    AllLearnersDone,
+    /// After that, at SIGTERM or SIGINT: a server process, removed by its owner (the
+    /// operator deletes the StatefulSet, the local pipeline kills it).
+    Terminated,
+}
+
+/// Waits for SIGTERM or SIGINT. Installed only once the stage is done: until then the
+/// default disposition ends the process at once, as an interrupted stage should.
+async fn terminated() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    Ok(())
+}
+
 #[derive(Clone)]
 pub struct ParamServer {
     cfg: Arc<ServerConfig>,
@@ -291,24 +314,37 @@ impl ParamServer {
         self.figures.lock().unwrap().clone()
     }
 
-    /// Serves gRPC on `listener` (and, on server 0, HTTP on `metrics_listener`) until every
-    /// learner reported done after the last step.
+    /// Serves gRPC on `listener` (and, on server 0, HTTP on `metrics_listener`) until
+    /// `until` says so.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         metrics_listener: Option<tokio::net::TcpListener>,
+        until: ServeUntil,
     ) -> Result<()> {
-        let mut done_rx = self.all_done.subscribe();
+        let stop = watch::channel(false).0;
+        let mut all_done = self.all_done.subscribe();
+        let stopper = stop.clone();
+        tokio::spawn(async move {
+            let _ = all_done.wait_for(|d| *d).await;
+            if until == ServeUntil::Terminated {
+                tracing::info!("every learner is done; serving the final figures until stopped");
+                if let Err(e) = terminated().await {
+                    tracing::warn!(error = %e, "cannot wait for a stop signal; stopping now");
+                }
+            }
+            stopper.send_replace(true);
+        });
+        let stopped = || {
+            let mut rx = stop.subscribe();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
         let http = metrics_listener.map(|l| {
             let app = status_router(self.figures.clone(), self.metrics.clone());
-            let mut rx = self.all_done.subscribe();
-            tokio::spawn(async move {
-                axum::serve(l, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = rx.wait_for(|d| *d).await;
-                    })
-                    .await
-            })
+            let shutdown = stopped();
+            tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(shutdown).await })
         });
         // No Nagle: pushes and pulls are request/response, delayed ACKs would add ~40 ms each.
         let incoming =
@@ -320,9 +356,7 @@ impl ParamServer {
             .add_service(pb::param_server_server::ParamServerServer::new(
                 self.clone(),
             ))
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = done_rx.wait_for(|d| *d).await;
-            })
+            .serve_with_incoming_shutdown(incoming, stopped())
             .await
             .context("gRPC server failed")?;
         if let Some(h) = http {
@@ -704,7 +738,9 @@ impl pb::param_server_server::ParamServer for ParamServer {
     }
 }
 
-/// Binds the gRPC port (and metrics port on server 0) and serves until all learners are done.
+/// Binds the gRPC port (and metrics port on server 0) and serves until stopped: the process
+/// outlives the stage's last step so that a pod's ending is never mistaken for a failure (a
+/// StatefulSet restarts whatever exits, even with 0) and the final figures stay readable.
 pub async fn run(
     cfg: ServerConfig,
     initial_dir: &Path,
@@ -726,5 +762,7 @@ pub async fn run(
         None => None,
     };
     tracing::info!(%rpc_addr, version = server.version(), "parameter server listening");
-    server.serve(listener, metrics).await
+    server
+        .serve(listener, metrics, ServeUntil::Terminated)
+        .await
 }
