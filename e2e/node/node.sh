@@ -311,13 +311,15 @@ up() {
   start "$s" kube-proxy "$K8S_BIN/kube-proxy" --config "$n/kube-proxy.yaml"
   corefile "$s" "$address" >"$n/Corefile"
   start "$s" coredns "$COREDNS_BIN/coredns" -conf "$n/Corefile"
-  # Volumes for claims: hostPath, made world-writable (as kind's local-path provisioner does).
+  # Volumes for claims: a default StorageClass that binds at the first consumer, provisioned as
+  # hostPath folders made world-writable (as kind's local-path provisioner does).
   start "$s" volumes "$ROOT/target/release/rlt-e2e-volumes" --kubeconfig "$s/admin.kubeconfig" --dir "$s/volumes"
   for i in $(seq 1 120); do
     curl -fsS --max-time 1 http://127.0.0.1:8181/ready >/dev/null 2>&1 &&
-      curl -fsS --max-time 1 http://127.0.0.1:10256/healthz >/dev/null 2>&1 && break
+      curl -fsS --max-time 1 http://127.0.0.1:10256/healthz >/dev/null 2>&1 &&
+      kubectl get storageclass rlt-e2e-local >/dev/null 2>&1 && break
     for c in kube-proxy coredns volumes; do alive "$s" "$c" || return 1; done
-    [ "$i" -lt 120 ] || { log "kube-proxy or CoreDNS not ready after 60 s"; return 1; }
+    [ "$i" -lt 120 ] || { log "kube-proxy, CoreDNS or the default StorageClass not ready after 60 s"; return 1; }
     sleep 0.5
   done
   log "node $name Ready in $((SECONDS - started)) s (containerd $CONTAINERD_VERSION, kubelet and kube-proxy $K8S_VERSION, CoreDNS $COREDNS_VERSION)"

@@ -1,9 +1,14 @@
-//! A static volume provisioner for the local e2e cluster (`rlt-e2e-volumes`): every unbound,
-//! pending PersistentVolumeClaim gets a hostPath PersistentVolume under `<dir>/<pv>`,
-//! pre-bound to it (claimRef), which the PV controller then binds. The folder is
-//! world-writable, as kind's local-path provisioner makes its folders: the kubelet applies no
-//! `fsGroup` to hostPath volumes, so the stage pods (non-root) could not write a root-owned
-//! one. Volumes it made that are released are deleted with their folder.
+//! The local e2e cluster's volume provisioner (`rlt-e2e-volumes`), working as the external
+//! provisioners of real clusters do: it installs a default StorageClass that binds when the
+//! first consumer is scheduled (`WaitForFirstConsumer`, as kind's local-path class and the
+//! clouds' default classes do), and gives each claim the PV controller hands to it (the
+//! `volume.kubernetes.io/storage-provisioner` annotation, set once the scheduler has picked a
+//! node) a hostPath PersistentVolume under `<dir>/<pv>`, pre-bound to it (claimRef), which the
+//! PV controller then binds. So a pod waits in the scheduler's binding step for its volume,
+//! with no `FailedScheduling` on the way. The folder is world-writable, as kind's local-path
+//! provisioner makes its folders: the kubelet applies no `fsGroup` to hostPath volumes, so
+//! the stage pods (non-root) could not write a root-owned one. Volumes it made that are
+//! released are deleted with their folder.
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
@@ -11,6 +16,7 @@ use k8s_openapi::api::core::v1::{
     HostPathVolumeSource, ObjectReference, PersistentVolume, PersistentVolumeClaim,
     PersistentVolumeSpec,
 };
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
@@ -28,6 +34,29 @@ fn is_already_exists(e: &kube::Error) -> bool {
 }
 
 pub const LABEL: &str = "rlt.dev/e2e-provisioner";
+/// The provisioner's name, as its StorageClass names it and the PV controller hands claims to it.
+pub const PROVISIONER: &str = "rlt.dev/e2e-volumes";
+/// The cluster's default StorageClass.
+pub const CLASS: &str = "rlt-e2e-local";
+const HANDED_TO: &str = "volume.kubernetes.io/storage-provisioner";
+
+/// The default class: binding waits for the first consumer's node, as on kind and the clouds.
+pub fn storage_class() -> StorageClass {
+    StorageClass {
+        metadata: ObjectMeta {
+            name: Some(CLASS.into()),
+            annotations: Some(BTreeMap::from([(
+                "storageclass.kubernetes.io/is-default-class".to_string(),
+                "true".to_string(),
+            )])),
+            ..Default::default()
+        },
+        provisioner: PROVISIONER.into(),
+        reclaim_policy: Some("Delete".into()),
+        volume_binding_mode: Some("WaitForFirstConsumer".into()),
+        ..Default::default()
+    }
+}
 
 pub fn pv_name(pvc: &PersistentVolumeClaim) -> String {
     format!("pvc-{}", pvc.metadata.uid.as_deref().unwrap_or_default())
@@ -35,7 +64,13 @@ pub fn pv_name(pvc: &PersistentVolumeClaim) -> String {
 
 fn wants_volume(pvc: &PersistentVolumeClaim) -> bool {
     let phase = pvc.status.as_ref().and_then(|s| s.phase.as_deref());
+    let handed_to = pvc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(HANDED_TO));
     pvc.metadata.deletion_timestamp.is_none()
+        && handed_to.map(String::as_str) == Some(PROVISIONER)
         && matches!(phase, None | Some("Pending"))
         && pvc
             .spec
@@ -59,7 +94,7 @@ pub fn volume_for(pvc: &PersistentVolumeClaim, volumes_dir: &Path) -> Persistent
             labels: Some(BTreeMap::from([(LABEL.to_string(), "true".to_string())])),
             annotations: Some(BTreeMap::from([(
                 "pv.kubernetes.io/provisioned-by".to_string(),
-                "rlt-e2e-volumes".to_string(),
+                PROVISIONER.to_string(),
             )])),
             ..Default::default()
         },
@@ -134,6 +169,19 @@ async fn reclaim(api: &Api<PersistentVolume>, pv: &PersistentVolume) {
     }
 }
 
+/// Installs the default StorageClass (once; an existing one is kept).
+pub async fn install_class(client: &Client) -> kube::Result<()> {
+    let classes: Api<StorageClass> = Api::all(client.clone());
+    match classes
+        .create(&PostParams::default(), &storage_class())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_already_exists(&e) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Runs until dropped.
 pub async fn run(client: Client, volumes_dir: PathBuf) {
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
@@ -180,7 +228,7 @@ mod tests {
 
     #[test]
     fn volume_matches_the_claim() {
-        let pvc = PersistentVolumeClaim {
+        let mut pvc = PersistentVolumeClaim {
             metadata: ObjectMeta {
                 name: Some("ws".into()),
                 namespace: Some("ns".into()),
@@ -196,16 +244,28 @@ mod tests {
                     )])),
                     ..Default::default()
                 }),
+                storage_class_name: Some(CLASS.into()),
                 ..Default::default()
             }),
             ..Default::default()
         };
+        // Not before the PV controller hands it over (after the scheduler picked a node).
+        assert!(!wants_volume(&pvc));
+        pvc.metadata.annotations = Some(BTreeMap::from([(
+            HANDED_TO.to_string(),
+            "someone-else".to_string(),
+        )]));
+        assert!(!wants_volume(&pvc));
+        pvc.metadata.annotations = Some(BTreeMap::from([(
+            HANDED_TO.to_string(),
+            PROVISIONER.to_string(),
+        )]));
         assert!(wants_volume(&pvc));
         let pv = volume_for(&pvc, Path::new("/state/volumes"));
         let spec = pv.spec.unwrap();
         assert_eq!(pv.metadata.name.as_deref(), Some("pvc-u1"));
         assert_eq!(spec.capacity.unwrap()["storage"].0, "5Gi");
-        assert_eq!(spec.storage_class_name.as_deref(), Some(""));
+        assert_eq!(spec.storage_class_name.as_deref(), Some(CLASS));
         assert_eq!(spec.host_path.unwrap().path, "/state/volumes/pvc-u1");
         let claim = spec.claim_ref.unwrap();
         assert_eq!(

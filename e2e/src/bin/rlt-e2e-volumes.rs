@@ -1,5 +1,6 @@
-//! `rlt-e2e-volumes`: the local e2e cluster's static hostPath provisioner (see
-//! `rlt_e2e::volumes`), so that the runs' workspace claims bind as they do on kind.
+//! `rlt-e2e-volumes`: the local e2e cluster's default StorageClass and its hostPath
+//! provisioner (see `rlt_e2e::volumes`), so that the runs' workspace claims bind as they do on
+//! kind.
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -8,7 +9,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 
 #[derive(Parser)]
-#[command(about = "Binds every pending PersistentVolumeClaim to a new hostPath volume")]
+#[command(about = "Installs a default StorageClass and provisions its claims as hostPath volumes")]
 struct Args {
     /// The cluster's kubeconfig.
     #[arg(long)]
@@ -30,7 +31,11 @@ async fn main() -> Result<()> {
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
     let dir = std::path::absolute(&args.dir)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    tracing::info!(dir = %dir.display(), "rlt-e2e-volumes ready");
-    rlt_e2e::volumes::run(Client::try_from(config)?, dir).await;
+    let client = Client::try_from(config)?;
+    rlt_e2e::volumes::install_class(&client)
+        .await
+        .context("install the default StorageClass")?;
+    tracing::info!(dir = %dir.display(), class = rlt_e2e::volumes::CLASS, "rlt-e2e-volumes ready");
+    rlt_e2e::volumes::run(client, dir).await;
     Ok(())
 }
