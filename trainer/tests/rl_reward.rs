@@ -63,6 +63,30 @@ fn direct_row_log_probs(lm: &CausalLm, ids: &[i64], temperature: f64) -> Vec<f64
         .collect()
 }
 
+/// A completion's reward and the two terms it is made of.
+#[derive(Debug, Clone, Copy)]
+struct Terms {
+    solution: f64,
+    kl: f64,
+    reward: f64,
+}
+
+impl Terms {
+    /// Term by term within `tol`, naming the term that differs.
+    fn assert_close(&self, expected: &Terms, tol: f64, what: &str) {
+        for (name, got, want) in [
+            ("solution term", self.solution, expected.solution),
+            ("KL term", self.kl, expected.kl),
+            ("reward", self.reward, expected.reward),
+        ] {
+            assert!(
+                (got - want).abs() < tol,
+                "{what}: {name} is {got}, computed by hand {want}"
+            );
+        }
+    }
+}
+
 /// The reward of one completion computed by hand, row by row without padding: the student's
 /// chat built as text with `explanation` as its thought and tokenized, the solution term over
 /// the solution's tokens, the KL term over the explanation's tokens (the completion starts
@@ -75,7 +99,7 @@ fn reward_by_hand(
     completion: &[i64],
     well_formed: bool,
     cfg: &RewardConfig,
-) -> f64 {
+) -> Terms {
     let tok = &models.tokenizer;
     let [prefix, thought, middle, solution, suffix] =
         student_segments(&Prompts::short(), e, explanation);
@@ -109,12 +133,16 @@ fn reward_by_hand(
             + 0.03 * kl.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
     };
     let penalty = if well_formed { 0.0 } else { -1.0 };
-    sol_term - kl_term + penalty
+    Terms {
+        solution: sol_term,
+        kl: kl_term,
+        reward: sol_term - kl_term + penalty,
+    }
 }
 
 /// Scores completions (given as text) through `score_completions` (batched, left-padded
-/// student chats, right-padded teacher completions): the rewards and which parsed.
-fn score_texts(models: &Models, prompt: &GroupPrompt, texts: &[String]) -> (Vec<f64>, Vec<bool>) {
+/// student chats, right-padded teacher completions): the terms and which parsed.
+fn score_texts(models: &Models, prompt: &GroupPrompt, texts: &[String]) -> (Vec<Terms>, Vec<bool>) {
     let tok = &models.tokenizer;
     let ids = models.special_ids().unwrap();
     let cfg = RewardConfig::default();
@@ -146,12 +174,16 @@ fn score_texts(models: &Models, prompt: &GroupPrompt, texts: &[String]) -> (Vec<
         2,
     )
     .unwrap();
-    let rewards = Vec::<f32>::try_from(&got.reward)
-        .unwrap()
-        .into_iter()
-        .map(f64::from)
+    let values = |t: &tch::Tensor| Vec::<f64>::try_from(&t.to_kind(Kind::Double)).unwrap();
+    let (solution, kl, reward) = (values(&got.solution), values(&got.kl), values(&got.reward));
+    let terms = (0..texts.len())
+        .map(|k| Terms {
+            solution: solution[k],
+            kl: kl[k],
+            reward: reward[k],
+        })
         .collect();
-    (rewards, well_formed)
+    (terms, well_formed)
 }
 
 fn sum_example() -> Example {
@@ -200,11 +232,7 @@ fn reward_through_tiny_models_matches_direct_computation() {
             *closed,
             &cfg,
         );
-        assert!(
-            (got[k] - expected).abs() < 1e-3,
-            "row {k}: got {} expected {expected}",
-            got[k]
-        );
+        got[k].assert_close(&expected, 1e-3, &format!("row {k}"));
     }
 }
 
@@ -238,11 +266,7 @@ fn an_explanations_own_trailing_whitespace_is_scored_as_written() {
     for (k, x) in explanations.iter().enumerate() {
         let completion = models.tokenizer.encode(&texts[k]).unwrap();
         let expected = reward_by_hand(&models, &e, &prompt, x, &completion, true, &cfg);
-        assert!(
-            (got[k] - expected).abs() < 1e-3,
-            "explanation {x:?}: got {} expected {expected}",
-            got[k]
-        );
+        got[k].assert_close(&expected, 1e-3, &format!("explanation {x:?}"));
     }
     // The endings matter: the same text with its trailing whitespace trimmed scores otherwise.
     let trimmed = reward_by_hand(
@@ -254,7 +278,11 @@ fn an_explanations_own_trailing_whitespace_is_scored_as_written() {
         true,
         &cfg,
     );
-    assert!((got[0] - trimmed).abs() > 1e-3, "{} vs {trimmed}", got[0]);
+    assert!(
+        (got[0].kl - trimmed.kl).abs() > 1e-3,
+        "{:?} vs {trimmed:?}",
+        got[0]
+    );
 }
 
 fn sft_job(
