@@ -177,13 +177,31 @@ pub fn device_choice(device: crate::spec::Device, gpu_requested: Option<bool>) -
 /// The GPU resource a stage container requests.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
-/// GPUs a container asks for (`nvidia.com/gpu`, a whole number: the device plugin refuses
-/// fractions): the limit, else the request.
+/// Whether an extended resource is a GPU the trainer computes on: NVIDIA's whole GPUs, its
+/// MIG slices under the device plugin's mixed strategy (`nvidia.com/mig-1g.10gb`, each one
+/// device to the process), and AMD's (ROCm builds of libtorch drive them as `cuda`).
+pub fn is_gpu_resource(name: &str) -> bool {
+    name == GPU_RESOURCE || name.starts_with("nvidia.com/mig-") || name == "amd.com/gpu"
+}
+
+/// Whether a resource name is an extended resource (`vendor.example/thing`): not one of
+/// Kubernetes' own (`cpu`, `memory`, `ephemeral-storage`, `hugepages-*`, `*kubernetes.io/*`).
+pub fn is_extended_resource(name: &str) -> bool {
+    name.contains('/') && !name.contains("kubernetes.io/")
+}
+
+/// GPUs a container asks for (every GPU resource of [`is_gpu_resource`], whole numbers: the
+/// device plugins refuse fractions): the limits, else the requests.
 pub fn gpus(resources: Option<&ResourceRequirements>) -> u32 {
     let count = |m: &Option<BTreeMap<String, Quantity>>| {
-        m.as_ref()
-            .and_then(|m| m.get(GPU_RESOURCE))
-            .and_then(|q| q.0.parse::<u32>().ok())
+        let m = m.as_ref()?;
+        let mut gpus = m
+            .iter()
+            .filter(|(name, _)| is_gpu_resource(name))
+            .filter_map(|(_, q)| q.0.parse::<u32>().ok())
+            .peekable();
+        gpus.peek()?;
+        Some(gpus.sum())
     };
     resources
         .and_then(|r| count(&r.limits).or_else(|| count(&r.requests)))
@@ -294,6 +312,28 @@ mod tests {
             ranks_per_pod: 1,
             peers: None,
         }
+    }
+
+    #[test]
+    fn mig_slices_and_amd_gpus_count_as_gpus() {
+        let res = |limits: &[(&str, &str)]| ResourceRequirements {
+            limits: Some(
+                limits
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        assert_eq!(gpus(Some(&res(&[("nvidia.com/gpu", "8")]))), 8);
+        assert_eq!(gpus(Some(&res(&[("nvidia.com/mig-1g.10gb", "1")]))), 1);
+        assert_eq!(gpus(Some(&res(&[("amd.com/gpu", "2"), ("cpu", "4")]))), 2);
+        assert_eq!(gpus(Some(&res(&[("example.com/fpga", "1")]))), 0);
+        assert_eq!(gpus(None), 0);
+        assert!(is_extended_resource("example.com/fpga"));
+        assert!(!is_extended_resource("cpu"));
+        assert!(!is_extended_resource("hugepages-2Mi"));
+        assert!(!is_extended_resource("requests.kubernetes.io/x"));
     }
 
     #[test]

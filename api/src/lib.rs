@@ -8,10 +8,12 @@
 //!   ([`validate::parse_yaml`] for a user's file, [`validate::validate`] for a typed run);
 //! - [`stage`]: the stages in order and the words of their progress;
 //! - [`contract`]: roles, env vars, ports, mounts; [`layout`]: the workspace layout;
-//! - [`quantity`]: resource quantities compared as the API server compares them.
+//! - [`quantity`]: resource quantities compared as the API server compares them;
+//! - [`pod_template`]: what a platform team adds to a role's pods.
 
 pub mod contract;
 pub mod layout;
+pub mod pod_template;
 pub mod quantity;
 pub mod spec;
 pub mod stage;

@@ -8,6 +8,7 @@
 //!
 //! Serde defaults and schema defaults come from the same functions, so a run read from a file
 //! and a run read back from the API server agree.
+pub use crate::pod_template::PodTemplate;
 use k8s_openapi::api::core::v1::{
     Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration, Volume,
 };
@@ -196,7 +197,9 @@ pub struct RltRunSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub image_pull_secrets: Vec<LocalObjectReference>,
-    /// `cpu`, `cuda`, or `auto` (= `cuda` for pods that request `nvidia.com/gpu`).
+    /// `cpu`, `cuda`, or `auto` (= `cuda` for pods that request a GPU: `nvidia.com/gpu`, a MIG
+    /// slice `nvidia.com/mig-*`, or `amd.com/gpu`; a pod asking only for another extended
+    /// resource needs `cpu` or `cuda` said).
     #[serde(default = "defaults::device")]
     pub device: Device,
     /// Number format of training: `auto` is `bf16` on CUDA and `fp32` on CPU. `bf16` keeps
@@ -229,6 +232,11 @@ pub struct RltRunSpec {
     /// Scheduling of every stage pod; a stage's own `scheduling` overrides it field by field.
     #[serde(default, skip_serializing_if = "Scheduling::is_empty")]
     pub scheduling: Scheduling,
+    /// Additions to every stage pod (labels, annotations, volumes, init containers,
+    /// `runtimeClassName`, topology spread, security context); each role's own `podTemplate`
+    /// adds to it. The run's own labels are on every child already.
+    #[serde(default, skip_serializing_if = "PodTemplate::is_empty")]
+    pub pod_template: PodTemplate,
     /// Service account of the stage pods (default: the namespace's `default`, without a
     /// mounted API token: the trainer never calls the API server). Naming one mounts its token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -621,6 +629,9 @@ pub struct WarmupStage {
     pub checkpoint_interval: u32,
     #[serde(default, skip_serializing_if = "Scheduling::is_empty")]
     pub scheduling: Scheduling,
+    /// Additions to the warm-up pods, on top of `spec.podTemplate`.
+    #[serde(default, skip_serializing_if = "PodTemplate::is_empty")]
+    pub pod_template: PodTemplate,
 }
 
 /// RL: GRPO with the RLT reward; parameter servers hold the teacher, learners sample and score.
@@ -687,8 +698,21 @@ pub struct RlStage {
     #[serde(default = "defaults::checkpoint_interval")]
     #[schemars(range(min = 1, max = MAX_INTERVAL))]
     pub checkpoint_interval: u32,
+    /// Scheduling of the learners and, unless `paramServerScheduling` is given, of the
+    /// parameter servers.
     #[serde(default, skip_serializing_if = "Scheduling::is_empty")]
     pub scheduling: Scheduling,
+    /// Scheduling of the parameter servers (CPU and host memory only), replacing
+    /// `rl.scheduling` for them, so they do not inherit the learners' GPU node selector and
+    /// tolerations; `spec.scheduling` still applies under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param_server_scheduling: Option<Scheduling>,
+    /// Additions to the parameter-server pods, on top of `spec.podTemplate`.
+    #[serde(default, skip_serializing_if = "PodTemplate::is_empty")]
+    pub param_server_pod_template: PodTemplate,
+    /// Additions to the learner pods, on top of `spec.podTemplate`.
+    #[serde(default, skip_serializing_if = "PodTemplate::is_empty")]
+    pub learner_pod_template: PodTemplate,
 }
 
 /// The RLT reward: solution term (student log-probs of the solution) minus KL term.
@@ -768,8 +792,8 @@ pub struct DistillationStage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activation_checkpointing: Option<bool>,
     /// Data-parallel pods per student (an Indexed Job); each runs one rank per GPU it
-    /// requests. Rank 0 collects the teacher's explanations while the others wait, then the
-    /// ranks split every global batch of the student's fine-tune.
+    /// requests. Every rank collects the teacher's explanations of its share of the rows, then
+    /// the ranks split every global batch of the student's fine-tune.
     #[serde(default = "defaults::one")]
     #[schemars(range(min = 1, max = 256))]
     pub replicas: u32,
@@ -780,6 +804,9 @@ pub struct DistillationStage {
     pub checkpoint_interval: u32,
     #[serde(default, skip_serializing_if = "Scheduling::is_empty")]
     pub scheduling: Scheduling,
+    /// Additions to every student's pods, on top of `spec.podTemplate`.
+    #[serde(default, skip_serializing_if = "PodTemplate::is_empty")]
+    pub pod_template: PodTemplate,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
@@ -1034,6 +1061,7 @@ pub mod defaults {
             optimizer: warmup_optimizer(),
             checkpoint_interval: checkpoint_interval(),
             scheduling: Scheduling::default(),
+            pod_template: PodTemplate::default(),
         }
     }
     pub fn rl() -> RlStage {
@@ -1056,6 +1084,9 @@ pub mod defaults {
             optimizer: rl_optimizer(),
             checkpoint_interval: checkpoint_interval(),
             scheduling: Scheduling::default(),
+            param_server_scheduling: None,
+            param_server_pod_template: PodTemplate::default(),
+            learner_pod_template: PodTemplate::default(),
         }
     }
     pub fn reward() -> RewardSpec {
@@ -1089,6 +1120,7 @@ pub mod defaults {
             trace_splitting: trace_splitting(),
             checkpoint_interval: checkpoint_interval(),
             scheduling: Scheduling::default(),
+            pod_template: PodTemplate::default(),
         }
     }
     pub fn trace_splitting() -> TraceSplitting {

@@ -10,6 +10,7 @@
 //!    and the API server's pod rules for them, which it only applies when a Job is created).
 //!
 //! The schema is the generated CRD's, never a copy, so the layers cannot drift from the CRD.
+use crate::contract;
 use crate::quantity::{self, Quantity};
 use crate::spec::{ModelRef, RltRun};
 use k8s_openapi::api::core::v1::ResourceRequirements;
@@ -211,8 +212,27 @@ pub fn semantic_errors(run: &RltRun) -> Vec<FieldError> {
             resources.push((format!("spec.distillation.students[{i}].resources"), r));
         }
     }
-    for (field, r) in resources {
-        resource_errors(&field, r, &mut errors);
+    for (field, r) in &resources {
+        resource_errors(field, r, &mut errors);
+    }
+    device_errors(spec, &resources, &mut errors);
+    let templates = [
+        ("spec.podTemplate", &spec.pod_template),
+        ("spec.warmup.podTemplate", &spec.warmup.pod_template),
+        (
+            "spec.rl.paramServerPodTemplate",
+            &spec.rl.param_server_pod_template,
+        ),
+        ("spec.rl.learnerPodTemplate", &spec.rl.learner_pod_template),
+        (
+            "spec.distillation.podTemplate",
+            &spec.distillation.pod_template,
+        ),
+    ];
+    for (field, t) in templates {
+        for (f, message) in crate::pod_template::errors(field, t) {
+            errors.push(err(&f, message, "semantic"));
+        }
     }
     if let Some(size) = &spec.workspace.size {
         if !quantity::is_quantity(size) {
@@ -224,6 +244,41 @@ pub fn semantic_errors(run: &RltRun) -> Vec<FieldError> {
         }
     }
     errors
+}
+
+/// `device: auto` picks CUDA for pods that ask for a GPU it knows
+/// ([`contract::is_gpu_resource`]); a pod asking only for another extended resource (an
+/// accelerator the operator cannot tell from a NIC) needs the run to say which device.
+fn device_errors(
+    spec: &crate::spec::RltRunSpec,
+    resources: &[(String, &ResourceRequirements)],
+    errors: &mut Vec<FieldError>,
+) {
+    if spec.device != crate::spec::Device::Auto {
+        return;
+    }
+    for (field, r) in resources {
+        if contract::gpus(Some(r)) > 0 {
+            continue;
+        }
+        let unknown = r
+            .limits
+            .iter()
+            .chain(r.requests.iter())
+            .flat_map(|m| m.keys())
+            .find(|name| contract::is_extended_resource(name));
+        if let Some(name) = unknown {
+            errors.push(err(
+                "spec.device",
+                format!(
+                    "must be cpu or cuda: {field} asks for {name}, which is not a GPU resource \
+                     auto knows (nvidia.com/gpu, nvidia.com/mig-*, amd.com/gpu)"
+                ),
+                "semantic",
+            ));
+            return;
+        }
+    }
 }
 
 /// Paths are absolute or relative to the workspace root; `..` would escape the workspace.

@@ -1279,9 +1279,47 @@ async fn s12_inputs_from_a_claim_and_a_re_created_run_trains_afresh() -> Result<
         "student": defaults::tiny_student_system()});
     spec["distillation"] = json!({"enabled": false});
     spec["rl"]["steps"] = json!(8);
+    // A platform team's additions: the run's own label and a pod template reach the pods,
+    // which the kubelet runs under the named RuntimeClass.
+    let runtime_class = "e2e-runc";
+    let classes: Api<k8s_openapi::api::node::v1::RuntimeClass> = Api::all(client.clone());
+    let class = json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+        "metadata": {"name": runtime_class}, "handler": "runc"});
+    classes
+        .patch(
+            runtime_class,
+            &PatchParams::apply("rlt-e2e").force(),
+            &Patch::Apply(class),
+        )
+        .await?;
+    run.metadata.labels = Some(BTreeMap::from([("team".into(), "ml".into())]));
+    spec["podTemplate"] = json!({"labels": {"cost-centre": "42"},
+        "annotations": {"sidecar.istio.io/inject": "false"},
+        "runtimeClassName": runtime_class});
     let api = rltruns(&client);
     apply_run(&api, &run).await?;
     let first = wait_phase(&client, name, "Succeeded", secs(600)).await?;
+    let warmup = pods_of(&client, &format!("rlt.dev/run={name},rlt.dev/stage=warmup")).await?;
+    ensure!(!warmup.is_empty(), "no warm-up pod left to look at");
+    for pod in &warmup {
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+        let spec = pod.spec.as_ref().context("pod spec")?;
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        ensure!(
+            labels.get("team").map(String::as_str) == Some("ml")
+                && labels.get("cost-centre").map(String::as_str) == Some("42")
+                && annotations
+                    .get("sidecar.istio.io/inject")
+                    .map(String::as_str)
+                    == Some("false")
+                && spec.runtime_class_name.as_deref() == Some(runtime_class)
+                && phase == Some("Succeeded"),
+            "the warm-up pod lacks the run's additions or did not succeed under them: \
+             {labels:?} {annotations:?} {:?} {phase:?}",
+            spec.runtime_class_name
+        );
+    }
     let missing = missing_in_workspace(
         &client,
         &first,

@@ -131,7 +131,16 @@ impl<'a> Ctx<'a> {
         role: Option<Role>,
         attempt: Option<u32>,
     ) -> BTreeMap<String, String> {
-        let mut l = BTreeMap::from([
+        // The run's own labels travel to every child (a policy that requires a team label
+        // on pods then accepts them), under the operator's.
+        let mut l: BTreeMap<String, String> = self
+            .run
+            .labels()
+            .iter()
+            .filter(|(k, _)| !rlt_api::pod_template::is_reserved_key(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        l.extend([
             (
                 "app.kubernetes.io/name".to_string(),
                 "rlt-trainer".to_string(),

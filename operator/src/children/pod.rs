@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use rlt_api::contract::{self, EnvValue, Role, StageEnv};
-use rlt_api::spec::{Scheduling, Student};
+use rlt_api::spec::{PodTemplate, Scheduling, Student};
 
 /// Size of the `/dev/shm` volume when the pod has no memory limit (a memory-backed emptyDir
 /// counts against the pod's memory; with a limit, the limit bounds it).
@@ -27,6 +27,8 @@ pub(super) struct PodParts<'a> {
     pub attempt: u32,
     pub resources: Option<&'a ResourceRequirements>,
     pub scheduling: &'a Scheduling,
+    /// The role's additions, on top of the run's `podTemplate`.
+    pub template: &'a PodTemplate,
     pub replicas: u32,
     /// How the pod learns its index: a value, or a downward-API field.
     pub index: EnvValue,
@@ -287,6 +289,11 @@ pub(super) fn security() -> PodSecurityContext {
     }
 }
 
+/// A list field of the pod spec: absent when empty.
+fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
+    (!v.is_empty()).then_some(v)
+}
+
 /// Image pull secrets, one per name (a list-map in the pod spec).
 fn pull_secrets(secrets: &[LocalObjectReference]) -> Option<Vec<LocalObjectReference>> {
     let mut out: Vec<LocalObjectReference> = Vec::new();
@@ -301,7 +308,10 @@ fn pull_secrets(secrets: &[LocalObjectReference]) -> Option<Vec<LocalObjectRefer
 pub(super) fn pod_template(ctx: &Ctx, p: PodParts) -> PodTemplateSpec {
     let spec = &ctx.run.spec;
     let sched = p.scheduling.over(&spec.scheduling);
-    let mut labels = ctx.labels(Some(p.stage), Some(p.role), Some(p.attempt));
+    let added = p.template.over(&spec.pod_template);
+    // The team's labels first, the operator's over them (validation refuses its keys anyway).
+    let mut labels = added.labels.clone();
+    labels.extend(ctx.labels(Some(p.stage), Some(p.role), Some(p.attempt)));
     if let Some(s) = p.student {
         labels.insert(LABEL_STUDENT.into(), s.name.clone());
     }
@@ -309,13 +319,21 @@ pub(super) fn pod_template(ctx: &Ctx, p: PodParts) -> PodTemplateSpec {
     if spans_pods {
         labels.insert(LABEL_RANK.into(), "true".into());
     }
+    let mut trainer = container(ctx, &p);
+    if let Some(mounts) = trainer.volume_mounts.as_mut() {
+        mounts.extend(added.typed_volume_mounts());
+    }
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels),
+            annotations: (!added.annotations.is_empty()).then(|| added.annotations.clone()),
             ..Default::default()
         }),
         spec: Some(PodSpec {
-            containers: vec![container(ctx, &p)],
+            containers: vec![trainer],
+            init_containers: non_empty(added.typed_init_containers()),
+            runtime_class_name: added.runtime_class_name.clone(),
+            topology_spread_constraints: non_empty(added.typed_topology_spread_constraints()),
             restart_policy: Some(p.restart_policy.into()),
             service_account_name: spec.service_account_name.clone(),
             // The trainer never calls the API server: no token unless the run names an
@@ -329,11 +347,16 @@ pub(super) fn pod_template(ctx: &Ctx, p: PodParts) -> PodTemplateSpec {
             affinity: sched.affinity,
             priority_class_name: sched.priority_class_name,
             scheduler_name: sched.scheduler_name,
-            security_context: Some(security()),
+            security_context: Some(added.typed_security_context().unwrap_or_else(security)),
             // Indexed Job pods are named `<job>-<index>`: with this subdomain (the ranks'
             // headless Service) each gets the DNS name its peers dial.
             subdomain: spans_pods.then(|| names::ranks(&ctx.name)),
-            volumes: Some(volumes(ctx, &p)),
+            volumes: Some(
+                volumes(ctx, &p)
+                    .into_iter()
+                    .chain(added.typed_volumes())
+                    .collect(),
+            ),
             ..Default::default()
         }),
     }

@@ -343,6 +343,89 @@ fn input_volumes_are_mounted_read_only_in_every_stage_pod() {
     }
 }
 
+/// A platform team's additions reach the pods of the role they are given for, over the
+/// run's; the run's labels reach every child; parameter servers are placed on their own.
+#[test]
+fn pod_templates_and_the_runs_labels_reach_the_pods_of_their_roles() {
+    let mut run = run_from(&TINY.replace(
+        "workspace: {size: 1Gi}",
+        r#"workspace: {size: 1Gi}
+  podTemplate:
+    labels: {team: ml, tier: batch}
+    annotations: {sidecar.istio.io/inject: "false"}
+    runtimeClassName: nvidia
+    volumes: [{name: cache, emptyDir: {}}]
+    volumeMounts: [{name: cache, mountPath: /cache}]
+  scheduling:
+    nodeSelector: {pool: shared}"#,
+    ));
+    run.spec.rl.learner_pod_template = serde_json::from_value(serde_json::json!({
+        "labels": {"tier": "gpu"},
+        "initContainers": [{"name": "warm-cache", "image": "busybox", "command": ["true"]}],
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway"}],
+        "securityContext": {"runAsNonRoot": true},
+    }))
+    .unwrap();
+    run.spec.rl.scheduling.node_selector = BTreeMap::from([("gpu".into(), "h100".into())]);
+    run.spec.rl.param_server_scheduling = Some(rlt_api::spec::Scheduling {
+        node_selector: BTreeMap::from([("pool".into(), "cpu".into())]),
+        ..Default::default()
+    });
+    run.metadata.labels = Some(BTreeMap::from([
+        ("cost-centre".into(), "42".into()),
+        (LABEL_RUN.into(), "spoofed".into()),
+    ]));
+    for child in all_children(&run) {
+        let labels = child.meta().labels.clone().unwrap_or_default();
+        assert_eq!(labels["cost-centre"], "42", "{}", child.name());
+        assert_eq!(labels[LABEL_RUN], run.name_any(), "{}", child.name());
+        let Some(t) = template(&child) else { continue };
+        let (meta, pod) = (t.metadata.as_ref().unwrap(), t.spec.as_ref().unwrap());
+        let labels = meta.labels.as_ref().unwrap();
+        let role = labels[LABEL_ROLE].as_str();
+        let name = child.name();
+        assert_eq!(labels["team"], "ml", "{name}");
+        assert_eq!(labels["cost-centre"], "42", "{name}");
+        let learner = role == Role::Learner.subcommand();
+        assert_eq!(
+            labels["tier"],
+            if learner { "gpu" } else { "batch" },
+            "{name}"
+        );
+        let annotations = meta.annotations.as_ref().unwrap();
+        assert_eq!(annotations["sidecar.istio.io/inject"], "false", "{name}");
+        assert_eq!(pod.runtime_class_name.as_deref(), Some("nvidia"), "{name}");
+        assert!(
+            pod.volumes.iter().flatten().any(|v| v.name == "cache"),
+            "{name}"
+        );
+        let mounts = pod.containers[0].volume_mounts.iter().flatten();
+        assert!(mounts.clone().any(|m| m.mount_path == "/cache"), "{name}");
+        assert!(
+            mounts.clone().any(|m| m.mount_path == "/workspace"),
+            "{name}"
+        );
+        assert_eq!(pod.init_containers.is_some(), learner, "{name}");
+        assert_eq!(pod.topology_spread_constraints.is_some(), learner, "{name}");
+        let security = pod.security_context.as_ref().unwrap();
+        // The learner's own security context replaces the operator's whole (OpenShift: the
+        // SCC picks the UIDs); the others keep the operator's fixed ones.
+        assert_eq!(security.run_as_user.is_none(), learner, "{name}");
+        let selector = pod.node_selector.clone().unwrap_or_default();
+        let wanted = match role {
+            r if r == Role::ParamServer.subcommand() => ("pool", "cpu"),
+            r if r == Role::Learner.subcommand() => ("gpu", "h100"),
+            _ => ("pool", "shared"),
+        };
+        assert_eq!(
+            selector.get(wanted.0).map(String::as_str),
+            Some(wanted.1),
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn each_rl_attempt_gets_its_own_parameter_servers() {
     let run = tiny();

@@ -63,6 +63,7 @@ pub fn warmup_job(ctx: &Ctx, attempt: u32) -> Child {
             attempt,
             resources: w.resources.as_ref(),
             scheduling: &w.scheduling,
+            template: &w.pod_template,
             replicas: w.replicas,
             index: job_index(),
             student: None,
@@ -84,6 +85,7 @@ pub fn learner_job(ctx: &Ctx, attempt: u32) -> Child {
             attempt,
             resources: rl.learner_resources.as_ref(),
             scheduling: &rl.scheduling,
+            template: &rl.learner_pod_template,
             replicas: rl.learners,
             index: job_index(),
             student: None,
@@ -106,6 +108,7 @@ pub fn distill_job(ctx: &Ctx, student: &Student, attempt: u32) -> Child {
             attempt,
             resources: student.resources.as_ref(),
             scheduling: &d.scheduling,
+            template: &d.pod_template,
             replicas: d.replicas,
             index: job_index(),
             student: Some(student),
@@ -142,7 +145,11 @@ pub fn param_server_set(ctx: &Ctx, attempt: u32) -> Child {
             role: Role::ParamServer,
             attempt,
             resources: rl.param_server_resources.as_ref(),
-            scheduling: &rl.scheduling,
+            scheduling: rl
+                .param_server_scheduling
+                .as_ref()
+                .unwrap_or(&rl.scheduling),
+            template: &rl.param_server_pod_template,
             replicas: rl.param_servers,
             index: EnvValue::PodField(contract::STATEFULSET_POD_INDEX_FIELD),
             student: None,
