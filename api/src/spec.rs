@@ -70,13 +70,13 @@ impl schemars::JsonSchema for RltRun {
                 serde_json::json!({"rule": rule, "message": message, "fieldPath": ".metadata.name"})
             })
             .collect();
-        schemars::json_schema!({
+        let mut schema = schemars::json_schema!({
             "title": "RltRun",
             "description": "An RLT (Reinforcement-Learned Teacher) training run: warm-up, RL, distillation.",
             "type": "object",
             "properties": {
-                "apiVersion": {"type": "string"},
-                "kind": {"type": "string"},
+                "apiVersion": {"type": "string", "description": "rlt.dev/v1alpha1"},
+                "kind": {"type": "string", "description": "RltRun"},
                 "metadata": {
                     "type": "object",
                     "properties": {
@@ -89,7 +89,45 @@ impl schemars::JsonSchema for RltRun {
             },
             "required": ["spec"],
             "x-kubernetes-validations": rules
-        })
+        });
+        known_integer_formats(&mut schema);
+        schema
+    }
+}
+
+/// schemars names unsigned integers `uint32`/`uint64`, formats the API server does not know
+/// (`kubectl apply` then warns `unrecognized format "uint32"` on every run): they become
+/// `int64`, bounded to what the Rust type holds (a u64 to what a JSON number holds exactly).
+fn known_integer_formats(schema: &mut schemars::Schema) {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                let max = match map.get("format").and_then(serde_json::Value::as_str) {
+                    Some("uint8") => Some(u64::from(u8::MAX)),
+                    Some("uint16") => Some(u64::from(u16::MAX)),
+                    Some("uint32") => Some(u64::from(u32::MAX)),
+                    Some("uint64" | "uint") => Some((1u64 << 53) - 1),
+                    _ => None,
+                };
+                if let Some(max) = max {
+                    // Within the type's range whatever the field's own bounds say.
+                    let own = |k: &str| map.get(k).and_then(serde_json::Value::as_f64);
+                    let lo = own("minimum").map_or(0.0, |m| m.max(0.0));
+                    let hi = own("maximum").map_or(max as f64, |m| m.min(max as f64));
+                    map.insert("format".into(), "int64".into());
+                    map.insert("minimum".into(), serde_json::json!(lo as u64));
+                    map.insert("maximum".into(), serde_json::json!(hi as u64));
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut value = schema.clone().to_value();
+    walk(&mut value);
+    if let Ok(known) = schemars::Schema::try_from(value) {
+        *schema = known;
     }
 }
 
@@ -169,6 +207,7 @@ fn bound_integers(schema: &mut schemars::Schema) {
     derive = "PartialEq",
     doc = "An RLT (Reinforcement-Learned Teacher) training run: warm-up, RL, distillation.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason"),
     printcolumn(name = "Stage Progress", type_ = "string", json_path = ".status.progress"),
     printcolumn(name = "Reward", type_ = "number", json_path = ".status.training.meanReward"),
     printcolumn(name = "Attempt", type_ = "integer", json_path = ".status.attempt"),
@@ -314,21 +353,27 @@ pub struct ModelRef {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TinyModel {
+    /// Width of the tiny model's hidden states.
     #[serde(default = "defaults::tiny_hidden")]
     #[schemars(range(min = 8, max = 4096))]
     pub hidden_size: u32,
+    /// Decoder layers.
     #[serde(default = "defaults::tiny_layers")]
     #[schemars(range(min = 1, max = 64))]
     pub layers: u32,
+    /// Attention heads (`hiddenSize / heads`, the head size, must be even).
     #[serde(default = "defaults::tiny_heads")]
     #[schemars(range(min = 1, max = 64))]
     pub heads: u32,
+    /// Key/value heads of grouped-query attention (divides `heads`).
     #[serde(default = "defaults::tiny_kv_heads")]
     #[schemars(range(min = 1, max = 64))]
     pub kv_heads: u32,
+    /// Width of each layer's MLP.
     #[serde(default = "defaults::tiny_intermediate")]
     #[schemars(range(min = 8, max = 16384))]
     pub intermediate_size: u32,
+    /// Seed of the random weights (the same seed gives the same model).
     #[serde(default)]
     #[schemars(range(min = 0, max = MAX_SEED))]
     pub seed: u64,
@@ -383,9 +428,11 @@ pub enum DatasetFormat {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SyntheticDataset {
+    /// Rows generated (arithmetic questions with their solutions and step-by-step traces).
     #[serde(default = "defaults::synthetic_rows")]
     #[schemars(range(min = 1, max = 1000000))]
     pub rows: u32,
+    /// Seed of the generated rows and of the train/held-out split.
     #[serde(default)]
     #[schemars(range(min = 0, max = MAX_SEED))]
     pub seed: u64,
@@ -497,17 +544,21 @@ pub enum AccessMode {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Scheduling {
+    /// Labels a node must have (the pod's `nodeSelector`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate (the pod's `tolerations`), e.g. a GPU pool's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub tolerations: Vec<Toleration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(transform = bound_affinity_weights)]
     pub affinity: Option<Affinity>,
+    /// The pods' PriorityClass (which pods the scheduler preempts first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub priority_class_name: Option<String>,
+    /// The scheduler that places the pods (default: the cluster's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub scheduler_name: Option<String>,
@@ -574,8 +625,10 @@ impl SystemPrompts {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Optimizer {
+    /// AdamW's first-moment decay.
     #[schemars(range(min = 0.0, max = 1.0))]
     pub beta1: f64,
+    /// AdamW's second-moment decay.
     #[schemars(range(min = 0.0, max = 1.0))]
     pub beta2: f64,
     /// Decoupled weight decay (0 = none).
@@ -600,12 +653,15 @@ pub struct WarmupStage {
     pub replicas: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Passes over the training rows.
     #[serde(default = "defaults::warmup_epochs")]
     #[schemars(range(min = 1, max = 1000))]
     pub epochs: u32,
+    /// Peak learning rate (linear warm-up, then cosine).
     #[serde(default = "defaults::warmup_lr")]
     #[schemars(range(min = 0.0, max = 1.0), extend("exclusiveMinimum" = true))]
     pub learning_rate: f64,
+    /// Rows per optimizer step, across every rank.
     #[serde(default = "defaults::batch16")]
     #[schemars(range(min = 1, max = 65536))]
     pub batch_size: u32,
@@ -657,9 +713,11 @@ pub struct RlStage {
     /// defaults to the teacher, for demos). Must share the teacher's tokenizer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub student: Option<ModelRef>,
+    /// RL steps (optimizer steps of the teacher); each takes `batchSize` prompts.
     #[serde(default = "defaults::rl_steps")]
     #[schemars(range(min = 1, max = 1000000))]
     pub steps: u32,
+    /// Learning rate of the teacher's AdamW on the parameter servers.
     #[serde(default = "defaults::rl_lr")]
     #[schemars(range(min = 0.0, max = 1.0), extend("exclusiveMinimum" = true))]
     pub learning_rate: f64,
@@ -667,6 +725,7 @@ pub struct RlStage {
     #[serde(default = "defaults::batch16")]
     #[schemars(range(min = 1, max = 65536))]
     pub batch_size: u32,
+    /// Explanations sampled per prompt; GRPO's advantages are relative to the group.
     #[serde(default = "defaults::group_size")]
     #[schemars(range(min = 1, max = 1024))]
     pub group_size: u32,
@@ -719,15 +778,20 @@ pub struct RlStage {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RewardSpec {
+    /// Weight of the mean of the student's log-probabilities of the solution tokens.
     #[serde(default = "defaults::w_solution_mean")]
     #[schemars(range(min = 0.0))]
     pub solution_mean_weight: f64,
+    /// Weight of their minimum (the hardest solution token).
     #[serde(default = "defaults::w_solution_min")]
     #[schemars(range(min = 0.0))]
     pub solution_min_weight: f64,
+    /// Weight of the mean per-token KL term (teacher log-prob minus student log-prob over the
+    /// explanation).
     #[serde(default = "defaults::w_kl_mean")]
     #[schemars(range(min = 0.0))]
     pub kl_mean_weight: f64,
+    /// Weight of its maximum.
     #[serde(default = "defaults::w_kl_max")]
     #[schemars(range(min = 0.0))]
     pub kl_max_weight: f64,
@@ -766,9 +830,11 @@ pub struct DistillationStage {
     /// `false` stops the run after RL.
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
+    /// The students distilled from the RL teacher's explanations, one Job each.
     #[serde(default)]
     #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub students: Vec<Student>,
+    /// Passes over the collected explanations.
     #[serde(default = "defaults::distill_epochs")]
     #[schemars(range(min = 1, max = 1000))]
     pub epochs: u32,
@@ -776,6 +842,7 @@ pub struct DistillationStage {
     #[serde(default = "defaults::distill_lr")]
     #[schemars(range(min = 0.0, max = 1.0), extend("exclusiveMinimum" = true))]
     pub learning_rate: f64,
+    /// Rows per optimizer step, across every rank.
     #[serde(default = "defaults::distill_batch_size")]
     #[schemars(range(min = 1, max = 65536))]
     pub batch_size: u32,
@@ -785,6 +852,7 @@ pub struct DistillationStage {
     pub warmup_ratio: f64,
     #[serde(default = "defaults::distillation_optimizer")]
     pub optimizer: Optimizer,
+    /// Longest training sequence of a student's fine-tune in tokens.
     #[serde(default = "defaults::max_length")]
     #[schemars(range(min = 16, max = 1048576))]
     pub max_length: u32,
@@ -799,6 +867,7 @@ pub struct DistillationStage {
     pub replicas: u32,
     #[serde(default)]
     pub trace_splitting: TraceSplitting,
+    /// Optimizer steps between resumable checkpoints.
     #[serde(default = "defaults::checkpoint_interval")]
     #[schemars(range(min = 1, max = MAX_INTERVAL))]
     pub checkpoint_interval: u32,
@@ -846,6 +915,8 @@ pub struct TraceSplitting {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FailurePolicy {
+    /// Failed attempts of a stage retried before the run goes `Failed` (each retry resumes from
+    /// the stage's last checkpoint).
     #[serde(default = "defaults::retries")]
     #[schemars(range(min = 0, max = 100))]
     pub retries: u32,

@@ -21,15 +21,26 @@ pub mod condition {
 /// Largest integer every JSON reader holds exactly (2^53 - 1): the bound of the u64 counters.
 const MAX_JSON_INTEGER: u64 = (1 << 53) - 1;
 
+/// What the operator observed of the run: conditions, per-stage attempts and artifacts, RL's
+/// figures; written by the operator only.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct RltRunStatus {
     /// Derived from the conditions, for display only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
+    /// Why the run is where it is, when that is not plain progress: the reason of its
+    /// `Failed`, `InvalidSpec`, `Degraded` or `Suspended` condition, else of the current
+    /// stage's (`Unschedulable`, `ImagePullBackOff`, `WaitingForVolume`, ...). For display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub reason: Option<String>,
     /// The generation the operator last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The truth of the run's state: one `metav1.Condition` per type (`WarmupComplete`,
+    /// `RLComplete`, `DistillationComplete`, `Suspended`, `InvalidSpec`, `Degraded`,
+    /// `Succeeded`, `Failed`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
@@ -40,6 +51,7 @@ pub struct RltRunStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = u32::MAX))]
     pub attempt: Option<u32>,
+    /// Per stage: times, attempts, failures and the artifact.
     #[serde(default, skip_serializing_if = "StagesStatus::is_empty")]
     pub stages: StagesStatus,
     /// RL's figures: read from parameter server 0 while the stage runs, and its last step's
@@ -57,6 +69,11 @@ pub enum Phase {
     Succeeded,
     Failed,
     Suspended,
+    /// The spec is refused (`InvalidSpec`): nothing runs until it is fixed.
+    Invalid,
+    /// A child write is refused by the API server or a same-named object is not the run's
+    /// (`Degraded`): the run cannot go on until that changes.
+    Blocked,
 }
 
 impl Phase {
@@ -69,9 +86,11 @@ impl Phase {
             Phase::Succeeded => "Succeeded",
             Phase::Failed => "Failed",
             Phase::Suspended => "Suspended",
+            Phase::Invalid => "Invalid",
+            Phase::Blocked => "Blocked",
         }
     }
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Pending,
         Phase::WarmUp,
         Phase::RL,
@@ -79,16 +98,21 @@ impl Phase {
         Phase::Succeeded,
         Phase::Failed,
         Phase::Suspended,
+        Phase::Invalid,
+        Phase::Blocked,
     ];
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StagesStatus {
+    /// The warm-up stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup: Option<StageStatus>,
+    /// The RL stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rl: Option<StageStatus>,
+    /// The distillation stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distillation: Option<StageStatus>,
 }
@@ -128,8 +152,10 @@ pub struct StageStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrainingStatus {
+    /// The last RL step whose figures were read.
     #[schemars(range(max = MAX_JSON_INTEGER))]
     pub step: u64,
+    /// RL's steps in all (`spec.rl.steps`).
     #[schemars(range(max = MAX_JSON_INTEGER))]
     pub total_steps: u64,
     /// The step's mean reward: the solution term minus the KL term, as weighted.

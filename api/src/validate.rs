@@ -87,6 +87,9 @@ pub fn parse_yaml(text: &str) -> Result<RltRun, Vec<FieldError>> {
 
 /// Validates a run given as JSON/YAML value (as written: unknown fields are errors).
 pub fn validate_value(value: &Value) -> Result<RltRun, Vec<FieldError>> {
+    let mut pruned = value.clone();
+    prune_nulls(crd_schema(), &mut pruned);
+    let value = &pruned;
     let mut errors = Vec::new();
     let crd = RltRun::crd();
     let expected_api = format!("{}/{}", crd.spec.group, crd.spec.versions[0].name);
@@ -132,6 +135,36 @@ pub fn validate_value(value: &Value) -> Result<RltRun, Vec<FieldError>> {
         Ok(run)
     } else {
         Err(semantic)
+    }
+}
+
+/// Drops every explicit `null` of a field whose schema is not `nullable`, as the API server
+/// does before defaulting: `rl: null` then means what leaving `rl` out means (its defaults),
+/// on the cluster and in `rlt-trainer pipeline` alike.
+fn prune_nulls(schema: &Value, value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            let extra = schema.get("additionalProperties").filter(|s| s.is_object());
+            map.retain(|k, v| {
+                let nullable = props
+                    .and_then(|p| p.get(k))
+                    .or(extra)
+                    .is_some_and(|s| s.get("nullable") == Some(&Value::Bool(true)));
+                !v.is_null() || nullable
+            });
+            for (k, v) in map.iter_mut() {
+                if let Some(s) = props.and_then(|p| p.get(k)).or(extra) {
+                    prune_nulls(s, v);
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(s) = schema.get("items") {
+                items.iter_mut().for_each(|v| prune_nulls(s, v));
+            }
+        }
+        _ => {}
     }
 }
 

@@ -285,6 +285,27 @@ fn unknown_fields_and_wrong_types_are_named() {
 }
 
 #[test]
+fn an_explicit_null_means_the_field_is_left_out_as_on_the_api_server() {
+    // The API server prunes nulls of non-nullable fields before defaulting; so does the
+    // client, so `rl: null` is RL with its defaults in both places.
+    let mut value = good_value();
+    value["spec"]["rl"] = Value::Null;
+    value["spec"]["warmup"]["epochs"] = Value::Null;
+    let run = validate_value(&value).unwrap_or_else(|e| panic!("{e:?}"));
+    let defaults = rlt_api::spec::defaults::rl();
+    assert_eq!(run.spec.rl.steps, defaults.steps);
+    assert_eq!(
+        run.spec.warmup.epochs,
+        rlt_api::spec::defaults::warmup().epochs
+    );
+    // A null where a value is required is still refused, naming the field.
+    let mut value = good_value();
+    value["spec"]["image"] = Value::Null;
+    let errors = validate_value(&value).unwrap_err();
+    assert!(errors.iter().any(|e| e.field == "spec.image"), "{errors:?}");
+}
+
+#[test]
 fn yaml_syntax_errors_name_the_line() {
     let errors = parse_yaml("apiVersion: rlt.dev/v1alpha1\nkind: [\n").unwrap_err();
     assert!(errors[0].field.starts_with("line "), "{errors:?}");
@@ -357,6 +378,37 @@ fn every_rule_field_path_resolves_to_a_declared_property() {
 }
 
 #[test]
+fn every_field_has_a_description_for_kubectl_explain() {
+    fn walk(node: &Value, path: &str, missing: &mut Vec<String>) {
+        for (k, v) in node
+            .get("properties")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            let at = format!("{path}.{k}");
+            if v.get("description").is_none() {
+                missing.push(at.clone());
+            }
+            walk(v, &at, missing);
+        }
+        if let Some(items) = node.get("items") {
+            walk(items, &format!("{path}[]"), missing);
+        }
+    }
+    let mut missing = Vec::new();
+    for root in ["spec", "status"] {
+        let schema = &crd_schema()["properties"][root];
+        assert!(schema.get("description").is_some(), "{root}");
+        walk(schema, root, &mut missing);
+    }
+    assert!(
+        missing.is_empty(),
+        "fields without a description: {missing:#?}"
+    );
+}
+
+#[test]
 fn the_root_declares_only_what_the_api_server_allows() {
     // At the root, `metadata` may only restrict `name` and `generateName` (anything else:
     // "must not specify anything other than name and generateName").
@@ -381,16 +433,15 @@ fn the_root_declares_only_what_the_api_server_allows() {
     }
 }
 
-/// Every integer's largest value for its Rust type, from the schema's `format`.
+/// Every integer's largest value for its Rust type, from the schema's `format`: only the
+/// formats the API server knows (an unsigned Rust integer is an `int64` bounded to its type,
+/// see `spec::known_integer_formats`; `kubectl apply` warns about any other).
 fn type_max(format: Option<&str>) -> Option<f64> {
     match format {
         Some("int32") => Some(i32::MAX as f64),
-        Some("uint32") => Some(u32::MAX as f64),
-        // u64 fields: bounded within JSON's exact integers (2^53).
-        Some("uint64") => Some(9007199254740991.0),
         // Any integer the API server stores is an int64: nothing to bound.
         Some("int64") => None,
-        other => panic!("integer format {other:?}: say what bounds it"),
+        other => panic!("integer format {other:?}: not one the API server knows"),
     }
 }
 
@@ -439,6 +490,51 @@ fn every_integer_is_bounded_to_fit_its_type() {
         unbounded.is_empty(),
         "integers without bounds that fit their type:\n{}",
         unbounded.join("\n")
+    );
+}
+
+#[test]
+fn every_unsigned_integer_is_bounded_to_its_type() {
+    // Unsigned Rust integers are `int64` to the API server, with a minimum of 0: their
+    // maximum is what keeps a value the Rust type cannot hold from being stored (a u32 field
+    // at most u32::MAX, a u64 within a JSON number's exact integers).
+    let mut all = Vec::new();
+    integers(crd_schema(), "", &mut all);
+    let exact = 9007199254740991.0;
+    let unsigned: Vec<_> = all
+        .iter()
+        .filter(|(_, s)| s["minimum"].as_f64().is_some_and(|m| m >= 0.0))
+        .collect();
+    assert!(
+        unsigned.len() >= 40,
+        "found only {} unsigned integers",
+        unsigned.len()
+    );
+    let loose: Vec<String> = unsigned
+        .iter()
+        .filter(|(_, s)| !s["maximum"].as_f64().is_some_and(|m| m <= exact))
+        .map(|(path, s)| format!("{path}: {s}"))
+        .collect();
+    assert!(
+        loose.is_empty(),
+        "unbounded integers:\n{}",
+        loose.join("\n")
+    );
+    let steps = &crd_schema()["properties"]["spec"]["properties"]["rl"]["properties"]["steps"];
+    assert_eq!(
+        (
+            steps["format"].as_str(),
+            steps["minimum"].as_f64(),
+            steps["maximum"].as_f64()
+        ),
+        (Some("int64"), Some(1.0), Some(1e6)),
+        "a u32 with its own range keeps it"
+    );
+    let seed = &crd_schema()["properties"]["spec"]["properties"]["dataset"]["properties"]
+        ["synthetic"]["properties"]["seed"];
+    assert!(
+        seed["maximum"].as_f64().unwrap() <= u32::MAX as f64,
+        "{seed}"
     );
 }
 

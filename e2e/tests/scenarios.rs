@@ -97,7 +97,14 @@ async fn s01_helm_installs_upgrades_and_uninstall_keeps_the_crd() -> Result<()> 
     install_operator(&[])?;
     let crd = crd_established(&client).await?;
     let columns = printer_columns(&crd);
-    for want in ["Phase", "Stage Progress", "Reward", "Attempt", "Age"] {
+    for want in [
+        "Phase",
+        "Reason",
+        "Stage Progress",
+        "Reward",
+        "Attempt",
+        "Age",
+    ] {
         ensure!(
             columns.iter().any(|c| c == want),
             "after helm upgrade the CRD lacks column {want}: {columns:?}"
@@ -242,9 +249,11 @@ async fn s02_the_api_server_and_the_client_validator_agree() -> Result<()> {
                 if !jobs.is_empty() {
                     failures.push(format!("{file}: an invalid run created Jobs"));
                 }
+                // What `kubectl get rltruns` shows: PHASE Invalid, REASON InvalidSpec.
+                let reason = run.data["status"]["reason"].as_str().unwrap_or_default();
                 ensure!(
-                    phase(&run) == "Failed" || phase(&run) == "Pending",
-                    "{file}: phase {}",
+                    phase(&run) == "Invalid" && reason == "InvalidSpec",
+                    "{file}: phase {}, reason {reason:?}",
                     phase(&run)
                 );
                 delete_run(&client, &name).await?;
@@ -365,6 +374,7 @@ async fn s03_tiny_run_walks_every_phase_and_leaves_every_artifact() -> Result<()
     for column in [
         "NAME",
         "PHASE",
+        "REASON",
         "STAGE PROGRESS",
         "REWARD",
         "ATTEMPT",

@@ -148,9 +148,10 @@ pub fn is_podless(job: &Job, pods: &[impl Borrow<Pod>], now: Timestamp, min_age:
     counted == 0 && !finished && old_enough && !pods.iter().any(|p| job_name_of(p.borrow()) == name)
 }
 
-/// The field selector of the `FailedCreate` Events the controller watches (every Job's; a
-/// Job's own are picked out by `involvedObject.uid`).
-pub const FAILED_CREATE_SELECTOR: &str = "reason=FailedCreate";
+/// The field selector of the `FailedCreate` Events the controller watches: every Job's (a
+/// Job's own are picked out by `involvedObject.uid`), not the ReplicaSets', DaemonSets' and
+/// others' of the whole cluster, which it would only hold in memory.
+pub const FAILED_CREATE_SELECTOR: &str = "reason=FailedCreate,involvedObject.kind=Job";
 
 /// The message of the most recent `FailedCreate` Event.
 pub fn latest_failed_create(events: &[impl Borrow<Event>]) -> Option<String> {

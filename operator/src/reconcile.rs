@@ -143,6 +143,12 @@ pub fn derive_phase(status: &RltRunStatus) -> Phase {
     if is_true(cond::SUCCEEDED) {
         return Phase::Succeeded;
     }
+    if is_true(cond::INVALID_SPEC) {
+        return Phase::Invalid;
+    }
+    if is_true(DEGRADED) {
+        return Phase::Blocked;
+    }
     if is_true(cond::SUSPENDED) {
         return Phase::Suspended;
     }
@@ -160,6 +166,37 @@ pub fn derive_phase(status: &RltRunStatus) -> Phase {
         }
         Some(_) => Phase::Pending,
     }
+}
+
+/// `reason` for display: the reason of the first true of `Failed`, `InvalidSpec`,
+/// `Degraded`, `Suspended`; else of the current stage's condition unless it is plain
+/// progress (`Running`).
+pub fn derive_reason(status: &RltRunStatus) -> Option<String> {
+    let true_reason = |t: &str| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == t && c.status == "True")
+            .map(|c| c.reason.clone())
+    };
+    if let Some(r) = [cond::FAILED, cond::INVALID_SPEC, DEGRADED, cond::SUSPENDED]
+        .into_iter()
+        .find_map(true_reason)
+    {
+        return Some(r);
+    }
+    if true_reason(cond::SUCCEEDED).is_some() {
+        return None;
+    }
+    let stage = Stage::ALL
+        .into_iter()
+        .find(|s| true_reason(s.complete_condition()).is_none())?;
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == stage.complete_condition())
+        .map(|c| c.reason.clone())
+        .filter(|r| r != "Running")
 }
 
 fn stage_status(status: &RltRunStatus, stage: Stage) -> Option<&StageStatus> {
@@ -914,6 +951,8 @@ pub fn record_child_writes(
         }
         None => {}
     }
+    new.phase = Some(derive_phase(&new));
+    new.reason = derive_reason(&new);
     ((new != *status).then_some(new), events)
 }
 
@@ -933,6 +972,7 @@ fn finish(mut p: Planner, old: RltRunStatus, mut status: RltRunStatus) -> Plan {
         }
         status.phase = Some(phase);
     }
+    status.reason = derive_reason(&status);
     let current = Stage::ALL
         .into_iter()
         .rev()

@@ -34,7 +34,14 @@ fn crd_names_columns_and_subresources() {
         .collect();
     assert_eq!(
         columns,
-        ["PHASE", "STAGE PROGRESS", "REWARD", "ATTEMPT", "AGE"]
+        [
+            "PHASE",
+            "REASON",
+            "STAGE PROGRESS",
+            "REWARD",
+            "ATTEMPT",
+            "AGE"
+        ]
     );
     // Conditions are a list-map keyed by type, as the API conventions ask.
     let schema = serde_json::to_value(

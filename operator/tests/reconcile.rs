@@ -450,6 +450,7 @@ fn failed_attempts_are_retried_up_to_the_policy_then_the_run_fails() {
     let plan = w.step();
     assert!(plan.apply.is_empty());
     assert_eq!(w.phase(), Phase::Failed);
+    assert_eq!(w.status().reason.as_deref(), Some("WarmUpFailed"));
     let (status, reason, message) = w.condition(cond::FAILED);
     assert_eq!((status.as_str(), reason.as_str()), ("True", "WarmUpFailed"));
     assert!(
@@ -496,6 +497,11 @@ fn pod_problems_are_lifted_into_the_condition_and_an_event_once() {
         assert_eq!(
             w.condition(cond::RL_COMPLETE),
             ("False".into(), reason.into(), message.into())
+        );
+        assert_eq!(
+            w.status().reason.as_deref(),
+            Some(reason),
+            "the REASON column"
         );
         assert_eq!(plan.events.len(), 1);
         assert_eq!(
@@ -616,7 +622,9 @@ fn invalid_spec_is_a_condition_not_a_crash_and_creates_nothing() {
         message.starts_with("spec.env[0].name: RLT_ATTEMPT is set by the operator"),
         "{message}"
     );
-    assert_eq!(w.phase(), Phase::Pending);
+    // `kubectl get rltruns` says so: PHASE Invalid, REASON InvalidSpec.
+    assert_eq!(w.phase(), Phase::Invalid);
+    assert_eq!(w.status().reason.as_deref(), Some("InvalidSpec"));
     assert_eq!(plan.events[0].type_, EventType::Warning);
     assert!(w.step().is_noop());
     // Fixing the spec proceeds.
@@ -624,6 +632,7 @@ fn invalid_spec_is_a_condition_not_a_crash_and_creates_nothing() {
     let plan = w.step();
     assert!(applied(&plan).contains(&(Kind::Job, "tiny-cpu-warmup-0".to_string())));
     assert_eq!(w.condition(cond::INVALID_SPEC).0, "False");
+    assert_eq!(w.status().reason, None);
 }
 
 #[test]
@@ -867,6 +876,10 @@ fn a_refused_child_write_degrades_the_run_until_a_reconcile_writes_them_all() {
         (c.status.as_str(), c.reason.as_str(), c.message.as_str()),
         ("True", "ChildRejected", rejected.message.as_str())
     );
+    assert_eq!(
+        (new.phase, new.reason.as_deref()),
+        (Some(Phase::Blocked), Some("ChildRejected"))
+    );
     assert_eq!(events.len(), 1);
     assert_eq!(
         (events[0].type_, events[0].action.as_str()),
@@ -886,6 +899,7 @@ fn a_refused_child_write_degrades_the_run_until_a_reconcile_writes_them_all() {
         .find(|c| c.type_ == DEGRADED)
         .unwrap();
     assert_eq!(c.status, "False");
+    assert_eq!(cleared.phase, status.phase);
     assert!(events.is_empty());
     // Never degraded: no write at all.
     assert_eq!(
