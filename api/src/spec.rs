@@ -293,6 +293,14 @@ pub struct RltRunSpec {
     pub suspend: bool,
     #[serde(default)]
     pub failure_policy: FailurePolicy,
+    /// Seconds after the run finished (`Succeeded` or `Failed`) when its children are
+    /// deleted: the Jobs with their pods (and the pods' logs), the Services and the
+    /// configuration. The run and its status stay; the workspace claim follows
+    /// `workspace.retainPolicy` (it goes, if at all, with the run). Unset: the children stay
+    /// until the run is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 31_536_000))]
+    pub ttl_seconds_after_finished: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]

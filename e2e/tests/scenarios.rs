@@ -1345,8 +1345,27 @@ async fn s12_inputs_from_a_claim_and_a_re_created_run_trains_afresh() -> Result<
     // workspace is used again, in a directory of the new run's own, and it trains afresh
     // instead of finding the first run's final models.
     delete_run(&client, name).await?;
+    // This time its children go 5 s after it finished (the claim stays, retained).
+    run.data["spec"]["ttlSecondsAfterFinished"] = json!(5);
     apply_run(&api, &run).await?;
     let second = wait_phase(&client, name, "Succeeded", secs(600)).await?;
+    wait_for(
+        "the children collected after the TTL",
+        secs(120),
+        async || {
+            let jobs = jobs_of(&client, name).await?;
+            let config: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace());
+            let config = config.get_opt(&format!("{name}-config")).await?;
+            Ok((jobs.is_empty() && config.is_none()).then_some(()))
+        },
+    )
+    .await?;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace());
+    ensure!(
+        claims.get_opt(&workspace_claim(&second)).await?.is_some(),
+        "the TTL took the retained workspace claim"
+    );
+    ensure!(phase(&api.get(name).await?) == "Succeeded");
     let (a, b) = (run_directory(&first), run_directory(&second));
     ensure!(a != b, "the re-created run reused {a}");
     ensure!(

@@ -215,6 +215,9 @@ async fn reconcile_inner(run: &RltRun, ctx: &Context) -> Result<Action, Error> {
     if snap.podless {
         after = after.min(s.podless_recheck);
     }
+    if let Some(due) = plan.requeue_after {
+        after = after.min(due);
+    }
     Ok(Action::requeue(after))
 }
 

@@ -69,6 +69,9 @@ pub struct Plan {
     pub events: Vec<Event>,
     /// RL is running: the controller should poll parameter server 0 for training figures.
     pub poll_figures: bool,
+    /// Look at the run again after this long at the latest (a deadline of its own, such as
+    /// `ttlSecondsAfterFinished`, falls due then).
+    pub requeue_after: Option<std::time::Duration>,
 }
 
 impl Plan {
@@ -454,6 +457,10 @@ pub fn reconcile_with(run: &RltRun, obs: &Observed, activity: &Activity, now: &T
         // sees a stage finish starts the next one right away.
         while let Next::Stage = r.advance() {}
     }
+    // Also in the reconcile that finishes the run: its deadline starts now.
+    if r.is_finished() {
+        r.collect_after_ttl();
+    }
     r.record_final_figures();
     finish(r.p, old, r.status)
 }
@@ -499,6 +506,54 @@ impl Reconciler<'_> {
         self.p.delete_param_servers();
         for stage in Stage::ALL {
             self.p.delete_stage_jobs(stage, true);
+        }
+    }
+
+    /// `ttlSecondsAfterFinished`: once it has passed since the run finished, every child but
+    /// the workspace claim (which follows its retain policy) is deleted; before, the
+    /// controller is asked to come back when it falls due.
+    fn collect_after_ttl(&mut self) {
+        let Some(ttl) = self.p.run.spec.ttl_seconds_after_finished else {
+            return;
+        };
+        let finished = self
+            .status
+            .conditions
+            .iter()
+            .filter(|c| {
+                (c.type_ == cond::SUCCEEDED || c.type_ == cond::FAILED) && c.status == "True"
+            })
+            .map(|c| c.last_transition_time.0)
+            .max();
+        let Some(finished) = finished else { return };
+        let waited = self.now.0.duration_since(finished).as_secs();
+        if waited < i64::from(ttl) {
+            let left = (i64::from(ttl) - waited).max(1) as u64;
+            self.p.plan.requeue_after = Some(std::time::Duration::from_secs(left));
+            return;
+        }
+        let doomed: Vec<(Kind, String)> = self
+            .p
+            .obs
+            .children
+            .iter()
+            .filter(|c| c.kind != Kind::PersistentVolumeClaim && !c.deleting)
+            .map(|c| (c.kind, c.name.clone()))
+            .collect();
+        if doomed.is_empty() {
+            return;
+        }
+        self.p.event(
+            EventType::Normal,
+            "ChildrenDeleted",
+            "TTLExpired",
+            format!(
+                "ttlSecondsAfterFinished ({ttl} s) passed: {} children deleted, the workspace claim stays",
+                doomed.len()
+            ),
+        );
+        for (kind, name) in doomed {
+            self.p.delete(kind, &name);
         }
     }
 

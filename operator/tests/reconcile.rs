@@ -415,6 +415,48 @@ fn succeeded_is_sticky_even_when_children_are_gone() {
 }
 
 #[test]
+fn after_its_ttl_a_finished_run_loses_its_children_but_not_its_workspace() {
+    let mut w = at_rl();
+    w.bump_spec(|r| r.spec.ttl_seconds_after_finished = Some(60));
+    w.set_job("tiny-cpu-learner-0", JobState::Complete);
+    w.step();
+    w.set_job("tiny-cpu-distill-student-0", JobState::Complete);
+    let plan = w.step(); // Succeeded at t = 40 (every step is 10 s)
+    assert_eq!(w.phase(), Phase::Succeeded);
+    assert_eq!(plan.requeue_after, Some(std::time::Duration::from_secs(60)));
+    assert!(plan.delete.is_empty());
+    let plan = w.step(); // 10 s later: 50 s to go
+    assert_eq!(plan.requeue_after, Some(std::time::Duration::from_secs(50)));
+    assert!(plan.is_noop(), "{plan:#?}");
+    for _ in 0..4 {
+        w.step();
+    }
+    let plan = w.step(); // t = 100: due
+    let mut deleted: Vec<Kind> = plan.delete.iter().map(|(k, _)| *k).collect();
+    deleted.sort_by_key(|k| format!("{k:?}"));
+    deleted.dedup();
+    assert_eq!(
+        deleted,
+        vec![Kind::ConfigMap, Kind::Job],
+        "{:?}",
+        plan.delete
+    );
+    assert!(!plan
+        .delete
+        .iter()
+        .any(|(k, _)| *k == Kind::PersistentVolumeClaim));
+    assert_eq!(reasons(&plan), vec!["ChildrenDeleted"]);
+    assert_eq!(w.phase(), Phase::Succeeded);
+    // Gone: nothing more to do, and nothing is recreated.
+    assert!(w.step().is_noop());
+    assert!(w
+        .obs
+        .children
+        .iter()
+        .all(|c| c.kind == Kind::PersistentVolumeClaim));
+}
+
+#[test]
 fn failed_attempts_are_retried_up_to_the_policy_then_the_run_fails() {
     let mut w = World::new(run_from(TINY)); // failurePolicy.retries defaults to 2
     w.step();
