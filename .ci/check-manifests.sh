@@ -19,9 +19,14 @@ grep -q 'kind: CustomResourceDefinition' "$tmp/default.yaml"
 grep -q 'helm.sh/resource-policy: keep' "$tmp/default.yaml"
 if grep -q 'kind: CustomResourceDefinition' "$tmp/nondefault.yaml"; then echo 'crds.install=false still renders the CRD' >&2; exit 1; fi
 grep -q -- '--leader-elect' "$tmp/nondefault.yaml"
-# ServiceMonitor has no schema in the Kubernetes set; everything else must validate strictly.
+# prometheus-operator's kinds have no schema in the Kubernetes set; everything else must
+# validate strictly.
 kubernetes-validate --quiet --strict -k "$K8S_VERSION" "$tmp/default.yaml" "$tmp/nondefault.yaml" 2>&1 \
-  | { grep -v "Couldn't find schema for kind ServiceMonitor" || true; } | tee "$tmp/validate.log"
+  | { grep -vE "Couldn't find schema for kind (ServiceMonitor|PodMonitor|PrometheusRule)" || true; } | tee "$tmp/validate.log"
+for kind in PodMonitor PrometheusRule NetworkPolicy; do
+  grep -q "^kind: $kind" "$tmp/nondefault.yaml" || { echo "the non-default values render no $kind" >&2; exit 1; }
+done
+grep -q 'rlt-operator.json' "$tmp/nondefault.yaml" || { echo "the non-default values render no dashboard" >&2; exit 1; }
 if grep -qE '^(ERROR|WARN)' "$tmp/validate.log"; then exit 1; fi
 # values.schema.json rejects a bad value with its name.
 if helm template x "$CHART" --set replicaCount=0 >/dev/null 2>"$tmp/err"; then

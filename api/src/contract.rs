@@ -174,6 +174,29 @@ pub fn device_choice(device: crate::spec::Device, gpu_requested: Option<bool>) -
     }
 }
 
+/// The Prometheus metrics a parameter server exports on the metrics port (each with a
+/// `shard` label); the chart's dashboard and alerts name them, and a test checks they exist.
+pub mod param_server_metrics {
+    pub const STEP: &str = "rl_step";
+    pub const GRAD_NORM: &str = "rl_grad_norm";
+    pub const MEAN_REWARD: &str = "rl_mean_reward";
+    pub const SOLUTION_TERM: &str = "rl_solution_term";
+    pub const KL_TERM: &str = "rl_kl_term";
+    pub const TOKENS_PER_SECOND: &str = "rl_tokens_per_second";
+    pub const BYTES_RECEIVED: &str = "ps_bytes_received_total";
+    pub const BYTES_SENT: &str = "ps_bytes_sent_total";
+    pub const ALL: [&str; 8] = [
+        STEP,
+        GRAD_NORM,
+        MEAN_REWARD,
+        SOLUTION_TERM,
+        KL_TERM,
+        TOKENS_PER_SECOND,
+        BYTES_RECEIVED,
+        BYTES_SENT,
+    ];
+}
+
 /// The GPU resource a stage container requests.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 

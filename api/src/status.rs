@@ -121,6 +121,15 @@ impl StagesStatus {
     pub fn is_empty(&self) -> bool {
         *self == StagesStatus::default()
     }
+
+    pub fn get(&self, stage: crate::stage::Stage) -> Option<&StageStatus> {
+        use crate::stage::Stage;
+        match stage {
+            Stage::Warmup => self.warmup.as_ref(),
+            Stage::Rl => self.rl.as_ref(),
+            Stage::Distillation => self.distillation.as_ref(),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]

@@ -207,6 +207,10 @@ async fn reconcile_inner(run: &RltRun, ctx: &Context) -> Result<Action, Error> {
             .then(|| children::status_url(run, &snap.observed)),
     );
     let rejected = execute(run, &snap.observed, &plan, ctx).await?;
+    if let Some(new) = &plan.status {
+        ctx.metrics
+            .observe_completed_stages(run.status.as_ref(), new);
+    }
     let s = &ctx.settings;
     let mut after = s.resync;
     if rejected {

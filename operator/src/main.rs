@@ -106,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     health.set_role(Role::Active);
+    metrics.leader.set(1);
 
     let settings = Settings {
         namespace: args.namespace.clone(),

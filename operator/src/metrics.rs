@@ -1,13 +1,16 @@
 //! Prometheus metrics: reconciles, errors, reconcile duration, reconciles in flight, runs per
-//! phase, and the process's own memory and CPU (`process_*`). Runs per phase is computed from
+//! phase, leadership, completed stages' durations, and the process's own memory and CPU
+//! (`process_*`). Runs per phase is computed from
 //! the controller's cache at scrape time, so it is never stale and needs no bookkeeping on
 //! deletes.
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::reflector::Store;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use rlt_api::status::Phase;
+use rlt_api::stage::Stage;
+use rlt_api::status::{Phase, RltRunStatus};
 use rlt_api::RltRun;
 use std::sync::{Arc, Mutex};
 
@@ -21,6 +24,11 @@ pub struct Metrics {
     /// limit means runs are queueing for a reconcile.
     pub in_flight: IntGauge,
     pub runs: IntGaugeVec,
+    /// 1 while this replica leads (reconciles), 0 while it stands by.
+    pub leader: IntGauge,
+    /// Wall time of each stage that completed, from its start to its completion (every
+    /// attempt included), by stage.
+    pub stage_duration: HistogramVec,
     resident_memory: IntGauge,
     cpu_seconds: Gauge,
     store: Arc<Mutex<Option<Store<RltRun>>>>,
@@ -64,6 +72,24 @@ impl Default for Metrics {
         registry.register(Box::new(duration.clone())).unwrap();
         registry.register(Box::new(in_flight.clone())).unwrap();
         registry.register(Box::new(runs.clone())).unwrap();
+        let leader = IntGauge::new(
+            "rlt_operator_leader",
+            "1 while this replica leads and reconciles, 0 while it stands by",
+        )
+        .unwrap();
+        let stage_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "rlt_operator_stage_duration_seconds",
+                "Wall time of a completed stage, from its start to its completion",
+            )
+            .buckets(vec![
+                60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0, 259200.0,
+            ]),
+            &["stage"],
+        )
+        .unwrap();
+        registry.register(Box::new(leader.clone())).unwrap();
+        registry.register(Box::new(stage_duration.clone())).unwrap();
         let resident_memory = IntGauge::new(
             "process_resident_memory_bytes",
             "Resident memory size in bytes",
@@ -85,6 +111,8 @@ impl Default for Metrics {
             duration,
             in_flight,
             runs,
+            leader,
+            stage_duration,
             resident_memory,
             cpu_seconds,
             store: Default::default(),
@@ -93,6 +121,47 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Observes each stage that a status write completes (absent from `old`, present in
+    /// `new`).
+    pub fn observe_completed_stages(&self, old: Option<&RltRunStatus>, new: &RltRunStatus) {
+        fn completed(s: Option<&RltRunStatus>, stage: Stage) -> Option<(&Time, &Time)> {
+            let st = s?.stages.get(stage)?;
+            Some((st.start_time.as_ref()?, st.completion_time.as_ref()?))
+        }
+        for stage in Stage::ALL {
+            if completed(old, stage).is_some() {
+                continue;
+            }
+            if let Some((start, end)) = completed(Some(new), stage) {
+                let seconds = end.0.duration_since(start.0).as_secs_f64().max(0.0);
+                self.stage_duration
+                    .with_label_values(&[stage.label()])
+                    .observe(seconds);
+            }
+        }
+    }
+
+    /// Every metric name this operator exports, labelled series or not yet (for checks of
+    /// dashboards and alerts).
+    pub fn names(&self) -> Vec<String> {
+        use prometheus::core::Collector;
+        let collectors: [&dyn Collector; 9] = [
+            &self.reconciles,
+            &self.errors,
+            &self.duration,
+            &self.in_flight,
+            &self.runs,
+            &self.leader,
+            &self.stage_duration,
+            &self.resident_memory,
+            &self.cpu_seconds,
+        ];
+        collectors
+            .iter()
+            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect()
+    }
+
     pub fn set_store(&self, store: Store<RltRun>) {
         *self.store.lock().unwrap() = Some(store);
     }
@@ -160,5 +229,25 @@ mod tests {
         assert!(value("process_resident_memory_bytes") > 1e6);
         assert!(value("process_cpu_seconds_total") >= 0.0);
         assert_eq!(value("rlt_operator_reconciles_in_flight"), 0.0);
+    }
+
+    #[test]
+    fn a_stage_is_observed_once_when_a_status_write_completes_it() {
+        use rlt_api::status::StageStatus;
+        let at =
+            |s: i64| Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + s).unwrap());
+        let m = Metrics::default();
+        let mut running = RltRunStatus::default();
+        running.stages.warmup = Some(StageStatus {
+            start_time: Some(at(0)),
+            ..Default::default()
+        });
+        let mut done = running.clone();
+        done.stages.warmup.as_mut().unwrap().completion_time = Some(at(120));
+        m.observe_completed_stages(Some(&running), &running);
+        m.observe_completed_stages(Some(&running), &done);
+        m.observe_completed_stages(Some(&done), &done);
+        let h = m.stage_duration.with_label_values(&["warmup"]);
+        assert_eq!((h.get_sample_count(), h.get_sample_sum()), (1, 120.0));
     }
 }

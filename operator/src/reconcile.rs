@@ -203,11 +203,7 @@ pub fn derive_reason(status: &RltRunStatus) -> Option<String> {
 }
 
 fn stage_status(status: &RltRunStatus, stage: Stage) -> Option<&StageStatus> {
-    match stage {
-        Stage::Warmup => status.stages.warmup.as_ref(),
-        Stage::Rl => status.stages.rl.as_ref(),
-        Stage::Distillation => status.stages.distillation.as_ref(),
-    }
+    status.stages.get(stage)
 }
 
 fn current_attempt(stages: &StagesStatus, stage: Stage) -> u32 {

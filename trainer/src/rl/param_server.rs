@@ -170,19 +170,21 @@ impl ServerMetrics {
                     .collect(),
             ),
         )?;
-        let step = prometheus::IntGauge::new("rl_step", "RL steps applied (weights version)")?;
+        use rlt_api::contract::param_server_metrics as names;
+        let step = prometheus::IntGauge::new(names::STEP, "RL steps applied (weights version)")?;
         let grad_norm = prometheus::Gauge::new(
-            "rl_grad_norm",
+            names::GRAD_NORM,
             "norm of the last step's whole gradient (all shards), before clipping",
         )?;
-        let reward = prometheus::Gauge::new("rl_mean_reward", "mean RLT reward of the last step")?;
-        let solution = prometheus::Gauge::new("rl_solution_term", "mean r_SS of the last step")?;
-        let kl = prometheus::Gauge::new("rl_kl_term", "mean r_KL of the last step")?;
+        let reward =
+            prometheus::Gauge::new(names::MEAN_REWARD, "mean RLT reward of the last step")?;
+        let solution = prometheus::Gauge::new(names::SOLUTION_TERM, "mean r_SS of the last step")?;
+        let kl = prometheus::Gauge::new(names::KL_TERM, "mean r_KL of the last step")?;
         let tokens_per_second =
-            prometheus::Gauge::new("rl_tokens_per_second", "generated tokens/s, last step")?;
+            prometheus::Gauge::new(names::TOKENS_PER_SECOND, "generated tokens/s, last step")?;
         let bytes_in =
-            prometheus::IntCounter::new("ps_bytes_received_total", "gradient bytes received")?;
-        let bytes_out = prometheus::IntCounter::new("ps_bytes_sent_total", "weight bytes sent")?;
+            prometheus::IntCounter::new(names::BYTES_RECEIVED, "gradient bytes received")?;
+        let bytes_out = prometheus::IntCounter::new(names::BYTES_SENT, "weight bytes sent")?;
         registry.register(Box::new(step.clone()))?;
         registry.register(Box::new(grad_norm.clone()))?;
         registry.register(Box::new(reward.clone()))?;
