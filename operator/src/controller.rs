@@ -237,6 +237,9 @@ pub async fn execute(
     if let Some(status) = &plan.status {
         resource_version = write_status(run, status, resource_version, ctx).await?;
     }
+    // The transition's Events right after the status that records it: a child write that
+    // fails next must not lose them (the next reconcile finds the transition done).
+    publish(run, &plan.events, ctx).await;
     let rejections = write_children(run, obs, plan, ctx).await?;
     let status = plan
         .status
@@ -248,8 +251,15 @@ pub async fn execute(
     if let Some(status) = &recorded {
         write_status(run, status, resource_version, ctx).await?;
     }
+    publish(run, &rejection_events, ctx).await;
+    Ok(!rejections.is_empty())
+}
+
+/// Publishes Events about the run. One that cannot be published does not fail the
+/// reconcile (the status has what it says).
+async fn publish(run: &RltRun, events: &[reconcile::Event], ctx: &Context) {
     let reference = run.object_ref(&());
-    for ev in plan.events.iter().chain(&rejection_events) {
+    for ev in events {
         let event = Event {
             type_: match ev.type_ {
                 EventType::Normal => KubeEventType::Normal,
@@ -260,12 +270,10 @@ pub async fn execute(
             action: ev.action.clone(),
             secondary: None,
         };
-        // An Event that cannot be published must not fail the reconcile (the status has it).
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {
             warn!(run = %reconcile::run_key(run), error = %e, "publishing event");
         }
     }
-    Ok(!rejections.is_empty())
 }
 
 /// Server-side applies the status, conditional on `resource_version` (a stale cache gets a

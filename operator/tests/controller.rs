@@ -249,13 +249,15 @@ const STATUS_APPLY: &str = "PATCH /apis/rlt.dev/v1alpha1/namespaces/ml/rltruns/t
 const EVENT_POST: &str = "POST /apis/events.k8s.io/v1/namespaces/ml/events?";
 
 #[tokio::test]
-async fn a_new_run_records_its_status_first_then_creates_its_children_then_events() {
+async fn a_new_run_records_its_status_first_then_its_events_then_creates_its_children() {
     let log = run_reconcile(tiny_run(), BTreeMap::new()).await;
     let lines: Vec<String> = log.iter().map(Recorded::line).collect();
     assert_eq!(
         lines,
         [
             STATUS_APPLY,
+            EVENT_POST,
+            EVENT_POST,
             // Not observed: read by name first (absent), then created by an unforced apply.
             "GET /api/v1/namespaces/ml/configmaps/tiny-cpu-config",
             "PATCH /api/v1/namespaces/ml/configmaps/tiny-cpu-config?&fieldManager=rlt-operator",
@@ -263,8 +265,6 @@ async fn a_new_run_records_its_status_first_then_creates_its_children_then_event
             "PATCH /api/v1/namespaces/ml/persistentvolumeclaims/tiny-cpu-workspace?&fieldManager=rlt-operator",
             "GET /apis/batch/v1/namespaces/ml/jobs/tiny-cpu-warmup-0",
             "PATCH /apis/batch/v1/namespaces/ml/jobs/tiny-cpu-warmup-0?&fieldManager=rlt-operator",
-            EVENT_POST,
-            EVENT_POST,
         ]
     );
     // Status: SSA of the status subresource, conditional on the run's resourceVersion;
@@ -277,7 +277,7 @@ async fn a_new_run_records_its_status_first_then_creates_its_children_then_event
     assert_eq!(status["conditions"][0]["type"], "WarmupComplete");
     assert_eq!(status["conditions"][0]["observedGeneration"], 1);
     // The config the trainer reads is the run itself, defaults filled in.
-    let cm = &log[2].body;
+    let cm = &log[4].body;
     let config = cm["data"]["run.yaml"].as_str().unwrap();
     let mut parsed = rlt_api::parse_yaml(config).expect("rendered config validates");
     // ... and the run's own workspace directory, keyed by its UID.
@@ -288,7 +288,7 @@ async fn a_new_run_records_its_status_first_then_creates_its_children_then_event
     assert_eq!(parsed.spec, tiny_run().spec);
     assert_eq!(cm["metadata"]["ownerReferences"][0]["uid"], "uid-1");
     // The warm-up pod follows the stage contract.
-    let job = &log[6].body;
+    let job = &log[8].body;
     assert_eq!(job["kind"], "Job");
     let pod = &job["spec"]["template"]["spec"];
     assert_eq!(
@@ -390,8 +390,8 @@ async fn a_retry_is_recorded_before_the_next_attempt_starts_and_the_failed_job_i
         writes(&log),
         [
             STATUS_APPLY,
-            "PATCH /apis/batch/v1/namespaces/ml/jobs/tiny-cpu-warmup-1?&fieldManager=rlt-operator",
             EVENT_POST,
+            "PATCH /apis/batch/v1/namespaces/ml/jobs/tiny-cpu-warmup-1?&fieldManager=rlt-operator",
         ]
     );
     let event = events(&log)[0];
@@ -449,9 +449,10 @@ async fn a_refused_child_write_reaches_the_conditions_and_a_warning_event_not_a_
         writes(&log),
         [
             STATUS_APPLY,
+            // The retry's Event, then the refused Job, then Degraded and its Warning.
+            EVENT_POST,
             "PATCH /apis/batch/v1/namespaces/ml/jobs/tiny-cpu-warmup-1?&fieldManager=rlt-operator",
             STATUS_APPLY,
-            EVENT_POST,
             EVENT_POST,
         ]
     );
@@ -477,6 +478,27 @@ async fn a_refused_child_write_reaches_the_conditions_and_a_warning_event_not_a_
     assert_eq!(ev[1].body["type"], "Warning");
     assert_eq!(ev[1].body["reason"], "ChildRejected");
     assert_eq!(ev[1].body["action"], "ApplyJob/tiny-cpu-warmup-1");
+}
+
+#[tokio::test]
+async fn a_child_write_that_fails_after_the_status_write_loses_no_event() {
+    // The status records WarmUp; the Job's create then fails. The next reconcile finds the
+    // transition done and says nothing, so its Events must already be out.
+    let cluster = Arc::new(Mutex::new(Cluster {
+        objects: BTreeMap::new(),
+        refuse: [(
+            format!("PATCH {JOBS}/tiny-cpu-warmup-0"),
+            (503, "ServiceUnavailable", "etcd leader changed".to_string()),
+        )]
+        .into(),
+    }));
+    let (results, log) = reconciles(vec![tiny_run()], cluster).await;
+    assert!(results[0].is_err());
+    let reasons: Vec<&str> = events(&log)
+        .iter()
+        .map(|r| r.body["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["StageStarted", "PhaseChanged"]);
 }
 
 #[tokio::test]
