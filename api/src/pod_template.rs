@@ -25,7 +25,12 @@ pub const RESERVED_LABELS: [&str; 2] = ["app.kubernetes.io/name", "app.kubernete
 /// Volume names of the stage pods' own volumes (inputs are `in-<name>`).
 pub const RESERVED_VOLUMES: [&str; 4] = ["config", "workspace", "tmp", "shm"];
 /// Where the stage pods mount their own volumes: an added mount may not be at or under them.
-pub const RESERVED_MOUNTS: [&str; 4] = ["/workspace", "/etc/rlt", "/tmp", "/dev/shm"];
+pub const RESERVED_MOUNTS: [&str; 4] = [
+    crate::contract::WORKSPACE_MOUNT_DIR,
+    crate::contract::CONFIG_MOUNT_DIR,
+    "/tmp",
+    "/dev/shm",
+];
 
 /// Additions to the pods of a role. Labels and annotations are merged (the role's win over
 /// the run's, the operator's own keys cannot be set); lists are appended, the role's after the

@@ -309,9 +309,16 @@ pub(super) fn pod_template(ctx: &Ctx, p: PodParts) -> PodTemplateSpec {
     let spec = &ctx.run.spec;
     let sched = p.scheduling.over(&spec.scheduling);
     let added = p.template.over(&spec.pod_template);
-    // The team's labels first, the operator's over them (validation refuses its keys anyway).
-    let mut labels = added.labels.clone();
-    labels.extend(ctx.labels(Some(p.stage), Some(p.role), Some(p.attempt)));
+    // The run's labels and the operator's, then the pod template's over the run's (never over
+    // the operator's: validation refuses those keys, and they are skipped here too).
+    let mut labels = ctx.labels(Some(p.stage), Some(p.role), Some(p.attempt));
+    labels.extend(
+        added
+            .labels
+            .iter()
+            .filter(|(k, _)| !rlt_api::pod_template::is_reserved_key(k))
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
     if let Some(s) = p.student {
         labels.insert(LABEL_STUDENT.into(), s.name.clone());
     }

@@ -374,6 +374,7 @@ fn pod_templates_and_the_runs_labels_reach_the_pods_of_their_roles() {
     });
     run.metadata.labels = Some(BTreeMap::from([
         ("cost-centre".into(), "42".into()),
+        ("tier".into(), "from-the-run".into()),
         (LABEL_RUN.into(), "spoofed".into()),
     ]));
     for child in all_children(&run) {
