@@ -95,70 +95,69 @@ impl schemars::JsonSchema for RltRun {
     }
 }
 
-/// schemars names unsigned integers `uint32`/`uint64`, formats the API server does not know
-/// (`kubectl apply` then warns `unrecognized format "uint32"` on every run): they become
-/// `int64`, bounded to what the Rust type holds (a u64 to what a JSON number holds exactly).
-fn known_integer_formats(schema: &mut schemars::Schema) {
-    fn walk(v: &mut serde_json::Value) {
+/// Applies `edit` to every object of a schema, outermost first, for the rewrites below.
+fn rewrite_objects(
+    schema: &mut schemars::Schema,
+    edit: impl Fn(&mut serde_json::Map<String, serde_json::Value>),
+) {
+    fn walk(
+        v: &mut serde_json::Value,
+        edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>),
+    ) {
         match v {
             serde_json::Value::Object(map) => {
-                let max = match map.get("format").and_then(serde_json::Value::as_str) {
-                    Some("uint8") => Some(u64::from(u8::MAX)),
-                    Some("uint16") => Some(u64::from(u16::MAX)),
-                    Some("uint32") => Some(u64::from(u32::MAX)),
-                    Some("uint64" | "uint") => Some((1u64 << 53) - 1),
-                    _ => None,
-                };
-                if let Some(max) = max {
-                    // Within the type's range whatever the field's own bounds say.
-                    let own = |k: &str| map.get(k).and_then(serde_json::Value::as_f64);
-                    let lo = own("minimum").map_or(0.0, |m| m.max(0.0));
-                    let hi = own("maximum").map_or(max as f64, |m| m.min(max as f64));
-                    map.insert("format".into(), "int64".into());
-                    map.insert("minimum".into(), serde_json::json!(lo as u64));
-                    map.insert("maximum".into(), serde_json::json!(hi as u64));
-                }
-                map.values_mut().for_each(walk);
+                edit(map);
+                map.values_mut().for_each(|v| walk(v, edit));
             }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| walk(v, edit)),
             _ => {}
         }
     }
     let mut value = schema.clone().to_value();
-    walk(&mut value);
-    if let Ok(known) = schemars::Schema::try_from(value) {
-        *schema = known;
+    walk(&mut value, &edit);
+    if let Ok(rewritten) = schemars::Schema::try_from(value) {
+        *schema = rewritten;
     }
+}
+
+/// schemars names unsigned integers `uint32`/`uint64`, formats the API server does not know
+/// (`kubectl apply` then warns `unrecognized format "uint32"` on every run): they become
+/// `int64`, bounded to what the Rust type holds (a u64 to what a JSON number holds exactly).
+fn known_integer_formats(schema: &mut schemars::Schema) {
+    rewrite_objects(schema, |map| {
+        let max = match map.get("format").and_then(serde_json::Value::as_str) {
+            Some("uint8") => u64::from(u8::MAX),
+            Some("uint16") => u64::from(u16::MAX),
+            Some("uint32") => u64::from(u32::MAX),
+            Some("uint64" | "uint") => (1u64 << 53) - 1,
+            _ => return,
+        };
+        // Within the type's range whatever the field's own bounds say.
+        let own = |k: &str| map.get(k).and_then(serde_json::Value::as_f64);
+        let lo = own("minimum").map_or(0.0, |m| m.max(0.0));
+        let hi = own("maximum").map_or(max as f64, |m| m.min(max as f64));
+        map.insert("format".into(), "int64".into());
+        map.insert("minimum".into(), serde_json::json!(lo as u64));
+        map.insert("maximum".into(), serde_json::json!(hi as u64));
+    });
 }
 
 /// Bounds the `weight` of every preferred (anti-)affinity term to 1..100, as the API server
 /// does for pods; without a maximum a weight past i32 would be stored and break every typed
 /// read of the runs.
 fn bound_affinity_weights(schema: &mut schemars::Schema) {
-    fn walk(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(map) => {
-                if let Some(w) = map
-                    .get_mut("properties")
-                    .and_then(|p| p.get_mut("weight"))
-                    .and_then(serde_json::Value::as_object_mut)
-                {
-                    if w.get("type").and_then(serde_json::Value::as_str) == Some("integer") {
-                        w.insert("minimum".into(), 1.into());
-                        w.insert("maximum".into(), 100.into());
-                    }
-                }
-                map.values_mut().for_each(walk);
+    rewrite_objects(schema, |map| {
+        if let Some(w) = map
+            .get_mut("properties")
+            .and_then(|p| p.get_mut("weight"))
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            if w.get("type").and_then(serde_json::Value::as_str) == Some("integer") {
+                w.insert("minimum".into(), 1.into());
+                w.insert("maximum".into(), 100.into());
             }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
-            _ => {}
         }
-    }
-    let mut value = schema.clone().to_value();
-    walk(&mut value);
-    if let Ok(bounded) = schemars::Schema::try_from(value) {
-        *schema = bounded;
-    }
+    });
 }
 
 /// Bounds every integer a Kubernetes type leaves unbounded to what its format holds (int32;
@@ -166,30 +165,16 @@ fn bound_affinity_weights(schema: &mut schemars::Schema) {
 /// without a maximum a value past the Rust type would be stored and break every typed read of
 /// the runs.
 fn bound_integers(schema: &mut schemars::Schema) {
-    fn walk(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(map) => {
-                let bounds = match map.get("format").and_then(serde_json::Value::as_str) {
-                    Some("int32") => Some((i64::from(i32::MIN), i64::from(i32::MAX))),
-                    // What a JSON number holds exactly (a YAML dump of i64::MAX is a float).
-                    Some("int64") => Some((-(1i64 << 53) + 1, (1i64 << 53) - 1)),
-                    _ => None,
-                };
-                if let Some((lo, hi)) = bounds {
-                    map.entry("minimum").or_insert(lo.into());
-                    map.entry("maximum").or_insert(hi.into());
-                }
-                map.values_mut().for_each(walk);
-            }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
-            _ => {}
-        }
-    }
-    let mut value = schema.clone().to_value();
-    walk(&mut value);
-    if let Ok(bounded) = schemars::Schema::try_from(value) {
-        *schema = bounded;
-    }
+    rewrite_objects(schema, |map| {
+        let (lo, hi) = match map.get("format").and_then(serde_json::Value::as_str) {
+            Some("int32") => (i64::from(i32::MIN), i64::from(i32::MAX)),
+            // What a JSON number holds exactly (a YAML dump of i64::MAX is a float).
+            Some("int64") => (-(1i64 << 53) + 1, (1i64 << 53) - 1),
+            _ => return,
+        };
+        map.entry("minimum").or_insert(lo.into());
+        map.entry("maximum").or_insert(hi.into());
+    });
 }
 
 /// An RLT training run: warm-up -> RL -> distillation, each stage's pods run `rlt-trainer <role>`.

@@ -161,7 +161,9 @@ pub fn derive_phase(status: &RltRunStatus) -> Phase {
     {
         None => Phase::Succeeded,
         Some(s)
-            if stage_status(status, s)
+            if status
+                .stages
+                .get(s)
                 .and_then(|st| st.start_time.as_ref())
                 .is_some() =>
         {
@@ -200,10 +202,6 @@ pub fn derive_reason(status: &RltRunStatus) -> Option<String> {
         .find(|c| c.type_ == stage.complete_condition())
         .map(|c| c.reason.clone())
         .filter(|r| r != "Running")
-}
-
-fn stage_status(status: &RltRunStatus, stage: Stage) -> Option<&StageStatus> {
-    status.stages.get(stage)
 }
 
 fn current_attempt(stages: &StagesStatus, stage: Stage) -> u32 {
@@ -1027,7 +1025,7 @@ fn finish(mut p: Planner, old: RltRunStatus, mut status: RltRunStatus) -> Plan {
     let current = Stage::ALL
         .into_iter()
         .rev()
-        .find_map(|s| stage_status(&status, s).map(|st| st.attempt));
+        .find_map(|s| status.stages.get(s).map(|st| st.attempt));
     status.attempt = current;
     if status != old {
         p.plan.status = Some(status);
