@@ -3,6 +3,7 @@
 //! stages as local processes). Neither side redefines anything that lives here.
 //!
 //! - [`spec`]: the custom resource (`RltRun`, `RltRunSpec`) with its defaults and CEL rules;
+//! - [`edits`]: which spec edits a run accepts once it exists (the CRD's transition rules);
 //! - [`status`]: its status (conditions, phase, per-stage attempts and artifacts);
 //! - [`validate`]: client-side validation with the CRD's own schema and CEL rules
 //!   ([`validate::parse_yaml`] for a user's file, [`validate::validate`] for a typed run);
@@ -12,6 +13,7 @@
 //! - [`pod_template`]: what a platform team adds to a role's pods.
 
 pub mod contract;
+pub mod edits;
 pub mod layout;
 pub mod pod_template;
 pub mod quantity;

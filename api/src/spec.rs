@@ -62,7 +62,14 @@ impl schemars::JsonSchema for RltRun {
     }
 
     fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        let spec = generator.subschema_for::<RltRunSpec>();
+        let mut spec = generator.subschema_for::<RltRunSpec>().to_value();
+        let transitions = crate::edits::transition_rules(&spec);
+        if let Some(rules) = spec
+            .get_mut("x-kubernetes-validations")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            rules.extend(transitions);
+        }
         let status = generator.subschema_for::<Option<RltRunStatus>>();
         let rules: Vec<serde_json::Value> = NAME_RULES
             .iter()

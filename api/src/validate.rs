@@ -69,6 +69,15 @@ pub fn validate(run: &RltRun) -> Result<(), Vec<FieldError>> {
     validate_value(&value).map(|_| ())
 }
 
+/// The CRD's rules on an update from `old` to `new` (both valid runs): what the API server's
+/// transition rules ([`crate::edits`]) refuse, as they word it. Runs as JSON, as the API
+/// server sees them.
+pub fn validate_update(old: &Value, new: &Value) -> Result<(), Vec<FieldError>> {
+    kube::core::cel::Validator::new()
+        .validate_compiled(compiled_schema(), new, Some(old))
+        .map_err(|errors| errors.iter().map(cel_error).collect())
+}
+
 /// Parses and validates an RltRun YAML document; on success returns the run with every
 /// default filled in.
 pub fn parse_yaml(text: &str) -> Result<RltRun, Vec<FieldError>> {
@@ -113,14 +122,7 @@ pub fn validate_value(value: &Value) -> Result<RltRun, Vec<FieldError>> {
     if let Err(cel) =
         kube::core::cel::Validator::new().validate_compiled(compiled_schema(), value, None)
     {
-        return Err(cel
-            .iter()
-            .map(|e| FieldError {
-                field: cel_field(&e.field_path),
-                message: e.message.clone(),
-                check: format!("cel: {}", e.rule),
-            })
-            .collect());
+        return Err(cel.iter().map(cel_error).collect());
     }
     // The schema passed, so this only fails on what serde checks beyond it.
     let run: RltRun = serde_json::from_value(value.clone()).map_err(|e| {
@@ -165,6 +167,14 @@ fn prune_nulls(schema: &Value, value: &mut Value) {
             }
         }
         _ => {}
+    }
+}
+
+fn cel_error(e: &kube::core::cel::ValidationError) -> FieldError {
+    FieldError {
+        field: cel_field(&e.field_path),
+        message: e.message.clone(),
+        check: format!("cel: {}", e.rule),
     }
 }
 

@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Resource
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::Client;
+use kube::{Client, ResourceExt};
 use serde_json::{json, Value};
 use support::*;
 
@@ -989,6 +989,27 @@ async fn s08_suspend_during_rl_removes_the_pods_and_resume_continues_as_a_new_at
         Ok((phase(&run) == "RL" && step >= 5).then_some(()))
     })
     .await?;
+    // Mid-run the API server refuses what the run trains with (immutable) and where its pods
+    // run (only while suspended), naming the field.
+    let edited_template = json!({"labels": {"rlt.dev/e2e-edit": "resumed"}});
+    for (patch, refusal) in [
+        (
+            json!({"spec": {"rl": {"steps": 300}}}),
+            "spec.rl is immutable",
+        ),
+        (
+            json!({"spec": {"rl": {"learnerPodTemplate": edited_template}}}),
+            "may change only while the run is suspended",
+        ),
+    ] {
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Err(kube::Error::Api(status)) if status.message.contains(refusal) => {}
+            other => bail!("{patch}: expected a refusal saying `{refusal}`, got {other:?}"),
+        }
+    }
     let patch = json!({"spec": {"suspend": true}});
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
@@ -1005,7 +1026,8 @@ async fn s08_suspend_during_rl_removes_the_pods_and_resume_continues_as_a_new_at
     let step_before = suspended.data["status"]["training"]["step"]
         .as_u64()
         .unwrap_or(0);
-    let patch = json!({"spec": {"suspend": false}});
+    // Resuming and re-shaping the learners' pods in one write: the new attempt has them.
+    let patch = json!({"spec": {"suspend": false, "rl": {"learnerPodTemplate": edited_template}}});
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     let resumed = wait_for("RL to resume as a new attempt", secs(120), async || {
@@ -1020,6 +1042,42 @@ async fn s08_suspend_during_rl_removes_the_pods_and_resume_continues_as_a_new_at
         "{name}: suspended at step {step_before}, resumed as attempt {}",
         attempt(&resumed)
     );
+    let learners = format!(
+        "rlt.dev/run={name},rlt.dev/role=learner,rlt.dev/attempt={}",
+        attempt_before + 1
+    );
+    let pods = wait_for("the resumed attempt's learner pods", secs(60), async || {
+        let pods = pods_of(&client, &learners).await?;
+        Ok((!pods.is_empty()).then_some(pods))
+    })
+    .await?;
+    for pod in pods {
+        ensure!(
+            pod.labels().get("rlt.dev/e2e-edit").map(String::as_str) == Some("resumed"),
+            "{} lacks the label edited while suspended",
+            pod.name_any()
+        );
+    }
+    // Its own configuration snapshot, with the edit; the suspended attempt's is gone.
+    let configs: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace());
+    let snapshot = configs
+        .get(&format!("{name}-config-rl-{}", attempt_before + 1))
+        .await?;
+    ensure!(snapshot.immutable == Some(true), "a mutable snapshot");
+    let config = &snapshot.data.unwrap_or_default()[rlt_api::contract::CONFIG_FILE];
+    ensure!(
+        config.contains("rlt.dev/e2e-edit"),
+        "the snapshot lacks the edit"
+    );
+    wait_for(
+        "the suspended attempt's snapshot to go",
+        secs(60),
+        async || {
+            let old = format!("{name}-config-rl-{attempt_before}");
+            Ok(configs.get_opt(&old).await?.is_none().then_some(()))
+        },
+    )
+    .await?;
     // Continuing from the last checkpoint: the first figures of the new attempt are past 0.
     let first_step = wait_for("figures of the resumed attempt", secs(180), async || {
         let run = api.get(name).await?;
@@ -1354,9 +1412,10 @@ async fn s12_inputs_from_a_claim_and_a_re_created_run_trains_afresh() -> Result<
         secs(120),
         async || {
             let jobs = jobs_of(&client, name).await?;
-            let config: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace());
-            let config = config.get_opt(&format!("{name}-config")).await?;
-            Ok((jobs.is_empty() && config.is_none()).then_some(()))
+            // The attempts' configuration snapshots too.
+            let configs: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace());
+            let configs = configs.list(&run_selector(name)).await?.items;
+            Ok((jobs.is_empty() && configs.is_empty()).then_some(()))
         },
     )
     .await?;

@@ -4,7 +4,10 @@
 //! nothing to change returns an empty plan and the controller writes nothing).
 //!
 //! The stage machine, per run:
-//! - the ConfigMap (rendered config) and the workspace PVC always exist;
+//! - the workspace PVC always exists; each stage attempt gets its own immutable configuration
+//!   snapshot (a ConfigMap, kept as long as that attempt's Jobs) and one parameter-server set,
+//!   both created once: an edit reaches the next attempt only (the CRD's transition rules
+//!   allow edits that matter to pods only while suspended, and suspending ends the attempt);
 //! - the current stage is the first whose `<Stage>Complete` condition is not True (a
 //!   disabled stage is completed with reason `Skipped`);
 //! - its workload is applied for the stage's current attempt; a failed workload is a failed
@@ -321,6 +324,37 @@ impl Planner<'_> {
         }
     }
 
+    /// Deletes the configuration snapshots of earlier attempts once their workload is gone: a
+    /// snapshot lives as long as its attempt's Jobs (a failed Job kept for its logs keeps the
+    /// configuration it ran with). A snapshot older than this operator's naming is left to
+    /// the run's owner reference.
+    fn delete_stale_configs(&mut self, stage: Stage, attempt: u32) {
+        let run = self.ctx.name.clone();
+        let has_workload = |(s, a): (Stage, u32)| {
+            self.obs.jobs.iter().any(|j| {
+                names::stage_of_job(&j.name, &run) == Some(s) && job_attempt(&j.name) == Some(a)
+            }) || self.obs.children.iter().any(|c| {
+                c.kind == Kind::StatefulSet
+                    && s == Stage::Rl
+                    && names::param_server_set_attempt(&c.name, &run) == Some(a)
+            })
+        };
+        let stale: Vec<String> = self
+            .obs
+            .children
+            .iter()
+            .filter(|c| c.kind == Kind::ConfigMap)
+            .filter(|c| {
+                names::config_map_attempt(&c.name, &run)
+                    .is_some_and(|sa| sa != (stage, attempt) && !has_workload(sa))
+            })
+            .map(|c| c.name.clone())
+            .collect();
+        for name in stale {
+            self.delete(Kind::ConfigMap, &name);
+        }
+    }
+
     /// Deletes the stage's Jobs: all of them, or only those still running.
     fn delete_stage_jobs(&mut self, stage: Stage, only_running: bool) {
         let run = self.ctx.name.clone();
@@ -574,17 +608,9 @@ impl Reconciler<'_> {
         false
     }
 
-    /// The children every run has whatever its stage: the configuration and the workspace.
+    /// The child every run has whatever its stage: the workspace.
     fn ensure_run_children(&mut self) {
         let p = &mut self.p;
-        let config = names::config_map(&p.ctx.name);
-        if p.obs
-            .child(Kind::ConfigMap, &config)
-            .and_then(|c| c.hash.clone())
-            != Some(children::config_hash(p.run))
-        {
-            p.ensure(children::config_map(&p.ctx));
-        }
         if p.run.spec.workspace.claim_name.is_none() {
             let pvc = names::workspace(&p.ctx.name);
             p.create(Kind::PersistentVolumeClaim, &pvc, |ctx| {
@@ -882,6 +908,7 @@ impl Reconciler<'_> {
     fn ensure_workload(&mut self, stage: Stage, attempt: u32, done: &[String]) {
         let p = &mut self.p;
         p.delete_superseded_jobs(stage, attempt);
+        p.delete_stale_configs(stage, attempt);
         if stage == Stage::Rl {
             p.delete_param_server_sets(Some(attempt));
         }
@@ -890,9 +917,19 @@ impl Reconciler<'_> {
             .earlier_attempt_alive(stage, attempt)
             .is_none()
         {
+            // The attempt's configuration first: its pods mount it.
+            let config = names::config_map(&p.ctx.name, stage, attempt);
+            p.create(Kind::ConfigMap, &config, |ctx| {
+                children::config_map(ctx, stage, attempt)
+            });
             if stage == Stage::Rl {
                 p.ensure(children::param_server_service(&p.ctx));
-                p.ensure(children::param_server_set(&p.ctx, attempt));
+                // Once per attempt: re-applying an edited set would roll its shards under
+                // running learners.
+                let set = names::param_server_set(&p.ctx.name, attempt);
+                p.create(Kind::StatefulSet, &set, |ctx| {
+                    children::param_server_set(ctx, attempt)
+                });
             } else if children::needs_ranks_service(p.run) {
                 p.ensure(children::ranks_service(&p.ctx));
             }

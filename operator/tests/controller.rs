@@ -13,7 +13,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource};
 use rlt_api::RltRun;
 use rlt_operator::cache::Writers;
-use rlt_operator::children::{self, Child, Ctx};
+use rlt_operator::children::{self, Child, Ctx, Stage};
 use rlt_operator::controller::{reconcile, Context, Error, Feeds, Settings};
 use rlt_operator::figures::Figures;
 use rlt_operator::metrics::Metrics;
@@ -259,10 +259,11 @@ async fn a_new_run_records_its_status_first_then_its_events_then_creates_its_chi
             EVENT_POST,
             EVENT_POST,
             // Not observed: read by name first (absent), then created by an unforced apply.
-            "GET /api/v1/namespaces/ml/configmaps/tiny-cpu-config",
-            "PATCH /api/v1/namespaces/ml/configmaps/tiny-cpu-config?&fieldManager=rlt-operator",
             "GET /api/v1/namespaces/ml/persistentvolumeclaims/tiny-cpu-workspace",
             "PATCH /api/v1/namespaces/ml/persistentvolumeclaims/tiny-cpu-workspace?&fieldManager=rlt-operator",
+            // The attempt's configuration snapshot before the Job whose pods mount it.
+            "GET /api/v1/namespaces/ml/configmaps/tiny-cpu-config-warmup-0",
+            "PATCH /api/v1/namespaces/ml/configmaps/tiny-cpu-config-warmup-0?&fieldManager=rlt-operator",
             "GET /apis/batch/v1/namespaces/ml/jobs/tiny-cpu-warmup-0",
             "PATCH /apis/batch/v1/namespaces/ml/jobs/tiny-cpu-warmup-0?&fieldManager=rlt-operator",
         ]
@@ -277,7 +278,8 @@ async fn a_new_run_records_its_status_first_then_its_events_then_creates_its_chi
     assert_eq!(status["conditions"][0]["type"], "WarmupComplete");
     assert_eq!(status["conditions"][0]["observedGeneration"], 1);
     // The config the trainer reads is the run itself, defaults filled in.
-    let cm = &log[4].body;
+    let cm = &log[6].body;
+    assert_eq!(cm["immutable"], true);
     let config = cm["data"]["run.yaml"].as_str().unwrap();
     let mut parsed = rlt_api::parse_yaml(config).expect("rendered config validates");
     // ... and the run's own workspace directory, keyed by its UID.
@@ -324,7 +326,7 @@ fn existing_children(run: &RltRun) -> BTreeMap<String, Vec<Value>> {
     };
     put(
         "/api/v1/namespaces/ml/configmaps",
-        children::config_map(&ctx),
+        children::config_map(&ctx, Stage::Warmup, 0),
     );
     put(
         "/api/v1/namespaces/ml/persistentvolumeclaims",
@@ -391,6 +393,8 @@ async fn a_retry_is_recorded_before_the_next_attempt_starts_and_the_failed_job_i
         [
             STATUS_APPLY,
             EVENT_POST,
+            // The new attempt's snapshot and Job; the failed attempt's stays with its Job.
+            "PATCH /api/v1/namespaces/ml/configmaps/tiny-cpu-config-warmup-1?&fieldManager=rlt-operator",
             "PATCH /apis/batch/v1/namespaces/ml/jobs/tiny-cpu-warmup-1?&fieldManager=rlt-operator",
         ]
     );
@@ -451,6 +455,7 @@ async fn a_refused_child_write_reaches_the_conditions_and_a_warning_event_not_a_
             STATUS_APPLY,
             // The retry's Event, then the refused Job, then Degraded and its Warning.
             EVENT_POST,
+            "PATCH /api/v1/namespaces/ml/configmaps/tiny-cpu-config-warmup-1?&fieldManager=rlt-operator",
             "PATCH /apis/batch/v1/namespaces/ml/jobs/tiny-cpu-warmup-1?&fieldManager=rlt-operator",
             STATUS_APPLY,
             EVENT_POST,
@@ -533,7 +538,7 @@ async fn a_same_named_object_the_run_does_not_own_is_a_conflict_never_adopted() 
     objects.insert(
         "/api/v1/namespaces/ml/configmaps".into(),
         vec![json!({"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "tiny-cpu-config", "namespace": "ml"}, "data": {"x": "y"}})],
+            "metadata": {"name": "tiny-cpu-config-warmup-0", "namespace": "ml"}, "data": {"x": "y"}})],
     );
     let log = run_reconcile(run, objects).await;
     assert_eq!(
@@ -543,7 +548,7 @@ async fn a_same_named_object_the_run_does_not_own_is_a_conflict_never_adopted() 
     );
     assert!(log
         .iter()
-        .any(|r| r.line() == "GET /api/v1/namespaces/ml/configmaps/tiny-cpu-config"));
+        .any(|r| r.line() == "GET /api/v1/namespaces/ml/configmaps/tiny-cpu-config-warmup-0"));
     let status = &log.iter().find(|r| r.uri.contains("/status")).unwrap().body["status"];
     let degraded = status["conditions"]
         .as_array()
@@ -556,7 +561,7 @@ async fn a_same_named_object_the_run_does_not_own_is_a_conflict_never_adopted() 
     assert_eq!(event.body["reason"], "ChildConflict");
     let note = event.body["note"].as_str().unwrap();
     assert!(
-        note.starts_with("ConfigMap ml/tiny-cpu-config already exists and is not owned by this RltRun (no owner)"),
+        note.starts_with("ConfigMap ml/tiny-cpu-config-warmup-0 already exists and is not owned by this RltRun (no owner)"),
         "{note}"
     );
 }

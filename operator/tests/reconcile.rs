@@ -166,11 +166,11 @@ fn new_run_creates_config_workspace_and_warmup_job() {
     assert_eq!(
         applied(&plan),
         vec![
-            (Kind::ConfigMap, "tiny-cpu-config".to_string()),
             (
                 Kind::PersistentVolumeClaim,
                 "tiny-cpu-workspace".to_string()
             ),
+            (Kind::ConfigMap, "tiny-cpu-config-warmup-0".to_string()),
             (Kind::Job, "tiny-cpu-warmup-0".to_string()),
         ]
     );
@@ -215,6 +215,7 @@ fn warmup_success_starts_rl_with_param_servers_and_learners() {
     assert_eq!(
         applied(&plan),
         vec![
+            (Kind::ConfigMap, "tiny-cpu-config-rl-0".to_string()),
             (Kind::Service, "tiny-cpu-ps".to_string()),
             (Kind::StatefulSet, "tiny-cpu-ps-0".to_string()),
             (Kind::Job, "tiny-cpu-learner-0".to_string()),
@@ -359,6 +360,10 @@ fn rl_success_removes_param_servers_and_starts_one_distill_job_per_student() {
     assert_eq!(
         applied(&plan),
         vec![
+            (
+                Kind::ConfigMap,
+                "tiny-cpu-config-distillation-0".to_string()
+            ),
             (Kind::Job, "tiny-cpu-distill-small-0".to_string()),
             (Kind::Job, "tiny-cpu-distill-big-0".to_string())
         ]
@@ -475,7 +480,11 @@ fn failed_attempts_are_retried_up_to_the_policy_then_the_run_fails() {
             plan.delete.is_empty(),
             "the failed Job is kept for its logs"
         );
-        assert_eq!(applied(&plan), vec![(Kind::Job, next)]);
+        let config = format!("tiny-cpu-config-warmup-{}", attempt + 1);
+        assert_eq!(
+            applied(&plan),
+            vec![(Kind::ConfigMap, config), (Kind::Job, next)]
+        );
         let (status, reason, message) = w.condition(cond::WARMUP_COMPLETE);
         assert_eq!((status.as_str(), reason.as_str()), ("False", "Retrying"));
         assert!(
@@ -621,7 +630,10 @@ fn suspended_before_start_creates_no_pods_and_resumes_at_attempt_zero() {
     let plan = w.step();
     assert_eq!(
         applied(&plan),
-        vec![(Kind::Job, "tiny-cpu-warmup-0".to_string())]
+        vec![
+            (Kind::ConfigMap, "tiny-cpu-config-warmup-0".to_string()),
+            (Kind::Job, "tiny-cpu-warmup-0".to_string())
+        ]
     );
 }
 
@@ -677,17 +689,73 @@ fn invalid_spec_is_a_condition_not_a_crash_and_creates_nothing() {
     assert_eq!(w.status().reason, None);
 }
 
+/// The configuration a pod reads: its attempt's snapshot.
+fn config_of(plan: &Plan, name: &str) -> RltRun {
+    let cm = plan
+        .apply
+        .iter()
+        .find_map(|c| match c {
+            Child::ConfigMap(cm) if cm.metadata.name.as_deref() == Some(name) => Some(cm),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{name} not applied: {plan:#?}"));
+    assert_eq!(cm.immutable, Some(true));
+    rlt_api::parse_yaml(&cm.data.as_ref().unwrap()[rlt_api::contract::CONFIG_FILE]).unwrap()
+}
+
 #[test]
-fn spec_edits_update_the_config_but_never_a_running_job() {
+fn each_attempt_reads_its_own_snapshot_and_an_edit_never_reaches_a_running_one() {
     let mut w = World::new(run_from(TINY));
-    w.step();
+    let first = w.step();
+    assert_eq!(
+        config_of(&first, "tiny-cpu-config-warmup-0").spec.image,
+        "rlt-trainer:cpu"
+    );
+    // An edit the API server would refuse mid-run (CEL) still writes nothing here.
     w.bump_spec(|r| r.spec.warmup.epochs = 2);
+    assert!(applied(&w.step()).is_empty());
+    // Suspended, the image may change; resuming is attempt 1 with its own snapshot, and the
+    // old one goes.
+    w.bump_spec(|r| r.spec.suspend = true);
+    w.step();
+    w.bump_spec(|r| {
+        r.spec.suspend = false;
+        r.spec.image = "rlt-trainer:v2".into();
+    });
     let plan = w.step();
     assert_eq!(
-        applied(&plan),
-        vec![(Kind::ConfigMap, "tiny-cpu-config".to_string())]
+        config_of(&plan, "tiny-cpu-config-warmup-1").spec.image,
+        "rlt-trainer:v2"
     );
-    assert_eq!(w.status().observed_generation, Some(2));
+    assert!(applied(&plan).contains(&(Kind::Job, "tiny-cpu-warmup-1".to_string())));
+    // The suspended attempt's Job was deleted, so its snapshot goes too.
+    assert_eq!(
+        plan.delete,
+        vec![(Kind::ConfigMap, "tiny-cpu-config-warmup-0".to_string())]
+    );
+    assert!(w.step().is_noop(), "a snapshot is written once");
+}
+
+#[test]
+fn the_parameter_server_set_is_created_once_per_attempt() {
+    let mut w = at_rl();
+    assert!(w
+        .obs
+        .children
+        .iter()
+        .any(|c| c.kind == Kind::StatefulSet && c.name == "tiny-cpu-ps-0"));
+    // A run label edit (metadata: allowed mid-run) changes the set's template, which is not
+    // re-applied under running learners.
+    w.run
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("team".into(), "b".into());
+    let plan = w.step();
+    assert!(
+        !applied(&plan).iter().any(|(k, _)| *k == Kind::StatefulSet),
+        "{plan:#?}"
+    );
 }
 
 #[test]
@@ -752,7 +820,10 @@ fn a_retry_keeps_the_failed_job_and_starts_the_next_attempt_once_its_pods_are_go
     let plan = w.step();
     assert_eq!(
         applied(&plan),
-        vec![(Kind::Job, "tiny-cpu-warmup-1".to_string())]
+        vec![
+            (Kind::ConfigMap, "tiny-cpu-config-warmup-1".to_string()),
+            (Kind::Job, "tiny-cpu-warmup-1".to_string())
+        ]
     );
     assert!(plan.delete.is_empty());
     assert!(w.obs.job("tiny-cpu-warmup-0").is_some());

@@ -203,32 +203,21 @@ fn fnv(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-/// The ConfigMap's content hash, computed from the spec without rendering the YAML, so the
-/// steady-state reconcile (config unchanged) never renders it.
-pub fn config_hash(run: &RltRun) -> String {
-    let mut spec = run.spec.clone();
-    spec.suspend = false;
-    fnv(
-        &serde_json::to_vec(&(&run.metadata.name, &run.metadata.namespace, &spec))
-            .expect("spec serializes"),
-    )
-}
-
-pub fn config_map(ctx: &Ctx) -> Child {
-    let cm = ConfigMap {
-        metadata: ctx.meta(names::config_map(&ctx.name), ctx.labels(None, None, None)),
+/// The configuration snapshot of a stage attempt ([`names::config_map`]): immutable (the API
+/// server refuses edits, and kubelets need not watch it), created once when the attempt starts.
+pub fn config_map(ctx: &Ctx, stage: Stage, attempt: u32) -> Child {
+    Child::ConfigMap(ConfigMap {
+        metadata: ctx.meta(
+            names::config_map(&ctx.name, stage, attempt),
+            ctx.labels(Some(stage), None, Some(attempt)),
+        ),
         data: Some(BTreeMap::from([(
             contract::CONFIG_FILE.to_string(),
             contract::render_config(ctx.run),
         )])),
+        immutable: Some(true),
         ..Default::default()
-    };
-    let mut cm = cm;
-    cm.metadata.annotations = Some(BTreeMap::from([(
-        ANNOTATION_HASH.to_string(),
-        config_hash(ctx.run),
-    )]));
-    Child::ConfigMap(cm)
+    })
 }
 
 /// The workspace claim, when the run does not name an existing one (access modes: see

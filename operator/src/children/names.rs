@@ -7,8 +7,19 @@
 //! labels.
 use super::Stage;
 
-pub fn config_map(run: &str) -> String {
-    format!("{run}-config")
+/// The configuration snapshot of one stage attempt: written once when the attempt starts, so
+/// every pod of the attempt (a parameter server restarting mid-stage included) reads the same.
+pub fn config_map(run: &str, stage: Stage, attempt: u32) -> String {
+    format!("{run}-config-{}-{attempt}", stage.label())
+}
+/// The stage and attempt of a configuration snapshot of `run`, from its name.
+pub fn config_map_attempt(name: &str, run: &str) -> Option<(Stage, u32)> {
+    let rest = name.strip_prefix(run)?.strip_prefix("-config-")?;
+    let (stage, attempt) = rest.rsplit_once('-')?;
+    if attempt.is_empty() || !attempt.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((Stage::from_label(stage)?, attempt.parse().ok()?))
 }
 pub fn workspace(run: &str) -> String {
     format!("{run}-workspace")
@@ -120,7 +131,7 @@ mod tests {
             param_servers(&run),
             ranks(&run),
             workspace(&run),
-            config_map(&run),
+            config_map(&run, Stage::Distillation, attempt),
         ];
         for name in derived {
             assert!(dns_label(&name), "{name} ({} chars)", name.len());
@@ -133,6 +144,19 @@ mod tests {
         for label in peers.rsplit(',').next().unwrap().split([':', '.']) {
             assert!(label.len() <= 63, "{label}");
         }
+    }
+
+    #[test]
+    fn config_snapshots_are_told_apart_by_stage_and_attempt() {
+        for stage in Stage::ALL {
+            let name = config_map("run", stage, 12);
+            assert_eq!(config_map_attempt(&name, "run"), Some((stage, 12)));
+            assert_eq!(config_map_attempt(&name, "ru"), None);
+        }
+        assert_eq!(config_map_attempt("run-config", "run"), None);
+        assert_eq!(config_map_attempt("run-config-rl-", "run"), None);
+        assert_eq!(config_map_attempt("run-config-ps-2", "run"), None);
+        assert_eq!(config_map_attempt("run-2-config-rl-2", "run"), None);
     }
 
     #[test]

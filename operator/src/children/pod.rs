@@ -236,7 +236,7 @@ pub(super) fn volumes(ctx: &Ctx, p: &PodParts) -> Vec<Volume> {
         Volume {
             name: "config".into(),
             config_map: Some(ConfigMapVolumeSource {
-                name: names::config_map(&ctx.name),
+                name: names::config_map(&ctx.name, p.stage, p.attempt),
                 ..Default::default()
             }),
             ..Default::default()

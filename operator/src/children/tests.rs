@@ -23,7 +23,7 @@ fn tiny() -> RltRun {
 fn all_children(run: &RltRun) -> Vec<Child> {
     let ctx = Ctx::new(run);
     let mut out = vec![
-        config_map(&ctx),
+        config_map(&ctx, Stage::Rl, 3),
         warmup_job(&ctx, 3),
         learner_job(&ctx, 3),
         param_server_set(&ctx, 3),
