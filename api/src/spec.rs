@@ -203,6 +203,7 @@ fn bound_integers(schema: &mut schemars::Schema) {
     printcolumn(name = "Stage Progress", type_ = "string", json_path = ".status.progress"),
     printcolumn(name = "Reward", type_ = "number", json_path = ".status.training.meanReward"),
     printcolumn(name = "Attempt", type_ = "integer", json_path = ".status.attempt"),
+    printcolumn(name = "GPU-Hours", type_ = "number", json_path = ".status.gpuHours", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     // The root schema is written by hand (see `impl JsonSchema for RltRun`): kube derives no
     // `metadata` property, which the name rules' `fieldPath` must resolve to.

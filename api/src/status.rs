@@ -58,6 +58,11 @@ pub struct RltRunStatus {
     /// from the learners' termination messages once it completes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingStatus>,
+    /// GPU-hours the run's pods have held, every stage and attempt together (the sum of
+    /// `stages.*.gpuHours`): what the run cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub gpu_hours: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
@@ -156,6 +161,16 @@ pub struct StageStatus {
     /// one `<student>/final` per student).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<String>,
+    /// GPU-hours the stage's pods have held over all its attempts: each pod's GPUs (a MIG
+    /// slice counts as one) times the time from its start to its end. Exact for ended
+    /// attempts; a running attempt's share is refreshed as it grows (by 0.1 GPU-hours or 1%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub gpu_hours: Option<f64>,
+    /// The part of `gpuHours` of the attempts that ended (added as each one ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub ended_attempts_gpu_hours: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use anyhow::{bail, ensure, Context, Result};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, ResourceQuota, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Node, PersistentVolumeClaim, Pod, ResourceQuota, Service,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -991,7 +993,7 @@ async fn s08_suspend_during_rl_removes_the_pods_and_resume_continues_as_a_new_at
     .await?;
     // Mid-run the API server refuses what the run trains with (immutable) and where its pods
     // run (only while suspended), naming the field.
-    let edited_template = json!({"labels": {"rlt.dev/e2e-edit": "resumed"}});
+    let edited_template = json!({"labels": {"example.com/edited-while-suspended": "resumed"}});
     for (patch, refusal) in [
         (
             json!({"spec": {"rl": {"steps": 300}}}),
@@ -1053,7 +1055,10 @@ async fn s08_suspend_during_rl_removes_the_pods_and_resume_continues_as_a_new_at
     .await?;
     for pod in pods {
         ensure!(
-            pod.labels().get("rlt.dev/e2e-edit").map(String::as_str) == Some("resumed"),
+            pod.labels()
+                .get("example.com/edited-while-suspended")
+                .map(String::as_str)
+                == Some("resumed"),
             "{} lacks the label edited while suspended",
             pod.name_any()
         );
@@ -1066,7 +1071,7 @@ async fn s08_suspend_during_rl_removes_the_pods_and_resume_continues_as_a_new_at
     ensure!(snapshot.immutable == Some(true), "a mutable snapshot");
     let config = &snapshot.data.unwrap_or_default()[rlt_api::contract::CONFIG_FILE];
     ensure!(
-        config.contains("rlt.dev/e2e-edit"),
+        config.contains("example.com/edited-while-suspended"),
         "the snapshot lacks the edit"
     );
     wait_for(
@@ -1451,4 +1456,79 @@ async fn s12_inputs_from_a_claim_and_a_re_created_run_trains_afresh() -> Result<
         claims.delete(&claim, &DeleteParams::default()).await?;
     }
     Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s13_gpu_hours_are_the_pods_gpus_times_their_running_time() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let name = "e2e-gpu-hours";
+    delete_run(&client, name).await?;
+    // The node advertises two GPUs as an extended resource (as a device plugin would), so the
+    // warm-up pod is admitted holding one; the trainer computes on the CPU (`device: cpu`).
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = nodes.list(&ListParams::default()).await?.items[0].name_any();
+    let gpus = |n: Option<&str>| json!({"status": {"capacity": {"nvidia.com/gpu": n}, "allocatable": {"nvidia.com/gpu": n}}});
+    nodes
+        .patch_status(
+            &node,
+            &PatchParams::default(),
+            &Patch::Merge(&gpus(Some("2"))),
+        )
+        .await?;
+    let mut run = tiny_run(name)?;
+    run.data["spec"]["device"] = json!("cpu");
+    run.data["spec"]["warmup"]["resources"] = json!({"limits": {"nvidia.com/gpu": "1"}});
+    run.data["spec"]["rl"]["steps"] = json!(2);
+    run.data["spec"]["distillation"]["enabled"] = json!(false);
+    let api = rltruns(&client);
+    apply_run(&api, &run).await?;
+    let done = wait_phase(&client, name, "Succeeded", secs(600)).await;
+    nodes
+        .patch_status(&node, &PatchParams::default(), &Patch::Merge(&gpus(None)))
+        .await?;
+    let done = done?;
+    // What the warm-up pod held: one GPU from its start to its container's end.
+    let pods = pods_of(&client, &format!("rlt.dev/run={name},rlt.dev/stage=warmup")).await?;
+    ensure!(pods.len() == 1, "{} warm-up pods", pods.len());
+    let status = pods[0].status.clone().unwrap_or_default();
+    let started = status.start_time.context("no startTime")?.0;
+    let finished = status.container_statuses.unwrap_or_default()[0]
+        .state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .and_then(|t| t.finished_at.clone())
+        .context("no finishedAt")?
+        .0;
+    let held = finished.duration_since(started).as_secs_f64() / 3600.0;
+    let expected = (held * 1000.0).round() / 1000.0;
+    let stages = &done.data["status"]["stages"];
+    eprintln!(
+        "{name}: the warm-up pod held 1 GPU for {:.0} s; status: {}",
+        held * 3600.0,
+        done.data["status"]["gpuHours"]
+    );
+    ensure!(
+        stages["warmup"]["gpuHours"].as_f64() == Some(expected) && expected > 0.0,
+        "warm-up gpuHours {} != {expected}",
+        stages["warmup"]["gpuHours"]
+    );
+    ensure!(
+        stages["rl"]["gpuHours"].as_f64() == Some(0.0),
+        "RL's CPU pods cost GPU-hours: {}",
+        stages["rl"]["gpuHours"]
+    );
+    ensure!(done.data["status"]["gpuHours"].as_f64() == Some(expected));
+    // `kubectl get rltruns -o wide` shows it.
+    let wide = tool(
+        "kubectl",
+        &["get", "rltruns", name, "-n", &namespace(), "-o", "wide"],
+    )?;
+    eprintln!("{wide}");
+    ensure!(
+        wide.contains("GPU-HOURS") && wide.contains(&expected.to_string()),
+        "kubectl get rltruns -o wide lacks the GPU-hours:\n{wide}"
+    );
+    delete_run(&client, name).await
 }

@@ -18,7 +18,7 @@ use crate::activity;
 use crate::cache::{self, owned, retained_workspace, Stores, Writers};
 use crate::children::{self, Child, Kind, LABEL_RUN};
 use crate::figures::{Figures, Poller};
-use crate::http::Health;
+use crate::http::{self, Health};
 use crate::metrics::Metrics;
 use crate::observe::Observed;
 use crate::reconcile::{self, EventType, Plan, Rejection, CHILD_CONFLICT, CHILD_REJECTED};
@@ -208,8 +208,7 @@ async fn reconcile_inner(run: &RltRun, ctx: &Context) -> Result<Action, Error> {
     );
     let rejected = execute(run, &snap.observed, &plan, ctx).await?;
     if let Some(new) = &plan.status {
-        ctx.metrics
-            .observe_completed_stages(run.status.as_ref(), new);
+        ctx.metrics.observe_status_write(run.status.as_ref(), new);
     }
     let s = &ctx.settings;
     let mut after = s.resync;
@@ -507,6 +506,24 @@ fn not_owned(run: &RltRun, kind: Kind, name: &str, meta: &ObjectMeta) -> Rejecti
     }
 }
 
+/// Reports a watch's progress to the probes ([`Health`]): registered now, listed at its first
+/// full list (`InitDone`), failing while its events are errors.
+fn tracked<K>(
+    health: &Health,
+    name: &'static str,
+) -> impl FnMut(watcher::Result<watcher::Event<K>>) -> watcher::Result<watcher::Event<K>> {
+    health.watch_started(name);
+    let health = health.clone();
+    move |event| {
+        match &event {
+            Ok(watcher::Event::InitDone) => health.synced(name),
+            Ok(_) => health.watch_ok(name),
+            Err(e) => health.watch_error(name, e.to_string(), Instant::now()),
+        }
+        event
+    }
+}
+
 /// Failed reconciles (5xx, network, a stale cache's 409 on the status) are retried with
 /// exponential backoff per run.
 fn error_policy(run: Arc<RltRun>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -525,8 +542,8 @@ fn error_policy(run: Arc<RltRun>, error: &Error, ctx: Arc<Context>) -> Action {
 /// status writes do not trigger reconciles). Children, pods and `FailedCreate` Events are
 /// watched into the stores a reconcile reads ([`crate::cache`]), each change also triggering
 /// its run's reconcile: children through owner references, pods through their `rlt.dev/run`
-/// label, Events through the Job they are about. The figures poller runs beside it. The
-/// RltRun watch's progress and the cache's first sync feed the health probes.
+/// label, Events through the Job they are about. The figures poller runs beside it. Every
+/// watch's progress feeds the health probes.
 pub async fn run(ctx: Arc<Context>, feeds: Feeds, health: Health) {
     let client = ctx.client.clone();
     let ns = ctx.settings.namespace.clone();
@@ -544,21 +561,9 @@ pub async fn run(ctx: Arc<Context>, feeds: Feeds, health: Health) {
     let (reader, writer) = reflector::store();
     ctx.metrics.set_store(reader.clone());
     health.controller_started(Instant::now());
-    let progress = health.clone();
     let main = watcher(runs, watcher::Config::default())
         .default_backoff()
-        .map(move |event| {
-            match &event {
-                // The first full list is in the cache once the reflector applies InitDone.
-                Ok(watcher::Event::InitDone) => {
-                    progress.watch_ok();
-                    progress.synced();
-                }
-                Ok(_) => progress.watch_ok(),
-                Err(_) => progress.watch_error(Instant::now()),
-            }
-            event
-        })
+        .map(tracked(&health, http::RUNS_WATCH))
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
@@ -577,18 +582,22 @@ pub async fn run(ctx: Arc<Context>, feeds: Feeds, health: Health) {
         api: Api<cache::Meta<K>>,
         config: &watcher::Config,
         writer: cache::Writer<cache::Meta<K>>,
+        health: &Health,
+        name: &'static str,
     ) -> impl futures::Stream<Item = Result<cache::Meta<K>, watcher::Error>> + Send + 'static
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     {
         watcher(api, config.clone())
             .default_backoff()
+            .map(tracked(health, name))
             .modify(cache::slim_meta)
             .reflect(writer)
             .touched_objects()
     }
     let job_stream = watcher(api::<Job>(&client, &ns), managed.clone())
         .default_backoff()
+        .map(tracked(&health, "jobs"))
         .modify(cache::slim_job)
         .reflect(jobs)
         .touched_objects();
@@ -597,6 +606,7 @@ pub async fn run(ctx: Arc<Context>, feeds: Feeds, health: Health) {
         watcher::Config::default().labels(LABEL_RUN),
     )
     .default_backoff()
+    .map(tracked(&health, "pods"))
     .modify(cache::slim_pod)
     .reflect(pods)
     .touched_objects();
@@ -605,6 +615,7 @@ pub async fn run(ctx: Arc<Context>, feeds: Feeds, health: Health) {
         watcher::Config::default().fields(activity::FAILED_CREATE_SELECTOR),
     )
     .default_backoff()
+    .map(tracked(&health, "events"))
     .modify(cache::slim_meta)
     .reflect(failed_creates)
     .touched_objects();
@@ -627,22 +638,30 @@ pub async fn run(ctx: Arc<Context>, feeds: Feeds, health: Health) {
             api::<cache::Meta<ConfigMap>>(&client, &ns),
             &managed,
             config_maps,
+            &health,
+            "configmaps",
         ))
         .owns_stream(metadata(
             api::<cache::Meta<PersistentVolumeClaim>>(&client, &ns),
             &managed,
             claims,
+            &health,
+            "persistentvolumeclaims",
         ))
         .owns_stream(job_stream)
         .owns_stream(metadata(
             api::<cache::Meta<StatefulSet>>(&client, &ns),
             &managed,
             stateful_sets,
+            &health,
+            "statefulsets",
         ))
         .owns_stream(metadata(
             api::<cache::Meta<Service>>(&client, &ns),
             &managed,
             services,
+            &health,
+            "services",
         ))
         .watches_stream(pod_stream, |pod: Pod| {
             let run = pod.labels().get(LABEL_RUN)?.clone();

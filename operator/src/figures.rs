@@ -256,11 +256,8 @@ mod tests {
                 name: name.into(),
                 stage: None,
                 attempt: None,
-                student: None,
-                problem: None,
                 ip: Some("127.0.0.1".into()),
-                deleting: false,
-                final_figures: None,
+                ..Default::default()
             }],
             ..Default::default()
         };

@@ -4,11 +4,15 @@
 //!
 //! - `/readyz`: a standby replica (leader election on, another replica leads) is ready: it can
 //!   take over, and a rolling update must be able to start it while the old leader still
-//!   holds the Lease. The leader (or the only replica) is ready once its RltRun cache synced.
+//!   holds the Lease. The leader (or the only replica) is ready once every watch it reads
+//!   (the runs', each child kind's, the pods', the Events') has listed, and while none has
+//!   been failing for [`WATCH_READY_GRACE`]: a reconcile reads those caches, so a wedged watch
+//!   (RBAC revoked, a CRD gone) makes the operator unready instead of silently stale.
 //! - `/healthz`: fails (and the kubelet restarts the pod) when the controller's RltRun watch
 //!   has failed for [`WATCH_FAILURE_LIMIT`] without one successful event or relist, or the
 //!   cache has not synced [`SYNC_TIMEOUT`] after the controller started. A standby is live.
 use crate::metrics::Metrics;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +23,11 @@ use tokio::net::TcpListener;
 pub const WATCH_FAILURE_LIMIT: Duration = Duration::from_secs(300);
 /// How long the first list of RltRuns may take before the pod is unhealthy.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long any watch may fail without a success before the operator is unready (a watcher
+/// retries with backoff; one refused request is not yet a wedged watch).
+pub const WATCH_READY_GRACE: Duration = Duration::from_secs(30);
+/// The runs' own watch (the one liveness also looks at).
+pub const RUNS_WATCH: &str = "rltruns";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Role {
@@ -32,14 +41,22 @@ pub enum Role {
 }
 
 #[derive(Debug, Default)]
+struct WatchState {
+    /// The first full list is in its cache.
+    synced: bool,
+    failing_since: Option<Instant>,
+    last_error: String,
+}
+
+#[derive(Debug, Default)]
 struct State {
     role: Role,
     controller_started: Option<Instant>,
-    synced: bool,
-    watch_failing_since: Option<Instant>,
+    /// Every watch the controller reads, by name (registered when it starts).
+    watches: BTreeMap<&'static str, WatchState>,
 }
 
-/// What the probes report; fed by `main` (leadership) and the controller (watch, cache).
+/// What the probes report; fed by `main` (leadership) and the controller (its watches).
 #[derive(Clone, Default)]
 pub struct Health {
     state: Arc<Mutex<State>>,
@@ -49,38 +66,72 @@ impl Health {
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         f(&mut self.state.lock().unwrap())
     }
+    fn watch<T>(&self, name: &'static str, f: impl FnOnce(&mut WatchState) -> T) -> T {
+        self.with(|s| f(s.watches.entry(name).or_default()))
+    }
     pub fn set_role(&self, role: Role) {
         self.with(|s| s.role = role)
     }
     pub fn controller_started(&self, now: Instant) {
         self.with(|s| s.controller_started = Some(now))
     }
-    /// The RltRun cache holds a full list.
-    pub fn synced(&self) {
-        self.with(|s| s.synced = true)
+    /// A watch the controller reads starts (not yet listed).
+    pub fn watch_started(&self, name: &'static str) {
+        self.watch(name, |_| ())
     }
-    /// The RltRun watch produced an event (an object, or a relist).
-    pub fn watch_ok(&self) {
-        self.with(|s| s.watch_failing_since = None)
+    /// The watch's first full list is in its cache.
+    pub fn synced(&self, name: &'static str) {
+        self.watch(name, |w| {
+            w.synced = true;
+            w.failing_since = None;
+        })
     }
-    pub fn watch_error(&self, now: Instant) {
-        self.with(|s| {
-            s.watch_failing_since.get_or_insert(now);
+    /// The watch produced an event (an object, or a relist).
+    pub fn watch_ok(&self, name: &'static str) {
+        self.watch(name, |w| w.failing_since = None)
+    }
+    pub fn watch_error(&self, name: &'static str, error: String, now: Instant) {
+        self.watch(name, |w| {
+            w.failing_since.get_or_insert(now);
+            w.last_error = error;
         })
     }
 
-    pub fn ready(&self) -> Result<&'static str, String> {
+    pub fn ready(&self, now: Instant) -> Result<&'static str, String> {
         self.with(|s| match s.role {
             Role::Starting => Err("starting".into()),
             Role::Standby => Ok("standby"),
-            Role::Active if s.synced => Ok("active"),
-            Role::Active => Err("the RltRun cache has not synced yet".into()),
+            Role::Active => {
+                let problems: Vec<String> = s
+                    .watches
+                    .iter()
+                    .filter_map(|(name, w)| match w.failing_since {
+                        Some(t) if now.saturating_duration_since(t) >= WATCH_READY_GRACE => {
+                            Some(format!(
+                                "the {name} watch has failed for {}s: {}",
+                                now.saturating_duration_since(t).as_secs(),
+                                w.last_error
+                            ))
+                        }
+                        _ if !w.synced => Some(format!("the {name} watch has not listed yet")),
+                        _ => None,
+                    })
+                    .collect();
+                if s.watches.is_empty() {
+                    Err("no watch started yet".into())
+                } else if problems.is_empty() {
+                    Ok("active")
+                } else {
+                    Err(problems.join("; "))
+                }
+            }
         })
     }
 
     pub fn live(&self, now: Instant) -> Result<(), String> {
         self.with(|s| {
-            if let Some(since) = s.watch_failing_since {
+            let runs = s.watches.get(RUNS_WATCH);
+            if let Some(since) = runs.and_then(|w| w.failing_since) {
                 let failing = now.saturating_duration_since(since);
                 if failing > WATCH_FAILURE_LIMIT {
                     return Err(format!(
@@ -89,8 +140,9 @@ impl Health {
                     ));
                 }
             }
+            let synced = runs.is_some_and(|w| w.synced);
             match s.controller_started {
-                Some(t) if !s.synced && now.saturating_duration_since(t) > SYNC_TIMEOUT => {
+                Some(t) if !synced && now.saturating_duration_since(t) > SYNC_TIMEOUT => {
                     Err(format!(
                         "the RltRun cache has not synced {}s after the controller started",
                         now.saturating_duration_since(t).as_secs()
@@ -143,7 +195,7 @@ fn route(
             Ok(()) => ("200 OK", "text/plain", "ok\n".into()),
             Err(why) => (UNAVAILABLE, "text/plain", format!("{why}\n")),
         },
-        "/readyz" => match health.ready() {
+        "/readyz" => match health.ready(now) {
             Ok(what) => ("200 OK", "text/plain", format!("ready: {what}\n")),
             Err(why) => (UNAVAILABLE, "text/plain", format!("not ready: {why}\n")),
         },
@@ -170,16 +222,32 @@ mod tests {
     }
 
     #[test]
-    fn ready_means_standby_or_active_with_a_synced_cache() {
+    fn ready_means_standby_or_active_with_every_watch_listed_and_none_failing() {
+        let t0 = Instant::now();
         let h = Health::default();
-        assert!(h.ready().is_err(), "starting");
+        assert!(h.ready(t0).is_err(), "starting");
         h.set_role(Role::Standby);
-        assert_eq!(h.ready(), Ok("standby"));
+        assert_eq!(h.ready(t0), Ok("standby"));
         h.set_role(Role::Active);
-        h.controller_started(Instant::now());
-        assert!(h.ready().is_err(), "leading, cache not synced");
-        h.synced();
-        assert_eq!(h.ready(), Ok("active"));
+        h.controller_started(t0);
+        assert!(h.ready(t0).is_err(), "leading, no watch yet");
+        h.watch_started(RUNS_WATCH);
+        h.watch_started("pods");
+        h.synced(RUNS_WATCH);
+        let why = h.ready(t0).unwrap_err();
+        assert_eq!(why, "the pods watch has not listed yet");
+        h.synced("pods");
+        assert_eq!(h.ready(t0), Ok("active"));
+        // The pods watch is refused: unready once that lasts, naming the watch and why.
+        h.watch_error("pods", "403 Forbidden: pods is forbidden".into(), t0);
+        assert_eq!(h.ready(t0 + WATCH_READY_GRACE / 2), Ok("active"));
+        let why = h.ready(t0 + WATCH_READY_GRACE).unwrap_err();
+        assert!(
+            why.starts_with("the pods watch has failed for 30s: 403"),
+            "{why}"
+        );
+        h.watch_ok("pods");
+        assert_eq!(h.ready(t0 + WATCH_READY_GRACE), Ok("active"));
     }
 
     #[test]
@@ -189,20 +257,26 @@ mod tests {
         let h = Health::default();
         h.set_role(Role::Active);
         h.controller_started(t0);
+        h.watch_started(RUNS_WATCH);
         assert_eq!(route("/healthz", &m, &h, t0 + SYNC_TIMEOUT / 2).0, "200 OK");
         let (code, _, why) = route("/healthz", &m, &h, t0 + SYNC_TIMEOUT * 2);
         assert_eq!(code, UNAVAILABLE);
         assert!(why.contains("not synced"), "{why}");
-        h.synced();
-        h.watch_error(t0);
-        h.watch_error(t0 + Duration::from_secs(60)); // still failing since t0
+        h.synced(RUNS_WATCH);
+        h.watch_error(RUNS_WATCH, "503".into(), t0);
+        // still failing since t0
+        h.watch_error(RUNS_WATCH, "503".into(), t0 + Duration::from_secs(60));
         assert_eq!(
             route("/healthz", &m, &h, t0 + Duration::from_secs(120)).0,
             "200 OK"
         );
         let late = t0 + WATCH_FAILURE_LIMIT + Duration::from_secs(1);
         assert_eq!(route("/healthz", &m, &h, late).0, UNAVAILABLE);
-        h.watch_ok();
+        h.watch_ok(RUNS_WATCH);
         assert_eq!(route("/healthz", &m, &h, late).0, "200 OK");
+        // A child watch failing makes the operator unready, not unhealthy.
+        h.watch_error("jobs", "403".into(), t0);
+        assert_eq!(route("/healthz", &m, &h, late).0, "200 OK");
+        assert_eq!(route("/readyz", &m, &h, late).0, UNAVAILABLE);
     }
 }

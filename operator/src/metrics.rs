@@ -1,13 +1,13 @@
 //! Prometheus metrics: reconciles, errors, reconcile duration, reconciles in flight, runs per
-//! phase, leadership, completed stages' durations, and the process's own memory and CPU
+//! phase, leadership, completed stages' durations, GPU-hours spent, and the process's own memory and CPU
 //! (`process_*`). Runs per phase is computed from
 //! the controller's cache at scrape time, so it is never stale and needs no bookkeeping on
 //! deletes.
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::reflector::Store;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use rlt_api::stage::Stage;
 use rlt_api::status::{Phase, RltRunStatus};
@@ -29,6 +29,9 @@ pub struct Metrics {
     /// Wall time of each stage that completed, from its start to its completion (every
     /// attempt included), by stage.
     pub stage_duration: HistogramVec,
+    /// GPU-hours of the stage attempts that ended (the runs' `status.stages.*.gpuHours`), by
+    /// stage: what the fleet spent.
+    pub gpu_hours: CounterVec,
     resident_memory: IntGauge,
     cpu_seconds: Gauge,
     store: Arc<Mutex<Option<Store<RltRun>>>>,
@@ -90,6 +93,15 @@ impl Default for Metrics {
         .unwrap();
         registry.register(Box::new(leader.clone())).unwrap();
         registry.register(Box::new(stage_duration.clone())).unwrap();
+        let gpu_hours = CounterVec::new(
+            Opts::new(
+                "rlt_operator_gpu_hours_total",
+                "GPU-hours of the stage attempts that ended (GPUs held times pod running time)",
+            ),
+            &["stage"],
+        )
+        .unwrap();
+        registry.register(Box::new(gpu_hours.clone())).unwrap();
         let resident_memory = IntGauge::new(
             "process_resident_memory_bytes",
             "Resident memory size in bytes",
@@ -113,6 +125,7 @@ impl Default for Metrics {
             runs,
             leader,
             stage_duration,
+            gpu_hours,
             resident_memory,
             cpu_seconds,
             store: Default::default(),
@@ -121,9 +134,25 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Observes each stage that a status write completes (absent from `old`, present in
-    /// `new`).
-    pub fn observe_completed_stages(&self, old: Option<&RltRunStatus>, new: &RltRunStatus) {
+    /// Observes what a status write records: each stage it completes (absent from `old`,
+    /// present in `new`) and the GPU-hours of the attempts it ends.
+    pub fn observe_status_write(&self, old: Option<&RltRunStatus>, new: &RltRunStatus) {
+        for stage in Stage::ALL {
+            let ended = |s: Option<&RltRunStatus>| {
+                s.and_then(|s| s.stages.get(stage)?.ended_attempts_gpu_hours)
+                    .unwrap_or(0.0)
+            };
+            let spent = ended(Some(new)) - ended(old);
+            if spent > 0.0 {
+                self.gpu_hours
+                    .with_label_values(&[stage.label()])
+                    .inc_by(spent);
+            }
+        }
+        self.observe_completed_stages(old, new);
+    }
+
+    fn observe_completed_stages(&self, old: Option<&RltRunStatus>, new: &RltRunStatus) {
         fn completed(s: Option<&RltRunStatus>, stage: Stage) -> Option<(&Time, &Time)> {
             let st = s?.stages.get(stage)?;
             Some((st.start_time.as_ref()?, st.completion_time.as_ref()?))
@@ -145,7 +174,7 @@ impl Metrics {
     /// dashboards and alerts).
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 9] = [
+        let collectors: [&dyn Collector; 10] = [
             &self.reconciles,
             &self.errors,
             &self.duration,
@@ -153,6 +182,7 @@ impl Metrics {
             &self.runs,
             &self.leader,
             &self.stage_duration,
+            &self.gpu_hours,
             &self.resident_memory,
             &self.cpu_seconds,
         ];
@@ -244,10 +274,30 @@ mod tests {
         });
         let mut done = running.clone();
         done.stages.warmup.as_mut().unwrap().completion_time = Some(at(120));
-        m.observe_completed_stages(Some(&running), &running);
-        m.observe_completed_stages(Some(&running), &done);
-        m.observe_completed_stages(Some(&done), &done);
+        m.observe_status_write(Some(&running), &running);
+        m.observe_status_write(Some(&running), &done);
+        m.observe_status_write(Some(&done), &done);
         let h = m.stage_duration.with_label_values(&["warmup"]);
         assert_eq!((h.get_sample_count(), h.get_sample_sum()), (1, 120.0));
+    }
+
+    #[test]
+    fn gpu_hours_count_once_as_attempts_end() {
+        use rlt_api::status::StageStatus;
+        let m = Metrics::default();
+        let with = |ended: Option<f64>| {
+            let mut s = RltRunStatus::default();
+            s.stages.rl = Some(StageStatus {
+                gpu_hours: Some(9.0),
+                ended_attempts_gpu_hours: ended,
+                ..Default::default()
+            });
+            s
+        };
+        m.observe_status_write(None, &with(None));
+        m.observe_status_write(Some(&with(None)), &with(Some(2.5)));
+        m.observe_status_write(Some(&with(Some(2.5))), &with(Some(2.5)));
+        m.observe_status_write(Some(&with(Some(2.5))), &with(Some(4.0)));
+        assert_eq!(m.gpu_hours.with_label_values(&["rl"]).get(), 4.0);
     }
 }

@@ -6,8 +6,8 @@ use crate::children::{
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use rlt_api::contract::{parse_final_figures, TrainingFigures};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use rlt_api::contract::{self, parse_final_figures, TrainingFigures};
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Observed {
@@ -50,12 +50,14 @@ pub struct Problem {
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ObservedPod {
     pub name: String,
     pub stage: Option<Stage>,
     pub attempt: Option<u32>,
     pub student: Option<String>,
+    /// The Job the pod belongs to (the Job controller's `batch.kubernetes.io/job-name`).
+    pub job: Option<String>,
     pub problem: Option<Problem>,
     /// `status.podIP`, once the pod has one (parameter server 0's is where the training
     /// figures are read).
@@ -64,6 +66,12 @@ pub struct ObservedPod {
     pub deleting: bool,
     /// The figures a learner that succeeded left in its termination message.
     pub final_figures: Option<TrainingFigures>,
+    /// GPUs the pod holds: its containers' GPU resources ([`contract::gpus`]).
+    pub gpus: u32,
+    /// When the kubelet started the pod (`status.startTime`).
+    pub started: Option<Time>,
+    /// When a pod that ran to its end (Succeeded or Failed) stopped: its last container's end.
+    pub finished: Option<Time>,
 }
 
 impl Observed {
@@ -81,6 +89,14 @@ impl Observed {
             .iter()
             .filter(|p| p.stage == Some(stage) && p.attempt == Some(attempt))
             .filter(|p| student.is_none() || p.student.as_deref() == student)
+            .find_map(|p| p.problem.as_ref())
+    }
+    /// The first problem among the pods of one Job: why that Job failed (never a problem of
+    /// another role's pods of the same attempt).
+    pub fn job_problem(&self, job: &str) -> Option<&Problem> {
+        self.pods
+            .iter()
+            .filter(|p| p.job.as_deref() == Some(job))
             .find_map(|p| p.problem.as_ref())
     }
     /// The furthest figures the succeeded pods of one stage attempt reported.
@@ -139,6 +155,7 @@ pub fn pod(pod: &Pod) -> ObservedPod {
         stage: label(LABEL_STAGE).as_deref().and_then(Stage::from_label),
         attempt: label(LABEL_ATTEMPT).and_then(|a| a.parse().ok()),
         student: label(LABEL_STUDENT),
+        job: label(JOB_NAME_LABEL).or_else(|| label(LEGACY_JOB_NAME_LABEL)),
         problem: pod_problem(&name, pod),
         ip: pod
             .status
@@ -147,9 +164,35 @@ pub fn pod(pod: &Pod) -> ObservedPod {
             .filter(|ip| !ip.is_empty()),
         deleting: pod.metadata.deletion_timestamp.is_some(),
         final_figures: final_figures(pod),
+        gpus: pod
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .map(|c| contract::gpus(c.resources.as_ref()))
+            .sum(),
+        started: pod.status.as_ref().and_then(|s| s.start_time.clone()),
+        finished: finished(pod),
         name,
     }
 }
+
+/// When a pod that ran to its end stopped (the latest of its containers' ends).
+fn finished(pod: &Pod) -> Option<Time> {
+    let status = pod.status.as_ref()?;
+    if !matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    status
+        .container_statuses
+        .iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.clone())
+        .max_by_key(|t| t.0)
+}
+
+/// The label the Job controller puts on its pods, and its name before Kubernetes 1.27.
+const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
+const LEGACY_JOB_NAME_LABEL: &str = "job-name";
 
 /// The trainer's termination message, when it exited 0 with figures in it.
 fn final_figures(pod: &Pod) -> Option<TrainingFigures> {
@@ -192,11 +235,16 @@ pub fn pod_problem(name: &str, pod: &Pod) -> Option<Problem> {
         .chain(status.container_statuses.iter().flatten())
         .collect();
     for c in &containers {
-        let terminated = c
-            .state
-            .as_ref()
-            .and_then(|s| s.terminated.as_ref())
-            .or_else(|| c.last_state.as_ref().and_then(|s| s.terminated.as_ref()));
+        // The current state only: a container that crashed once and runs again is healthy.
+        // The last state explains a container waiting to restart (CrashLoopBackOff).
+        let state = c.state.as_ref();
+        let waiting = state.is_some_and(|s| s.waiting.is_some());
+        let terminated = state.and_then(|s| s.terminated.as_ref()).or_else(|| {
+            c.last_state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .filter(|_| waiting)
+        });
         if let Some(t) = terminated.filter(|t| t.exit_code != 0) {
             let what = if c.name == CONTAINER {
                 "the trainer".to_string()
@@ -322,6 +370,13 @@ mod tests {
             "restartCount": 0, "state": {"running": {}}}]}),
         ));
         assert_eq!(healthy.problem, None);
+        // Crashed once, running again: its old exit is history, not a problem.
+        let recovered = pod(&pod_from(
+            json!({"containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": true,
+            "restartCount": 1, "state": {"running": {}},
+            "lastState": {"terminated": {"reason": "Error", "exitCode": 1, "message": "lost a peer"}}}]}),
+        ));
+        assert_eq!(recovered.problem, None);
     }
 
     #[test]
@@ -349,6 +404,38 @@ mod tests {
         };
         assert_eq!(obs.final_figures(Stage::Rl, 2).map(|f| f.step), Some(8));
         assert_eq!(obs.final_figures(Stage::Rl, 1), None);
+    }
+
+    #[test]
+    fn a_failed_job_is_explained_by_its_own_pods_only() {
+        let failed = |name: &str, job: &str, code: i32| {
+            let mut p: Pod = serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {"rlt.dev/stage": "rl", "rlt.dev/attempt": "0"}},
+                "status": {"containerStatuses": [{"name": "trainer", "image": "i", "imageID": "",
+                    "ready": false, "restartCount": 0,
+                    "state": {"terminated": {"reason": "Error", "exitCode": code}}}]}
+            }))
+            .unwrap();
+            if !job.is_empty() {
+                let labels = p.metadata.labels.as_mut().unwrap();
+                labels.insert(JOB_NAME_LABEL.into(), job.into());
+            }
+            pod(&p)
+        };
+        // A parameter server (no Job) failed too; the learner Job's failure names its pod.
+        let obs = Observed {
+            pods: vec![
+                failed("run-ps-0-0", "", 1),
+                failed("run-learner-0-0", "run-learner-0", 3),
+            ],
+            ..Default::default()
+        };
+        let problem = obs.job_problem("run-learner-0").unwrap();
+        assert!(
+            problem.message.starts_with("pod run-learner-0-0:"),
+            "{problem:?}"
+        );
+        assert_eq!(obs.job_problem("run-warmup-0"), None);
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! Event series are keyed on (reason, action), so two failures with one reason stay two Events.
 use crate::activity::Activity;
 use crate::children::{self, names, Child, Ctx, Kind, Stage};
+use crate::gpu_hours;
 use crate::observe::{self, JobState, Observed};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
@@ -514,6 +515,30 @@ impl Reconciler<'_> {
         stage_status_mut(&mut self.status.stages, stage)
     }
 
+    /// Records the GPU-hours of the stage's `attempt`: exactly when it `ended` (added to the
+    /// stage's ended attempts), else its share so far when it has grown enough to be worth a
+    /// write. The run's total follows.
+    fn account_gpu_hours(&mut self, stage: Stage, attempt: u32, ended: bool) {
+        let live = gpu_hours::of_attempt(&self.p.obs.pods, stage, attempt, self.now);
+        let st = self.stage(stage);
+        let before = st.ended_attempts_gpu_hours.unwrap_or(0.0);
+        let total = gpu_hours::round(before + live);
+        if ended {
+            st.ended_attempts_gpu_hours = Some(total);
+            st.gpu_hours = Some(total);
+        } else if st
+            .gpu_hours
+            .is_none_or(|shown| gpu_hours::worth_writing(shown, total))
+        {
+            st.gpu_hours = Some(total);
+        }
+        let stages = Stage::ALL.map(|s| self.status.stages.get(s).and_then(|st| st.gpu_hours));
+        if stages.iter().any(Option::is_some) {
+            let sum = stages.iter().flatten().sum();
+            self.status.gpu_hours = Some(gpu_hours::round(sum));
+        }
+    }
+
     fn set_progress(&mut self, stage: Stage, detail: &Detail) {
         let spec = &self.p.run.spec;
         let stage_no = Stage::ALL
@@ -655,17 +680,22 @@ impl Reconciler<'_> {
         self.stage(stage).completed_students = done.clone();
         let attempt = match outcome {
             Outcome::Complete => {
+                self.account_gpu_hours(stage, attempt, true);
                 self.complete(stage, attempt);
                 return Next::Stage;
             }
             Outcome::Failed {
                 message,
                 bad_config,
-            } => match self.fail(stage, attempt, message, bad_config) {
-                Some(retry) => retry,
-                None => return Next::Stop,
-            },
+            } => {
+                self.account_gpu_hours(stage, attempt, true);
+                match self.fail(stage, attempt, message, bad_config) {
+                    Some(retry) => retry,
+                    None => return Next::Stop,
+                }
+            }
             Outcome::Running { problem } => {
+                self.account_gpu_hours(stage, attempt, false);
                 self.report_running(stage, attempt, problem);
                 attempt
             }
@@ -704,6 +734,10 @@ impl Reconciler<'_> {
             .conds()
             .set(cond::SUSPENDED, true, "Suspended", &message)
         {
+            // A started attempt ends here: its pods are stopped now.
+            if self.stage(stage).start_time.is_some() {
+                self.account_gpu_hours(stage, attempt, true);
+            }
             self.p.event(
                 EventType::Normal,
                 "Suspended",
@@ -770,9 +804,7 @@ impl Reconciler<'_> {
                     }
                 }
                 Some(JobState::Failed { reason, message }) => {
-                    let pod = obs
-                        .problem(stage, attempt, student.as_deref())
-                        .map(|pr| pr.message.clone());
+                    let pod = obs.job_problem(job).map(|pr| pr.message.clone());
                     let detail = pod.unwrap_or_else(|| format!("{reason}: {message}"));
                     return Outcome::Failed {
                         message: format!("job {job} failed: {detail}"),

@@ -40,9 +40,19 @@ fn crd_names_columns_and_subresources() {
             "STAGE PROGRESS",
             "REWARD",
             "ATTEMPT",
+            "GPU-HOURS",
             "AGE"
         ]
     );
+    // The cost only under `kubectl get rltruns -o wide`.
+    let wide: Vec<&str> = v
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .filter(|c| c.priority == Some(1))
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(wide, ["GPU-Hours"]);
     // Conditions are a list-map keyed by type, as the API conventions ask.
     let schema = serde_json::to_value(
         v.schema

@@ -133,19 +133,23 @@ fn fail(reason: &str) -> JobState {
     }
 }
 
+/// A pod of the stage attempt's Job (the learners' in RL) with a problem.
 fn problem_pod(stage: Stage, attempt: u32, reason: &str, message: &str) -> ObservedPod {
+    let job = match stage {
+        Stage::Warmup => format!("tiny-cpu-warmup-{attempt}"),
+        Stage::Rl => format!("tiny-cpu-learner-{attempt}"),
+        Stage::Distillation => format!("tiny-cpu-distill-student-{attempt}"),
+    };
     ObservedPod {
         name: "pod-x".into(),
         stage: Some(stage),
         attempt: Some(attempt),
-        student: None,
+        job: Some(job),
         problem: Some(Problem {
             reason: reason.into(),
             message: message.into(),
         }),
-        ip: None,
-        deleting: false,
-        final_figures: None,
+        ..Default::default()
     }
 }
 
@@ -901,9 +905,12 @@ fn failed_pod(
     code: i32,
     message: &str,
 ) -> k8s_openapi::api::core::v1::Pod {
+    // A Job's pod is `<job>-<index>-<suffix>`, labelled with its Job by the Job controller.
+    let job = name.rsplitn(3, '-').nth(2).unwrap();
     serde_json::from_value(serde_json::json!({
         "metadata": {"name": name,
-            "labels": {"rlt.dev/run": "tiny-cpu", "rlt.dev/stage": stage.label(), "rlt.dev/attempt": "0"}},
+            "labels": {"rlt.dev/run": "tiny-cpu", "rlt.dev/stage": stage.label(), "rlt.dev/attempt": "0",
+                "batch.kubernetes.io/job-name": job}},
         "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "image": "i",
             "imageID": "", "ready": false, "restartCount": 0, "state": {"terminated": {
             "reason": "Error", "exitCode": code, "message": message}}}]}
@@ -1126,4 +1133,66 @@ fn a_learner_memory_refusal_fails_rl_at_once_naming_the_fields_to_change() {
             .contains(&(Kind::StatefulSet, "tiny-cpu-ps-0".to_string())),
         "the parameter servers go: {plan:#?}"
     );
+}
+
+/// A pod holding `gpus` GPUs from `started` to `finished` (seconds of the world's clock).
+fn gpu_pod(
+    stage: Stage,
+    attempt: u32,
+    gpus: u32,
+    started: i64,
+    finished: Option<i64>,
+) -> ObservedPod {
+    ObservedPod {
+        name: format!("{}-{attempt}", stage.label()),
+        stage: Some(stage),
+        attempt: Some(attempt),
+        gpus,
+        started: Some(at(started)),
+        finished: finished.map(at),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn gpu_hours_add_up_over_attempts_and_stages() {
+    let mut w = World::new(run_from(TINY));
+    w.step();
+    let warmup = |w: &World| w.status().stages.warmup.clone().unwrap();
+    assert_eq!(warmup(&w).gpu_hours, Some(0.0));
+    // Attempt 0 fails after half an hour on 2 GPUs: 1 GPU-hour, recorded as it ends.
+    w.obs.pods = vec![gpu_pod(Stage::Warmup, 0, 2, 0, Some(1800))];
+    w.set_job("tiny-cpu-warmup-0", fail("BackoffLimitExceeded"));
+    w.step();
+    let st = warmup(&w);
+    assert_eq!(
+        (st.gpu_hours, st.ended_attempts_gpu_hours),
+        (Some(1.0), Some(1.0))
+    );
+    assert_eq!(w.status().gpu_hours, Some(1.0));
+    // Attempt 1 on 4 GPUs: 40 s in, its share is not worth a write yet...
+    let start = w.clock;
+    w.obs.pods.push(gpu_pod(Stage::Warmup, 1, 4, start, None));
+    w.step();
+    w.step();
+    assert!(
+        w.step().is_noop(),
+        "a share below 0.1 GPU-hours is not written"
+    );
+    assert_eq!(warmup(&w).gpu_hours, Some(1.0));
+    // ... an hour in, it is (4 GPU-hours so far, plus the first attempt's).
+    w.obs.pods = vec![gpu_pod(Stage::Warmup, 1, 4, w.clock + 10 - 3600, None)];
+    w.step();
+    assert_eq!(warmup(&w).gpu_hours, Some(5.0));
+    assert_eq!(warmup(&w).ended_attempts_gpu_hours, Some(1.0));
+    // It ends after 1.5 h: exact, and RL's pods add to the run's total.
+    let end = w.clock + 1800;
+    w.obs.pods = vec![gpu_pod(Stage::Warmup, 1, 4, end - 5400, Some(end))];
+    w.set_job("tiny-cpu-warmup-1", JobState::Complete);
+    w.step();
+    assert_eq!(warmup(&w).gpu_hours, Some(7.0));
+    w.obs.pods = vec![gpu_pod(Stage::Rl, 0, 8, w.clock + 10 - 900, None)];
+    w.step();
+    assert_eq!(w.status().stages.rl.clone().unwrap().gpu_hours, Some(2.0));
+    assert_eq!(w.status().gpu_hours, Some(9.0));
 }

@@ -507,11 +507,9 @@ fn figures_are_read_at_parameter_server_0s_pod_ip_when_observed() {
         name: name.into(),
         stage: Some(Stage::Rl),
         attempt: Some(2),
-        student: None,
-        problem: None,
         ip: ip.map(Into::into),
         deleting,
-        final_figures: None,
+        ..Default::default()
     };
     let url = |pods: Vec<ObservedPod>| {
         status_url(
