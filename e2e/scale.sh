@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The operator at scale (`scripts/dev e2e-scale`): for each N (default 100 300 1000), a fresh
-# local cluster (the same sandbox, control plane and real node as e2e/local.sh), a simulated
-# GPU fleet played by kwok (sigs.k8s.io/kwok, e2e/node/versions.env: 250 nodes x 8
+# The operator at scale (`scripts/dev e2e-scale`): for each N (default 100 300 1000), first the
+# control plane's floor (the same Jobs and StatefulSets created directly, no operator), then the
+# operator, each on a fresh local cluster (the same sandbox, control plane and real node as
+# e2e/local.sh), a simulated GPU fleet played by kwok (sigs.k8s.io/kwok, e2e/node/versions.env: 250 nodes x 8
 # nvidia.com/gpu, tainted so only the runs' pods go there; a Job's pod runs a set time, then
 # succeeds: e2e/kwok-stages.yaml), the operator installed by its chart on the real node, and
 # N RltRuns applied at once. e2e/tests/scale.rs measures and prints one table per N; all tables
@@ -66,12 +67,13 @@ say "building the operator, the volume provisioner and the scale test (release)"
 cargo test --release --locked --workspace --no-run
 mkdir -p "$OUT"
 failed=()
-for n in "${RUNS[@]}"; do
+# A fresh cluster with the fleet Ready: the same for both measurements of each N.
+fresh_cluster() {
   teardown
   rm -rf --one-file-system "$STATE"
   mkdir -p "$STATE"
   RLT_RELEASE_DIR="${RLT_E2E_OPERATOR_DIR:-$REL}" build_images operator
-  say "N = $n: a fresh cluster, $GPU_NODES simulated GPU nodes"
+  say "N = $n, $1: a fresh cluster, $GPU_NODES simulated GPU nodes"
   sandbox_up
   RLT_E2E_CONTROLLER_QPS=200 start_cluster
   sed "s/STAGE_MILLISECONDS/$((STAGE_SECONDS * 1000))/" "$ROOT/e2e/kwok-stages.yaml" >"$STATE/kwok-stages.yaml"
@@ -82,20 +84,38 @@ for n in "${RUNS[@]}"; do
       >"$1/logs/kwok.log" 2>&1 </dev/null &' "$CACHE/kwok-$KWOK_VERSION/bin/kwok" "$STATE"
   fleet >"$STATE/fleet.yaml"
   kubectl_in apply --server-side -f "$STATE/fleet.yaml" >/dev/null
+  local i ready
   for i in $(seq 1 240); do
     ready="$(kubectl_in get nodes -l type=kwok --no-headers 2>/dev/null | grep -c ' Ready ' || true)"
     [ "$ready" -ge "$GPU_NODES" ] && break
     [ "$i" -lt 240 ] || { say "only $ready of $GPU_NODES kwok nodes became Ready"; exit 1; }
     sleep 1
   done
+}
+
+# Runs one scale test (by name) against the fresh cluster.
+measure() {
   in_sandbox env RLT_SCALE_RUNS="$n" RLT_SCALE_STAGE_SECONDS="$STAGE_SECONDS" RLT_SCALE_GPU_NODES="$GPU_NODES" \
     RLT_SCALE_REPORT="$OUT/scale-$n" RLT_E2E_NAMESPACE=rlt-scale RLT_E2E_AUDIT_LOG="$STATE/logs/audit.log" \
-    cargo nextest run --release --locked --offline --workspace -E 'binary_id(rlt-e2e::scale)' \
-    --run-ignored ignored-only --no-capture || failed+=("$n")
+    cargo nextest run --release --locked --offline --workspace \
+    -E "binary_id(rlt-e2e::scale) and test(=$1)" --run-ignored ignored-only --no-capture
+}
+
+for n in "${RUNS[@]}"; do
+  # The floor first (the same Jobs and StatefulSets created directly, no operator), so the
+  # operator's table can report its time as a ratio to it; each on a cluster of its own.
+  rm -f "$OUT/scale-$n-floor.json"
+  fresh_cluster "the control plane's floor"
+  measure the_same_workload_without_the_operator || failed+=("$n (floor)")
+  fresh_cluster "the operator"
+  measure a_thousand_runs_on_a_simulated_fleet || failed+=("$n")
   # Keep the last N's logs for a look; earlier ones are replaced by the next cluster.
 done
 say "done"
-for n in "${RUNS[@]}"; do cat "$OUT/scale-$n.md" 2>/dev/null || echo "(no table for N = $n)"; done
+for n in "${RUNS[@]}"; do
+  cat "$OUT/scale-$n-floor.md" 2>/dev/null || echo "(no floor table for N = $n)"
+  cat "$OUT/scale-$n.md" 2>/dev/null || echo "(no table for N = $n)"
+done
 # A failed N still printed its table (the test writes it before its assertions); the other
 # Ns ran all the same, so one invocation gives the whole comparison.
 if [ "${#failed[@]}" -gt 0 ]; then

@@ -9,6 +9,11 @@
 //! stage's simulated duration), `RLT_SCALE_GPU_NODES` (the fleet, 8 `nvidia.com/gpu` each),
 //! `RLT_SCALE_REPORT` (report path without extension).
 //!
+//! [`the_same_workload_without_the_operator`] measures the control plane's floor for the same
+//! workload (e2e/scale.sh runs it first, on a fresh cluster): the operator's table reports its
+//! time to all Succeeded as a ratio to it, and its reconcile latency beside its own decision
+//! time (the reconcile without its API calls).
+//!
 //! The test fails unless every run Succeeded and idle runs cost no write; the performance
 //! targets (no LIST per reconcile, p99 reconcile, RSS, time against the ideal) are printed, not
 //! asserted: a benchmark reports, the closing note compares.
@@ -501,9 +506,16 @@ async fn a_thousand_runs_on_a_simulated_fleet() -> Result<()> {
         .sum();
 
     const DURATION: &str = "rlt_operator_reconcile_duration_seconds";
+    const DECISION: &str = "rlt_operator_reconcile_decision_seconds";
     let at_start = histogram(metrics_started.as_deref().unwrap_or_default(), DURATION);
     let durations = histogram(&metrics, DURATION);
     let after_start = histogram_between(&at_start, &durations);
+    let decisions = histogram(&metrics, DECISION);
+    // The floor's time for the same workload, when e2e/scale.sh ran it first.
+    let floor: Option<f64> = std::fs::read_to_string(format!("{report}-floor.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v["all_done_s"].as_f64());
     let count = |h: &[(f64, f64)]| h.last().map_or(0.0, |b| b.1);
     let ms = |h: &[(f64, f64)], q: f64| {
         histogram_quantile(h, q).map_or("n/a".into(), |s| format!("{:.1}", s * 1e3))
@@ -576,6 +588,10 @@ async fn a_thousand_runs_on_a_simulated_fleet() -> Result<()> {
                 ms(&after_start, 0.99)
             ),
         ),
+        (
+            "reconcile decision (no API calls) p50 / p99 (ms), whole run".into(),
+            format!("{} / {}", ms(&decisions, 0.5), ms(&decisions, 0.99)),
+        ),
         ("reconciles in flight (max sampled)".into(), in_flight),
         ("apply to first pod, p50 / p99 (s)".into(), first_pod),
         (
@@ -602,6 +618,17 @@ async fn a_thousand_runs_on_a_simulated_fleet() -> Result<()> {
                     total.as_secs_f64(),
                     ideal.as_secs()
                 ),
+            },
+        ),
+        (
+            "all Succeeded: operator / floor (the same Jobs and StatefulSets without it)".into(),
+            match (floor, unfinished) {
+                (Some(f), None) => format!(
+                    "{:.2}x ({:.0} s / {f:.0} s)",
+                    total.as_secs_f64() / f,
+                    total.as_secs_f64()
+                ),
+                _ => "n/a (no floor measured, or not every run finished)".into(),
             },
         ),
         (
@@ -669,4 +696,182 @@ fn quantiles_of_samples_and_of_a_histogram() {
         histogram(text, "x"),
         vec![(0.01, 50.0), (f64::INFINITY, 100.0)]
     );
+}
+
+/// The control plane's floor for the same workload (`RLT_SCALE_MODE=floor`, run by
+/// e2e/scale.sh on a fresh cluster before the operator's): no operator, no RltRun; the very
+/// children the operator would make (its own builders, owner references dropped) created
+/// directly, each stage's as soon as the previous stage's Job completed, by a driver that
+/// only watches Jobs. What the API server, the Job and StatefulSet controllers, the scheduler
+/// and the fleet take for N runs; the operator's table reports its own time as a ratio to it.
+#[tokio::test]
+#[ignore = "needs a cluster and a simulated fleet (scripts/dev e2e-scale)"]
+async fn the_same_workload_without_the_operator() -> Result<()> {
+    use k8s_openapi::api::batch::v1::Job;
+    use rlt_operator::children::{self, names, Child, Ctx};
+
+    let n: usize = env_or("RLT_SCALE_RUNS", 100);
+    let stage_s: u64 = env_or("RLT_SCALE_STAGE_SECONDS", 60);
+    let gpu_nodes: u64 = env_or("RLT_SCALE_GPU_NODES", 250);
+    let report = std::env::var("RLT_SCALE_REPORT").unwrap_or_else(|_| format!("scale-{n}"));
+    let ns = namespace();
+    let client = client().await?;
+    let runs: Vec<rlt_api::RltRun> = (0..n)
+        .map(|i| {
+            let name = format!("scale-{i:04}");
+            let value = serde_json::to_value(scale_run(&name, &ns)?)?;
+            let mut run = rlt_api::validate::validate_value(&value)
+                .map_err(|e| anyhow::anyhow!(rlt_api::validate::render(&e)))?;
+            run.metadata.namespace = Some(ns.clone());
+            run.metadata.uid = Some(format!("00000000-0000-0000-0000-{i:012}"));
+            Ok(run)
+        })
+        .collect::<Result<_>>()?;
+    let by_name: HashMap<String, &rlt_api::RltRun> = runs
+        .iter()
+        .map(|r| (r.metadata.name.clone().unwrap(), r))
+        .collect();
+
+    // Creates children as the operator's builders make them, without the owner reference (no
+    // RltRun exists here: the garbage collector would delete them).
+    let create = |children: Vec<Child>| {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            for child in children {
+                let mut value = match &child {
+                    Child::ConfigMap(o) => serde_json::to_value(o)?,
+                    Child::Pvc(o) => serde_json::to_value(o)?,
+                    Child::Job(o) => serde_json::to_value(o)?,
+                    Child::StatefulSet(o) => serde_json::to_value(o)?,
+                    Child::Service(o) => serde_json::to_value(o)?,
+                };
+                value["metadata"]
+                    .as_object_mut()
+                    .context("metadata")?
+                    .remove("ownerReferences");
+                let obj: DynamicObject = serde_json::from_value(value)?;
+                let gvk = kube::api::GroupVersionKind::try_from(
+                    obj.types
+                        .as_ref()
+                        .context("child without apiVersion/kind")?,
+                )?;
+                let (ar, _) = kube::discovery::pinned_kind(&client, &gvk).await?;
+                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+                match api.create(&PostParams::default(), &obj).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(status)) if status.code == 409 => {}
+                    Err(e) => return Err(anyhow::Error::from(e)),
+                }
+            }
+            anyhow::Ok(())
+        }
+    };
+
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let start = Instant::now();
+    let first: Vec<Result<()>> = futures::stream::iter(runs.iter())
+        .map(|run| {
+            let ctx = Ctx::new(run);
+            let mut first = children::workspace_pvc(&ctx)
+                .into_iter()
+                .collect::<Vec<_>>();
+            first.push(children::config_map(&ctx, children::Stage::Warmup, 0));
+            first.push(children::warmup_job(&ctx, 0));
+            create(first)
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    first.into_iter().collect::<Result<Vec<_>>>()?;
+    println!(
+        "floor: created {n} runs' warm-up in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+
+    // Each completed Job starts the next stage of its run, as the operator would.
+    let mut done: HashMap<String, Instant> = HashMap::new();
+    let mut handled: BTreeSet<String> = BTreeSet::new();
+    let per_wave = (gpu_nodes * GPUS_PER_NODE / GPUS_PER_RUN).max(1) as usize;
+    let ideal = Duration::from_secs(n.div_ceil(per_wave) as u64 * STAGES.len() as u64 * stage_s);
+    let deadline = start + ideal * 3 + Duration::from_secs(600);
+    let mut stream = watcher(jobs, watcher::Config::default().labels("rlt.dev/run")).boxed();
+    while done.len() < n {
+        let ev = tokio::time::timeout_at(deadline.into(), stream.try_next())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("floor: {} of {n} runs done by the deadline", done.len())
+            })??;
+        let Some(watcher::Event::Apply(job) | watcher::Event::InitApply(job)) = ev else {
+            continue;
+        };
+        let complete = job
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.type_ == "Complete" && c.status == "True")
+            });
+        let name = job.metadata.name.clone().unwrap_or_default();
+        if !complete || !handled.insert(name.clone()) {
+            continue;
+        }
+        let labels = job.metadata.labels.clone().unwrap_or_default();
+        let run = by_name[labels.get("rlt.dev/run").context("run label")?.as_str()];
+        let run_name = run.metadata.name.clone().unwrap();
+        let ctx = Ctx::new(run);
+        match labels.get("rlt.dev/stage").map(String::as_str) {
+            Some("warmup") => {
+                create(vec![
+                    children::config_map(&ctx, children::Stage::Rl, 0),
+                    children::param_server_service(&ctx),
+                    children::param_server_set(&ctx, 0),
+                    children::learner_job(&ctx, 0),
+                ])
+                .await?
+            }
+            Some("rl") => {
+                let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+                    Api::namespaced(client.clone(), &ns);
+                let _ = sets
+                    .delete(&names::param_server_set(&run_name, 0), &Default::default())
+                    .await;
+                let mut next = vec![children::config_map(&ctx, children::Stage::Distillation, 0)];
+                next.extend(
+                    run.spec
+                        .distillation
+                        .students
+                        .iter()
+                        .map(|s| children::distill_job(&ctx, s, 0)),
+                );
+                create(next).await?
+            }
+            _ => {
+                let students = &run.spec.distillation.students;
+                let all = students
+                    .iter()
+                    .all(|s| handled.contains(&names::distill_job(&run_name, &s.name, 0)));
+                if all {
+                    done.insert(run_name, Instant::now());
+                }
+            }
+        }
+    }
+    let total = done.values().max().map_or(Duration::ZERO, |t| *t - start);
+    let vs_ideal = total.as_secs_f64() / ideal.as_secs_f64() - 1.0;
+    let md = format!(
+        "\n### N = {n}, without the operator (the control plane's floor)\n\n| measure | value |\n|---|---|\n\
+         | all done after (s); ideal (s); over ideal | {:.0}; {}; {:+.1}% |\n",
+        total.as_secs_f64(),
+        ideal.as_secs(),
+        vs_ideal * 100.0
+    );
+    println!("{md}");
+    std::fs::write(format!("{report}-floor.md"), &md)?;
+    std::fs::write(
+        format!("{report}-floor.json"),
+        serde_json::to_string_pretty(&json!({"runs": n, "all_done_s": total.as_secs_f64()}))?,
+    )?;
+    Ok(())
 }

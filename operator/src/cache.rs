@@ -12,7 +12,9 @@ use crate::children::{names, Kind, LABEL_RUN};
 use crate::observe::{self, JobState, Observed};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Event, PersistentVolumeClaim, Pod, PodSpec, Service,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::core::PartialObjectMeta;
@@ -106,7 +108,19 @@ pub fn slim_job(job: &mut Job) {
 
 pub fn slim_pod(pod: &mut Pod) {
     pod.managed_fields_mut().clear();
-    pod.spec = None;
+    // Of the spec, only the containers' resources: the GPUs its GPU-hours count.
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        containers: spec
+            .containers
+            .into_iter()
+            .map(|c| Container {
+                name: c.name,
+                resources: c.resources,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    });
 }
 
 pub fn slim_meta<K: Resource>(obj: &mut K) {

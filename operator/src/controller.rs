@@ -196,11 +196,15 @@ pub async fn reconcile(run: Arc<RltRun>, ctx: Arc<Context>) -> Result<Action, Er
 }
 
 async fn reconcile_inner(run: &RltRun, ctx: &Context) -> Result<Action, Error> {
+    let deciding = Instant::now();
     let time = now();
     let mut snap = cache::snapshot(&ctx.stores, run, time.0);
     let key = ObjectRef::from_obj(run);
     snap.observed.figures = ctx.poller.latest(&key);
     let plan = reconcile::reconcile_with(run, &snap.observed, &snap.activity, &time);
+    ctx.metrics
+        .decision
+        .observe(deciding.elapsed().as_secs_f64());
     ctx.poller.track(
         key,
         plan.poll_figures

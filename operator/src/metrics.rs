@@ -20,6 +20,9 @@ pub struct Metrics {
     pub reconciles: IntCounter,
     pub errors: IntCounterVec,
     pub duration: Histogram,
+    /// The operator's own share of a reconcile: reading its caches and deciding (the pure
+    /// reconcile), without the API calls that carry the plan out.
+    pub decision: Histogram,
     /// Reconciles running now (at most the controller's concurrency): a value pinned at the
     /// limit means runs are queueing for a reconcile.
     pub in_flight: IntGauge,
@@ -60,6 +63,16 @@ impl Default for Metrics {
             ]),
         )
         .unwrap();
+        let decision = Histogram::with_opts(
+            HistogramOpts::new(
+                "rlt_operator_reconcile_decision_seconds",
+                "The operator's own share of a reconcile: reading its caches and deciding, without API calls",
+            )
+            .buckets(vec![
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+            ]),
+        )
+        .unwrap();
         let in_flight = IntGauge::new(
             "rlt_operator_reconciles_in_flight",
             "Reconciles running now",
@@ -73,6 +86,7 @@ impl Default for Metrics {
         registry.register(Box::new(reconciles.clone())).unwrap();
         registry.register(Box::new(errors.clone())).unwrap();
         registry.register(Box::new(duration.clone())).unwrap();
+        registry.register(Box::new(decision.clone())).unwrap();
         registry.register(Box::new(in_flight.clone())).unwrap();
         registry.register(Box::new(runs.clone())).unwrap();
         let leader = IntGauge::new(
@@ -121,6 +135,7 @@ impl Default for Metrics {
             reconciles,
             errors,
             duration,
+            decision,
             in_flight,
             runs,
             leader,
@@ -174,10 +189,11 @@ impl Metrics {
     /// dashboards and alerts).
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 10] = [
+        let collectors: [&dyn Collector; 11] = [
             &self.reconciles,
             &self.errors,
             &self.duration,
+            &self.decision,
             &self.in_flight,
             &self.runs,
             &self.leader,

@@ -439,6 +439,30 @@ mod tests {
     }
 
     #[test]
+    fn a_cached_pod_keeps_its_gpus_and_running_time() {
+        let mut p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "labels": {"rlt.dev/stage": "warmup", "rlt.dev/attempt": "0"}},
+            "spec": {"containers": [
+                {"name": "trainer", "image": "i", "command": ["rlt-trainer"],
+                 "resources": {"limits": {"nvidia.com/gpu": "4", "cpu": "8"}}},
+                {"name": "sidecar", "image": "s", "resources": {"limits": {"amd.com/gpu": "1"}}}]},
+            "status": {"phase": "Succeeded", "startTime": "2026-12-06T03:00:00Z",
+                "containerStatuses": [{"name": "trainer", "image": "i", "imageID": "",
+                    "ready": false, "restartCount": 0, "state": {"terminated": {"exitCode": 0,
+                    "startedAt": "2026-12-06T03:00:05Z", "finishedAt": "2026-12-06T03:30:00Z"}}}]}
+        }))
+        .unwrap();
+        crate::cache::slim_pod(&mut p);
+        let o = pod(&p);
+        assert_eq!(o.gpus, 5);
+        assert_eq!(o.started.unwrap().0.to_string(), "2026-12-06T03:00:00Z");
+        assert_eq!(o.finished.unwrap().0.to_string(), "2026-12-06T03:30:00Z");
+        // Still running: no end yet.
+        p.status.as_mut().unwrap().phase = Some("Running".into());
+        assert_eq!(pod(&p).finished, None);
+    }
+
+    #[test]
     fn reads_the_pod_ip() {
         let p = pod(&pod_from(json!({"podIP": "10.1.2.3"})));
         assert_eq!(p.ip.as_deref(), Some("10.1.2.3"));
