@@ -87,9 +87,15 @@ fn composite_rules(field: &str, schema: &Value, inside: &[(&str, Edit)]) -> Vec<
             .iter()
             .filter_map(|(p, _)| p.strip_prefix(sub.as_str())?.strip_prefix("[]."))
             .collect();
-        if inside.iter().any(|(p, _)| p == sub) {
-            suspended.push(same(&path));
-        } else if element_edits.is_empty() {
+        match inside.iter().find(|(p, _)| p == sub).map(|e| e.1) {
+            Some(Edit::Always) => continue,
+            Some(Edit::WhileSuspended) => {
+                suspended.push(same(&path));
+                continue;
+            }
+            None => {}
+        }
+        if element_edits.is_empty() {
             fixed.push(same(&path));
         } else {
             // Elements keep their names and fixed fields; the editable ones change only
