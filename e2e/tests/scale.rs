@@ -44,6 +44,39 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The benchmark's knobs (e2e/scale.sh sets them), the same for the operator and its floor.
+struct Knobs {
+    runs: usize,
+    stage_s: u64,
+    gpu_nodes: u64,
+    /// Report path without extension.
+    report: String,
+}
+
+impl Knobs {
+    fn from_env() -> Knobs {
+        let runs = env_or("RLT_SCALE_RUNS", 100);
+        Knobs {
+            runs,
+            stage_s: env_or("RLT_SCALE_STAGE_SECONDS", 60),
+            gpu_nodes: env_or("RLT_SCALE_GPU_NODES", 250),
+            report: std::env::var("RLT_SCALE_REPORT").unwrap_or_else(|_| format!("scale-{runs}")),
+        }
+    }
+
+    /// Identical runs in waves of what the fleet holds at once.
+    fn ideal(&self) -> Duration {
+        let per_wave = (self.gpu_nodes * GPUS_PER_NODE / GPUS_PER_RUN).max(1) as usize;
+        let waves = self.runs.div_ceil(per_wave) as u64;
+        Duration::from_secs(waves * STAGES.len() as u64 * self.stage_s)
+    }
+
+    /// When a measurement started at `start` gives up: three times the ideal plus ten minutes.
+    fn deadline(&self, start: Instant) -> Instant {
+        start + self.ideal() * 3 + Duration::from_secs(600)
+    }
+}
+
 fn scale_run(name: &str, ns: &str) -> Result<DynamicObject> {
     let gpus = |n: u64| json!({"requests": {"nvidia.com/gpu": n}, "limits": {"nvidia.com/gpu": n}});
     let mut run = run_from_yaml(TINY_RUN, name)?;
@@ -312,10 +345,13 @@ fn per_run_minute(counts: &BTreeMap<String, u64>, runs: usize, window: Duration)
 #[tokio::test]
 #[ignore = "the scale benchmark: scripts/dev e2e-scale"]
 async fn a_thousand_runs_on_a_simulated_fleet() -> Result<()> {
-    let n: usize = env_or("RLT_SCALE_RUNS", 100);
-    let stage_s: u64 = env_or("RLT_SCALE_STAGE_SECONDS", 60);
-    let gpu_nodes: u64 = env_or("RLT_SCALE_GPU_NODES", 250);
-    let report = std::env::var("RLT_SCALE_REPORT").unwrap_or_else(|_| format!("scale-{n}"));
+    let knobs = Knobs::from_env();
+    let Knobs {
+        runs: n,
+        stage_s,
+        gpu_nodes,
+        ref report,
+    } = knobs;
     let audit = audit_log().context("the scale benchmark needs RLT_E2E_AUDIT_LOG")?;
     let ns = namespace();
     let client = client().await?;
@@ -394,11 +430,7 @@ async fn a_thousand_runs_on_a_simulated_fleet() -> Result<()> {
         (applied_all - start.0).as_secs_f64()
     );
 
-    // Ideal: identical runs in waves of what the fleet holds at once.
-    let per_wave = (gpu_nodes * GPUS_PER_NODE / GPUS_PER_RUN).max(1) as usize;
-    let waves = n.div_ceil(per_wave) as u64;
-    let ideal = Duration::from_secs(waves * STAGES.len() as u64 * stage_s);
-    let deadline = start.0 + ideal * 3 + Duration::from_secs(600);
+    let (ideal, deadline) = (knobs.ideal(), knobs.deadline(start.0));
 
     let mut max_rss = 0u64;
     let mut max_in_flight = 0f64;
@@ -698,8 +730,8 @@ fn quantiles_of_samples_and_of_a_histogram() {
     );
 }
 
-/// The control plane's floor for the same workload (`RLT_SCALE_MODE=floor`, run by
-/// e2e/scale.sh on a fresh cluster before the operator's): no operator, no RltRun; the very
+/// The control plane's floor for the same workload (run by e2e/scale.sh, by name, on a fresh
+/// cluster before the operator's): no operator, no RltRun; the very
 /// children the operator would make (its own builders, owner references dropped) created
 /// directly, each stage's as soon as the previous stage's Job completed, by a driver that
 /// only watches Jobs. What the API server, the Job and StatefulSet controllers, the scheduler
@@ -710,10 +742,8 @@ async fn the_same_workload_without_the_operator() -> Result<()> {
     use k8s_openapi::api::batch::v1::Job;
     use rlt_operator::children::{self, names, Child, Ctx};
 
-    let n: usize = env_or("RLT_SCALE_RUNS", 100);
-    let stage_s: u64 = env_or("RLT_SCALE_STAGE_SECONDS", 60);
-    let gpu_nodes: u64 = env_or("RLT_SCALE_GPU_NODES", 250);
-    let report = std::env::var("RLT_SCALE_REPORT").unwrap_or_else(|_| format!("scale-{n}"));
+    let knobs = Knobs::from_env();
+    let (n, report) = (knobs.runs, &knobs.report);
     let ns = namespace();
     let client = client().await?;
     let runs: Vec<rlt_api::RltRun> = (0..n)
@@ -792,9 +822,7 @@ async fn the_same_workload_without_the_operator() -> Result<()> {
     // Each completed Job starts the next stage of its run, as the operator would.
     let mut done: HashMap<String, Instant> = HashMap::new();
     let mut handled: BTreeSet<String> = BTreeSet::new();
-    let per_wave = (gpu_nodes * GPUS_PER_NODE / GPUS_PER_RUN).max(1) as usize;
-    let ideal = Duration::from_secs(n.div_ceil(per_wave) as u64 * STAGES.len() as u64 * stage_s);
-    let deadline = start + ideal * 3 + Duration::from_secs(600);
+    let (ideal, deadline) = (knobs.ideal(), knobs.deadline(start));
     let mut stream = watcher(jobs, watcher::Config::default().labels("rlt.dev/run")).boxed();
     while done.len() < n {
         let ev = tokio::time::timeout_at(deadline.into(), stream.try_next())
