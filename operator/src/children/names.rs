@@ -16,10 +16,7 @@ pub fn config_map(run: &str, stage: Stage, attempt: u32) -> String {
 pub fn config_map_attempt(name: &str, run: &str) -> Option<(Stage, u32)> {
     let rest = name.strip_prefix(run)?.strip_prefix("-config-")?;
     let (stage, attempt) = rest.rsplit_once('-')?;
-    if attempt.is_empty() || !attempt.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some((Stage::from_label(stage)?, attempt.parse().ok()?))
+    Some((Stage::from_label(stage)?, attempt_number(attempt)?))
 }
 pub fn workspace(run: &str) -> String {
     format!("{run}-workspace")
@@ -39,11 +36,14 @@ pub fn param_server_set(run: &str, attempt: u32) -> String {
 }
 /// The attempt of a parameter-server StatefulSet of `run`, from its name.
 pub fn param_server_set_attempt(name: &str, run: &str) -> Option<u32> {
-    let attempt = name.strip_prefix(run)?.strip_prefix("-ps-")?;
-    if attempt.is_empty() || !attempt.bytes().all(|b| b.is_ascii_digit()) {
+    attempt_number(name.strip_prefix(run)?.strip_prefix("-ps-")?)
+}
+/// An attempt as child names end with it: decimal digits only (no sign, no blank).
+fn attempt_number(digits: &str) -> Option<u32> {
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    attempt.parse().ok()
+    digits.parse().ok()
 }
 /// The pod of one parameter-server shard (the StatefulSet names it `<set>-<ordinal>`).
 pub fn param_server_pod(run: &str, attempt: u32, shard: u32) -> String {
