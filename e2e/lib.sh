@@ -17,6 +17,7 @@
 . "$ROOT/e2e/node/versions.env"
 CLUSTER="$ROOT/e2e/controlplane/cluster.sh"
 NODE="$ROOT/e2e/node/node.sh"
+KUEUE="$ROOT/e2e/kueue/kueue.sh"
 # shellcheck disable=SC2034 # used by the scripts that source this one
 REL="$ROOT/target/release"
 # shellcheck disable=SC2034
@@ -53,6 +54,10 @@ teardown() {
     local k v
     while read -r k v; do sysctl -qw "$k=$v" || true; done <"$STATE/sandbox/sysctl"
     rm -f "$STATE/sandbox/sysctl"
+  fi
+  if [ -f "$STATE/sandbox/made-etc-kueue" ]; then
+    rmdir /etc/kueue 2>/dev/null || true
+    rm -f "$STATE/sandbox/made-etc-kueue"
   fi
   if [ -f "$STATE/sandbox/made-var-lib-cni" ]; then
     rmdir /var/lib/cni 2>/dev/null || true

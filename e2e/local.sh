@@ -3,7 +3,7 @@
 # it upstream: etcd, kube-apiserver, kube-controller-manager, kube-scheduler
 # (e2e/controlplane/cluster.sh), and a node of containerd + runc, the kubelet, kube-proxy and
 # CoreDNS (e2e/node/node.sh), all in a network and mount namespace of the e2e's own
-# (e2e/lib.sh). The pods run the operator and trainer images built here from this checkout's
+# (e2e/lib.sh), and Kueue (e2e/kueue/kueue.sh). The pods run the operator and trainer images built here from this checkout's
 # release build (images/build.sh with buildah); the operator is installed by its Helm chart;
 # then e2e/tests/scenarios.rs. Everything is torn down at the end, also on failure; the
 # component logs, the audit log and every pod's log stay in $RLT_E2E_STATE/logs (default
@@ -58,6 +58,7 @@ trap 'exit 130' INT TERM
 say "control-plane and node binaries (cached after the first build)"
 "$CLUSTER" build >/dev/null
 "$NODE" build
+"$KUEUE" build
 say "building the operator, trainer, volume provisioner and scenario tests (release)"
 # The same build as `scripts/dev test` (nextest builds with `cargo test --no-run`), so after the
 # test suite nothing is rebuilt with another feature set; the images carry these binaries.
@@ -71,6 +72,8 @@ say "starting the sandbox, the control plane and the node"
 sandbox_up
 start_cluster
 in_sandbox "$NODE" gpus "$STATE" 8
+# Kueue, as a shared GPU cluster runs it (RltRun among its external frameworks).
+in_sandbox "$KUEUE" up "$STATE"
 kubectl_in get nodes -o wide
 
 # What a platform team would watch, kept for the log.

@@ -93,16 +93,19 @@ pub enum Detail {
         total: usize,
     },
     Suspended,
+    /// Waiting for admission by Kueue.
+    Queued,
     Failed,
 }
 
 /// The STAGE PROGRESS column: `1/3 warmup`, `2/3 rl 40/125`, `3/3 distill 1/2`,
-/// `2/3 rl suspended`, `2/3 rl failed`. `stage_no` counts enabled stages from 1.
+/// `2/3 rl suspended`, `2/3 rl queued`, `2/3 rl failed`. `stage_no` counts enabled stages from 1.
 pub fn progress(stage_no: usize, stage_count: usize, stage: Stage, detail: &Detail) -> String {
     let head = format!("{stage_no}/{stage_count}");
     match (stage, detail) {
         (_, Detail::Failed) => format!("{head} {} failed", stage.label()),
         (_, Detail::Suspended) => format!("{head} {} suspended", stage.label()),
+        (_, Detail::Queued) => format!("{head} {} queued", stage.label()),
         (Stage::Rl, Detail::Steps { step, total }) => format!("{head} rl {step}/{total}"),
         (Stage::Distillation, Detail::Students { done, total }) => {
             format!("{head} distill {done}/{total}")

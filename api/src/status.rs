@@ -18,6 +18,10 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// Largest integer every JSON reader holds exactly (2^53 - 1): the bound of the u64 counters.
 const MAX_JSON_INTEGER: u64 = (1 << 53) - 1;
 
@@ -40,7 +44,8 @@ pub struct RltRunStatus {
     pub observed_generation: Option<i64>,
     /// The truth of the run's state: one `metav1.Condition` per type (`WarmupComplete`,
     /// `RLComplete`, `DistillationComplete`, `Suspended`, `InvalidSpec`, `Degraded`,
-    /// `Succeeded`, `Failed`).
+    /// `Succeeded`, `Failed`). A stage condition with reason `Queued` is a stage waiting for
+    /// admission by Kueue.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
@@ -68,6 +73,8 @@ pub struct RltRunStatus {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
 pub enum Phase {
     Pending,
+    /// The current stage waits for admission by Kueue: none of its pods exist.
+    Queued,
     WarmUp,
     RL,
     Distillation,
@@ -85,6 +92,7 @@ impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Pending => "Pending",
+            Phase::Queued => "Queued",
             Phase::WarmUp => "WarmUp",
             Phase::RL => "RL",
             Phase::Distillation => "Distillation",
@@ -95,8 +103,9 @@ impl Phase {
             Phase::Blocked => "Blocked",
         }
     }
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 10] = [
         Phase::Pending,
+        Phase::Queued,
         Phase::WarmUp,
         Phase::RL,
         Phase::Distillation,
@@ -153,6 +162,15 @@ pub struct StageStatus {
     #[serde(default)]
     #[schemars(range(max = u32::MAX))]
     pub failures: u32,
+    /// Attempts ended by Kueue evicting the stage (preempted, its queue stopped, ...): not
+    /// failures; the stage resumes from its checkpoint once admitted again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(max = u32::MAX))]
+    pub evictions: u32,
+    /// When the last eviction counted in `evictions` happened (the Workload's `Evicted`
+    /// condition's transition time): an eviction is counted once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_eviction_time: Option<Time>,
     /// Distillation: the students whose Job succeeded (kept across attempts, so a retry only
     /// reruns the students that did not finish).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -769,13 +769,7 @@ async fn the_same_workload_without_the_operator() -> Result<()> {
         let ns = ns.clone();
         async move {
             for child in children {
-                let mut value = match &child {
-                    Child::ConfigMap(o) => serde_json::to_value(o)?,
-                    Child::Pvc(o) => serde_json::to_value(o)?,
-                    Child::Job(o) => serde_json::to_value(o)?,
-                    Child::StatefulSet(o) => serde_json::to_value(o)?,
-                    Child::Service(o) => serde_json::to_value(o)?,
-                };
+                let mut value = child.to_json();
                 value["metadata"]
                     .as_object_mut()
                     .context("metadata")?

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::{json, Value};
 use support::*;
@@ -1537,4 +1537,296 @@ async fn s13_gpu_hours_are_the_pods_gpus_times_their_running_time() -> Result<()
         "kubectl get rltruns -o wide lacks the GPU-hours:\n{wide}"
     );
     delete_run(&client, name).await
+}
+
+/// Kueue's objects for the queueing scenarios (e2e/kueue/kueue.sh runs Kueue itself): a
+/// flavor placing pods on this node by its hostname label, a ClusterQueue with one GPU of
+/// quota (preempting lower priorities), the LocalQueue `team`, a high priority class. The
+/// node advertises GPUs as an extended resource (as in s13).
+async fn gpu_queue(client: &Client) -> Result<String> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = nodes.list(&ListParams::default()).await?.items[0].name_any();
+    let gpus = json!({"status": {"capacity": {"nvidia.com/gpu": "2"}, "allocatable": {"nvidia.com/gpu": "2"}}});
+    nodes
+        .patch_status(&node, &PatchParams::default(), &Patch::Merge(&gpus))
+        .await?;
+    let ns = namespace();
+    let objects = format!(
+        r#"
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: ResourceFlavor
+metadata: {{name: e2e-node}}
+spec:
+  nodeLabels: {{kubernetes.io/hostname: {node}}}
+  tolerations: [{{key: example.com/gpu-pool, operator: Exists, effect: NoSchedule}}]
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: ClusterQueue
+metadata: {{name: e2e-one-gpu}}
+spec:
+  namespaceSelector: {{}}
+  preemption: {{withinClusterQueue: LowerPriority}}
+  resourceGroups:
+  - coveredResources: ["cpu", "memory", "nvidia.com/gpu"]
+    flavors:
+    - name: e2e-node
+      resources:
+      - {{name: cpu, nominalQuota: "64"}}
+      - {{name: memory, nominalQuota: 256Gi}}
+      - {{name: nvidia.com/gpu, nominalQuota: "1"}}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: LocalQueue
+metadata: {{name: team, namespace: {ns}}}
+spec: {{clusterQueue: e2e-one-gpu}}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: WorkloadPriorityClass
+metadata: {{name: e2e-high}}
+value: 1000
+"#
+    );
+    let path = std::env::temp_dir().join("rlt-e2e-kueue.yaml");
+    std::fs::write(&path, objects)?;
+    tool("kubectl", &["apply", "-f", path.to_str().unwrap()])?;
+    Ok(node)
+}
+
+/// A run of RL only whose learner holds one GPU, queued in LocalQueue `team` when `queued`.
+fn one_gpu_rl(name: &str, steps: u32, queued: bool) -> Result<DynamicObject> {
+    let mut run = tiny_run(name)?;
+    if queued {
+        run.metadata.labels = Some(BTreeMap::from([(
+            "kueue.x-k8s.io/queue-name".to_string(),
+            "team".to_string(),
+        )]));
+    }
+    run.data["spec"]["device"] = json!("cpu");
+    run.data["spec"]["warmup"]["enabled"] = json!(false);
+    run.data["spec"]["distillation"]["enabled"] = json!(false);
+    run.data["spec"]["rl"]["steps"] = json!(steps);
+    run.data["spec"]["rl"]["learnerResources"] = json!({"limits": {"nvidia.com/gpu": "1"}});
+    Ok(run)
+}
+
+fn workloads(client: &Client) -> Api<DynamicObject> {
+    let gvk = kube::api::GroupVersionKind::gvk("kueue.x-k8s.io", "v1beta2", "Workload");
+    Api::namespaced_with(
+        client.clone(),
+        &namespace(),
+        &kube::api::ApiResource::from_gvk(&gvk),
+    )
+}
+
+fn stage_counter(run: &DynamicObject, field: &str) -> u64 {
+    run.data["status"]["stages"]["rl"][field]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster with Kueue (scripts/dev e2e)"]
+async fn s14_kueue_admits_whole_stages_and_queues_the_rest_without_creating_pods() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let node = gpu_queue(&client).await?;
+    let (a, b, d) = ("e2e-queue-a", "e2e-queue-b", "e2e-queue-default");
+    for n in [a, b, d] {
+        delete_run(&client, n).await?;
+    }
+    let api = rltruns(&client);
+    apply_run(&api, &one_gpu_rl(a, 4, true)?).await?;
+    wait_phase(&client, a, "RL", secs(180)).await?;
+    // A is admitted whole: one Workload, its parameter servers and learners as two pod sets.
+    let wl = workloads(&client).get(&format!("{a}-rl")).await?;
+    let sets: Vec<(String, u64)> = wl.data["spec"]["podSets"]
+        .as_array()
+        .context("podSets")?
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or("").to_string(),
+                p["count"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    ensure!(
+        sets == [
+            ("param-servers".to_string(), 1),
+            ("learners".to_string(), 1)
+        ],
+        "{sets:?}"
+    );
+    // B fits alone, not beside A: Queued, and nothing of it exists but its Workload.
+    apply_run(&api, &one_gpu_rl(b, 4, true)?).await?;
+    let queued = wait_phase(&client, b, "Queued", secs(60)).await?;
+    let why = condition(&queued, "RLComplete")
+        .cloned()
+        .unwrap_or_default();
+    eprintln!("{b}: {}", why["message"]);
+    ensure!(
+        why["reason"] == "Queued" && why["message"].as_str().unwrap_or("").contains("quota"),
+        "{why}"
+    );
+    ensure!(
+        jobs_of(&client, b).await?.is_empty(),
+        "a queued run has Jobs"
+    );
+    ensure!(pods_of(&client, &format!("rlt.dev/run={b}"))
+        .await?
+        .is_empty());
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace());
+    ensure!(sets.list(&run_selector(b)).await?.items.is_empty());
+    let table = tool("kubectl", &["get", "rltruns", "-n", &namespace()])?;
+    eprintln!("{table}");
+    ensure!(
+        table
+            .lines()
+            .any(|l| l.starts_with(b) && l.contains("Queued")),
+        "{table}"
+    );
+    // A's pods run where the flavor puts them, with its toleration.
+    let learners = pods_of(&client, &format!("rlt.dev/run={a},rlt.dev/role=learner")).await?;
+    let spec = learners
+        .first()
+        .and_then(|p| p.spec.clone())
+        .context("no learner pod")?;
+    ensure!(
+        spec.node_selector
+            .unwrap_or_default()
+            .get("kubernetes.io/hostname")
+            == Some(&node)
+    );
+    ensure!(spec
+        .tolerations
+        .unwrap_or_default()
+        .iter()
+        .any(|t| t.key.as_deref() == Some("example.com/gpu-pool")));
+    // A finishes and frees the GPU: B is admitted and runs to the end.
+    wait_phase(&client, a, "Succeeded", secs(300)).await?;
+    let finished = workloads(&client).get(&format!("{a}-rl")).await?;
+    ensure!(
+        finished.data["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Finished" && c["status"] == "True"),
+        "A's Workload is not Finished: {}",
+        finished.data["status"]
+    );
+    wait_phase(&client, b, "Succeeded", secs(300)).await?;
+
+    // A namespace with a LocalQueue named `default`: a run naming no queue is queued in it as
+    // one unit, and Kueue does not capture its Jobs one by one.
+    let default_queue = format!(
+        "apiVersion: kueue.x-k8s.io/v1beta2\nkind: LocalQueue\nmetadata: {{name: default, namespace: {}}}\nspec: {{clusterQueue: e2e-one-gpu}}\n",
+        namespace()
+    );
+    let path = std::env::temp_dir().join("rlt-e2e-default-queue.yaml");
+    std::fs::write(&path, default_queue)?;
+    tool("kubectl", &["apply", "-f", path.to_str().unwrap()])?;
+    // The operator's cache sees the queue before the run.
+    tokio::time::sleep(secs(2)).await;
+    apply_run(&api, &one_gpu_rl(d, 4, false)?).await?;
+    wait_phase(&client, d, "RL", secs(180)).await?;
+    let wl = workloads(&client).get(&format!("{d}-rl")).await?;
+    ensure!(
+        wl.data["spec"]["queueName"] == "default",
+        "{}",
+        wl.data["spec"]
+    );
+    for job in jobs_of(&client, d).await? {
+        ensure!(
+            !job.labels().contains_key("kueue.x-k8s.io/queue-name"),
+            "Kueue labelled {}",
+            job.name_any()
+        );
+        ensure!(
+            job.spec.as_ref().and_then(|s| s.suspend) != Some(true),
+            "Kueue suspended {}",
+            job.name_any()
+        );
+    }
+    wait_phase(&client, d, "Succeeded", secs(300)).await?;
+    tool("kubectl", &["delete", "-f", path.to_str().unwrap()])?;
+    for n in [a, b, d] {
+        delete_run(&client, n).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster with Kueue (scripts/dev e2e)"]
+async fn s15_a_preempted_run_resumes_from_its_checkpoint_without_counting_a_failure() -> Result<()>
+{
+    let client = client().await?;
+    install_operator(&[])?;
+    gpu_queue(&client).await?;
+    let (low, high) = ("e2e-preempted", "e2e-preemptor");
+    for n in [low, high] {
+        delete_run(&client, n).await?;
+    }
+    let api = rltruns(&client);
+    apply_run(&api, &one_gpu_rl(low, 200, true)?).await?;
+    wait_for(
+        "the low-priority run past its first checkpoint",
+        secs(300),
+        async || {
+            let run = api.get(low).await?;
+            let step = run.data["status"]["training"]["step"].as_u64().unwrap_or(0);
+            Ok((phase(&run) == "RL" && step >= 5).then_some(step))
+        },
+    )
+    .await?;
+    let mut urgent = one_gpu_rl(high, 4, true)?;
+    urgent
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("kueue.x-k8s.io/priority-class".into(), "e2e-high".into());
+    apply_run(&api, &urgent).await?;
+    // Kueue preempts the low run: its pods stop, it waits Queued, no failure counted.
+    let evicted = wait_for("the low-priority run evicted", secs(120), async || {
+        let run = api.get(low).await?;
+        Ok((phase(&run) == "Queued" && stage_counter(&run, "evictions") == 1).then_some(run))
+    })
+    .await?;
+    ensure!(
+        stage_counter(&evicted, "failures") == 0,
+        "{}",
+        evicted.data["status"]
+    );
+    let step_evicted = evicted.data["status"]["training"]["step"]
+        .as_u64()
+        .unwrap_or(0);
+    let events = events_about(&client, low).await?;
+    ensure!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Evicted")),
+        "no Evicted Event"
+    );
+    wait_phase(&client, high, "Succeeded", secs(300)).await?;
+    // Admitted again: a new attempt that continues from the last checkpoint (the first
+    // figures it reports are past the checkpoint at step 4, not a restart from step 1).
+    let resumed = wait_for("figures of the resumed attempt", secs(240), async || {
+        let run = api.get(low).await?;
+        let step = run.data["status"]["training"]["step"].as_u64().unwrap_or(0);
+        let moved = phase(&run) == "RL" && attempt(&run) == 1 && step != step_evicted;
+        Ok(moved.then_some(run))
+    })
+    .await?;
+    let first = resumed.data["status"]["training"]["step"]
+        .as_u64()
+        .unwrap_or(0);
+    eprintln!(
+        "{low}: evicted at step {step_evicted}, resumed as attempt 1 at step {first}; failures {}",
+        stage_counter(&resumed, "failures")
+    );
+    ensure!(first >= 4, "resumed from scratch (step {first})");
+    ensure!(stage_counter(&resumed, "failures") == 0);
+    for n in [low, high] {
+        delete_run(&client, n).await?;
+    }
+    Ok(())
 }

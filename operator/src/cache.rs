@@ -9,6 +9,7 @@
 //! owner UID.
 use crate::activity::{self, Activity};
 use crate::children::{names, Kind, LABEL_RUN};
+use crate::kueue::{self, LocalQueue, ResourceFlavor, Workload, WorkloadPriorityClass};
 use crate::observe::{self, JobState, Observed};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
@@ -38,6 +39,24 @@ pub struct Stores {
     pub services: Store<Meta<Service>>,
     pub pods: Store<Pod>,
     pub failed_creates: Store<Event>,
+    pub kueue: KueueStores,
+}
+
+/// Kueue's objects a reconcile reads, when Kueue is installed (else never filled or waited on).
+#[derive(Clone)]
+pub struct KueueStores {
+    pub installed: bool,
+    pub workloads: Store<Workload>,
+    pub flavors: Store<ResourceFlavor>,
+    pub local_queues: Store<Meta<LocalQueue>>,
+    pub priorities: Store<WorkloadPriorityClass>,
+}
+
+pub struct KueueWriters {
+    pub workloads: Writer<Workload>,
+    pub flavors: Writer<ResourceFlavor>,
+    pub local_queues: Writer<Meta<LocalQueue>>,
+    pub priorities: Writer<WorkloadPriorityClass>,
 }
 
 /// Write halves: each goes to the watch stream that fills its store.
@@ -49,9 +68,11 @@ pub struct Writers {
     pub services: Writer<Meta<Service>>,
     pub pods: Writer<Pod>,
     pub failed_creates: Writer<Event>,
+    pub kueue: KueueWriters,
 }
 
-pub fn stores() -> (Stores, Writers) {
+/// The stores and their writers; `kueue`: whether Kueue's Workload API is served.
+pub fn stores(kueue: bool) -> (Stores, Writers) {
     let (config_maps, w_config_maps) = reflector::store();
     let (claims, w_claims) = reflector::store();
     let (jobs, w_jobs) = reflector::store();
@@ -59,6 +80,10 @@ pub fn stores() -> (Stores, Writers) {
     let (services, w_services) = reflector::store();
     let (pods, w_pods) = reflector::store();
     let (failed_creates, w_failed_creates) = reflector::store();
+    let (workloads, w_workloads) = reflector::store();
+    let (flavors, w_flavors) = reflector::store();
+    let (local_queues, w_local_queues) = reflector::store();
+    let (priorities, w_priorities) = reflector::store();
     (
         Stores {
             config_maps,
@@ -68,6 +93,13 @@ pub fn stores() -> (Stores, Writers) {
             services,
             pods,
             failed_creates,
+            kueue: KueueStores {
+                installed: kueue,
+                workloads,
+                flavors,
+                local_queues,
+                priorities,
+            },
         },
         Writers {
             config_maps: w_config_maps,
@@ -77,6 +109,12 @@ pub fn stores() -> (Stores, Writers) {
             services: w_services,
             pods: w_pods,
             failed_creates: w_failed_creates,
+            kueue: KueueWriters {
+                workloads: w_workloads,
+                flavors: w_flavors,
+                local_queues: w_local_queues,
+                priorities: w_priorities,
+            },
         },
     )
 }
@@ -95,6 +133,15 @@ impl Stores {
             self.pods.wait_until_ready(),
             self.failed_creates.wait_until_ready(),
         );
+        let k = &self.kueue;
+        if k.installed {
+            let _ = futures::join!(
+                k.workloads.wait_until_ready(),
+                k.flavors.wait_until_ready(),
+                k.local_queues.wait_until_ready(),
+                k.priorities.wait_until_ready(),
+            );
+        }
     }
 }
 
@@ -121,6 +168,12 @@ pub fn slim_pod(pod: &mut Pod) {
             .collect(),
         ..Default::default()
     });
+}
+
+/// Kueue's Workloads: their pod sets are not read back.
+pub fn slim_workload(w: &mut Workload) {
+    w.managed_fields_mut().clear();
+    w.spec.pod_sets.clear();
 }
 
 pub fn slim_meta<K: Resource>(obj: &mut K) {
@@ -183,7 +236,16 @@ pub fn snapshot(stores: &Stores, run: &RltRun, now: Timestamp) -> Snapshot {
         .collect();
     let pods = of_run(&stores.pods, &ns, &name);
     let mut obs = Observed::default();
-    let metas: [(Kind, Vec<ObjectMeta>); 5] = [
+    let workloads: Vec<Arc<Workload>> = of_run(&stores.kueue.workloads, &ns, &name)
+        .into_iter()
+        .filter(|w| owned(run, &w.metadata))
+        .collect();
+    obs.fleet = fleet(&stores.kueue, &ns);
+    obs.workloads = workloads
+        .iter()
+        .map(|w| kueue::observe(w, &obs.fleet.flavors))
+        .collect();
+    let metas: [(Kind, Vec<ObjectMeta>); 6] = [
         (Kind::ConfigMap, metas(&stores.config_maps, &ns, &name)),
         (
             Kind::PersistentVolumeClaim,
@@ -192,6 +254,10 @@ pub fn snapshot(stores: &Stores, run: &RltRun, now: Timestamp) -> Snapshot {
         (Kind::Job, jobs.iter().map(|j| j.metadata.clone()).collect()),
         (Kind::StatefulSet, metas(&stores.stateful_sets, &ns, &name)),
         (Kind::Service, metas(&stores.services, &ns, &name)),
+        (
+            Kind::Workload,
+            workloads.iter().map(|w| w.metadata.clone()).collect(),
+        ),
     ];
     for (kind, list) in metas {
         obs.children.extend(
@@ -227,6 +293,32 @@ pub fn snapshot(stores: &Stores, run: &RltRun, now: Timestamp) -> Snapshot {
         observed: obs,
         activity,
         podless,
+    }
+}
+
+/// What a reconcile knows of Kueue for a run in namespace `ns`.
+fn fleet(k: &KueueStores, ns: &str) -> kueue::Fleet {
+    if !k.installed {
+        return kueue::Fleet::default();
+    }
+    kueue::Fleet {
+        installed: true,
+        default_queue: k
+            .local_queues
+            .get(&reflector::ObjectRef::new(kueue::DEFAULT_QUEUE).within(ns))
+            .is_some(),
+        flavors: k
+            .flavors
+            .state()
+            .iter()
+            .map(|f| (f.name_any(), kueue::Placement::from(f.as_ref())))
+            .collect(),
+        priorities: k
+            .priorities
+            .state()
+            .iter()
+            .map(|p| (p.name_any(), p.value))
+            .collect(),
     }
 }
 

@@ -19,6 +19,7 @@ use crate::cache::{self, owned, retained_workspace, Stores, Writers};
 use crate::children::{self, Child, Kind, LABEL_RUN};
 use crate::figures::{Figures, Poller};
 use crate::http::{self, Health};
+use crate::kueue::{self, LocalQueue, ResourceFlavor, Workload, WorkloadPriorityClass};
 use crate::metrics::Metrics;
 use crate::observe::Observed;
 use crate::reconcile::{self, EventType, Plan, Rejection, CHILD_CONFLICT, CHILD_REJECTED};
@@ -87,6 +88,8 @@ pub struct Settings {
     /// `max_backoff`.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Kueue's Workload API is served: queued runs are admitted through it ([`crate::kueue`]).
+    pub kueue: bool,
 }
 
 impl Default for Settings {
@@ -102,6 +105,7 @@ impl Default for Settings {
             podless_recheck: Duration::from_secs(15),
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
+            kueue: false,
         }
     }
 }
@@ -136,7 +140,7 @@ impl Context {
             controller: FIELD_MANAGER.into(),
             instance,
         };
-        let (stores, writers) = cache::stores();
+        let (stores, writers) = cache::stores(settings.kueue);
         let (poller, figures_changed) = Poller::new(figures);
         let ctx = Context {
             recorder: Recorder::new(client.clone(), reporter),
@@ -243,7 +247,8 @@ pub async fn execute(
     // The transition's Events right after the status that records it: a child write that
     // fails next must not lose them (the next reconcile finds the transition done).
     publish(run, &plan.events, ctx).await;
-    let rejections = write_children(run, obs, plan, ctx).await?;
+    let mut rejections = write_children(run, obs, plan, ctx).await?;
+    rejections.extend(write_workload_statuses(run, plan, ctx).await?);
     let status = plan
         .status
         .clone()
@@ -370,6 +375,16 @@ async fn write_children(
                 )
                 .await
             }
+            Child::Workload(o) => {
+                apply(
+                    Api::namespaced(client.clone(), &ns),
+                    run,
+                    child.kind(),
+                    o,
+                    observed,
+                )
+                .await
+            }
         };
         let rejection = res.or_else(|e| refused(child.kind(), child.name(), &ns, e))?;
         let name = child.name();
@@ -391,6 +406,7 @@ async fn write_children(
             Kind::Job => delete::<Job>(c, &ns, name, &dp).await,
             Kind::StatefulSet => delete::<StatefulSet>(c, &ns, name, &dp).await,
             Kind::Service => delete::<Service>(c, &ns, name, &dp).await,
+            Kind::Workload => delete::<Workload>(c, &ns, name, &dp).await,
         };
         match res {
             Ok(()) => info!(run = %reconcile::run_key(run), ?kind, %name, "deleted"),
@@ -399,6 +415,49 @@ async fn write_children(
             Err(e) => {
                 if let Some(r) = refused(*kind, name, &ns, e)? {
                     warn!(run = %reconcile::run_key(run), ?kind, %name, message = %r.message, "child delete refused");
+                    rejections.push(r);
+                }
+            }
+        }
+    }
+    Ok(rejections)
+}
+
+/// The plan's Workload status changes ([`kueue::StatusWrite`]): each a read of the whole
+/// Workload, the change, and a write-back conditional on its resourceVersion (a 409, Kueue
+/// having written meanwhile, is retried with the reconcile). Kueue's own integrations write
+/// these conditions the same way.
+async fn write_workload_statuses(
+    run: &RltRun,
+    plan: &Plan,
+    ctx: &Context,
+) -> Result<Vec<Rejection>, Error> {
+    let ns = run.namespace().unwrap_or_default();
+    let ar = kube::api::ApiResource::erase::<Workload>(&());
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
+    let mut rejections = Vec::new();
+    for write in &plan.workload_writes {
+        let name = write.name();
+        let Some(current) = api.get_opt(name).await? else {
+            continue;
+        };
+        let mut object = serde_json::to_value(&current).expect("objects serialize");
+        let stamp = now()
+            .0
+            .round(k8s_openapi::jiff::Unit::Second)
+            .expect("rounds");
+        write.apply_to(&mut object, &stamp.to_string());
+        let body: kube::api::DynamicObject =
+            serde_json::from_value(object).expect("still an object");
+        match api.replace_status(name, &Default::default(), &body).await {
+            Ok(_) => {
+                info!(run = %reconcile::run_key(run), workload = %name, change = ?write, "workload status written")
+            }
+            // Kueue wrote it meanwhile: the reconcile starts over from the new object.
+            Err(kube::Error::Api(s)) if s.code == 409 => return Err(kube::Error::Api(s).into()),
+            Err(e) => {
+                if let Some(r) = refused(Kind::Workload, name, &ns, e)? {
+                    warn!(run = %reconcile::run_key(run), workload = %name, message = %r.message, "workload status refused");
                     rejections.push(r);
                 }
             }
@@ -580,6 +639,7 @@ pub async fn run(ctx: Arc<Context>, feeds: Feeds, health: Health) {
         services,
         pods,
         failed_creates,
+        kueue: kueue_writers,
     } = feeds.writers;
     // Metadata-only watches of the children whose content the reconciler does not read.
     fn metadata<K>(
@@ -624,6 +684,7 @@ pub async fn run(ctx: Arc<Context>, feeds: Feeds, health: Health) {
     .reflect(failed_creates)
     .touched_objects();
     let job_store = ctx.stores.jobs.clone();
+    let kueue = KueueStreams::new(&client, &ns, ctx.settings.kueue, kueue_writers, &health);
 
     let poller = {
         let (ctx, runs, s) = (ctx.clone(), reader.clone(), ctx.settings.clone());
@@ -667,6 +728,12 @@ pub async fn run(ctx: Arc<Context>, feeds: Feeds, health: Health) {
             &health,
             "services",
         ))
+        .owns_stream(kueue.workloads)
+        // Read by the reconciles, never a trigger of their own (an admission is a Workload
+        // change).
+        .watches_stream(kueue.flavors, |_| None)
+        .watches_stream(kueue.local_queues, |_| None)
+        .watches_stream(kueue.priorities, |_| None)
         .watches_stream(pod_stream, |pod: Pod| {
             let run = pod.labels().get(LABEL_RUN)?.clone();
             Some(ObjectRef::<RltRun>::new(&run).within(&pod.namespace()?))
@@ -690,6 +757,90 @@ pub async fn run(ctx: Arc<Context>, feeds: Feeds, health: Health) {
         _ = controller => {}
         _ = poller => {}
     }
+}
+
+type Watch<K> = futures::stream::BoxStream<'static, Result<K, watcher::Error>>;
+
+/// The watches of Kueue's objects; empty streams when Kueue is not installed (nothing to
+/// watch, and the stores are not waited on).
+struct KueueStreams {
+    workloads: Watch<Workload>,
+    flavors: Watch<ResourceFlavor>,
+    local_queues: Watch<cache::Meta<LocalQueue>>,
+    priorities: Watch<WorkloadPriorityClass>,
+}
+
+impl KueueStreams {
+    fn new(
+        client: &Client,
+        ns: &Option<String>,
+        installed: bool,
+        w: cache::KueueWriters,
+        health: &Health,
+    ) -> KueueStreams {
+        if !installed {
+            return KueueStreams {
+                workloads: futures::stream::pending().boxed(),
+                flavors: futures::stream::pending().boxed(),
+                local_queues: futures::stream::pending().boxed(),
+                priorities: futures::stream::pending().boxed(),
+            };
+        }
+        let workloads: Api<Workload> = match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let local_queues: Api<cache::Meta<LocalQueue>> = match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        // Only the queues that make a namespace queued by default.
+        let default_queue =
+            watcher::Config::default().fields(&format!("metadata.name={}", kueue::DEFAULT_QUEUE));
+        KueueStreams {
+            workloads: watcher(workloads, watcher::Config::default().labels(LABEL_RUN))
+                .default_backoff()
+                .map(tracked(health, "workloads"))
+                .modify(cache::slim_workload)
+                .reflect(w.workloads)
+                .touched_objects()
+                .boxed(),
+            flavors: watcher(Api::all(client.clone()), watcher::Config::default())
+                .default_backoff()
+                .map(tracked(health, "resourceflavors"))
+                .modify(cache::slim_meta)
+                .reflect(w.flavors)
+                .touched_objects()
+                .boxed(),
+            local_queues: watcher(local_queues, default_queue)
+                .default_backoff()
+                .map(tracked(health, "localqueues"))
+                .modify(cache::slim_meta)
+                .reflect(w.local_queues)
+                .touched_objects()
+                .boxed(),
+            priorities: watcher(Api::all(client.clone()), watcher::Config::default())
+                .default_backoff()
+                .map(tracked(health, "workloadpriorityclasses"))
+                .modify(cache::slim_meta)
+                .reflect(w.priorities)
+                .touched_objects()
+                .boxed(),
+        }
+    }
+}
+
+/// Whether Kueue's Workload API (`kueue.x-k8s.io/v1beta2`) is served.
+pub async fn kueue_installed(client: &Client) -> Result<bool, kube::Error> {
+    let group = kube::discovery::Discovery::new(client.clone())
+        .filter(&["kueue.x-k8s.io"])
+        .run()
+        .await?;
+    Ok(group.get("kueue.x-k8s.io").is_some_and(|g| {
+        g.versioned_resources("v1beta2")
+            .iter()
+            .any(|(r, _)| r.kind == "Workload")
+    }))
 }
 
 #[cfg(test)]

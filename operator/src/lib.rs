@@ -5,7 +5,8 @@
 //! - [`children`]: the child objects of a run (ConfigMap, PVC, Jobs, StatefulSet, Service),
 //!   built from the spec and the stage contract; [`observe`]: what the reconciler reads back;
 //!   [`activity`]: which Job pods are alive, bad-configuration exits, `FailedCreate` Events;
-//!   [`gpu_hours`]: what a stage attempt's pods held;
+//!   [`gpu_hours`]: what a stage attempt's pods held; [`kueue`]: admission of whole stages by
+//!   Kueue;
 //! - [`controller`]: the thin layer doing the API calls (server-side apply) around it;
 //!   [`cache`]: the stores its watches fill, which a reconcile reads instead of LISTing;
 //! - [`leader`], [`metrics`], [`http`], [`figures`]: leader election, Prometheus metrics,
@@ -19,6 +20,7 @@ pub mod crdgen;
 pub mod figures;
 pub mod gpu_hours;
 pub mod http;
+pub mod kueue;
 pub mod leader;
 pub mod metrics;
 pub mod observe;

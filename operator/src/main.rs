@@ -108,7 +108,14 @@ async fn main() -> anyhow::Result<()> {
     health.set_role(Role::Active);
     metrics.leader.set(1);
 
+    // Looked up once: a Kueue installed later is picked up when the operator restarts.
+    let kueue = controller::kueue_installed(&client).await?;
+    tracing::info!(
+        kueue,
+        "Kueue's Workload API (kueue.x-k8s.io/v1beta2) served"
+    );
     let settings = Settings {
+        kueue,
         namespace: args.namespace.clone(),
         debounce: Duration::from_millis(args.debounce_ms),
         poll_interval: Duration::from_secs(args.poll_interval_s),

@@ -4,6 +4,7 @@
 use crate::children::{
     Kind, Stage, ANNOTATION_HASH, CONTAINER, LABEL_ATTEMPT, LABEL_STAGE, LABEL_STUDENT,
 };
+use crate::kueue::{Fleet, ObservedWorkload};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -17,6 +18,10 @@ pub struct Observed {
     pub pods: Vec<ObservedPod>,
     /// Parameter server 0's latest figures, when the controller could read them.
     pub figures: Option<TrainingFigures>,
+    /// The run's Kueue Workloads (also listed in `children`).
+    pub workloads: Vec<ObservedWorkload>,
+    /// What the operator knows of Kueue in the run's namespace.
+    pub fleet: Fleet,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +84,9 @@ impl Observed {
         self.children
             .iter()
             .find(|c| c.kind == kind && c.name == name)
+    }
+    pub fn workload(&self, name: &str) -> Option<&ObservedWorkload> {
+        self.workloads.iter().find(|w| w.name == name)
     }
     pub fn job(&self, name: &str) -> Option<&ObservedJob> {
         self.jobs.iter().find(|j| j.name == name)

@@ -25,6 +25,21 @@
 use crate::activity::Activity;
 use crate::children::{self, names, Child, Ctx, Kind, Stage};
 use crate::gpu_hours;
+use crate::kueue::{self, Placement, State};
+
+/// An admission's placement of each pod set of a unit, by pod-set name.
+type Placements = std::collections::BTreeMap<String, Placement>;
+
+/// A unit's Job or StatefulSet, with its pod set's placement when the run is queued.
+fn placed(child: Child, placements: Option<&Placements>) -> Child {
+    match placements {
+        None => child,
+        Some(p) => {
+            let set = children::pod_set_of(&child);
+            children::place(child, &p.get(set).cloned().unwrap_or_default())
+        }
+    }
+}
 use crate::observe::{self, JobState, Observed};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
@@ -60,6 +75,8 @@ pub use rlt_api::status::condition::DEGRADED;
 /// `Degraded` reasons.
 pub const CHILD_REJECTED: &str = "ChildRejected";
 pub const CHILD_CONFLICT: &str = "ChildConflict";
+/// The stage condition's reason while the stage waits for admission by Kueue.
+pub const QUEUED: &str = "Queued";
 
 /// What the controller must do. Empty when nothing changed.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -71,6 +88,8 @@ pub struct Plan {
     /// The new status, only when it differs from the current one.
     pub status: Option<RltRunStatus>,
     pub events: Vec<Event>,
+    /// Status changes to the run's Kueue Workloads (after the children are applied).
+    pub workload_writes: Vec<kueue::StatusWrite>,
     /// RL is running: the controller should poll parameter server 0 for training figures.
     pub poll_figures: bool,
     /// Look at the run again after this long at the latest (a deadline of its own, such as
@@ -85,6 +104,7 @@ impl Plan {
             && self.delete.is_empty()
             && self.status.is_none()
             && self.events.is_empty()
+            && self.workload_writes.is_empty()
     }
 }
 
@@ -159,11 +179,18 @@ pub fn derive_phase(status: &RltRunStatus) -> Phase {
     if is_true(cond::SUSPENDED) {
         return Phase::Suspended;
     }
+    let queued = |s: Stage| {
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == s.complete_condition() && c.status == "False" && c.reason == QUEUED)
+    };
     match Stage::ALL
         .into_iter()
         .find(|s| !is_true(s.complete_condition()))
     {
         None => Phase::Succeeded,
+        Some(s) if queued(s) => Phase::Queued,
         Some(s)
             if status
                 .stages
@@ -419,21 +446,59 @@ impl Planner<'_> {
         }
     }
 
-    fn create_job(&mut self, stage: Stage, attempt: u32, student: Option<&str>, name: &str) {
+    fn create_job(
+        &mut self,
+        stage: Stage,
+        attempt: u32,
+        student: Option<&str>,
+        name: &str,
+        placements: Option<&Placements>,
+    ) {
         let run = self.run;
-        self.create(Kind::Job, name, |ctx| match stage {
-            Stage::Warmup => children::warmup_job(ctx, attempt),
-            Stage::Rl => children::learner_job(ctx, attempt),
-            Stage::Distillation => {
-                let s = run
-                    .spec
-                    .distillation
-                    .students
-                    .iter()
-                    .find(|s| Some(s.name.as_str()) == student);
-                children::distill_job(ctx, s.expect("job of a listed student"), attempt)
-            }
+        self.create(Kind::Job, name, |ctx| {
+            let job = match stage {
+                Stage::Warmup => children::warmup_job(ctx, attempt),
+                Stage::Rl => children::learner_job(ctx, attempt),
+                Stage::Distillation => {
+                    let s = run
+                        .spec
+                        .distillation
+                        .students
+                        .iter()
+                        .find(|s| Some(s.name.as_str()) == student);
+                    children::distill_job(ctx, s.expect("job of a listed student"), attempt)
+                }
+            };
+            placed(job, placements)
         });
+    }
+
+    /// What earlier attempts of the stage left running (Jobs, parameter servers) goes, and
+    /// the configuration snapshots no Job needs any more.
+    fn clear_earlier_attempts(&mut self, stage: Stage, attempt: u32) {
+        self.delete_superseded_jobs(stage, attempt);
+        self.delete_stale_configs(stage, attempt);
+        if stage == Stage::Rl {
+            self.delete_param_server_sets(Some(attempt));
+        }
+    }
+
+    /// Marks the stage's Workloads `Finished` (their quota is freed).
+    fn finish_workloads(&mut self, stage: Stage, succeeded: bool, message: &str) {
+        for unit in children::queue_units(&self.ctx, stage) {
+            self.finish_workload(&unit.workload, succeeded, message);
+        }
+    }
+
+    fn finish_workload(&mut self, name: &str, succeeded: bool, message: &str) {
+        let finished = |w: &kueue::ObservedWorkload| w.state == State::Finished;
+        if self.obs.workload(name).is_some_and(|w| !finished(w)) {
+            self.plan.workload_writes.push(kueue::StatusWrite::Finish {
+                name: name.into(),
+                succeeded,
+                message: message.into(),
+            });
+        }
     }
 }
 
@@ -475,6 +540,7 @@ pub fn reconcile_with(run: &RltRun, obs: &Observed, activity: &Activity, now: &T
         status: old.clone(),
         activity,
         now,
+        queue: queue_of(run, &obs.fleet),
     };
     r.status.observed_generation = run.metadata.generation;
     if r.is_finished() {
@@ -500,6 +566,18 @@ struct Reconciler<'a> {
     status: RltRunStatus,
     activity: &'a Activity,
     now: &'a Time,
+    /// The LocalQueue the run's stages are admitted through, when it is queued.
+    queue: Option<String>,
+}
+
+/// The LocalQueue of a run: its `kueue.x-k8s.io/queue-name` label, else its namespace's
+/// `default` LocalQueue (as Kueue defaults every top-level job), else none: not queued.
+fn queue_of(run: &RltRun, fleet: &kueue::Fleet) -> Option<String> {
+    match run.labels().get(kueue::QUEUE_LABEL) {
+        Some(q) if !q.is_empty() => Some(q.clone()),
+        _ if fleet.installed && fleet.default_queue => Some(kueue::DEFAULT_QUEUE.into()),
+        _ => None,
+    }
 }
 
 impl Reconciler<'_> {
@@ -672,12 +750,25 @@ impl Reconciler<'_> {
             return Next::Stop;
         }
         self.resume_if_suspended(stage);
+        if let Some(queue) = self.queue.clone() {
+            if !self.admitted(stage, &queue) {
+                return Next::Stop;
+            }
+        }
         self.start_if_new(stage);
 
         let attempt = self.stage(stage).attempt;
         let mut done = self.stage(stage).completed_students.clone();
         let outcome = self.look(stage, attempt, &mut done);
         self.stage(stage).completed_students = done.clone();
+        if self.queue.is_some() && stage == Stage::Distillation {
+            // A student that completed frees its quota now, whatever the others do.
+            for student in &done {
+                let name = names::queue_workload(&self.p.ctx.name, stage, Some(student));
+                let message = format!("student {student} succeeded");
+                self.p.finish_workload(&name, true, &message);
+            }
+        }
         let attempt = match outcome {
             Outcome::Complete => {
                 self.account_gpu_hours(stage, attempt, true);
@@ -749,6 +840,10 @@ impl Reconciler<'_> {
         if stage == Stage::Rl {
             self.p.delete_param_server_sets(None);
         }
+        // A suspended run holds no quota: resuming queues it again.
+        for unit in children::queue_units(&self.p.ctx, stage) {
+            self.p.delete(Kind::Workload, &unit.workload);
+        }
         self.set_progress(stage, &Detail::Suspended);
     }
 
@@ -789,6 +884,163 @@ impl Reconciler<'_> {
             &stage_action(stage, attempt),
             format!("{} started", stage.label()),
         );
+    }
+
+    /// A queued run's admission of the stage ([`crate::kueue`]): its units' Workloads exist,
+    /// an eviction ends the attempt (counted in `evictions`, never in `failures`), an evicted
+    /// unit gives its quota back once its pods are gone, a finished student's Workload is
+    /// `Finished`. True when at least one unit is admitted (its pods may run); else the stage
+    /// condition says `Queued` and why, and none of the stage's pods are left.
+    fn admitted(&mut self, stage: Stage, queue: &str) -> bool {
+        if !self.p.obs.fleet.installed {
+            let message = format!(
+                "the run is queued in LocalQueue {queue} ({}), but Kueue's Workload API \
+                 (kueue.x-k8s.io/v1beta2) is not served: install Kueue and restart the \
+                 operator, or remove the label",
+                kueue::QUEUE_LABEL
+            );
+            self.wait_in_queue(stage, message);
+            return false;
+        }
+        let priority = match self.p.run.labels().get(kueue::PRIORITY_LABEL) {
+            None => None,
+            Some(name) => match self.p.obs.fleet.priorities.get(name) {
+                Some(value) => Some((name.clone(), *value)),
+                None => {
+                    let message = format!(
+                        "WorkloadPriorityClass {name} ({}) does not exist",
+                        kueue::PRIORITY_LABEL
+                    );
+                    self.wait_in_queue(stage, message);
+                    return false;
+                }
+            },
+        };
+        let units = children::queue_units(&self.p.ctx, stage);
+        self.count_eviction(stage, &units);
+        let attempt = self.stage(stage).attempt;
+        let done = self.stage(stage).completed_students.clone();
+        let pods_gone = self
+            .activity
+            .earlier_attempt_alive(stage, attempt)
+            .is_none();
+        let (mut admitted, mut waiting) = (false, None);
+        for unit in &units {
+            let finished = unit.student.as_ref().is_some_and(|s| done.contains(s));
+            let state = self.p.obs.workload(&unit.workload).map(|w| w.state.clone());
+            match state {
+                None if finished => {}
+                None => {
+                    let priority = priority.as_ref().map(|(n, v)| (n.as_str(), *v));
+                    self.p.create(Kind::Workload, &unit.workload, |ctx| {
+                        children::queue_workload(ctx, unit, attempt, queue, priority)
+                    });
+                    waiting.get_or_insert(format!("waiting for admission in LocalQueue {queue}"));
+                }
+                Some(State::Finished) => {}
+                // A student done: its Workload was finished when it completed.
+                Some(_) if finished => {}
+                Some(State::Admitted { .. }) => admitted = true,
+                Some(State::Pending { message }) => {
+                    waiting.get_or_insert(format!(
+                        "waiting for admission in LocalQueue {queue}: {message}"
+                    ));
+                }
+                Some(State::Evicted {
+                    reason,
+                    message,
+                    holds_quota,
+                    ..
+                }) => {
+                    if holds_quota && pods_gone {
+                        self.p
+                            .plan
+                            .workload_writes
+                            .push(kueue::StatusWrite::Requeue {
+                                name: unit.workload.clone(),
+                                reason: reason.clone(),
+                                message: message.clone(),
+                            });
+                    }
+                    waiting.get_or_insert(format!(
+                        "evicted by Kueue ({reason}: {message}); waiting for admission in LocalQueue {queue}"
+                    ));
+                }
+            }
+        }
+        if admitted {
+            return true;
+        }
+        self.p.clear_earlier_attempts(stage, attempt);
+        let message =
+            waiting.unwrap_or_else(|| format!("waiting for admission in LocalQueue {queue}"));
+        self.wait_in_queue(stage, message);
+        false
+    }
+
+    /// An eviction of one of the stage's Workloads not counted yet ends the running attempt:
+    /// its pods stop, and the next admission starts the next attempt from the last checkpoint.
+    fn count_eviction(&mut self, stage: Stage, units: &[children::Unit]) {
+        let newest = units
+            .iter()
+            .filter_map(|u| match &self.p.obs.workload(&u.workload)?.state {
+                State::Evicted {
+                    since,
+                    reason,
+                    message,
+                    ..
+                } => Some((since.clone(), reason.clone(), message.clone())),
+                _ => None,
+            })
+            .max_by_key(|(since, ..)| since.0);
+        let Some((since, reason, message)) = newest else {
+            return;
+        };
+        let st = self.stage(stage);
+        if st
+            .last_eviction_time
+            .as_ref()
+            .is_some_and(|t| t.0 >= since.0)
+        {
+            return;
+        }
+        let (started, attempt) = (st.start_time.is_some(), st.attempt);
+        if started {
+            self.account_gpu_hours(stage, attempt, true);
+        }
+        let st = self.stage(stage);
+        st.evictions += 1;
+        st.last_eviction_time = Some(since);
+        st.attempt += 1;
+        let next = st.attempt;
+        self.p.event(
+            EventType::Normal,
+            "Evicted",
+            &stage_action(stage, attempt),
+            clip(format!(
+                "{} attempt {attempt} evicted by Kueue ({reason}: {message}): its pods stop; it \
+                 resumes from its last checkpoint as attempt {next} once admitted again (not a failure)",
+                stage.label()
+            )),
+        );
+    }
+
+    /// The stage waits for Kueue: its condition says `Queued` and why.
+    fn wait_in_queue(&mut self, stage: Stage, message: String) {
+        let attempt = self.stage(stage).attempt;
+        let message = clip(message);
+        if self
+            .conds()
+            .set(stage.complete_condition(), false, QUEUED, &message)
+        {
+            self.p.event(
+                EventType::Normal,
+                QUEUED,
+                &stage_action(stage, attempt),
+                message,
+            );
+        }
+        self.set_progress(stage, &Detail::Queued);
     }
 
     /// Looks at this attempt's Jobs; the students whose Jobs completed are added to `done`.
@@ -853,6 +1105,8 @@ impl Reconciler<'_> {
         if stage == Stage::Rl {
             self.p.delete_param_servers();
         }
+        self.p
+            .finish_workloads(stage, true, &format!("{} succeeded", stage.label()));
     }
 
     /// Counts a failed attempt: the next attempt when a retry is left (returned), else the
@@ -879,6 +1133,7 @@ impl Reconciler<'_> {
             self.conds()
                 .set(stage.complete_condition(), false, &reason, &message);
             self.conds().set(cond::FAILED, true, &reason, &message);
+            self.p.finish_workloads(stage, false, &message);
             self.p.event(
                 EventType::Warning,
                 &reason,
@@ -936,19 +1191,28 @@ impl Reconciler<'_> {
         }
     }
 
-    /// The workload of the (possibly new) attempt, once the earlier attempts' pods are gone.
+    /// The workload of the (possibly new) attempt, once the earlier attempts' pods are gone;
+    /// of a queued run, only the units Kueue admitted, placed as their admission says.
     fn ensure_workload(&mut self, stage: Stage, attempt: u32, done: &[String]) {
-        let p = &mut self.p;
-        p.delete_superseded_jobs(stage, attempt);
-        p.delete_stale_configs(stage, attempt);
-        if stage == Stage::Rl {
-            p.delete_param_server_sets(Some(attempt));
-        }
+        self.p.clear_earlier_attempts(stage, attempt);
         if self
             .activity
             .earlier_attempt_alive(stage, attempt)
             .is_none()
         {
+            let placements: Vec<(Option<String>, String, Option<Placements>)> = self
+                .p
+                .stage_jobs(stage, attempt, done)
+                .into_iter()
+                .filter_map(|(student, job)| {
+                    let placement = self.placement(stage, student.as_deref())?;
+                    Some((student, job, placement))
+                })
+                .collect();
+            let p = &mut self.p;
+            if placements.is_empty() {
+                return;
+            }
             // The attempt's configuration first: its pods mount it.
             let config = names::config_map(&p.ctx.name, stage, attempt);
             p.create(Kind::ConfigMap, &config, |ctx| {
@@ -959,18 +1223,32 @@ impl Reconciler<'_> {
                 // Once per attempt: re-applying an edited set would roll its shards under
                 // running learners.
                 let set = names::param_server_set(&p.ctx.name, attempt);
+                let placement = placements[0].2.clone();
                 p.create(Kind::StatefulSet, &set, |ctx| {
-                    children::param_server_set(ctx, attempt)
+                    placed(children::param_server_set(ctx, attempt), placement.as_ref())
                 });
             } else if children::needs_ranks_service(p.run) {
                 p.ensure(children::ranks_service(&p.ctx));
             }
-            for (student, job) in p.stage_jobs(stage, attempt, done) {
-                p.create_job(stage, attempt, student.as_deref(), &job);
+            for (student, job, placement) in placements {
+                p.create_job(stage, attempt, student.as_deref(), &job, placement.as_ref());
             }
         }
         if stage == Stage::Rl {
-            p.plan.poll_figures = true;
+            self.p.plan.poll_figures = true;
+        }
+    }
+
+    /// How a unit's pods are placed, by pod set: `None` while a queued run's unit is not
+    /// admitted; `Some(None)` when the run is not queued (nothing added).
+    fn placement(&self, stage: Stage, student: Option<&str>) -> Option<Option<Placements>> {
+        if self.queue.is_none() {
+            return Some(None);
+        }
+        let name = names::queue_workload(&self.p.ctx.name, stage, student);
+        match self.p.obs.workload(&name).map(|w| &w.state) {
+            Some(State::Admitted { placements }) => Some(Some(placements.clone())),
+            _ => None,
         }
     }
 

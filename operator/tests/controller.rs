@@ -315,14 +315,10 @@ fn existing_children(run: &RltRun) -> BTreeMap<String, Vec<Value>> {
     let ctx = Ctx::new(run);
     let mut objects: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     let mut put = |path: &str, child: Child| {
-        let v = match child {
-            Child::ConfigMap(o) => serde_json::to_value(o),
-            Child::Pvc(o) => serde_json::to_value(o),
-            Child::Job(o) => serde_json::to_value(o),
-            Child::StatefulSet(o) => serde_json::to_value(o),
-            Child::Service(o) => serde_json::to_value(o),
-        };
-        objects.entry(path.into()).or_default().push(v.unwrap());
+        objects
+            .entry(path.into())
+            .or_default()
+            .push(child.to_json());
     };
     put(
         "/api/v1/namespaces/ml/configmaps",

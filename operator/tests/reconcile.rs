@@ -7,6 +7,7 @@ use rlt_api::status::{condition as cond, Phase};
 use rlt_api::RltRun;
 use rlt_operator::activity::{Activity, PodRef};
 use rlt_operator::children::{Child, Kind, Stage};
+use rlt_operator::kueue::{Fleet, ObservedWorkload, Placement, State, StatusWrite};
 use rlt_operator::observe::{JobState, Observed, ObservedChild, ObservedJob, ObservedPod, Problem};
 use rlt_operator::reconcile::{
     reconcile, reconcile_with, record_child_writes, EventType, Plan, Rejection, DEGRADED, NOTE_MAX,
@@ -58,6 +59,14 @@ impl World {
                 hash: child.hash().map(Into::into),
                 deleting: false,
             });
+            if child.kind() == Kind::Workload && self.obs.workload(child.name()).is_none() {
+                self.obs.workloads.push(ObservedWorkload {
+                    name: child.name().into(),
+                    state: State::Pending {
+                        message: "couldn't assign flavors: insufficient quota".into(),
+                    },
+                });
+            }
             if child.kind() == Kind::Job && self.obs.job(child.name()).is_none() {
                 self.obs.jobs.push(ObservedJob {
                     name: child.name().into(),
@@ -73,6 +82,26 @@ impl World {
             if *kind == Kind::Job {
                 self.obs.jobs.retain(|j| &j.name != name);
                 self.obs.pods.clear();
+            }
+            if *kind == Kind::Workload {
+                self.obs.workloads.retain(|w| &w.name != name);
+            }
+        }
+        for write in &plan.workload_writes {
+            let w = self
+                .obs
+                .workloads
+                .iter_mut()
+                .find(|w| w.name == write.name())
+                .expect("writes go to existing Workloads");
+            match write {
+                StatusWrite::Requeue { .. } => {
+                    let State::Evicted { holds_quota, .. } = &mut w.state else {
+                        panic!("requeue of a Workload not evicted: {w:?}")
+                    };
+                    *holds_quota = false;
+                }
+                StatusWrite::Finish { .. } => w.state = State::Finished,
             }
         }
         if let Some(status) = &plan.status {
@@ -1195,4 +1224,423 @@ fn gpu_hours_add_up_over_attempts_and_stages() {
     w.step();
     assert_eq!(w.status().stages.rl.clone().unwrap().gpu_hours, Some(2.0));
     assert_eq!(w.status().gpu_hours, Some(9.0));
+}
+
+// Kueue: admission of whole stages (rlt_operator::kueue).
+
+fn queued(yaml: &str, queue: Option<&str>) -> World {
+    let mut run = run_from(yaml);
+    if let Some(q) = queue {
+        run.metadata.labels =
+            Some([("kueue.x-k8s.io/queue-name".to_string(), q.to_string())].into());
+    }
+    let mut w = World::new(run);
+    let gpu = Placement {
+        node_labels: [("rlt.dev/pool".to_string(), "gpu".to_string())].into(),
+        tolerations: vec![serde_json::from_value(serde_json::json!(
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ))
+        .unwrap()],
+    };
+    w.obs.fleet = Fleet {
+        installed: true,
+        default_queue: false,
+        flavors: [("gpu".to_string(), gpu)].into(),
+        priorities: [("high".to_string(), 1000)].into(),
+    };
+    w
+}
+
+impl World {
+    fn set_workload(&mut self, name: &str, state: State) {
+        let w = self
+            .obs
+            .workloads
+            .iter_mut()
+            .find(|w| w.name == name)
+            .unwrap_or_else(|| panic!("no workload {name}"));
+        w.state = state;
+    }
+
+    fn admit(&mut self, name: &str, pod_sets: &[&str]) {
+        let placements = pod_sets
+            .iter()
+            .map(|s| (s.to_string(), self.obs.fleet.flavors["gpu"].clone()))
+            .collect();
+        self.set_workload(name, State::Admitted { placements });
+    }
+}
+
+fn job_of(plan: &Plan, name: &str) -> k8s_openapi::api::batch::v1::Job {
+    plan.apply
+        .iter()
+        .find_map(|c| match c {
+            Child::Job(j) if j.metadata.name.as_deref() == Some(name) => Some(j.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no job {name} in {:?}", applied(plan)))
+}
+
+#[test]
+fn a_queued_run_creates_its_stage_workload_and_no_pods_until_admitted() {
+    let mut w = queued(TINY, Some("team"));
+    let plan = w.step();
+    assert_eq!(
+        applied(&plan),
+        vec![
+            (
+                Kind::PersistentVolumeClaim,
+                "tiny-cpu-workspace".to_string()
+            ),
+            (Kind::Workload, "tiny-cpu-warmup".to_string()),
+        ],
+        "the Workload only: no Job, no configuration"
+    );
+    let Child::Workload(wl) = &plan.apply[1] else {
+        panic!()
+    };
+    assert_eq!(wl.spec.queue_name, "team");
+    assert_eq!(wl.spec.pod_sets.len(), 1);
+    assert_eq!(wl.spec.pod_sets[0].name, "trainers");
+    let labels = wl.metadata.labels.as_ref().unwrap();
+    assert!(
+        !labels.keys().any(|k| k.starts_with("kueue.x-k8s.io/")),
+        "{labels:?}"
+    );
+    assert_eq!(w.phase(), Phase::Queued);
+    assert_eq!(w.status().reason.as_deref(), Some("Queued"));
+    assert_eq!(w.status().progress.as_deref(), Some("1/3 warmup queued"));
+    assert!(w
+        .status()
+        .stages
+        .warmup
+        .as_ref()
+        .and_then(|s| s.start_time.as_ref())
+        .is_none());
+    // Kueue says why it waits: the condition carries it, and nothing else is written.
+    w.step();
+    assert!(w
+        .condition(cond::WARMUP_COMPLETE)
+        .2
+        .contains("insufficient quota"));
+    assert!(w.step().is_noop());
+
+    // Admitted: the stage starts, its pods placed on the flavor's nodes.
+    w.admit("tiny-cpu-warmup", &["trainers"]);
+    let plan = w.step();
+    assert_eq!(w.phase(), Phase::WarmUp);
+    let job = job_of(&plan, "tiny-cpu-warmup-0");
+    let template = job.spec.unwrap().template;
+    let spec = template.spec.unwrap();
+    assert_eq!(spec.node_selector.unwrap()["rlt.dev/pool"], "gpu");
+    assert_eq!(
+        spec.tolerations.unwrap()[0].key.as_deref(),
+        Some("nvidia.com/gpu")
+    );
+    let labels = template.metadata.unwrap().labels.unwrap();
+    assert_eq!(labels["kueue.x-k8s.io/podset"], "trainers");
+    assert!(
+        !labels.contains_key("kueue.x-k8s.io/queue-name"),
+        "a child never carries the queue"
+    );
+    assert!(!job
+        .metadata
+        .labels
+        .unwrap()
+        .contains_key("kueue.x-k8s.io/queue-name"));
+
+    // Done: the Workload is Finished (its quota freed), RL queues its own.
+    w.set_job("tiny-cpu-warmup-0", JobState::Complete);
+    let plan = w.step();
+    assert_eq!(
+        plan.workload_writes,
+        vec![StatusWrite::Finish {
+            name: "tiny-cpu-warmup".into(),
+            succeeded: true,
+            message: "warmup succeeded".into()
+        }]
+    );
+    assert!(applied(&plan).contains(&(Kind::Workload, "tiny-cpu-rl".to_string())));
+    assert!(!applied(&plan)
+        .iter()
+        .any(|(k, _)| *k == Kind::Job || *k == Kind::StatefulSet));
+    assert_eq!(w.phase(), Phase::Queued);
+}
+
+#[test]
+fn rl_is_one_unit_of_parameter_servers_and_learners_each_placed_by_its_pod_set() {
+    let mut w = queued(TINY, Some("team"));
+    w.step();
+    w.admit("tiny-cpu-warmup", &["trainers"]);
+    w.step();
+    w.set_job("tiny-cpu-warmup-0", JobState::Complete);
+    let plan = w.step();
+    let Child::Workload(wl) = plan
+        .apply
+        .iter()
+        .find(|c| c.kind() == Kind::Workload)
+        .unwrap()
+    else {
+        panic!()
+    };
+    let sets: Vec<(&str, i32)> = wl
+        .spec
+        .pod_sets
+        .iter()
+        .map(|p| (p.name.as_str(), p.count))
+        .collect();
+    assert_eq!(sets, vec![("param-servers", 1), ("learners", 1)]);
+    // Only the learners' pod set has a flavor with node labels here.
+    w.set_workload(
+        "tiny-cpu-rl",
+        State::Admitted {
+            placements: [
+                ("param-servers".to_string(), Placement::default()),
+                ("learners".to_string(), w.obs.fleet.flavors["gpu"].clone()),
+            ]
+            .into(),
+        },
+    );
+    let plan = w.step();
+    let set = plan
+        .apply
+        .iter()
+        .find_map(|c| match c {
+            Child::StatefulSet(s) => Some(s.clone()),
+            _ => None,
+        })
+        .expect("the parameter servers start with the learners");
+    let ps = set.spec.unwrap().template.spec.unwrap();
+    assert!(ps.node_selector.is_none());
+    let learners = job_of(&plan, "tiny-cpu-learner-0")
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    assert_eq!(learners.node_selector.unwrap()["rlt.dev/pool"], "gpu");
+    assert_eq!(w.phase(), Phase::RL);
+}
+
+#[test]
+fn an_eviction_stops_the_attempt_gives_the_quota_back_and_resumes_without_a_failure() {
+    let mut w = queued(TINY, Some("team"));
+    w.step();
+    w.admit("tiny-cpu-warmup", &["trainers"]);
+    w.step();
+    // Preempted: Kueue sets Evicted while the pods still run.
+    w.activity.live = vec![live_pod(Stage::Warmup, 0)];
+    let evicted = State::Evicted {
+        since: at(25),
+        reason: "Preempted".into(),
+        message: "Preempted to accommodate a workload".into(),
+        holds_quota: true,
+    };
+    w.set_workload("tiny-cpu-warmup", evicted);
+    let plan = w.step();
+    let st = w.status().stages.warmup.clone().unwrap();
+    assert_eq!((st.attempt, st.failures, st.evictions), (1, 0, 1));
+    assert_eq!(st.last_eviction_time, Some(at(25)));
+    assert_eq!(
+        plan.delete,
+        vec![(Kind::Job, "tiny-cpu-warmup-0".to_string())]
+    );
+    assert!(
+        plan.workload_writes.is_empty(),
+        "the quota is held until the pods are gone"
+    );
+    assert!(reasons(&plan).contains(&"Evicted"));
+    assert_eq!(w.phase(), Phase::Queued);
+    assert!(w.condition(cond::WARMUP_COMPLETE).2.contains("Preempted"));
+    // The same eviction seen again is not counted again (the attempt's snapshot goes with
+    // its Job).
+    let again = w.step();
+    assert!(
+        again.status.is_none() && again.events.is_empty(),
+        "{again:#?}"
+    );
+    assert!(again.workload_writes.is_empty() && again.apply.is_empty());
+    assert!(w.step().is_noop());
+    // The pods are gone: the reservation is given back (Requeued, as Kueue's jobs do).
+    w.activity.live.clear();
+    let plan = w.step();
+    assert_eq!(
+        plan.workload_writes,
+        vec![StatusWrite::Requeue {
+            name: "tiny-cpu-warmup".into(),
+            reason: "Preempted".into(),
+            message: "Preempted to accommodate a workload".into()
+        }]
+    );
+    assert!(w.step().is_noop());
+    // Admitted again: the next attempt starts (from the last checkpoint), no failure counted.
+    w.admit("tiny-cpu-warmup", &["trainers"]);
+    let plan = w.step();
+    assert!(applied(&plan).contains(&(Kind::Job, "tiny-cpu-warmup-1".to_string())));
+    let st = w.status().stages.warmup.clone().unwrap();
+    assert_eq!((st.attempt, st.failures, st.evictions), (1, 0, 1));
+    assert_eq!(w.phase(), Phase::WarmUp);
+}
+
+#[test]
+fn a_failed_attempt_is_retried_under_the_same_admission_and_a_failed_run_finishes_it() {
+    let mut w = queued(TINY, Some("team"));
+    w.step();
+    w.admit("tiny-cpu-warmup", &["trainers"]);
+    w.step();
+    w.set_job("tiny-cpu-warmup-0", fail("BackoffLimitExceeded"));
+    let plan = w.step();
+    assert!(applied(&plan).contains(&(Kind::Job, "tiny-cpu-warmup-1".to_string())));
+    assert!(plan.workload_writes.is_empty());
+    for attempt in 1..=2 {
+        w.set_job(
+            &format!("tiny-cpu-warmup-{attempt}"),
+            fail("BackoffLimitExceeded"),
+        );
+        w.step();
+    }
+    assert_eq!(w.phase(), Phase::Failed);
+    assert_eq!(
+        w.obs.workload("tiny-cpu-warmup").unwrap().state,
+        State::Finished
+    );
+}
+
+#[test]
+fn suspending_a_queued_run_deletes_its_workload_and_resuming_queues_again() {
+    let mut w = queued(TINY, Some("team"));
+    w.step();
+    w.admit("tiny-cpu-warmup", &["trainers"]);
+    w.step();
+    w.bump_spec(|r| r.spec.suspend = true);
+    let plan = w.step();
+    assert!(plan
+        .delete
+        .contains(&(Kind::Workload, "tiny-cpu-warmup".to_string())));
+    assert_eq!(w.phase(), Phase::Suspended);
+    w.bump_spec(|r| r.spec.suspend = false);
+    let plan = w.step();
+    assert!(applied(&plan).contains(&(Kind::Workload, "tiny-cpu-warmup".to_string())));
+    assert_eq!(w.phase(), Phase::Queued);
+}
+
+#[test]
+fn a_namespace_with_a_default_local_queue_queues_a_run_that_names_none() {
+    let mut w = queued(TINY, None);
+    w.obs.fleet.default_queue = true;
+    let plan = w.step();
+    let Child::Workload(wl) = plan
+        .apply
+        .iter()
+        .find(|c| c.kind() == Kind::Workload)
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(wl.spec.queue_name, "default");
+    // Without one (or without Kueue), a run that names no queue runs as before.
+    let mut w = queued(TINY, None);
+    let plan = w.step();
+    assert!(applied(&plan).contains(&(Kind::Job, "tiny-cpu-warmup-0".to_string())));
+    assert!(!applied(&plan).iter().any(|(k, _)| *k == Kind::Workload));
+}
+
+#[test]
+fn a_queued_run_without_kueue_or_with_an_unknown_priority_waits_and_says_why() {
+    let mut w = queued(TINY, Some("team"));
+    w.obs.fleet = Fleet::default();
+    let plan = w.step();
+    assert!(!applied(&plan)
+        .iter()
+        .any(|(k, _)| *k == Kind::Job || *k == Kind::Workload));
+    assert_eq!(w.phase(), Phase::Queued);
+    assert!(
+        w.condition(cond::WARMUP_COMPLETE).2.contains("not served"),
+        "{:?}",
+        w.condition(cond::WARMUP_COMPLETE)
+    );
+
+    let mut w = queued(TINY, Some("team"));
+    w.run
+        .metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("kueue.x-k8s.io/priority-class".into(), "urgent".into());
+    w.step();
+    assert!(w
+        .condition(cond::WARMUP_COMPLETE)
+        .2
+        .contains("WorkloadPriorityClass urgent"));
+    // A known one is copied with its value, as Kueue requires.
+    let mut w = queued(TINY, Some("team"));
+    w.run
+        .metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("kueue.x-k8s.io/priority-class".into(), "high".into());
+    let plan = w.step();
+    let Child::Workload(wl) = plan
+        .apply
+        .iter()
+        .find(|c| c.kind() == Kind::Workload)
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(wl.spec.priority, Some(1000));
+    assert_eq!(wl.spec.priority_class_ref.as_ref().unwrap().name, "high");
+}
+
+#[test]
+fn each_student_is_admitted_on_its_own_and_finishes_its_own_workload() {
+    let mut w = queued(TINY, Some("team"));
+    let mut second = w.run.spec.distillation.students[0].clone();
+    second.name = "second".into();
+    w.run.spec.distillation.students.push(second);
+    w.step();
+    w.admit("tiny-cpu-warmup", &["trainers"]);
+    w.step();
+    w.set_job("tiny-cpu-warmup-0", JobState::Complete);
+    w.step();
+    w.admit("tiny-cpu-rl", &["param-servers", "learners"]);
+    w.step();
+    w.set_job("tiny-cpu-learner-0", JobState::Complete);
+    let plan = w.step();
+    let students = w
+        .run
+        .spec
+        .distillation
+        .students
+        .iter()
+        .map(|s| s.name.clone())
+        .collect::<Vec<_>>();
+    for s in &students {
+        assert!(applied(&plan).contains(&(Kind::Workload, format!("tiny-cpu-distillation-{s}"))));
+    }
+    // One admitted: only its Job starts; the stage runs, the other still waits.
+    w.admit(
+        &format!("tiny-cpu-distillation-{}", students[0]),
+        &["trainers"],
+    );
+    let plan = w.step();
+    let jobs: Vec<String> = applied(&plan)
+        .into_iter()
+        .filter(|(k, _)| *k == Kind::Job)
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(jobs, vec![format!("tiny-cpu-distill-{}-0", students[0])]);
+    assert_eq!(w.phase(), Phase::Distillation);
+    // It completes: its Workload is finished, the other's is untouched.
+    w.set_job(
+        &format!("tiny-cpu-distill-{}-0", students[0]),
+        JobState::Complete,
+    );
+    let plan = w.step();
+    assert_eq!(plan.workload_writes.len(), 1);
+    assert_eq!(
+        plan.workload_writes[0].name(),
+        format!("tiny-cpu-distillation-{}", students[0])
+    );
 }

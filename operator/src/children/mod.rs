@@ -6,7 +6,8 @@
 //! - [`names`]: every child's name, sized so that what the API server derives from it stays
 //!   a DNS label;
 //! - `pod`: the pod template all stage pods share (environment, container, volumes, security);
-//! - `workloads`: the Jobs, the parameter-server StatefulSet and its headless Service.
+//! - `workloads`: the Jobs, the parameter-server StatefulSet and its headless Service;
+//! - `admission`: a stage's admission units and their Kueue Workloads.
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
@@ -21,10 +22,14 @@ use rlt_api::spec::{AccessMode, RetainPolicy, RltRun};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
+use crate::kueue::{self, Workload};
+
+mod admission;
 pub mod names;
 mod pod;
 mod workloads;
 
+pub use admission::{place, pod_set_of, queue_units, queue_workload, Unit};
 pub use pod::{DEFAULT_SHM_SIZE, SCRATCH_DIR};
 pub use workloads::{
     distill_job, learner_job, needs_ranks_service, param_server_service, param_server_set,
@@ -54,6 +59,8 @@ pub enum Kind {
     Job,
     StatefulSet,
     Service,
+    /// Kueue's, when the run is queued ([`crate::kueue`]).
+    Workload,
 }
 
 /// A child to server-side apply.
@@ -64,6 +71,7 @@ pub enum Child {
     Job(Job),
     StatefulSet(StatefulSet),
     Service(Service),
+    Workload(Workload),
 }
 
 impl Child {
@@ -74,6 +82,7 @@ impl Child {
             Child::Job(_) => Kind::Job,
             Child::StatefulSet(_) => Kind::StatefulSet,
             Child::Service(_) => Kind::Service,
+            Child::Workload(_) => Kind::Workload,
         }
     }
     pub fn meta(&self) -> &ObjectMeta {
@@ -83,10 +92,23 @@ impl Child {
             Child::Job(o) => &o.metadata,
             Child::StatefulSet(o) => &o.metadata,
             Child::Service(o) => &o.metadata,
+            Child::Workload(o) => &o.metadata,
         }
     }
     pub fn name(&self) -> &str {
         self.meta().name.as_deref().unwrap_or_default()
+    }
+    /// The object as the API server takes it (apiVersion and kind included).
+    pub fn to_json(&self) -> serde_json::Value {
+        let value = match self {
+            Child::ConfigMap(o) => serde_json::to_value(o),
+            Child::Pvc(o) => serde_json::to_value(o),
+            Child::Job(o) => serde_json::to_value(o),
+            Child::StatefulSet(o) => serde_json::to_value(o),
+            Child::Service(o) => serde_json::to_value(o),
+            Child::Workload(o) => serde_json::to_value(o),
+        };
+        value.expect("children serialize")
     }
     pub fn hash(&self) -> Option<&str> {
         self.meta()
@@ -138,6 +160,7 @@ impl<'a> Ctx<'a> {
             .labels()
             .iter()
             .filter(|(k, _)| !rlt_api::pod_template::is_reserved_key(k))
+            .filter(|(k, _)| !k.starts_with(kueue::LABEL_PREFIX))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         l.extend([

@@ -69,6 +69,14 @@ pub fn rank_addresses(run: &str, namespace: &str, job: &str, pods: u32, port: u1
         .collect::<Vec<_>>()
         .join(",")
 }
+/// The Kueue Workload of one admission unit of a stage (RL's parameter servers and learners,
+/// a warm-up's ranks, one distillation student): it spans the unit's attempts.
+pub fn queue_workload(run: &str, stage: Stage, student: Option<&str>) -> String {
+    match student {
+        Some(s) => format!("{run}-{}-{s}", stage.label()),
+        None => format!("{run}-{}", stage.label()),
+    }
+}
 pub fn learner_job(run: &str, attempt: u32) -> String {
     format!("{run}-learner-{attempt}")
 }
