@@ -1659,15 +1659,16 @@ async fn s14_kueue_admits_whole_stages_and_queues_the_rest_without_creating_pods
     );
     // B fits alone, not beside A: Queued, and nothing of it exists but its Workload.
     apply_run(&api, &one_gpu_rl(b, 4, true)?).await?;
-    let queued = wait_phase(&client, b, "Queued", secs(60)).await?;
-    let why = condition(&queued, "RLComplete")
-        .cloned()
-        .unwrap_or_default();
+    wait_phase(&client, b, "Queued", secs(60)).await?;
+    // Why, in Kueue's words, once it has looked at the Workload.
+    let why = wait_for("Kueue's reason in the condition", secs(60), async || {
+        let run = api.get(b).await?;
+        let c = condition(&run, "RLComplete").cloned().unwrap_or_default();
+        let quota = c["message"].as_str().unwrap_or("").contains("quota");
+        Ok((phase(&run) == "Queued" && c["reason"] == "Queued" && quota).then_some(c))
+    })
+    .await?;
     eprintln!("{b}: {}", why["message"]);
-    ensure!(
-        why["reason"] == "Queued" && why["message"].as_str().unwrap_or("").contains("quota"),
-        "{why}"
-    );
     ensure!(
         jobs_of(&client, b).await?.is_empty(),
         "a queued run has Jobs"
