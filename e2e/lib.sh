@@ -17,6 +17,7 @@
 . "$ROOT/e2e/node/versions.env"
 CLUSTER="$ROOT/e2e/controlplane/cluster.sh"
 NODE="$ROOT/e2e/node/node.sh"
+# shellcheck disable=SC2034 # used by e2e/local.sh
 KUEUE="$ROOT/e2e/kueue/kueue.sh"
 # shellcheck disable=SC2034 # used by the scripts that source this one
 REL="$ROOT/target/release"

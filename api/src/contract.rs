@@ -256,6 +256,11 @@ pub const STATUS_PATH: &str = "/status";
 /// The trainer's exit code for a configuration it cannot run (a missing dataset or model, an
 /// invalid run): the operator does not retry it. Any other non-zero code is a crash (retried).
 pub const EXIT_BAD_CONFIG: i32 = 2;
+/// The trainer's exit code when a peer it trains with went away (a rank of its data-parallel
+/// group, a parameter server): the attempt failed because another pod was lost, not by a
+/// fault of its own. With a disrupted pod in the same attempt (evicted, preempted, its node
+/// lost), the operator retries it without counting a failure.
+pub const EXIT_PEER_LOST: i32 = 3;
 
 pub const DEFAULT_RPC_PORT: u16 = 50051;
 pub const DEFAULT_METRICS_PORT: u16 = 9090;

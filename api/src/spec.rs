@@ -647,6 +647,12 @@ pub struct WarmupStage {
     /// `false` skips warm-up: RL starts from `spec.teacher` as given.
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
+    /// Seconds an attempt of this stage may run (its Jobs' `activeDeadlineSeconds`): past it
+    /// the attempt fails (`DeadlineExceeded`) and is retried under `failurePolicy`. A hang
+    /// never holds GPUs longer. None: no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<u32>,
     /// Data-parallel pods (an Indexed Job); each runs one rank per GPU it requests. The ranks
     /// split every global batch and take one optimizer step together.
     #[serde(default = "defaults::one")]
@@ -704,6 +710,18 @@ pub struct RlStage {
     #[serde(default = "defaults::one")]
     #[schemars(range(min = 1, max = 1024))]
     pub learners: u32,
+    /// Seconds an attempt of this stage may run (its Jobs' `activeDeadlineSeconds`): past it
+    /// the attempt fails (`DeadlineExceeded`) and is retried under `failurePolicy`. A hang
+    /// never holds GPUs longer. None: no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<u32>,
+    /// Seconds RL may go without a new step (read from parameter server 0's figures) once the
+    /// attempt's pods run: past it the attempt fails with reason `Stalled` and is retried under
+    /// `failurePolicy` (from its last checkpoint). None: no progress deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub progress_deadline_seconds: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub param_server_resources: Option<ResourceRequirements>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -831,6 +849,12 @@ pub struct DistillationStage {
     /// `false` stops the run after RL.
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
+    /// Seconds an attempt of this stage may run (its Jobs' `activeDeadlineSeconds`): past it
+    /// the attempt fails (`DeadlineExceeded`) and is retried under `failurePolicy`. A hang
+    /// never holds GPUs longer. None: no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<u32>,
     /// The students distilled from the RL teacher's explanations, one Job each.
     #[serde(default)]
     #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
@@ -921,6 +945,13 @@ pub struct FailurePolicy {
     #[serde(default = "defaults::retries")]
     #[schemars(range(min = 0, max = 100))]
     pub retries: u32,
+    /// Seconds a stage attempt may wait for all its pods to be running: past it the attempt is
+    /// torn down (the GPUs its running pods hold are freed) and retried after as long again,
+    /// not counted as a failure. Keeps a stage from holding part of its GPUs while the rest
+    /// cannot be scheduled. None: wait as long as it takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub scheduling_timeout_seconds: Option<u32>,
 }
 
 macro_rules! default_via {
@@ -1122,6 +1153,7 @@ pub mod defaults {
     pub fn warmup() -> WarmupStage {
         WarmupStage {
             enabled: true,
+            active_deadline_seconds: None,
             replicas: 1,
             resources: None,
             epochs: warmup_epochs(),
@@ -1140,6 +1172,8 @@ pub mod defaults {
         RlStage {
             param_servers: 1,
             learners: 1,
+            active_deadline_seconds: None,
+            progress_deadline_seconds: None,
             param_server_resources: None,
             learner_resources: None,
             student: None,
@@ -1180,6 +1214,7 @@ pub mod defaults {
     pub fn distillation() -> DistillationStage {
         DistillationStage {
             enabled: true,
+            active_deadline_seconds: None,
             students: Vec::new(),
             epochs: distill_epochs(),
             learning_rate: distill_lr(),
@@ -1202,7 +1237,10 @@ pub mod defaults {
         }
     }
     pub fn failure_policy() -> FailurePolicy {
-        FailurePolicy { retries: retries() }
+        FailurePolicy {
+            retries: retries(),
+            scheduling_timeout_seconds: None,
+        }
     }
 }
 

@@ -167,6 +167,20 @@ pub struct StageStatus {
     #[serde(default, skip_serializing_if = "is_zero")]
     #[schemars(range(max = u32::MAX))]
     pub evictions: u32,
+    /// Attempts ended by a disruption, not counted as failures: a pod of the attempt was
+    /// evicted, preempted or lost with its node (`DisruptionTarget`) and the others failed only
+    /// because that peer was lost (the trainer's peer-lost exit code).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(max = u32::MAX))]
+    pub disruptions: u32,
+    /// Attempts torn down because their pods were not all running within
+    /// `failurePolicy.schedulingTimeoutSeconds` (not failures).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(max = u32::MAX))]
+    pub scheduling_timeouts: u32,
+    /// After a scheduling timeout: the next attempt's pods are not created before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_time: Option<Time>,
     /// When the last eviction counted in `evictions` happened (the Workload's `Evicted`
     /// condition's transition time): an eviction is counted once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -209,6 +223,9 @@ pub struct TrainingStatus {
     /// The mean KL term that keeps the explanation natural to the student.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kl_term: Option<f64>,
+    /// When `step` last moved (what `spec.rl.progressDeadlineSeconds` is measured from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_step_time: Option<Time>,
 }
 
 impl From<&crate::contract::TrainingFigures> for TrainingStatus {
@@ -219,6 +236,7 @@ impl From<&crate::contract::TrainingFigures> for TrainingStatus {
             mean_reward: f.mean_reward,
             solution_term: f.solution_term,
             kl_term: f.kl_term,
+            last_step_time: None,
         }
     }
 }

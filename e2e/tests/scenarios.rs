@@ -1825,9 +1825,189 @@ async fn s15_a_preempted_run_resumes_from_its_checkpoint_without_counting_a_fail
         stage_counter(&resumed, "failures")
     );
     ensure!(first >= 4, "resumed from scratch (step {first})");
+    // Its parameter server says so: it loaded the checkpoint the preempted attempt wrote.
+    let logs = tool(
+        "kubectl",
+        &["logs", "-n", &namespace(), &format!("{low}-ps-1-0")],
+    )?;
+    let resumed_line = logs
+        .lines()
+        .find(|l| l.contains("resumed shard from checkpoint"))
+        .with_context(|| format!("attempt 1's parameter server did not resume:\n{logs}"))?;
+    eprintln!("{low}: {resumed_line}");
     ensure!(stage_counter(&resumed, "failures") == 0);
     for n in [low, high] {
         delete_run(&client, n).await?;
     }
     Ok(())
+}
+
+/// Sets the GPUs the node advertises (an extended resource, as in s13); None removes them.
+async fn node_gpus(client: &Client, n: Option<&str>) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = nodes.list(&ListParams::default()).await?.items[0].name_any();
+    let gpus = json!({"status": {"capacity": {"nvidia.com/gpu": n}, "allocatable": {"nvidia.com/gpu": n}}});
+    nodes
+        .patch_status(&node, &PatchParams::default(), &Patch::Merge(&gpus))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e)"]
+async fn s16_a_scheduling_timeout_frees_the_gpus_a_partial_attempt_holds() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let name = "e2e-partial";
+    delete_run(&client, name).await?;
+    // One GPU on the node; a warm-up of two ranks asking for one each: one rank runs and
+    // holds the GPU, the other cannot be scheduled.
+    node_gpus(&client, Some("1")).await?;
+    let mut run = tiny_run(name)?;
+    run.data["spec"]["device"] = json!("cpu");
+    run.data["spec"]["warmup"]["replicas"] = json!(2);
+    run.data["spec"]["warmup"]["resources"] = json!({"limits": {"nvidia.com/gpu": "1"}});
+    run.data["spec"]["rl"]["enabled"] = json!(false);
+    run.data["spec"]["distillation"]["enabled"] = json!(false);
+    run.data["spec"]["failurePolicy"] = json!({"retries": 0, "schedulingTimeoutSeconds": 20});
+    let api = rltruns(&client);
+    apply_run(&api, &run).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace());
+    let selector = format!("rlt.dev/run={name},rlt.dev/attempt=0");
+    wait_for(
+        "one rank running, the other unschedulable",
+        secs(120),
+        async || {
+            let list = pods
+                .list(&ListParams::default().labels(&selector))
+                .await?
+                .items;
+            let running = list
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count();
+            Ok((list.len() == 2 && running == 1).then_some(()))
+        },
+    )
+    .await?;
+    // Past the timeout the attempt is torn down, not failed.
+    let timed_out = wait_for("the scheduling timeout", secs(90), async || {
+        let run = api.get(name).await?;
+        let n = run.data["status"]["stages"]["warmup"]["schedulingTimeouts"].as_u64();
+        Ok((n >= Some(1)).then_some(run))
+    })
+    .await?;
+    let cond = condition(&timed_out, "WarmupComplete")
+        .cloned()
+        .unwrap_or_default();
+    eprintln!("{name}: {}", cond["message"]);
+    ensure!(cond["reason"] == "SchedulingTimeout", "{cond}");
+    ensure!(
+        phase(&timed_out) != "Failed",
+        "a scheduling timeout failed the run"
+    );
+    ensure!(
+        timed_out.data["status"]["stages"]["warmup"]["failures"]
+            .as_u64()
+            .unwrap_or(0)
+            == 0
+    );
+    wait_for("the partial attempt's pods gone", secs(60), async || {
+        let list = pods
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items;
+        Ok(list.is_empty().then_some(()))
+    })
+    .await?;
+    // The GPU it held is free for others meanwhile: a pod asking for it runs.
+    let probe = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "e2e-gpu-probe", "namespace": namespace()},
+        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "probe", "image": shell_image(), "command": ["sleep", "1"],
+                "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}});
+    let probe: Pod = serde_json::from_value(probe)?;
+    let _ = pods
+        .delete("e2e-gpu-probe", &DeleteParams::default().grace_period(0))
+        .await;
+    wait_for("the old probe gone", secs(30), async || {
+        Ok(pods.get_opt("e2e-gpu-probe").await?.is_none().then_some(()))
+    })
+    .await?;
+    pods.create(&Default::default(), &probe).await?;
+    wait_for(
+        "the probe scheduled on the freed GPU",
+        secs(60),
+        async || {
+            let p = pods.get("e2e-gpu-probe").await?;
+            let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+            Ok(bound.then_some(()))
+        },
+    )
+    .await?;
+    pods.delete("e2e-gpu-probe", &DeleteParams::default().grace_period(0))
+        .await?;
+    delete_run(&client, name).await?;
+    node_gpus(&client, None).await
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e)"]
+async fn s17_a_stalled_rl_step_fails_the_attempt_and_the_next_one_resumes() -> Result<()> {
+    let client = client().await?;
+    install_operator(&[])?;
+    let name = "e2e-stalled";
+    delete_run(&client, name).await?;
+    let mut run = tiny_run(name)?;
+    run.data["spec"]["warmup"]["enabled"] = json!(false);
+    run.data["spec"]["distillation"]["enabled"] = json!(false);
+    run.data["spec"]["rl"]["steps"] = json!(200);
+    run.data["spec"]["rl"]["progressDeadlineSeconds"] = json!(40);
+    let api = rltruns(&client);
+    apply_run(&api, &run).await?;
+    wait_for("RL past its first checkpoint", secs(300), async || {
+        let run = api.get(name).await?;
+        let step = run.data["status"]["training"]["step"].as_u64().unwrap_or(0);
+        Ok((phase(&run) == "RL" && step >= 5).then_some(()))
+    })
+    .await?;
+    // A hung learner: its process stopped (SIGSTOP), the pod still Running.
+    let learners = pods_of(&client, &format!("rlt.dev/run={name},rlt.dev/role=learner")).await?;
+    let uid = learners
+        .first()
+        .and_then(|p| p.metadata.uid.clone())
+        .context("no learner pod")?;
+    let Some(pid) = node_process(&uid, "rlt-trainer") else {
+        eprintln!("{name}: the node's processes are not visible here; nothing to stop");
+        return delete_run(&client, name).await;
+    };
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()?;
+    ensure!(stopped.success(), "kill -STOP {pid} failed");
+    let stalled = wait_for("the stall noticed", secs(120), async || {
+        let run = api.get(name).await?;
+        let c = condition(&run, "RLComplete").cloned().unwrap_or_default();
+        Ok((c["reason"] == "Stalled").then_some((run, c)))
+    })
+    .await?;
+    eprintln!("{name}: {}", stalled.1["message"]);
+    ensure!(stalled.1["message"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("Stalled: no RL step for"));
+    ensure!(stage_counter(&stalled.0, "failures") == 1);
+    // The next attempt gets fresh pods and moves on from the last checkpoint.
+    let step_stalled = stalled.0.data["status"]["training"]["step"]
+        .as_u64()
+        .unwrap_or(0);
+    let resumed = wait_for("the next attempt's steps", secs(240), async || {
+        let run = api.get(name).await?;
+        let step = run.data["status"]["training"]["step"].as_u64().unwrap_or(0);
+        Ok((phase(&run) == "RL" && attempt(&run) == 1 && step > step_stalled).then_some(step))
+    })
+    .await?;
+    eprintln!("{name}: stalled at step {step_stalled}, attempt 1 reached step {resumed}");
+    delete_run(&client, name).await
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 /// Set by the Job controller on every pod of a Job.
 pub const LABEL_JOB_NAME: &str = "batch.kubernetes.io/job-name";
 
-pub use rlt_api::contract::EXIT_BAD_CONFIG;
+pub use rlt_api::contract::{EXIT_BAD_CONFIG, EXIT_PEER_LOST};
 
 /// How long a Job may have no pods before its Events are read.
 pub const PODLESS_GRACE: Duration = Duration::from_secs(10);
@@ -36,6 +36,11 @@ pub struct Activity {
     pub bad_config: Vec<PodRef>,
     /// Jobs without pods, with the message of their latest `FailedCreate` Event.
     pub failed_create: Vec<(String, String)>,
+    /// Stage pods the cluster took away (evicted, preempted, their node lost): condition
+    /// `DisruptionTarget` True.
+    pub disrupted: Vec<PodRef>,
+    /// Stage pods whose trainer exited non-zero, with the exit code.
+    pub exits: Vec<(PodRef, i32)>,
 }
 
 impl Activity {
@@ -51,7 +56,25 @@ impl Activity {
                 .map(pod_ref)
                 .collect(),
             failed_create: Vec::new(),
+            disrupted: pods().filter(|p| is_disrupted(p)).map(pod_ref).collect(),
+            exits: pods()
+                .filter_map(|p| Some((pod_ref(p), trainer_exit(p)?)))
+                .collect(),
         }
+    }
+
+    /// A pod of the attempt the cluster took away, when that is all that went wrong: every
+    /// other pod of the attempt whose trainer failed exited because it lost a peer
+    /// ([`EXIT_PEER_LOST`]). Such an attempt is retried without counting a failure.
+    pub fn disruption(&self, stage: Stage, attempt: u32) -> Option<&PodRef> {
+        let of = |p: &PodRef| p.stage == Some(stage) && p.attempt == Some(attempt);
+        let disrupted = |p: &PodRef| self.disrupted.iter().any(|d| d.name == p.name);
+        let first = self.disrupted.iter().find(|p| of(p))?;
+        let own_fault = self
+            .exits
+            .iter()
+            .any(|(p, code)| of(p) && *code != EXIT_PEER_LOST && !disrupted(p));
+        (!own_fault).then_some(first)
     }
 
     /// A live pod of an earlier attempt of `stage`, if any.
@@ -107,6 +130,32 @@ fn is_terminal(pod: &Pod) -> bool {
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded") | Some("Failed")
     )
+}
+
+fn is_disrupted(pod: &Pod) -> bool {
+    pod.status
+        .iter()
+        .flat_map(|s| s.conditions.iter().flatten())
+        .any(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+}
+
+/// The trainer's non-zero exit code (its current state, else its last).
+fn trainer_exit(pod: &Pod) -> Option<i32> {
+    let c = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == CONTAINER)?;
+    [
+        c.state.as_ref().and_then(|s| s.terminated.as_ref()),
+        c.last_state.as_ref().and_then(|s| s.terminated.as_ref()),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|t| t.exit_code)
+    .find(|code| *code != 0)
 }
 
 fn exited_with(pod: &Pod, code: i32) -> bool {
@@ -181,6 +230,43 @@ mod tests {
             json!({"metadata": {"name": "p", "labels": labels}, "status": status}),
         )
         .unwrap()
+    }
+
+    fn named(name: &str, labels: serde_json::Value, status: serde_json::Value) -> Pod {
+        let mut p = pod(labels, status);
+        p.metadata.name = Some(name.into());
+        p
+    }
+
+    fn exited(code: i32) -> serde_json::Value {
+        json!({"phase": "Failed", "containerStatuses": [{"name": "trainer", "image": "i",
+            "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": code}}}]})
+    }
+
+    #[test]
+    fn a_disrupted_peer_excuses_the_attempt_only_when_the_others_merely_lost_it() {
+        let rl = json!({"rlt.dev/stage": "rl", "rlt.dev/attempt": "1"});
+        let preempted = named(
+            "ps-0",
+            rl.clone(),
+            json!({"phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "True",
+                "reason": "PreemptionByScheduler"}]}),
+        );
+        let lost_it = named("learner-0", rl.clone(), exited(EXIT_PEER_LOST));
+        let a = Activity::from_pods(&[preempted.clone(), lost_it.clone()]);
+        assert_eq!(
+            a.disruption(Stage::Rl, 1).map(|p| p.name.as_str()),
+            Some("ps-0")
+        );
+        assert!(a.disruption(Stage::Rl, 0).is_none(), "another attempt's");
+        // A learner that crashed on its own is a failure, whatever else happened.
+        let crashed = named("learner-1", rl.clone(), exited(1));
+        let a = Activity::from_pods(&[preempted, lost_it.clone(), crashed]);
+        assert!(a.disruption(Stage::Rl, 1).is_none());
+        // A peer lost with no disrupted pod: nothing the cluster did, counted.
+        let a = Activity::from_pods(&[lost_it]);
+        assert!(a.disruption(Stage::Rl, 1).is_none());
     }
 
     #[test]

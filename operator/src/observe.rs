@@ -45,6 +45,8 @@ pub struct ObservedJob {
     pub name: String,
     pub state: JobState,
     pub deleting: bool,
+    /// `metadata.creationTimestamp`: when the attempt's pods were asked for.
+    pub created: Option<Time>,
 }
 
 /// Something wrong with a pod, lifted into the run's condition and an Event.
@@ -152,6 +154,7 @@ pub fn job(job: &Job) -> ObservedJob {
         name: job.metadata.name.clone().unwrap_or_default(),
         state,
         deleting: job.metadata.deletion_timestamp.is_some(),
+        created: job.metadata.creation_timestamp.clone(),
     }
 }
 

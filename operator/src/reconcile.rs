@@ -43,10 +43,13 @@ fn placed(child: Child, placements: Option<&Placements>) -> Child {
 use crate::observe::{self, JobState, Observed};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
+use rlt_api::contract::TrainingFigures;
 use rlt_api::layout::RunDir;
 use rlt_api::spec::RltRun;
 use rlt_api::stage::{self, Detail};
-use rlt_api::status::{condition as cond, Phase, RltRunStatus, StageStatus, StagesStatus};
+use rlt_api::status::{
+    condition as cond, Phase, RltRunStatus, StageStatus, StagesStatus, TrainingStatus,
+};
 use rlt_api::{contract, validate};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +80,10 @@ pub const CHILD_REJECTED: &str = "ChildRejected";
 pub const CHILD_CONFLICT: &str = "ChildConflict";
 /// The stage condition's reason while the stage waits for admission by Kueue.
 pub const QUEUED: &str = "Queued";
+/// Reasons of an attempt ended without counting a failure, and of a stalled one.
+pub const DISRUPTED: &str = "Disrupted";
+pub const SCHEDULING_TIMEOUT: &str = "SchedulingTimeout";
+pub const STALLED: &str = "Stalled";
 
 /// What the controller must do. Empty when nothing changed.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -512,6 +519,10 @@ enum Outcome {
         message: String,
         /// The trainer exited with its bad-configuration code: retrying cannot help.
         bad_config: bool,
+        /// A pod the cluster took away, when that is why it failed ([`Activity::disruption`]).
+        disruption: Option<String>,
+        /// RL made no step within its progress deadline (the attempt's Jobs still run).
+        stalled: bool,
     },
 }
 
@@ -778,17 +789,29 @@ impl Reconciler<'_> {
             Outcome::Failed {
                 message,
                 bad_config,
+                disruption,
+                stalled,
             } => {
                 self.account_gpu_hours(stage, attempt, true);
-                match self.fail(stage, attempt, message, bad_config) {
+                let retry = match disruption {
+                    Some(pod) => Some(self.disrupted(stage, attempt, &pod, message)),
+                    None => self.fail(stage, attempt, message, bad_config, stalled),
+                };
+                match retry {
                     Some(retry) => retry,
                     None => return Next::Stop,
                 }
             }
             Outcome::Running { problem } => {
-                self.account_gpu_hours(stage, attempt, false);
-                self.report_running(stage, attempt, problem);
-                attempt
+                match self.scheduling_timed_out(stage, attempt, &done) {
+                    Some(message) => self.scheduling_timeout(stage, attempt, message),
+                    None => {
+                        self.account_gpu_hours(stage, attempt, false);
+                        self.report_running(stage, attempt, problem);
+                        self.check_again_at_deadlines(stage, attempt);
+                        attempt
+                    }
+                }
             }
         };
         self.ensure_workload(stage, attempt, &done);
@@ -1061,6 +1084,8 @@ impl Reconciler<'_> {
                     return Outcome::Failed {
                         message: format!("job {job} failed: {detail}"),
                         bad_config: activity.bad_config(stage, attempt, student.as_deref()),
+                        disruption: activity.disruption(stage, attempt).map(|p| p.name.clone()),
+                        stalled: false,
                     };
                 }
                 _ => all_complete = false,
@@ -1068,6 +1093,20 @@ impl Reconciler<'_> {
         }
         if all_complete {
             return Outcome::Complete;
+        }
+        if let Some((idle, limit)) = self
+            .progress_idle(stage, attempt)
+            .filter(|(i, l)| *i > i64::from(*l))
+        {
+            let step = self.status.training.as_ref().map_or(0, |t| t.step);
+            return Outcome::Failed {
+                message: format!(
+                    "Stalled: no RL step for {idle} s (progressDeadlineSeconds {limit}; last step {step})"
+                ),
+                bad_config: false,
+                disruption: None,
+                stalled: true,
+            };
         }
         let problem = obs
             .problem(stage, attempt, None)
@@ -1117,6 +1156,7 @@ impl Reconciler<'_> {
         attempt: u32,
         message: String,
         bad_config: bool,
+        stalled: bool,
     ) -> Option<u32> {
         let retries = self.p.run.spec.failure_policy.retries;
         let st = self.stage(stage);
@@ -1151,15 +1191,156 @@ impl Reconciler<'_> {
         let message = clip(format!(
             "{message}; retrying as attempt {attempt} ({failures} of {retries} retries used)"
         ));
+        let reason = if stalled { STALLED } else { "Retrying" };
         self.conds()
-            .set(stage.complete_condition(), false, "Retrying", &message);
+            .set(stage.complete_condition(), false, reason, &message);
         self.p.event(
             EventType::Warning,
-            "Retrying",
+            reason,
             &stage_action(stage, attempt),
             message,
         );
         Some(attempt)
+    }
+
+    /// An attempt the cluster ended ([`Activity::disruption`]): retried as the next attempt
+    /// (from the last checkpoint), counted in `disruptions`, never in `failures`.
+    fn disrupted(&mut self, stage: Stage, attempt: u32, pod: &str, message: String) -> u32 {
+        let st = self.stage(stage);
+        st.disruptions += 1;
+        st.attempt += 1;
+        let next = st.attempt;
+        let message = clip(format!(
+            "{message}; attempt {attempt}'s pod {pod} was disrupted (evicted, preempted or its \
+             node lost) and the others only lost it: retrying as attempt {next}, not counted \
+             as a failure"
+        ));
+        self.conds()
+            .set(stage.complete_condition(), false, DISRUPTED, &message);
+        self.p.event(
+            EventType::Warning,
+            DISRUPTED,
+            &stage_action(stage, next),
+            message,
+        );
+        next
+    }
+
+    /// `failurePolicy.schedulingTimeoutSeconds`: a message when the attempt's pods have not all
+    /// been running within it since its Jobs were created.
+    fn scheduling_timed_out(
+        &mut self,
+        stage: Stage,
+        attempt: u32,
+        done: &[String],
+    ) -> Option<String> {
+        let limit = self.p.run.spec.failure_policy.scheduling_timeout_seconds?;
+        let created = self
+            .p
+            .obs
+            .jobs
+            .iter()
+            .filter(|j| names::stage_of_job(&j.name, &self.p.ctx.name) == Some(stage))
+            .filter(|j| job_attempt(&j.name) == Some(attempt) && j.state == JobState::Running)
+            .filter_map(|j| j.created.as_ref())
+            .map(|t| t.0)
+            .min()?;
+        let expected = expected_pods(self.p.run, stage, done);
+        let running = self
+            .p
+            .obs
+            .pods
+            .iter()
+            .filter(|p| p.stage == Some(stage) && p.attempt == Some(attempt) && !p.deleting)
+            .filter(|p| p.started.is_some())
+            .count();
+        if running >= expected {
+            return None;
+        }
+        let waited = self.now.0.duration_since(created).as_secs();
+        if waited <= i64::from(limit) {
+            self.requeue_within(i64::from(limit) - waited + 1);
+            return None;
+        }
+        Some(format!(
+            "{running} of {expected} pods running {waited} s after the attempt started \
+             (schedulingTimeoutSeconds {limit})"
+        ))
+    }
+
+    /// Tears down an attempt that could not get all its pods running: the GPUs its running
+    /// pods hold are freed, and the next attempt starts after as long again (not a failure).
+    fn scheduling_timeout(&mut self, stage: Stage, attempt: u32, message: String) -> u32 {
+        self.account_gpu_hours(stage, attempt, true);
+        let limit = self
+            .p
+            .run
+            .spec
+            .failure_policy
+            .scheduling_timeout_seconds
+            .unwrap_or(0);
+        let later = self.now.0 + std::time::Duration::from_secs(u64::from(limit));
+        let st = self.stage(stage);
+        st.scheduling_timeouts += 1;
+        st.attempt += 1;
+        st.next_attempt_time = Some(Time(later));
+        let next = st.attempt;
+        let message = clip(format!(
+            "{message}: its pods are stopped and attempt {next} starts in {limit} s (not a failure)"
+        ));
+        self.conds().set(
+            stage.complete_condition(),
+            false,
+            SCHEDULING_TIMEOUT,
+            &message,
+        );
+        self.p.event(
+            EventType::Warning,
+            SCHEDULING_TIMEOUT,
+            &stage_action(stage, attempt),
+            message,
+        );
+        next
+    }
+
+    /// RL's progress deadline: (seconds without a new step, the limit), once the attempt's
+    /// pods run. Measured from the later of the last step and the attempt's last pod start.
+    fn progress_idle(&self, stage: Stage, attempt: u32) -> Option<(i64, u32)> {
+        if stage != Stage::Rl {
+            return None;
+        }
+        let limit = self.p.run.spec.rl.progress_deadline_seconds?;
+        let started = self
+            .p
+            .obs
+            .pods
+            .iter()
+            .filter(|p| p.stage == Some(stage) && p.attempt == Some(attempt))
+            .filter_map(|p| p.started.as_ref())
+            .map(|t| t.0)
+            .max()?;
+        let moved = self
+            .status
+            .training
+            .as_ref()
+            .and_then(|t| t.last_step_time.as_ref())
+            .map(|t| t.0);
+        let since = moved.map_or(started, |m| m.max(started));
+        Some((self.now.0.duration_since(since).as_secs(), limit))
+    }
+
+    /// Comes back when a running attempt's progress deadline falls due, even if nothing
+    /// changes meanwhile.
+    fn check_again_at_deadlines(&mut self, stage: Stage, attempt: u32) {
+        if let Some((idle, limit)) = self.progress_idle(stage, attempt) {
+            self.requeue_within(i64::from(limit) - idle + 1);
+        }
+    }
+
+    fn requeue_within(&mut self, secs: i64) {
+        let due = std::time::Duration::from_secs(secs.max(1) as u64);
+        let plan = &mut self.p.plan;
+        plan.requeue_after = Some(plan.requeue_after.map_or(due, |d| d.min(due)));
     }
 
     /// The stage condition says what the running attempt is doing (or what troubles its pods).
@@ -1195,6 +1376,12 @@ impl Reconciler<'_> {
     /// of a queued run, only the units Kueue admitted, placed as their admission says.
     fn ensure_workload(&mut self, stage: Stage, attempt: u32, done: &[String]) {
         self.p.clear_earlier_attempts(stage, attempt);
+        let not_before = self.stage(stage).next_attempt_time.clone();
+        if let Some(t) = not_before.filter(|t| t.0 > self.now.0) {
+            // After a scheduling timeout: the GPUs stay free a while for others.
+            self.requeue_within(t.0.duration_since(self.now.0).as_secs());
+            return;
+        }
         if self
             .activity
             .earlier_attempt_alive(stage, attempt)
@@ -1265,16 +1452,27 @@ impl Reconciler<'_> {
             .as_ref()
             .is_none_or(|t| t.step <= f.step)
         {
-            self.status.training = Some(f.into());
+            let f = f.clone();
+            self.set_training(&f);
         }
+    }
+
+    /// The latest figures, keeping when the step last moved.
+    fn set_training(&mut self, f: &TrainingFigures) {
+        let mut training = TrainingStatus::from(f);
+        training.last_step_time = match &self.status.training {
+            Some(old) if old.step == f.step => old.last_step_time.clone(),
+            _ => Some(self.now.clone()),
+        };
+        self.status.training = Some(training);
     }
 
     /// The running stage's progress: RL steps from the latest figures, students done.
     fn show_progress(&mut self, stage: Stage, done: &[String]) {
         let detail = match stage {
             Stage::Rl => {
-                if let Some(f) = &self.p.obs.figures {
-                    self.status.training = Some(f.into());
+                if let Some(f) = self.p.obs.figures.clone() {
+                    self.set_training(&f);
                 }
                 match &self.status.training {
                     Some(t) => Detail::Steps {
@@ -1383,4 +1581,23 @@ fn finish(mut p: Planner, old: RltRunStatus, mut status: RltRunStatus) -> Plan {
 /// The name of the run the plan is for (for logs).
 pub fn run_key(run: &RltRun) -> String {
     format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any())
+}
+
+/// The pods a stage attempt runs: a warm-up's ranks, RL's parameter servers and learners,
+/// every remaining student's ranks.
+fn expected_pods(run: &RltRun, stage: Stage, done: &[String]) -> usize {
+    let spec = &run.spec;
+    match stage {
+        Stage::Warmup => spec.warmup.replicas as usize,
+        Stage::Rl => (spec.rl.param_servers + spec.rl.learners) as usize,
+        Stage::Distillation => {
+            let left = spec
+                .distillation
+                .students
+                .iter()
+                .filter(|s| !done.contains(&s.name))
+                .count();
+            left * spec.distillation.replicas as usize
+        }
+    }
 }

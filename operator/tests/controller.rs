@@ -735,6 +735,14 @@ fn the_chart_grants_exactly_the_verbs_the_operator_uses() {
             r#"[""] ["pods"] ["list", "watch"]"#,
             r#"["events.k8s.io"] ["events"] ["create", "patch"]"#,
             r#"[""] ["events"] ["list", "watch"]"#,
+            // Kueue's: a queued run's Workloads and their status, LocalQueues named
+            // `default`, and (cluster-wide) flavors and priority classes.
+            r#"["kueue.x-k8s.io"] ["workloads"] ["get", "list", "watch", "create", "patch", "delete"]"#,
+            r#"["kueue.x-k8s.io"] ["workloads/status"] ["update"]"#,
+            r#"["kueue.x-k8s.io"] ["localqueues"] ["list", "watch"]"#,
+            r#"["kueue.x-k8s.io"] ["resourceflavors", "workloadpriorityclasses"] ["list", "watch"]"#,
+            // Granted to Kueue's manager, which walks a Job's owners up to the RltRun.
+            r#"["rlt.dev"] ["rltruns"] ["get", "list", "watch"]"#,
             r#"["coordination.k8s.io"] ["leases"] ["get", "create", "update"]"#,
         ]
     );

@@ -72,6 +72,7 @@ impl World {
                     name: child.name().into(),
                     state: JobState::Running,
                     deleting: false,
+                    created: Some(at(self.clock)),
                 });
             }
         }
@@ -1643,4 +1644,154 @@ fn each_student_is_admitted_on_its_own_and_finishes_its_own_workload() {
         plan.workload_writes[0].name(),
         format!("tiny-cpu-distillation-{}", students[0])
     );
+}
+
+// Deadlines, timeouts and disruptions: attempts ended without counting a failure, or failed.
+
+fn started_pod(stage: Stage, attempt: u32, name: &str, at_secs: i64) -> ObservedPod {
+    ObservedPod {
+        name: name.into(),
+        stage: Some(stage),
+        attempt: Some(attempt),
+        started: Some(at(at_secs)),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_disrupted_attempt_is_retried_without_counting_a_failure() {
+    let mut w = at_rl();
+    let ps = PodRef {
+        name: "tiny-cpu-ps-0-0".into(),
+        stage: Some(Stage::Rl),
+        attempt: Some(0),
+        student: None,
+    };
+    w.activity.disrupted = vec![ps.clone()];
+    let learner = PodRef {
+        name: "tiny-cpu-learner-0-0".into(),
+        ..ps.clone()
+    };
+    w.activity.exits = vec![(learner.clone(), rlt_api::contract::EXIT_PEER_LOST)];
+    w.set_job("tiny-cpu-learner-0", fail("BackoffLimitExceeded"));
+    let plan = w.step();
+    let st = w.status().stages.rl.clone().unwrap();
+    assert_eq!((st.attempt, st.failures, st.disruptions), (1, 0, 1));
+    assert_eq!(w.condition(cond::RL_COMPLETE).1, "Disrupted");
+    assert!(w.condition(cond::RL_COMPLETE).2.contains("tiny-cpu-ps-0-0"));
+    assert!(reasons(&plan).contains(&"Disrupted"));
+    // The same with a learner that crashed on its own: a failure.
+    let mut w = at_rl();
+    w.activity.disrupted = vec![ps];
+    w.activity.exits = vec![(learner, 1)];
+    w.set_job("tiny-cpu-learner-0", fail("BackoffLimitExceeded"));
+    w.step();
+    let st = w.status().stages.rl.clone().unwrap();
+    assert_eq!((st.attempt, st.failures, st.disruptions), (1, 1, 0));
+}
+
+#[test]
+fn active_deadline_seconds_reaches_every_stage_job() {
+    let mut run = run_from(TINY);
+    run.spec.warmup.active_deadline_seconds = Some(3600);
+    run.spec.rl.active_deadline_seconds = Some(7200);
+    let mut w = World::new(run);
+    let plan = w.step();
+    let spec = job_of(&plan, "tiny-cpu-warmup-0").spec.unwrap();
+    assert_eq!(spec.active_deadline_seconds, Some(3600));
+    w.set_job("tiny-cpu-warmup-0", JobState::Complete);
+    let plan = w.step();
+    let spec = job_of(&plan, "tiny-cpu-learner-0").spec.unwrap();
+    assert_eq!(spec.active_deadline_seconds, Some(7200));
+    // A Job past it fails (DeadlineExceeded) like any failed attempt: retried.
+    w.set_job("tiny-cpu-learner-0", fail("DeadlineExceeded"));
+    w.step();
+    assert_eq!(w.status().stages.rl.as_ref().unwrap().failures, 1);
+}
+
+#[test]
+fn rl_without_a_new_step_past_its_progress_deadline_is_stalled_and_retried() {
+    let mut w = at_rl();
+    w.run.spec.rl.progress_deadline_seconds = Some(60);
+    // Its pods started at t=30; a first step at t=40.
+    w.obs.pods = vec![
+        started_pod(Stage::Rl, 0, "ps", 25),
+        started_pod(Stage::Rl, 0, "learner", 30),
+    ];
+    w.obs.figures = Some(TrainingFigures {
+        step: 1,
+        total_steps: 4,
+        ..Default::default()
+    });
+    let plan = w.step();
+    assert_eq!(
+        w.status().training.as_ref().unwrap().last_step_time,
+        Some(at(w.clock))
+    );
+    let moved = w.clock;
+    assert!(
+        plan.requeue_after.is_some_and(|d| d.as_secs() <= 61),
+        "{plan:?}"
+    );
+    // The same step, seen until the deadline: quiet, then Stalled.
+    while w.clock - moved <= 60 {
+        let plan = w.step();
+        assert!(plan.status.is_none() || w.condition(cond::RL_COMPLETE).1 == "Stalled");
+    }
+    let (status, reason, message) = w.condition(cond::RL_COMPLETE);
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Stalled"));
+    assert!(message.starts_with("Stalled: no RL step for"), "{message}");
+    let st = w.status().stages.rl.clone().unwrap();
+    assert_eq!((st.attempt, st.failures), (1, 1));
+}
+
+#[test]
+fn an_attempt_whose_pods_do_not_all_run_in_time_is_torn_down_and_retried_later() {
+    let mut run = run_from(TINY);
+    run.spec.failure_policy.scheduling_timeout_seconds = Some(30);
+    run.spec.warmup.replicas = 2;
+    let mut w = World::new(run);
+    w.step();
+    // One of two ranks runs (holding its GPU), the other cannot be scheduled.
+    w.obs.pods = vec![started_pod(Stage::Warmup, 0, "rank-0", 12)];
+    let plan = w.step();
+    assert!(
+        plan.requeue_after.is_some_and(|d| d.as_secs() <= 31),
+        "{plan:?}"
+    );
+    while w
+        .status()
+        .stages
+        .warmup
+        .as_ref()
+        .unwrap()
+        .scheduling_timeouts
+        == 0
+    {
+        assert!(w.clock < 100, "never timed out");
+        w.step();
+    }
+    let st = w.status().stages.warmup.clone().unwrap();
+    assert_eq!((st.attempt, st.failures, st.scheduling_timeouts), (1, 0, 1));
+    assert_eq!(w.condition(cond::WARMUP_COMPLETE).1, "SchedulingTimeout");
+    assert!(
+        !w.obs.jobs.iter().any(|j| j.name == "tiny-cpu-warmup-0"),
+        "its pods are stopped"
+    );
+    // The next attempt waits as long again before asking for pods.
+    let timed_out = w.clock;
+    for _ in 0..2 {
+        let plan = w.step();
+        assert!(
+            !applied(&plan).iter().any(|(k, _)| *k == Kind::Job),
+            "{plan:?}"
+        );
+        assert!(
+            plan.requeue_after.is_some(),
+            "it comes back when the wait is over"
+        );
+    }
+    let plan = w.step();
+    assert_eq!(w.clock, timed_out + 30);
+    assert!(applied(&plan).contains(&(Kind::Job, "tiny-cpu-warmup-1".to_string())));
 }

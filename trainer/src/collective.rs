@@ -291,8 +291,12 @@ fn exchange(ring: &mut Ring, out: &[u8], incoming: &mut [u8]) -> Result<()> {
         let sent = sending
             .join()
             .map_err(|_| anyhow!("sending thread panicked"))?;
-        sent.context("sending to the next rank (did it exit?)")?;
-        received.context("receiving from the previous rank (did it exit?)")?;
+        // A rank that went away mid-exchange: the failure is that peer's (exit code).
+        sent.context("sending to the next rank (did it exit?)")
+            .map_err(crate::exit::peer_lost)?;
+        received
+            .context("receiving from the previous rank (did it exit?)")
+            .map_err(crate::exit::peer_lost)?;
         Ok(())
     })
 }

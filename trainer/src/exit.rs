@@ -13,6 +13,11 @@ pub const CRASH: i32 = 1;
 /// Also clap's exit code for usage errors. The operator reads it (the stage contract).
 pub const BAD_CONFIG: i32 = rlt_api::contract::EXIT_BAD_CONFIG;
 
+/// A peer this process trains with went away (a data-parallel rank, a parameter server that
+/// stayed unreachable): the failure is that peer's. The operator reads it (the stage
+/// contract): with a disrupted pod in the attempt, the attempt is not counted as a failure.
+pub const PEER_LOST: i32 = rlt_api::contract::EXIT_PEER_LOST;
+
 /// The kubelet reads at most this many bytes of a termination message.
 pub const TERMINATION_MESSAGE_MAX: usize = 4096;
 
@@ -26,10 +31,23 @@ pub fn bad_config(e: anyhow::Error) -> anyhow::Error {
     BadConfig(e).into()
 }
 
-/// The exit code for an error: [`BAD_CONFIG`] when anything in its chain is a [`BadConfig`].
+/// Marks an error as the loss of a peer; its message is the inner error's, unchanged.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct PeerLost(#[from] pub anyhow::Error);
+
+/// Wraps an error as the loss of a peer.
+pub fn peer_lost(e: anyhow::Error) -> anyhow::Error {
+    PeerLost(e).into()
+}
+
+/// The exit code for an error: [`BAD_CONFIG`] when anything in its chain is a [`BadConfig`],
+/// else [`PEER_LOST`] when anything is a [`PeerLost`], else [`CRASH`].
 pub fn code(e: &anyhow::Error) -> i32 {
     if e.chain().any(|c| c.is::<BadConfig>()) {
         BAD_CONFIG
+    } else if e.chain().any(|c| c.is::<PeerLost>()) {
+        PEER_LOST
     } else {
         CRASH
     }
@@ -103,6 +121,13 @@ mod tests {
         );
         let r: anyhow::Result<()> = Err(anyhow::anyhow!("x"));
         assert_eq!(code(&r.context("y").unwrap_err()), CRASH);
+        let lost = peer_lost(anyhow::anyhow!("receiving from the previous rank"))
+            .context("reduce-scatter step 1");
+        assert_eq!(code(&lost), PEER_LOST);
+        assert_eq!(
+            format!("{lost:#}"),
+            "reduce-scatter step 1: receiving from the previous rank"
+        );
     }
 
     #[test]

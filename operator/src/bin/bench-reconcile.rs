@@ -50,6 +50,7 @@ fn worlds() -> Vec<(RltRun, Observed)> {
                             name: c.name().into(),
                             state: JobState::Running,
                             deleting: false,
+                            created: None,
                         });
                     }
                 }

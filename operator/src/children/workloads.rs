@@ -20,6 +20,12 @@ use std::collections::BTreeMap;
 fn job(ctx: &Ctx, name: String, parts: PodParts) -> Child {
     let labels = ctx.labels(Some(parts.stage), Some(parts.role), Some(parts.attempt));
     let replicas = parts.replicas as i32;
+    let spec = &ctx.run.spec;
+    let deadline = match parts.stage {
+        Stage::Warmup => spec.warmup.active_deadline_seconds,
+        Stage::Rl => spec.rl.active_deadline_seconds,
+        Stage::Distillation => spec.distillation.active_deadline_seconds,
+    };
     let template = pod_template(ctx, parts);
     let job = Job {
         metadata: ctx.meta(name, labels),
@@ -28,6 +34,7 @@ fn job(ctx: &Ctx, name: String, parts: PodParts) -> Child {
             completions: Some(replicas),
             parallelism: Some(replicas),
             backoff_limit: Some(0),
+            active_deadline_seconds: deadline.map(i64::from),
             pod_failure_policy: Some(PodFailurePolicy {
                 rules: vec![PodFailurePolicyRule {
                     action: "Ignore".into(),

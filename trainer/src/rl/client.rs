@@ -79,6 +79,14 @@ where
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
+            // Still unreachable after `retry_for`: the server is lost, not this learner.
+            Err(s) if retryable(&s) => {
+                return Err(crate::exit::peer_lost(anyhow::anyhow!(
+                    "{what}: {} ({:?}), unreachable for {retry_for:?}",
+                    s.message(),
+                    s.code()
+                )))
+            }
             Err(s) => bail!("{what}: {} ({:?})", s.message(), s.code()),
         }
     }
