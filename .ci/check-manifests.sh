@@ -61,5 +61,5 @@ diff -u docs/rltrun-reference.md "$tmp/reference.md" || {
   echo "docs/rltrun-reference.md is stale: python3 scripts/crd-reference.py crds/rltruns.rlt.dev.yaml > docs/rltrun-reference.md" >&2; exit 1; }
 
 echo "--- shellcheck"
-shellcheck -x scripts/dev scripts/render-kustomize images/*.sh e2e/kind.sh e2e/local.sh e2e/lib.sh e2e/scale.sh e2e/controlplane/cluster.sh e2e/node/node.sh .ci/run .ci/*.sh
+shellcheck -x scripts/dev scripts/render-kustomize images/*.sh e2e/kind.sh e2e/local.sh e2e/lib.sh e2e/scale.sh e2e/controlplane/cluster.sh e2e/node/node.sh e2e/kueue/kueue.sh .ci/run .ci/*.sh
 echo "manifests: OK"

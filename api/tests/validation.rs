@@ -22,8 +22,14 @@ fn good_value() -> Value {
 
 #[test]
 fn good_samples_pass_and_get_defaults() {
-    for entry in std::fs::read_dir(dir("good")).unwrap() {
-        let path = entry.unwrap().path();
+    // The test samples, and every RltRun the repository ships as an example.
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+    let samples = std::fs::read_dir(dir("good"))
+        .unwrap()
+        .chain(std::fs::read_dir(shipped).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"));
+    for path in samples {
         let run = parse_yaml(&std::fs::read_to_string(&path).unwrap()).unwrap_or_else(|e| {
             panic!(
                 "{} rejected:\n{}",
@@ -32,7 +38,7 @@ fn good_samples_pass_and_get_defaults() {
             )
         });
         rlt_api::validate(&run).unwrap();
-        if path.ends_with("tiny-cpu.yaml") {
+        if path == dir("good").join("tiny-cpu.yaml") {
             // Defaults from the paper's recipe where the sample does not say otherwise.
             assert_eq!(run.spec.rl.reward.kl_mean_weight, 3.0);
             assert_eq!(run.spec.rl.beta, 0.04);

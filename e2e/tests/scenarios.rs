@@ -1768,7 +1768,9 @@ async fn s15_a_preempted_run_resumes_from_its_checkpoint_without_counting_a_fail
         delete_run(&client, n).await?;
     }
     let api = rltruns(&client);
-    apply_run(&api, &one_gpu_rl(low, 200, true)?).await?;
+    // Far more steps than the scenario waits for: it is preempted mid-stage (tiny steps take
+    // a fifth of a second).
+    apply_run(&api, &one_gpu_rl(low, 5000, true)?).await?;
     wait_for(
         "the low-priority run past its first checkpoint",
         secs(300),
@@ -1867,40 +1869,58 @@ async fn s16_a_scheduling_timeout_frees_the_gpus_a_partial_attempt_holds() -> Re
     run.data["spec"]["device"] = json!("cpu");
     run.data["spec"]["warmup"]["replicas"] = json!(2);
     run.data["spec"]["warmup"]["resources"] = json!({"limits": {"nvidia.com/gpu": "1"}});
-    run.data["spec"]["rl"]["enabled"] = json!(false);
     run.data["spec"]["distillation"]["enabled"] = json!(false);
     run.data["spec"]["failurePolicy"] = json!({"retries": 0, "schedulingTimeoutSeconds": 20});
     let api = rltruns(&client);
     apply_run(&api, &run).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace());
-    let selector = format!("rlt.dev/run={name},rlt.dev/attempt=0");
-    wait_for(
+    let of_run = ListParams::default().labels(&format!("rlt.dev/run={name}"));
+    // An attempt with one rank running (holding the GPU) and the other unschedulable (an
+    // earlier attempt may have found the GPU still taken by another scenario's pod).
+    let (partial, timeouts_before) = wait_for(
         "one rank running, the other unschedulable",
-        secs(120),
+        secs(180),
         async || {
-            let list = pods
-                .list(&ListParams::default().labels(&selector))
-                .await?
-                .items;
-            let running = list
+            let list = pods.list(&of_run).await?.items;
+            let mut by_attempt: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+            for p in list
                 .iter()
-                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-                .count();
-            Ok((list.len() == 2 && running == 1).then_some(()))
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+            {
+                let attempt = p
+                    .labels()
+                    .get("rlt.dev/attempt")
+                    .cloned()
+                    .unwrap_or_default();
+                let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                let e = by_attempt.entry(attempt).or_default();
+                e.0 += 1;
+                e.1 += usize::from(running);
+            }
+            let Some((attempt, _)) = by_attempt.into_iter().find(|(_, n)| *n == (2, 1)) else {
+                return Ok(None);
+            };
+            let run = api.get(name).await?;
+            let n = run.data["status"]["stages"]["warmup"]["schedulingTimeouts"]
+                .as_u64()
+                .unwrap_or(0);
+            Ok(Some((attempt, n)))
         },
     )
     .await?;
     // Past the timeout the attempt is torn down, not failed.
     let timed_out = wait_for("the scheduling timeout", secs(90), async || {
         let run = api.get(name).await?;
-        let n = run.data["status"]["stages"]["warmup"]["schedulingTimeouts"].as_u64();
-        Ok((n >= Some(1)).then_some(run))
+        let n = run.data["status"]["stages"]["warmup"]["schedulingTimeouts"]
+            .as_u64()
+            .unwrap_or(0);
+        Ok((n > timeouts_before).then_some(run))
     })
     .await?;
     let cond = condition(&timed_out, "WarmupComplete")
         .cloned()
         .unwrap_or_default();
-    eprintln!("{name}: {}", cond["message"]);
+    eprintln!("{name}: attempt {partial}: {}", cond["message"]);
     ensure!(cond["reason"] == "SchedulingTimeout", "{cond}");
     ensure!(
         phase(&timed_out) != "Failed",
@@ -1912,6 +1932,7 @@ async fn s16_a_scheduling_timeout_frees_the_gpus_a_partial_attempt_holds() -> Re
             .unwrap_or(0)
             == 0
     );
+    let selector = format!("rlt.dev/run={name},rlt.dev/attempt={partial}");
     wait_for("the partial attempt's pods gone", secs(60), async || {
         let list = pods
             .list(&ListParams::default().labels(&selector))

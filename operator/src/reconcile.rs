@@ -480,6 +480,17 @@ impl Planner<'_> {
         });
     }
 
+    /// Whether every Job of the stage's attempt (the students not done yet) has completed.
+    fn attempt_complete(&self, stage: Stage, attempt: u32, done: &[String]) -> bool {
+        let jobs = self.stage_jobs(stage, attempt, done);
+        !jobs.is_empty()
+            && jobs.iter().all(|(_, j)| {
+                self.obs
+                    .job(j)
+                    .is_some_and(|j| j.state == JobState::Complete)
+            })
+    }
+
     /// What earlier attempts of the stage left running (Jobs, parameter servers) goes, and
     /// the configuration snapshots no Job needs any more.
     fn clear_earlier_attempts(&mut self, stage: Stage, attempt: u32) {
@@ -940,6 +951,15 @@ impl Reconciler<'_> {
             },
         };
         let units = children::queue_units(&self.p.ctx, stage);
+        let (attempt, done) = {
+            let st = self.stage(stage);
+            (st.attempt, st.completed_students.clone())
+        };
+        if self.p.attempt_complete(stage, attempt, &done) {
+            // Its Jobs completed before an eviction was seen: the stage is done, not evicted
+            // (its Workloads are finished as it completes).
+            return true;
+        }
         self.count_eviction(stage, &units);
         let attempt = self.stage(stage).attempt;
         let done = self.stage(stage).completed_students.clone();

@@ -1795,3 +1795,26 @@ fn an_attempt_whose_pods_do_not_all_run_in_time_is_torn_down_and_retried_later()
     assert_eq!(w.clock, timed_out + 30);
     assert!(applied(&plan).contains(&(Kind::Job, "tiny-cpu-warmup-1".to_string())));
 }
+
+#[test]
+fn an_attempt_that_completed_before_its_eviction_was_seen_completes_the_stage() {
+    let mut w = queued(TINY, Some("team"));
+    w.step();
+    w.admit("tiny-cpu-warmup", &["trainers"]);
+    w.step();
+    w.set_job("tiny-cpu-warmup-0", JobState::Complete);
+    w.set_workload(
+        "tiny-cpu-warmup",
+        State::Evicted {
+            since: at(25),
+            reason: "Preempted".into(),
+            message: "Preempted to accommodate a workload".into(),
+            holds_quota: true,
+        },
+    );
+    let plan = w.step();
+    let st = w.status().stages.warmup.clone().unwrap();
+    assert_eq!((st.attempt, st.evictions), (0, 0), "not an eviction");
+    assert_eq!(w.condition(cond::WARMUP_COMPLETE).0, "True");
+    assert!(plan.workload_writes.iter().any(|x| matches!(x, StatusWrite::Finish { name, succeeded: true, .. } if name == "tiny-cpu-warmup")));
+}
