@@ -18,6 +18,32 @@ pub const BAD_CONFIG: i32 = rlt_api::contract::EXIT_BAD_CONFIG;
 /// contract): with a disrupted pod in the attempt, the attempt is not counted as a failure.
 pub const PEER_LOST: i32 = rlt_api::contract::EXIT_PEER_LOST;
 
+/// Ends the process at once at SIGTERM or SIGINT, with 128 + the signal. In its pod the
+/// trainer is the container's PID 1, for which the kernel ignores a signal left at its default
+/// action: without a handler, a stopped pod (a suspended, evicted or preempted attempt, a
+/// deleted run) would keep computing and hold its GPUs until the kubelet's SIGKILL at the end
+/// of the grace period (30 s by default). Nothing is lost by stopping mid-step: a checkpoint
+/// counts only once it is complete.
+pub fn end_at_termination() {
+    extern "C" fn end(signal: libc::c_int) {
+        // Async-signal-safe: no allocation, no lock, no unwinding.
+        unsafe { libc::_exit(128 + signal) };
+    }
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: installs a handler that only calls `_exit`.
+        unsafe { libc::signal(signal, end as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Back to the default action, for a server that then installs a graceful handler of its own
+/// (the parameter servers once their stage is done).
+pub fn default_termination() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: restores the default disposition.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+}
+
 /// The kubelet reads at most this many bytes of a termination message.
 pub const TERMINATION_MESSAGE_MAX: usize = 4096;
 

@@ -51,6 +51,7 @@ enum Command {
 }
 
 fn main() {
+    exit::end_at_termination();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -219,6 +219,8 @@ fn a_killed_rank_fails_its_group_and_the_next_attempt_resumes_to_the_same_weight
     assert!(!outs[0].status.success(), "rank 0 went on without rank 1");
     let err = String::from_utf8_lossy(&outs[0].stderr);
     assert!(err.contains("did it exit?"), "{err}");
+    // The peer-lost exit code: the failure is rank 1's, not rank 0's.
+    assert_eq!(outs[0].status.code(), Some(3), "{err}");
     assert!(
         !stage.final_dir().exists(),
         "the run finished before the kill"
@@ -262,5 +264,34 @@ fn a_group_without_peers_is_a_bad_configuration() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("RLT_PEERS"));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn sigterm_ends_a_rank_at_once_even_while_it_waits_for_its_peers() {
+    let root = tmpdir("sigterm");
+    let model = model(&root);
+    // Pod 0 of a group of two whose other pod never comes: it waits at the rendezvous.
+    let mut taken = Vec::new();
+    let peers = format!(
+        "127.0.0.1:{},127.0.0.1:{}",
+        free_run(1, &mut taken),
+        free_run(1, &mut taken)
+    );
+    drop(taken);
+    let mut child = warmup(&model, &root.join("ws"), 2, 1, 0, &peers, 0)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let asked = Instant::now();
+    // SAFETY: signals a child process this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -221,6 +221,8 @@ pub enum ServeUntil {
 /// default disposition ends the process at once, as an interrupted stage should.
 async fn terminated() -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    // Replaces the process's end-at-once handler (`exit::end_at_termination`).
+    crate::exit::default_termination();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
