@@ -722,6 +722,13 @@ pub struct RlStage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub progress_deadline_seconds: Option<u32>,
+    /// Seconds a running parameter-server pod may stay not Ready (its node unreachable, its
+    /// process hung): past it the attempt ends and the next one starts with fresh pods (a
+    /// StatefulSet never replaces a pod on an unreachable node), counted in `disruptions`, not
+    /// as a failure. None: wait for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub param_server_not_ready_seconds: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub param_server_resources: Option<ResourceRequirements>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1174,6 +1181,7 @@ pub mod defaults {
             learners: 1,
             active_deadline_seconds: None,
             progress_deadline_seconds: None,
+            param_server_not_ready_seconds: None,
             param_server_resources: None,
             learner_resources: None,
             student: None,

@@ -43,15 +43,10 @@ mod tests {
             name: "p".into(),
             stage: Some(Stage::Rl),
             attempt: Some(attempt),
-            student: None,
-            job: None,
-            problem: None,
-            ip: None,
-            deleting: false,
-            final_figures: None,
             gpus,
             started: Some(at(started)),
             finished: finished.map(at),
+            ..Default::default()
         }
     }
 

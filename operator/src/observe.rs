@@ -2,13 +2,13 @@
 //! which children exist (and their content hash), how each Job ended, and what is wrong with
 //! each pod (image pull, scheduling, OOM, exit code). Pure functions of the objects.
 use crate::children::{
-    Kind, Stage, ANNOTATION_HASH, CONTAINER, LABEL_ATTEMPT, LABEL_STAGE, LABEL_STUDENT,
+    Kind, Stage, ANNOTATION_HASH, CONTAINER, LABEL_ATTEMPT, LABEL_ROLE, LABEL_STAGE, LABEL_STUDENT,
 };
 use crate::kueue::{Fleet, ObservedWorkload};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use rlt_api::contract::{self, parse_final_figures, TrainingFigures};
+use rlt_api::contract::{self, parse_final_figures, Role, TrainingFigures};
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Observed {
@@ -79,6 +79,10 @@ pub struct ObservedPod {
     pub started: Option<Time>,
     /// When a pod that ran to its end (Succeeded or Failed) stopped: its last container's end.
     pub finished: Option<Time>,
+    /// Since when a running pod is not Ready (its `Ready` condition's last transition).
+    pub not_ready_since: Option<Time>,
+    /// Not a Job's: a parameter server (of its StatefulSet).
+    pub param_server: bool,
 }
 
 impl Observed {
@@ -183,8 +187,26 @@ pub fn pod(pod: &Pod) -> ObservedPod {
             .sum(),
         started: pod.status.as_ref().and_then(|s| s.start_time.clone()),
         finished: finished(pod),
+        not_ready_since: not_ready_since(pod),
+        param_server: label(LABEL_ROLE).as_deref() == Some(Role::ParamServer.subcommand()),
         name,
     }
+}
+
+/// Since when a Running pod's `Ready` condition is False.
+fn not_ready_since(pod: &Pod) -> Option<Time> {
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() != Some("Running") {
+        return None;
+    }
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready")?;
+    (ready.status == "False")
+        .then(|| ready.last_transition_time.clone())
+        .flatten()
 }
 
 /// When a pod that ran to its end stopped (the latest of its containers' ends).
@@ -344,6 +366,24 @@ mod tests {
             "status": status
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_running_pod_not_ready_says_since_when() {
+        let ready = |status: &str, phase: &str| {
+            pod(&pod_from(
+                json!({"phase": phase, "conditions": [{"type": "Ready", "status": status,
+                "lastTransitionTime": "2026-12-06T06:00:00Z"}]}),
+            ))
+            .not_ready_since
+        };
+        assert_eq!(
+            ready("False", "Running").map(|t| t.0.to_string()),
+            Some("2026-12-06T06:00:00Z".into())
+        );
+        assert_eq!(ready("True", "Running"), None);
+        // A pod not yet running is the scheduling timeout's business, not this.
+        assert_eq!(ready("False", "Pending"), None);
     }
 
     #[test]

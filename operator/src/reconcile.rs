@@ -84,6 +84,7 @@ pub const QUEUED: &str = "Queued";
 pub const DISRUPTED: &str = "Disrupted";
 pub const SCHEDULING_TIMEOUT: &str = "SchedulingTimeout";
 pub const STALLED: &str = "Stalled";
+pub const PARAM_SERVER_NOT_READY: &str = "ParamServerNotReady";
 
 /// What the controller must do. Empty when nothing changed.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -805,7 +806,13 @@ impl Reconciler<'_> {
             } => {
                 self.account_gpu_hours(stage, attempt, true);
                 let retry = match disruption {
-                    Some(pod) => Some(self.disrupted(stage, attempt, &pod, message)),
+                    Some(pod) => {
+                        let message = format!(
+                            "{message}; attempt {attempt}'s pod {pod} was disrupted (evicted, \
+                             preempted or its node lost) and the others only lost it"
+                        );
+                        Some(self.end_uncounted(stage, attempt, DISRUPTED, message))
+                    }
                     None => self.fail(stage, attempt, message, bad_config, stalled),
                 };
                 match retry {
@@ -814,14 +821,16 @@ impl Reconciler<'_> {
                 }
             }
             Outcome::Running { problem } => {
-                match self.scheduling_timed_out(stage, attempt, &done) {
-                    Some(message) => self.scheduling_timeout(stage, attempt, message),
-                    None => {
-                        self.account_gpu_hours(stage, attempt, false);
-                        self.report_running(stage, attempt, problem);
-                        self.check_again_at_deadlines(stage, attempt);
-                        attempt
-                    }
+                if let Some(message) = self.scheduling_timed_out(stage, attempt, &done) {
+                    self.scheduling_timeout(stage, attempt, message)
+                } else if let Some(message) = self.param_server_not_ready(stage, attempt) {
+                    self.account_gpu_hours(stage, attempt, true);
+                    self.end_uncounted(stage, attempt, PARAM_SERVER_NOT_READY, message)
+                } else {
+                    self.account_gpu_hours(stage, attempt, false);
+                    self.report_running(stage, attempt, problem);
+                    self.check_again_at_deadlines(stage, attempt);
+                    attempt
                 }
             }
         };
@@ -1223,27 +1232,52 @@ impl Reconciler<'_> {
         Some(attempt)
     }
 
-    /// An attempt the cluster ended ([`Activity::disruption`]): retried as the next attempt
-    /// (from the last checkpoint), counted in `disruptions`, never in `failures`.
-    fn disrupted(&mut self, stage: Stage, attempt: u32, pod: &str, message: String) -> u32 {
+    /// An attempt ended by what happened to its pods rather than by the run (a disruption,
+    /// [`Activity::disruption`]; a parameter server not Ready for too long): retried as the
+    /// next attempt (from the last checkpoint, with fresh pods), counted in `disruptions`,
+    /// never in `failures`.
+    fn end_uncounted(&mut self, stage: Stage, attempt: u32, reason: &str, message: String) -> u32 {
         let st = self.stage(stage);
         st.disruptions += 1;
         st.attempt += 1;
         let next = st.attempt;
         let message = clip(format!(
-            "{message}; attempt {attempt}'s pod {pod} was disrupted (evicted, preempted or its \
-             node lost) and the others only lost it: retrying as attempt {next}, not counted \
-             as a failure"
+            "{message}: retrying as attempt {next}, not counted as a failure"
         ));
         self.conds()
-            .set(stage.complete_condition(), false, DISRUPTED, &message);
+            .set(stage.complete_condition(), false, reason, &message);
         self.p.event(
             EventType::Warning,
-            DISRUPTED,
-            &stage_action(stage, next),
+            reason,
+            &stage_action(stage, attempt),
             message,
         );
         next
+    }
+
+    /// `rl.paramServerNotReadySeconds`: a message when a running parameter server of the
+    /// attempt has not been Ready for longer.
+    fn param_server_not_ready(&mut self, stage: Stage, attempt: u32) -> Option<String> {
+        if stage != Stage::Rl {
+            return None;
+        }
+        let limit = self.p.run.spec.rl.param_server_not_ready_seconds?;
+        let (pod, since) = self
+            .p
+            .obs
+            .pods
+            .iter()
+            .filter(|p| p.param_server && p.attempt == Some(attempt) && !p.deleting)
+            .filter_map(|p| Some((p.name.clone(), p.not_ready_since.as_ref()?.0)))
+            .min_by_key(|(_, since)| *since)?;
+        let waited = self.now.0.duration_since(since).as_secs();
+        if waited <= i64::from(limit) {
+            self.requeue_within(i64::from(limit) - waited + 1);
+            return None;
+        }
+        Some(format!(
+            "parameter server {pod} not Ready for {waited} s (paramServerNotReadySeconds {limit})"
+        ))
     }
 
     /// `failurePolicy.schedulingTimeoutSeconds`: a message when the attempt's pods have not all

@@ -1818,3 +1818,42 @@ fn an_attempt_that_completed_before_its_eviction_was_seen_completes_the_stage() 
     assert_eq!(w.condition(cond::WARMUP_COMPLETE).0, "True");
     assert!(plan.workload_writes.iter().any(|x| matches!(x, StatusWrite::Finish { name, succeeded: true, .. } if name == "tiny-cpu-warmup")));
 }
+
+#[test]
+fn a_parameter_server_not_ready_for_too_long_ends_the_attempt_without_a_failure() {
+    let mut w = at_rl();
+    w.run.spec.rl.param_server_not_ready_seconds = Some(60);
+    let ps = |since: i64| ObservedPod {
+        param_server: true,
+        not_ready_since: Some(at(since)),
+        ..started_pod(Stage::Rl, 0, "tiny-cpu-ps-0-0", 5)
+    };
+    w.obs.pods = vec![ps(w.clock)];
+    let plan = w.step();
+    assert!(
+        plan.requeue_after.is_some_and(|d| d.as_secs() <= 61),
+        "{plan:?}"
+    );
+    assert_eq!(w.status().stages.rl.as_ref().unwrap().attempt, 0);
+    // Still not Ready a minute later (its node unreachable): the attempt ends.
+    w.obs.pods = vec![ps(w.clock - 70)];
+    let plan = w.step();
+    let st = w.status().stages.rl.clone().unwrap();
+    assert_eq!((st.attempt, st.failures, st.disruptions), (1, 0, 1));
+    let (_, reason, message) = w.condition(cond::RL_COMPLETE);
+    assert_eq!(reason, "ParamServerNotReady");
+    assert!(
+        message.contains("tiny-cpu-ps-0-0 not Ready for"),
+        "{message}"
+    );
+    // Its learners and parameter servers go; the next attempt gets fresh ones.
+    assert!(
+        plan.delete
+            .contains(&(Kind::Job, "tiny-cpu-learner-0".to_string())),
+        "{:?}",
+        plan.delete
+    );
+    assert!(plan
+        .delete
+        .contains(&(Kind::StatefulSet, "tiny-cpu-ps-0".to_string())));
+}
