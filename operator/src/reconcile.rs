@@ -18,6 +18,12 @@
 //!   workload starts only once the previous attempt's pods are gone;
 //! - `suspend` deletes the current workload; resuming starts it again as attempt+1 (the
 //!   trainer resumes from the last checkpoint at or below its attempt);
+//! - a queued run (Kueue, [`crate::kueue`]) creates a stage unit's children only once its
+//!   Workload is admitted, placed by the admission; an eviction ends the attempt;
+//! - attempts ended by the cluster rather than the run (an eviction, a disrupted pod whose
+//!   peers only lost it, a parameter server not Ready for too long, a scheduling timeout)
+//!   start the next attempt without counting a failure; deadlines (`activeDeadlineSeconds`,
+//!   RL's progress deadline: `Stalled`) fail it like any failure;
 //! - `Succeeded` / `Failed` are sticky: a finished run never recreates children.
 //!
 //! Every Event carries an `action` naming its transition (stage and attempt, target phase):
@@ -27,19 +33,6 @@ use crate::children::{self, names, Child, Ctx, Kind, Stage};
 use crate::gpu_hours;
 use crate::kueue::{self, Placement, State};
 
-/// An admission's placement of each pod set of a unit, by pod-set name.
-type Placements = std::collections::BTreeMap<String, Placement>;
-
-/// A unit's Job or StatefulSet, with its pod set's placement when the run is queued.
-fn placed(child: Child, placements: Option<&Placements>) -> Child {
-    match placements {
-        None => child,
-        Some(p) => {
-            let set = children::pod_set_of(&child);
-            children::place(child, &p.get(set).cloned().unwrap_or_default())
-        }
-    }
-}
 use crate::observe::{self, JobState, Observed};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
@@ -542,6 +535,20 @@ enum Outcome {
 enum Next {
     Stage,
     Stop,
+}
+
+/// An admission's placement of each pod set of a unit, by pod-set name.
+type Placements = std::collections::BTreeMap<String, Placement>;
+
+/// A unit's Job or StatefulSet, with its pod set's placement when the run is queued.
+fn placed(child: Child, placements: Option<&Placements>) -> Child {
+    match placements {
+        None => child,
+        Some(p) => {
+            let set = children::pod_set_of(&child);
+            children::place(child, &p.get(set).cloned().unwrap_or_default())
+        }
+    }
 }
 
 /// Decides what to do for a run given what exists. See the module docs for the stage machine.
