@@ -798,36 +798,61 @@ impl KueueStreams {
         let default_queue =
             watcher::Config::default().fields(&format!("metadata.name={}", kueue::DEFAULT_QUEUE));
         KueueStreams {
-            workloads: watcher(workloads, watcher::Config::default().labels(LABEL_RUN))
-                .default_backoff()
-                .map(tracked(health, "workloads"))
-                .modify(cache::slim_workload)
-                .reflect(w.workloads)
-                .touched_objects()
-                .boxed(),
-            flavors: watcher(Api::all(client.clone()), watcher::Config::default())
-                .default_backoff()
-                .map(tracked(health, "resourceflavors"))
-                .modify(cache::slim_meta)
-                .reflect(w.flavors)
-                .touched_objects()
-                .boxed(),
-            local_queues: watcher(local_queues, default_queue)
-                .default_backoff()
-                .map(tracked(health, "localqueues"))
-                .modify(cache::slim_meta)
-                .reflect(w.local_queues)
-                .touched_objects()
-                .boxed(),
-            priorities: watcher(Api::all(client.clone()), watcher::Config::default())
-                .default_backoff()
-                .map(tracked(health, "workloadpriorityclasses"))
-                .modify(cache::slim_meta)
-                .reflect(w.priorities)
-                .touched_objects()
-                .boxed(),
+            workloads: reflected(
+                workloads,
+                watcher::Config::default().labels(LABEL_RUN),
+                w.workloads,
+                health,
+                "workloads",
+                cache::slim_workload,
+            ),
+            flavors: reflected(
+                Api::all(client.clone()),
+                watcher::Config::default(),
+                w.flavors,
+                health,
+                "resourceflavors",
+                cache::slim_meta,
+            ),
+            local_queues: reflected(
+                local_queues,
+                default_queue,
+                w.local_queues,
+                health,
+                "localqueues",
+                cache::slim_meta,
+            ),
+            priorities: reflected(
+                Api::all(client.clone()),
+                watcher::Config::default(),
+                w.priorities,
+                health,
+                "workloadpriorityclasses",
+                cache::slim_meta,
+            ),
         }
     }
+}
+
+/// A watch into its store, slimmed, tracked by the probes under `name`.
+fn reflected<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: cache::Writer<K>,
+    health: &Health,
+    name: &'static str,
+    slim: fn(&mut K),
+) -> Watch<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    watcher(api, config)
+        .default_backoff()
+        .map(tracked(health, name))
+        .modify(slim)
+        .reflect(writer)
+        .touched_objects()
+        .boxed()
 }
 
 /// Whether Kueue's Workload API (`kueue.x-k8s.io/v1beta2`) is served.
