@@ -3,6 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Condition types. Per-stage completion, plus `Suspended`, `InvalidSpec` and the terminal
 /// `Succeeded` / `Failed`.
@@ -155,10 +156,12 @@ pub struct StageStatus {
     pub completion_time: Option<Time>,
     /// Times this stage's pods were (re)started, 0-based; stamped on the pods as
     /// `RLT_ATTEMPT` and used to fence checkpoints. Resuming after suspend is a new attempt.
+    /// A distillation student retried alone goes on to attempts of its own (`students`).
     #[serde(default)]
     #[schemars(range(max = u32::MAX))]
     pub attempt: u32,
-    /// Failed attempts; the run fails when this exceeds `failurePolicy.retries`.
+    /// Failed attempts; the run fails when this exceeds `failurePolicy.retries`. In
+    /// distillation, every student's failures added up (the limit is per student: `students`).
     #[serde(default)]
     #[schemars(range(max = u32::MAX))]
     pub failures: u32,
@@ -189,6 +192,11 @@ pub struct StageStatus {
     /// reruns the students that did not finish).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub completed_students: Vec<String>,
+    /// Distillation: the students that were retried on their own, by name. A failed student
+    /// is retried alone while the others run on; one without an entry is on the stage's
+    /// `attempt`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub students: BTreeMap<String, StudentStatus>,
     /// Workspace path of what the stage produced (distillation: the `distill/` directory,
     /// one `<student>/final` per student).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -203,6 +211,63 @@ pub struct StageStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub ended_attempts_gpu_hours: Option<f64>,
+}
+
+/// One distillation student's own attempts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StudentStatus {
+    /// The student's attempt (its Job's suffix and its pods' `RLT_ATTEMPT`): past the stage's
+    /// by its own retries.
+    #[serde(default)]
+    #[schemars(range(max = u32::MAX))]
+    pub attempt: u32,
+    /// The student's failed attempts; the run fails when this exceeds
+    /// `failurePolicy.retries`.
+    #[serde(default)]
+    #[schemars(range(max = u32::MAX))]
+    pub failures: u32,
+}
+
+impl StageStatus {
+    /// The attempt a unit of the stage is on: a student's own once it was retried alone, else
+    /// the stage's.
+    pub fn attempt_of(&self, student: Option<&str>) -> u32 {
+        student
+            .and_then(|s| self.students.get(s))
+            .map_or(self.attempt, |s| s.attempt)
+    }
+
+    /// Starts the stage's next attempt (a retry, a resume, an eviction: every unit stops):
+    /// the students retried alone, not done yet, move on with it. Returns the stage's attempt.
+    pub fn next_attempt(&mut self) -> u32 {
+        self.attempt += 1;
+        for (name, student) in &mut self.students {
+            if !self.completed_students.contains(name) {
+                student.attempt += 1;
+            }
+        }
+        self.attempt
+    }
+
+    /// A student's own entry, made on the stage's attempt when it has none.
+    pub fn student_mut(&mut self, name: &str) -> &mut StudentStatus {
+        let attempt = self.attempt;
+        self.students
+            .entry(name.to_string())
+            .or_insert_with(|| StudentStatus {
+                attempt,
+                failures: 0,
+            })
+    }
+
+    /// Moves one student alone on to its next attempt (it failed, or its pods were
+    /// disrupted); the others run on. Returns its new attempt.
+    pub fn next_student_attempt(&mut self, name: &str) -> u32 {
+        let student = self.student_mut(name);
+        student.attempt += 1;
+        student.attempt
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
@@ -238,5 +303,32 @@ impl From<&crate::contract::TrainingFigures> for TrainingStatus {
             kl_term: f.kl_term,
             last_step_time: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_student_retried_alone_keeps_its_own_attempts_through_the_stages_next() {
+        let mut st = StageStatus::default();
+        assert_eq!(st.attempt_of(Some("a")), 0);
+        assert_eq!(st.next_student_attempt("b"), 1);
+        assert_eq!((st.attempt, st.attempt_of(Some("a"))), (0, 0), "a runs on");
+        assert_eq!(st.attempt_of(Some("b")), 1);
+        // A stage-wide new attempt (an eviction, a resume): every student not done moves on,
+        // each to an attempt it never ran.
+        st.completed_students.push("c".into());
+        st.next_student_attempt("c");
+        assert_eq!(st.next_attempt(), 1);
+        assert_eq!(st.attempt_of(Some("a")), 1);
+        assert_eq!(st.attempt_of(Some("b")), 2);
+        assert_eq!(
+            st.attempt_of(Some("c")),
+            1,
+            "a finished student stays where it finished"
+        );
+        assert_eq!(st.attempt_of(None), 1);
     }
 }

@@ -2032,3 +2032,117 @@ async fn s17_a_stalled_rl_step_fails_the_attempt_and_the_next_one_resumes() -> R
     eprintln!("{name}: stalled at step {step_stalled}, attempt 1 reached step {resumed}");
     delete_run(&client, name).await
 }
+
+#[tokio::test]
+#[ignore = "needs a cluster (scripts/dev e2e or e2e/kind.sh)"]
+async fn s18_one_failing_student_is_retried_alone_and_leaves_the_others_running() -> Result<()> {
+    use k8s_openapi::api::batch::v1::Job;
+    let client = client().await?;
+    install_operator(&[])?;
+    let name = "e2e-students";
+    delete_run(&client, name).await?;
+    let mut run = tiny_run(name)?;
+    // Two students long enough to overlap, after a short RL stage.
+    run.data["spec"]["warmup"]["enabled"] = json!(false);
+    run.data["spec"]["distillation"]["epochs"] = json!(12);
+    run.data["spec"]["distillation"]["students"] = json!([
+        {"name": "steady", "model": {"tiny": {"seed": 2}}},
+        {"name": "crashy", "model": {"tiny": {"seed": 3}}},
+    ]);
+    let api = rltruns(&client);
+    apply_run(&api, &run).await?;
+    let running = async |student: &str| -> Result<Option<Pod>> {
+        let selector = format!("rlt.dev/run={name},rlt.dev/student={student}");
+        let pods = pods_of(&client, &selector).await?;
+        Ok(pods
+            .into_iter()
+            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")))
+    };
+    let (steady, crashy) = wait_for("both students training", secs(300), async || {
+        Ok(match (running("steady").await?, running("crashy").await?) {
+            (Some(s), Some(c)) => Some((s, c)),
+            _ => None,
+        })
+    })
+    .await?;
+    let steady_uid = steady.metadata.uid.clone().context("pod without uid")?;
+    // crashy's trainer dies (SIGKILL: the kernel's OOM killer, a segfault): its Job fails.
+    let crashy_uid = crashy.metadata.uid.clone().context("pod without uid")?;
+    let Some(pid) = node_process(&crashy_uid, "rlt-trainer") else {
+        eprintln!("{name}: the node's processes are not visible here; nothing to kill");
+        return delete_run(&client, name).await;
+    };
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()?;
+    ensure!(killed.success(), "kill -KILL {pid} failed");
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace());
+    let retried = wait_for("crashy retried alone", secs(120), async || {
+        let run = api.get(name).await?;
+        let retry = jobs.get_opt(&format!("{name}-distill-crashy-1")).await?;
+        Ok(retry.map(|_| run))
+    })
+    .await?;
+    let c = condition(&retried, "DistillationComplete")
+        .cloned()
+        .unwrap_or_default();
+    eprintln!("{name}: {}", c["message"]);
+    let st = &retried.data["status"]["stages"]["distillation"];
+    ensure!(
+        st["failures"] == 1 && st["attempt"] == 0,
+        "the stage's attempt and failures: {st}"
+    );
+    ensure!(
+        st["students"] == json!({"crashy": {"attempt": 1, "failures": 1}}),
+        "the students' own attempts: {}",
+        st["students"]
+    );
+    // steady ran on, in the same pod, through crashy's failure and retry.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace());
+    let now = pods.get(steady.metadata.name.as_deref().unwrap()).await?;
+    let phase_now = now.status.as_ref().and_then(|s| s.phase.clone());
+    ensure!(
+        now.metadata.uid.as_deref() == Some(steady_uid.as_str())
+            && now.metadata.deletion_timestamp.is_none()
+            && phase_now.as_deref() == Some("Running"),
+        "steady's pod was not left running: phase {phase_now:?}, deleting {:?}",
+        now.metadata.deletion_timestamp
+    );
+    let done = wait_for("the run to succeed", secs(600), async || {
+        let run = api.get(name).await?;
+        match phase(&run) {
+            "Succeeded" => Ok(Some(run)),
+            "Failed" => bail!("{name} failed: {}", run.data["status"]),
+            _ => Ok(None),
+        }
+    })
+    .await?;
+    // Each student finished on its own attempt: steady on its first, crashy on its second.
+    let complete = |job: Option<Job>| {
+        job.and_then(|j| j.status?.conditions).is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "Complete" && c.status == "True")
+        })
+    };
+    ensure!(complete(
+        jobs.get_opt(&format!("{name}-distill-steady-0")).await?
+    ));
+    ensure!(complete(
+        jobs.get_opt(&format!("{name}-distill-crashy-1")).await?
+    ));
+    ensure!(jobs
+        .get_opt(&format!("{name}-distill-steady-1"))
+        .await?
+        .is_none());
+    let missing = missing_in_workspace(
+        &client,
+        &done,
+        &[
+            "distill/steady/final/model.safetensors",
+            "distill/crashy/final/model.safetensors",
+        ],
+    )
+    .await?;
+    ensure!(missing.is_empty(), "artifacts missing: {missing:?}");
+    delete_run(&client, name).await
+}

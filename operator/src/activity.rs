@@ -8,6 +8,7 @@ use crate::children::{Stage, CONTAINER, LABEL_ATTEMPT, LABEL_STAGE, LABEL_STUDEN
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use k8s_openapi::jiff::Timestamp;
+use rlt_api::status::StageStatus;
 use std::borrow::Borrow;
 use std::time::Duration;
 
@@ -63,11 +64,14 @@ impl Activity {
         }
     }
 
-    /// A pod of the attempt the cluster took away, when that is all that went wrong: every
-    /// other pod of the attempt whose trainer failed exited because it lost a peer
-    /// ([`EXIT_PEER_LOST`]). Such an attempt is retried without counting a failure.
-    pub fn disruption(&self, stage: Stage, attempt: u32) -> Option<&PodRef> {
-        let of = |p: &PodRef| p.stage == Some(stage) && p.attempt == Some(attempt);
+    /// A pod of the attempt (of one student, in distillation) the cluster took away, when
+    /// that is all that went wrong: every other pod of the attempt whose trainer failed exited
+    /// because it lost a peer ([`EXIT_PEER_LOST`]). Such an attempt is retried without
+    /// counting a failure.
+    pub fn disruption(&self, stage: Stage, student: Option<&str>, attempt: u32) -> Option<&PodRef> {
+        let of = |p: &PodRef| {
+            p.stage == Some(stage) && p.student.as_deref() == student && p.attempt == Some(attempt)
+        };
         let disrupted = |p: &PodRef| self.disrupted.iter().any(|d| d.name == p.name);
         let first = self.disrupted.iter().find(|p| of(p))?;
         let own_fault = self
@@ -77,19 +81,25 @@ impl Activity {
         (!own_fault).then_some(first)
     }
 
-    /// A live pod of an earlier attempt of `stage`, if any.
-    pub fn earlier_attempt_alive(&self, stage: Stage, attempt: u32) -> Option<&PodRef> {
-        self.live
-            .iter()
-            .find(|p| p.stage == Some(stage) && p.attempt.is_some_and(|a| a < attempt))
+    /// The live pods of `stage` from before the attempt their unit (the stage, or a student
+    /// retried alone) is on now.
+    pub fn earlier_attempts_alive<'a>(
+        &'a self,
+        stage: Stage,
+        st: &'a StageStatus,
+    ) -> impl Iterator<Item = &'a PodRef> + 'a {
+        self.live.iter().filter(move |p| {
+            p.stage == Some(stage)
+                && p.attempt
+                    .is_some_and(|a| a < st.attempt_of(p.student.as_deref()))
+        })
     }
 
-    /// Whether a pod of this attempt (and student) exited with a bad configuration.
-    pub fn bad_config(&self, stage: Stage, attempt: u32, student: Option<&str>) -> bool {
+    /// Whether a pod of this attempt (of this student, in distillation) exited with a bad
+    /// configuration.
+    pub fn bad_config(&self, stage: Stage, student: Option<&str>, attempt: u32) -> bool {
         self.bad_config.iter().any(|p| {
-            p.stage == Some(stage)
-                && p.attempt == Some(attempt)
-                && (student.is_none() || p.student.as_deref() == student)
+            p.stage == Some(stage) && p.attempt == Some(attempt) && p.student.as_deref() == student
         })
     }
 
@@ -256,17 +266,20 @@ mod tests {
         let lost_it = named("learner-0", rl.clone(), exited(EXIT_PEER_LOST));
         let a = Activity::from_pods(&[preempted.clone(), lost_it.clone()]);
         assert_eq!(
-            a.disruption(Stage::Rl, 1).map(|p| p.name.as_str()),
+            a.disruption(Stage::Rl, None, 1).map(|p| p.name.as_str()),
             Some("ps-0")
         );
-        assert!(a.disruption(Stage::Rl, 0).is_none(), "another attempt's");
+        assert!(
+            a.disruption(Stage::Rl, None, 0).is_none(),
+            "another attempt's"
+        );
         // A learner that crashed on its own is a failure, whatever else happened.
         let crashed = named("learner-1", rl.clone(), exited(1));
         let a = Activity::from_pods(&[preempted, lost_it.clone(), crashed]);
-        assert!(a.disruption(Stage::Rl, 1).is_none());
+        assert!(a.disruption(Stage::Rl, None, 1).is_none());
         // A peer lost with no disrupted pod: nothing the cluster did, counted.
         let a = Activity::from_pods(&[lost_it]);
-        assert!(a.disruption(Stage::Rl, 1).is_none());
+        assert!(a.disruption(Stage::Rl, None, 1).is_none());
     }
 
     #[test]
@@ -284,9 +297,43 @@ mod tests {
         ];
         let a = Activity::from_pods(&pods);
         assert_eq!(a.live.len(), 1);
-        assert!(a.earlier_attempt_alive(Stage::Warmup, 1).is_some());
-        assert!(a.earlier_attempt_alive(Stage::Warmup, 0).is_none());
-        assert!(a.earlier_attempt_alive(Stage::Rl, 1).is_none());
+        let on = |attempt| StageStatus {
+            attempt,
+            ..Default::default()
+        };
+        let earlier = |stage, attempt| a.earlier_attempts_alive(stage, &on(attempt)).count();
+        assert_eq!(earlier(Stage::Warmup, 1), 1);
+        assert_eq!(earlier(Stage::Warmup, 0), 0);
+        assert_eq!(earlier(Stage::Rl, 1), 0);
+    }
+
+    #[test]
+    fn a_student_retried_alone_waits_only_for_its_own_earlier_pods() {
+        let student = |name: &str, attempt: &str| {
+            let job = format!("r-distill-{name}-{attempt}");
+            pod(
+                json!({"rlt.dev/stage": "distillation", "rlt.dev/attempt": attempt,
+                    "rlt.dev/student": name, "batch.kubernetes.io/job-name": job}),
+                json!({"phase": "Running"}),
+            )
+        };
+        let a = Activity::from_pods(&[student("a", "0"), student("b", "0")]);
+        let mut st = StageStatus::default();
+        st.next_student_attempt("b");
+        let earlier: Vec<_> = a
+            .earlier_attempts_alive(Stage::Distillation, &st)
+            .map(|p| p.student.as_deref())
+            .collect();
+        assert_eq!(earlier, [Some("b")], "a's attempt 0 is its current one");
+        // A student's own disruption and bad configuration, never another's.
+        let b = Activity::from_pods(&[named(
+            "b-0",
+            json!({"rlt.dev/stage": "distillation",
+            "rlt.dev/attempt": "0", "rlt.dev/student": "b"}),
+            exited(2),
+        )]);
+        assert!(b.bad_config(Stage::Distillation, Some("b"), 0));
+        assert!(!b.bad_config(Stage::Distillation, Some("a"), 0));
     }
 
     #[test]
@@ -300,9 +347,9 @@ mod tests {
                 "state": {"terminated": {"exitCode": code, "reason": "Error"}}}]}),
             )
         };
-        assert!(Activity::from_pods(&[exited(2)]).bad_config(Stage::Rl, 3, None));
-        assert!(!Activity::from_pods(&[exited(2)]).bad_config(Stage::Rl, 2, None));
-        assert!(!Activity::from_pods(&[exited(1)]).bad_config(Stage::Rl, 3, None));
+        assert!(Activity::from_pods(&[exited(2)]).bad_config(Stage::Rl, None, 3));
+        assert!(!Activity::from_pods(&[exited(2)]).bad_config(Stage::Rl, None, 2));
+        assert!(!Activity::from_pods(&[exited(1)]).bad_config(Stage::Rl, None, 3));
     }
 
     #[test]

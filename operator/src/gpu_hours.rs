@@ -3,12 +3,22 @@
 use crate::children::Stage;
 use crate::observe::ObservedPod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use rlt_api::status::StageStatus;
 
-/// GPU-hours the pods of one stage attempt have held until `now`. A pod deleted before this
-/// look (an evicted pod the Job replaced) is no longer seen and not counted.
-pub fn of_attempt(pods: &[ObservedPod], stage: Stage, attempt: u32, now: &Time) -> f64 {
+/// GPU-hours the pods of the stage's current attempt (each student's own, in distillation)
+/// have held until `now`; of one student's only, when `student` is given. A pod deleted before
+/// this look (an evicted pod the Job replaced) is no longer seen and not counted.
+pub fn of_attempt(
+    pods: &[ObservedPod],
+    stage: Stage,
+    st: &StageStatus,
+    student: Option<&str>,
+    now: &Time,
+) -> f64 {
     pods.iter()
-        .filter(|p| p.stage == Some(stage) && p.attempt == Some(attempt) && p.gpus > 0)
+        .filter(|p| p.stage == Some(stage) && p.gpus > 0)
+        .filter(|p| p.attempt == Some(st.attempt_of(p.student.as_deref())))
+        .filter(|p| student.is_none() || p.student.as_deref() == student)
         .filter_map(|p| {
             let start = p.started.as_ref()?;
             let end = p.finished.as_ref().unwrap_or(now);
@@ -58,9 +68,29 @@ mod tests {
             pod(0, 1, 0, None),       // a CPU-only parameter server
             pod(8, 0, 0, Some(3600)), // an earlier attempt's
         ];
-        assert_eq!(of_attempt(&pods, Stage::Rl, 1, &at(3600)), 5.5);
-        assert_eq!(of_attempt(&pods, Stage::Rl, 0, &at(3600)), 8.0);
-        assert_eq!(of_attempt(&pods, Stage::Warmup, 1, &at(3600)), 0.0);
+        let on = |attempt| StageStatus {
+            attempt,
+            ..Default::default()
+        };
+        let of = |stage, attempt| of_attempt(&pods, stage, &on(attempt), None, &at(3600));
+        assert_eq!(of(Stage::Rl, 1), 5.5);
+        assert_eq!(of(Stage::Rl, 0), 8.0);
+        assert_eq!(of(Stage::Warmup, 1), 0.0);
+    }
+
+    #[test]
+    fn a_student_retried_alone_is_counted_on_its_own_attempt() {
+        let student = |name: &str, attempt| ObservedPod {
+            stage: Some(Stage::Distillation),
+            student: Some(name.into()),
+            ..pod(1, attempt, 0, None)
+        };
+        let pods = [student("a", 0), student("b", 0), student("b", 1)];
+        let mut st = StageStatus::default();
+        st.next_student_attempt("b");
+        let of = |student| of_attempt(&pods, Stage::Distillation, &st, student, &at(3600));
+        assert_eq!(of(None), 2.0, "a's attempt 0 and b's attempt 1");
+        assert_eq!(of(Some("b")), 1.0);
     }
 
     #[test]

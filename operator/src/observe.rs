@@ -9,6 +9,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use rlt_api::contract::{self, parse_final_figures, Role, TrainingFigures};
+use rlt_api::status::StageStatus;
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Observed {
@@ -97,12 +98,13 @@ impl Observed {
     pub fn job(&self, name: &str) -> Option<&ObservedJob> {
         self.jobs.iter().find(|j| j.name == name)
     }
-    /// The first problem among the pods of one stage attempt (and student).
-    pub fn problem(&self, stage: Stage, attempt: u32, student: Option<&str>) -> Option<&Problem> {
+    /// The first problem among the pods of the stage's current attempt (each student's own,
+    /// in distillation).
+    pub fn problem(&self, stage: Stage, st: &StageStatus) -> Option<&Problem> {
         self.pods
             .iter()
-            .filter(|p| p.stage == Some(stage) && p.attempt == Some(attempt))
-            .filter(|p| student.is_none() || p.student.as_deref() == student)
+            .filter(|p| p.stage == Some(stage))
+            .filter(|p| p.attempt == Some(st.attempt_of(p.student.as_deref())))
             .find_map(|p| p.problem.as_ref())
     }
     /// The first problem among the pods of one Job: why that Job failed (never a problem of

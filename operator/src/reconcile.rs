@@ -357,7 +357,12 @@ impl Planner<'_> {
     /// snapshot lives as long as its attempt's Jobs (a failed Job kept for its logs keeps the
     /// configuration it ran with). A snapshot older than this operator's naming is left to
     /// the run's owner reference.
-    fn delete_stale_configs(&mut self, stage: Stage, attempt: u32) {
+    fn delete_stale_configs(&mut self, stage: Stage, st: &StageStatus) {
+        let current: Vec<u32> = self
+            .stage_jobs(stage, st)
+            .iter()
+            .map(|j| j.attempt)
+            .collect();
         let run = self.ctx.name.clone();
         let has_workload = |(s, a): (Stage, u32)| {
             self.obs.jobs.iter().any(|j| {
@@ -374,8 +379,10 @@ impl Planner<'_> {
             .iter()
             .filter(|c| c.kind == Kind::ConfigMap)
             .filter(|c| {
-                names::config_map_attempt(&c.name, &run)
-                    .is_some_and(|sa| sa != (stage, attempt) && !has_workload(sa))
+                names::config_map_attempt(&c.name, &run).is_some_and(|(s, a)| {
+                    !(s == stage && (a == st.attempt || current.contains(&a)))
+                        && !has_workload((s, a))
+                })
             })
             .map(|c| c.name.clone())
             .collect();
@@ -400,10 +407,10 @@ impl Planner<'_> {
         }
     }
 
-    /// Stops the stage's Jobs of earlier attempts that still run (superseded, e.g. the other
-    /// students' Jobs of a failed distillation attempt). Finished Jobs are kept for their
+    /// Stops the stage's Jobs of earlier attempts that still run (superseded, e.g. the
+    /// students' Jobs of an evicted distillation attempt). Finished Jobs are kept for their
     /// logs; later attempts' Jobs are never touched (a stale status must not delete them).
-    fn delete_superseded_jobs(&mut self, stage: Stage, attempt: u32) {
+    fn delete_superseded_jobs(&mut self, stage: Stage, st: &StageStatus) {
         let run = self.ctx.name.clone();
         let superseded: Vec<String> = self
             .obs
@@ -411,7 +418,9 @@ impl Planner<'_> {
             .iter()
             .filter(|j| names::stage_of_job(&j.name, &run) == Some(stage))
             .filter(|j| j.state == JobState::Running)
-            .filter(|j| job_attempt(&j.name).is_some_and(|a| a < attempt))
+            .filter(|j| {
+                job_attempt(&j.name).is_some_and(|a| a < st.attempt_of(self.student_of(&j.name)))
+            })
             .map(|j| j.name.clone())
             .collect();
         for name in superseded {
@@ -419,32 +428,44 @@ impl Planner<'_> {
         }
     }
 
-    /// The stage's Jobs for an attempt, as (student, Job name).
-    fn stage_jobs(
-        &self,
-        stage: Stage,
-        attempt: u32,
-        done: &[String],
-    ) -> Vec<(Option<String>, String)> {
-        let run = &self.ctx.name;
+    /// The stage's Jobs of its current attempt: one per student not done yet, each on its own
+    /// attempt, in distillation.
+    fn stage_jobs(&self, stage: Stage, st: &StageStatus) -> Vec<StageJob> {
+        let (run, attempt) = (&self.ctx.name, st.attempt);
         match stage {
-            Stage::Warmup => vec![(None, names::warmup_job(run, attempt))],
-            Stage::Rl => vec![(None, names::learner_job(run, attempt))],
+            Stage::Warmup => vec![StageJob::of_stage(names::warmup_job(run, attempt), attempt)],
+            Stage::Rl => vec![StageJob::of_stage(
+                names::learner_job(run, attempt),
+                attempt,
+            )],
             Stage::Distillation => self
                 .run
                 .spec
                 .distillation
                 .students
                 .iter()
-                .filter(|s| !done.contains(&s.name))
+                .filter(|s| !st.completed_students.contains(&s.name))
                 .map(|s| {
-                    (
-                        Some(s.name.clone()),
-                        names::distill_job(run, &s.name, attempt),
-                    )
+                    let attempt = st.attempt_of(Some(&s.name));
+                    StageJob {
+                        name: names::distill_job(run, &s.name, attempt),
+                        student: Some(s.name.clone()),
+                        attempt,
+                    }
                 })
                 .collect(),
         }
+    }
+
+    /// The student a distillation Job of the run is for, from its name (None for the other
+    /// stages' Jobs).
+    fn student_of(&self, job: &str) -> Option<&str> {
+        let attempt = job_attempt(job)?;
+        let students = &self.run.spec.distillation.students;
+        students
+            .iter()
+            .map(|s| s.name.as_str())
+            .find(|s| names::distill_job(&self.ctx.name, s, attempt) == job)
     }
 
     fn create_job(
@@ -475,23 +496,23 @@ impl Planner<'_> {
     }
 
     /// Whether every Job of the stage's attempt (the students not done yet) has completed.
-    fn attempt_complete(&self, stage: Stage, attempt: u32, done: &[String]) -> bool {
-        let jobs = self.stage_jobs(stage, attempt, done);
+    fn attempt_complete(&self, stage: Stage, st: &StageStatus) -> bool {
+        let jobs = self.stage_jobs(stage, st);
         !jobs.is_empty()
-            && jobs.iter().all(|(_, j)| {
+            && jobs.iter().all(|j| {
                 self.obs
-                    .job(j)
+                    .job(&j.name)
                     .is_some_and(|j| j.state == JobState::Complete)
             })
     }
 
     /// What earlier attempts of the stage left running (Jobs, parameter servers) goes, and
     /// the configuration snapshots no Job needs any more.
-    fn clear_earlier_attempts(&mut self, stage: Stage, attempt: u32) {
-        self.delete_superseded_jobs(stage, attempt);
-        self.delete_stale_configs(stage, attempt);
+    fn clear_earlier_attempts(&mut self, stage: Stage, st: &StageStatus) {
+        self.delete_superseded_jobs(stage, st);
+        self.delete_stale_configs(stage, st);
         if stage == Stage::Rl {
-            self.delete_param_server_sets(Some(attempt));
+            self.delete_param_server_sets(Some(st.attempt));
         }
     }
 
@@ -514,6 +535,25 @@ impl Planner<'_> {
     }
 }
 
+/// One Job of a stage attempt.
+struct StageJob {
+    name: String,
+    /// The distillation student it trains.
+    student: Option<String>,
+    /// Its attempt: the stage's, or its student's own.
+    attempt: u32,
+}
+
+impl StageJob {
+    fn of_stage(name: String, attempt: u32) -> StageJob {
+        StageJob {
+            name,
+            student: None,
+            attempt,
+        }
+    }
+}
+
 /// The outcome of looking at the current stage's workload.
 enum Outcome {
     Running {
@@ -522,6 +562,9 @@ enum Outcome {
     Complete,
     Failed {
         message: String,
+        /// The distillation student whose Job failed (only it is retried), and that Job's
+        /// attempt.
+        student: Option<(String, u32)>,
         /// The trainer exited with its bad-configuration code: retrying cannot help.
         bad_config: bool,
         /// A pod the cluster took away, when that is why it failed ([`Activity::disruption`]).
@@ -623,11 +666,12 @@ impl Reconciler<'_> {
         stage_status_mut(&mut self.status.stages, stage)
     }
 
-    /// Records the GPU-hours of the stage's `attempt`: exactly when it `ended` (added to the
-    /// stage's ended attempts), else its share so far when it has grown enough to be worth a
-    /// write. The run's total follows.
-    fn account_gpu_hours(&mut self, stage: Stage, attempt: u32, ended: bool) {
-        let live = gpu_hours::of_attempt(&self.p.obs.pods, stage, attempt, self.now);
+    /// Records the GPU-hours of the stage's current attempt: exactly when it `ended` (added to
+    /// the stage's ended attempts), else its share so far when it has grown enough to be worth
+    /// a write. The run's total follows.
+    fn account_gpu_hours(&mut self, stage: Stage, ended: bool) {
+        let st = self.stage(stage).clone();
+        let live = gpu_hours::of_attempt(&self.p.obs.pods, stage, &st, None, self.now);
         let st = self.stage(stage);
         let before = st.ended_attempts_gpu_hours.unwrap_or(0.0);
         let total = gpu_hours::round(before + live);
@@ -645,6 +689,15 @@ impl Reconciler<'_> {
             let sum = stages.iter().flatten().sum();
             self.status.gpu_hours = Some(gpu_hours::round(sum));
         }
+    }
+
+    /// A student's attempt ended (it is retried alone): its GPU-hours join the ended attempts'.
+    fn account_student_gpu_hours(&mut self, stage: Stage, student: &str) {
+        let st = self.stage(stage).clone();
+        let ended = gpu_hours::of_attempt(&self.p.obs.pods, stage, &st, Some(student), self.now);
+        let st = self.stage(stage);
+        let before = st.ended_attempts_gpu_hours.unwrap_or(0.0);
+        st.ended_attempts_gpu_hours = Some(gpu_hours::round(before + ended));
     }
 
     fn set_progress(&mut self, stage: Stage, detail: &Detail) {
@@ -787,9 +840,9 @@ impl Reconciler<'_> {
         }
         self.start_if_new(stage);
 
-        let attempt = self.stage(stage).attempt;
-        let mut done = self.stage(stage).completed_students.clone();
-        let outcome = self.look(stage, attempt, &mut done);
+        let st = self.stage(stage).clone();
+        let (attempt, mut done) = (st.attempt, st.completed_students.clone());
+        let outcome = self.look(stage, &st, &mut done);
         self.stage(stage).completed_students = done.clone();
         if self.queue.is_some() && stage == Stage::Distillation {
             // A student that completed frees its quota now, whatever the others do.
@@ -799,49 +852,52 @@ impl Reconciler<'_> {
                 self.p.finish_workload(&name, true, &message);
             }
         }
-        let attempt = match outcome {
+        match outcome {
             Outcome::Complete => {
-                self.account_gpu_hours(stage, attempt, true);
+                self.account_gpu_hours(stage, true);
                 self.complete(stage, attempt);
                 return Next::Stage;
             }
             Outcome::Failed {
                 message,
+                student,
                 bad_config,
                 disruption,
                 stalled,
             } => {
-                self.account_gpu_hours(stage, attempt, true);
-                let retry = match disruption {
+                // A distillation student's failure is its own: only it is retried.
+                let (unit, failed) = match &student {
+                    Some((s, a)) => (Some(s.as_str()), *a),
+                    None => (None, attempt),
+                };
+                match disruption {
                     Some(pod) => {
                         let message = format!(
-                            "{message}; attempt {attempt}'s pod {pod} was disrupted (evicted, \
+                            "{message}; attempt {failed}'s pod {pod} was disrupted (evicted, \
                              preempted or its node lost) and the others only lost it"
                         );
-                        Some(self.end_uncounted(stage, attempt, DISRUPTED, message))
+                        self.end_uncounted(stage, failed, unit, DISRUPTED, message);
                     }
-                    None => self.fail(stage, attempt, message, bad_config, stalled),
-                };
-                match retry {
-                    Some(retry) => retry,
-                    None => return Next::Stop,
+                    None => {
+                        if !self.fail(stage, failed, unit, message, bad_config, stalled) {
+                            return Next::Stop;
+                        }
+                    }
                 }
             }
             Outcome::Running { problem } => {
-                if let Some(message) = self.scheduling_timed_out(stage, attempt, &done) {
-                    self.scheduling_timeout(stage, attempt, message)
+                if let Some(message) = self.scheduling_timed_out(stage, &done) {
+                    self.scheduling_timeout(stage, attempt, message);
                 } else if let Some(message) = self.param_server_not_ready(stage, attempt) {
-                    self.account_gpu_hours(stage, attempt, true);
-                    self.end_uncounted(stage, attempt, PARAM_SERVER_NOT_READY, message)
+                    self.end_uncounted(stage, attempt, None, PARAM_SERVER_NOT_READY, message);
                 } else {
-                    self.account_gpu_hours(stage, attempt, false);
+                    self.account_gpu_hours(stage, false);
                     self.report_running(stage, attempt, problem);
                     self.check_again_at_deadlines(stage, attempt);
-                    attempt
                 }
             }
-        };
-        self.ensure_workload(stage, attempt, &done);
+        }
+        self.ensure_workload(stage);
         self.show_progress(stage, &done);
         Next::Stop
     }
@@ -877,7 +933,7 @@ impl Reconciler<'_> {
         {
             // A started attempt ends here: its pods are stopped now.
             if self.stage(stage).start_time.is_some() {
-                self.account_gpu_hours(stage, attempt, true);
+                self.account_gpu_hours(stage, true);
             }
             self.p.event(
                 EventType::Normal,
@@ -906,7 +962,7 @@ impl Reconciler<'_> {
             .set(cond::SUSPENDED, false, "Resumed", "spec.suspend is false");
         let st = self.stage(stage);
         if st.start_time.is_some() {
-            st.attempt += 1;
+            st.next_attempt();
         }
         let attempt = st.attempt;
         self.p.event(
@@ -967,24 +1023,21 @@ impl Reconciler<'_> {
             },
         };
         let units = children::queue_units(&self.p.ctx, stage);
-        let (attempt, done) = {
-            let st = self.stage(stage);
-            (st.attempt, st.completed_students.clone())
-        };
-        if self.p.attempt_complete(stage, attempt, &done) {
+        let st = self.stage(stage).clone();
+        if self.p.attempt_complete(stage, &st) {
             // Its Jobs completed before an eviction was seen: the stage is done, not evicted
             // (its Workloads are finished as it completes).
             return true;
         }
         self.count_eviction(stage, &units);
-        let attempt = self.stage(stage).attempt;
-        let done = self.stage(stage).completed_students.clone();
-        let pods_gone = self
-            .activity
-            .earlier_attempt_alive(stage, attempt)
-            .is_none();
+        let st = self.stage(stage).clone();
+        let (attempt, done) = (st.attempt, &st.completed_students);
         let (mut admitted, mut waiting) = (false, None);
         for unit in &units {
+            let pods_gone = !self
+                .activity
+                .earlier_attempts_alive(stage, &st)
+                .any(|p| p.student == unit.student);
             let finished = unit.student.as_ref().is_some_and(|s| done.contains(s));
             let state = self.p.obs.workload(&unit.workload).map(|w| w.state.clone());
             match state {
@@ -1030,7 +1083,7 @@ impl Reconciler<'_> {
         if admitted {
             return true;
         }
-        self.p.clear_earlier_attempts(stage, attempt);
+        self.p.clear_earlier_attempts(stage, &st);
         let message =
             waiting.unwrap_or_else(|| format!("waiting for admission in LocalQueue {queue}"));
         self.wait_in_queue(stage, message);
@@ -1065,13 +1118,12 @@ impl Reconciler<'_> {
         }
         let (started, attempt) = (st.start_time.is_some(), st.attempt);
         if started {
-            self.account_gpu_hours(stage, attempt, true);
+            self.account_gpu_hours(stage, true);
         }
         let st = self.stage(stage);
         st.evictions += 1;
         st.last_eviction_time = Some(since);
-        st.attempt += 1;
-        let next = st.attempt;
+        let next = st.next_attempt();
         self.p.event(
             EventType::Normal,
             "Evicted",
@@ -1102,12 +1154,18 @@ impl Reconciler<'_> {
         self.set_progress(stage, &Detail::Queued);
     }
 
-    /// Looks at this attempt's Jobs; the students whose Jobs completed are added to `done`.
-    fn look(&self, stage: Stage, attempt: u32, done: &mut Vec<String>) -> Outcome {
+    /// Looks at the stage's current Jobs; the students whose Jobs completed are added to
+    /// `done`.
+    fn look(&self, stage: Stage, st: &StageStatus, done: &mut Vec<String>) -> Outcome {
         let (obs, activity) = (self.p.obs, self.activity);
-        let jobs = self.p.stage_jobs(stage, attempt, done);
+        let jobs = self.p.stage_jobs(stage, st);
         let mut all_complete = true;
-        for (student, job) in &jobs {
+        for StageJob {
+            name: job,
+            student,
+            attempt,
+        } in &jobs
+        {
             match obs.job(job).map(|j| &j.state) {
                 Some(JobState::Complete) => {
                     if let Some(s) = student {
@@ -1117,10 +1175,14 @@ impl Reconciler<'_> {
                 Some(JobState::Failed { reason, message }) => {
                     let pod = obs.job_problem(job).map(|pr| pr.message.clone());
                     let detail = pod.unwrap_or_else(|| format!("{reason}: {message}"));
+                    let student = student.as_deref();
                     return Outcome::Failed {
                         message: format!("job {job} failed: {detail}"),
-                        bad_config: activity.bad_config(stage, attempt, student.as_deref()),
-                        disruption: activity.disruption(stage, attempt).map(|p| p.name.clone()),
+                        student: student.map(|s| (s.to_string(), *attempt)),
+                        bad_config: activity.bad_config(stage, student, *attempt),
+                        disruption: activity
+                            .disruption(stage, student, *attempt)
+                            .map(|p| p.name.clone()),
                         stalled: false,
                     };
                 }
@@ -1131,7 +1193,7 @@ impl Reconciler<'_> {
             return Outcome::Complete;
         }
         if let Some((idle, limit)) = self
-            .progress_idle(stage, attempt)
+            .progress_idle(stage, st.attempt)
             .filter(|(i, l)| *i > i64::from(*l))
         {
             let step = self.status.training.as_ref().map_or(0, |t| t.step);
@@ -1139,16 +1201,17 @@ impl Reconciler<'_> {
                 message: format!(
                     "Stalled: no RL step for {idle} s (progressDeadlineSeconds {limit}; last step {step})"
                 ),
+                student: None,
                 bad_config: false,
                 disruption: None,
                 stalled: true,
             };
         }
         let problem = obs
-            .problem(stage, attempt, None)
+            .problem(stage, st)
             .map(|pr| (pr.reason.clone(), pr.message.clone()))
             .or_else(|| {
-                jobs.iter().find_map(|(_, job)| {
+                jobs.iter().find_map(|StageJob { name: job, .. }| {
                     activity.failed_create(job).map(|m| {
                         (
                             "FailedCreate".to_string(),
@@ -1184,48 +1247,47 @@ impl Reconciler<'_> {
             .finish_workloads(stage, true, &format!("{} succeeded", stage.label()));
     }
 
-    /// Counts a failed attempt: the next attempt when a retry is left (returned), else the
-    /// run fails (None).
+    /// Counts a failed attempt (of one student, in distillation: `student`): true when it is
+    /// retried (a student alone, as its own next attempt), false when the run fails.
     fn fail(
         &mut self,
         stage: Stage,
         attempt: u32,
+        student: Option<&str>,
         message: String,
         bad_config: bool,
         stalled: bool,
-    ) -> Option<u32> {
+    ) -> bool {
         let retries = self.p.run.spec.failure_policy.retries;
         let st = self.stage(stage);
         st.failures += 1;
-        let failures = st.failures;
-        let reason = format!("{}Failed", stage.phase().as_str());
+        let failures = match student {
+            Some(s) => {
+                let s = st.student_mut(s);
+                s.failures += 1;
+                s.failures
+            }
+            None => st.failures,
+        };
+        let of = student.map_or_else(String::new, |s| format!("student {s}: "));
+        let message = format!("{of}{message}");
         if bad_config || failures > retries {
             let why = if bad_config {
                 "the trainer reported a bad configuration: not retried".to_string()
             } else {
-                format!("{failures} failures, retries {retries}")
+                format!("{of}{failures} failures, retries {retries}")
             };
-            let message = clip(format!("{message} (attempt {attempt}; {why})"));
-            self.conds()
-                .set(stage.complete_condition(), false, &reason, &message);
-            self.conds().set(cond::FAILED, true, &reason, &message);
-            self.p.finish_workloads(stage, false, &message);
-            self.p.event(
-                EventType::Warning,
-                &reason,
-                &stage_action(stage, attempt),
-                message,
-            );
-            self.p.delete_stage_jobs(stage, true);
-            self.p.delete_param_servers();
-            self.set_progress(stage, &Detail::Failed);
-            return None;
+            self.account_gpu_hours(stage, true);
+            self.fail_run(stage, clip(format!("{message} (attempt {attempt}; {why})")));
+            return false;
         }
-        let st = self.stage(stage);
-        st.attempt += 1;
-        let attempt = st.attempt;
+        let next = self.next_attempt_of(stage, student);
+        let alone = match student {
+            Some(s) => format!(" student {s} alone (the others run on)"),
+            None => String::new(),
+        };
         let message = clip(format!(
-            "{message}; retrying as attempt {attempt} ({failures} of {retries} retries used)"
+            "{message}; retrying{alone} as attempt {next} ({failures} of {retries} retries used)"
         ));
         let reason = if stalled { STALLED } else { "Retrying" };
         self.conds()
@@ -1233,23 +1295,66 @@ impl Reconciler<'_> {
         self.p.event(
             EventType::Warning,
             reason,
+            &stage_action(stage, next),
+            message,
+        );
+        true
+    }
+
+    /// The run fails in `stage`: everything of it stops, its Workloads free their quota.
+    fn fail_run(&mut self, stage: Stage, message: String) {
+        let attempt = self.stage(stage).attempt;
+        let reason = format!("{}Failed", stage.phase().as_str());
+        self.conds()
+            .set(stage.complete_condition(), false, &reason, &message);
+        self.conds().set(cond::FAILED, true, &reason, &message);
+        self.p.finish_workloads(stage, false, &message);
+        self.p.event(
+            EventType::Warning,
+            &reason,
             &stage_action(stage, attempt),
             message,
         );
-        Some(attempt)
+        self.p.delete_stage_jobs(stage, true);
+        self.p.delete_param_servers();
+        self.set_progress(stage, &Detail::Failed);
     }
 
-    /// An attempt ended by what happened to its pods rather than by the run (a disruption,
-    /// [`Activity::disruption`]; a parameter server not Ready for too long): retried as the
-    /// next attempt (from the last checkpoint, with fresh pods), counted in `disruptions`,
-    /// never in `failures`.
-    fn end_uncounted(&mut self, stage: Stage, attempt: u32, reason: &str, message: String) -> u32 {
-        let st = self.stage(stage);
-        st.disruptions += 1;
-        st.attempt += 1;
-        let next = st.attempt;
+    /// Ends the current attempt of the stage, or of one student alone, and returns the one
+    /// that follows (the student's own). The ended attempt's GPU-hours are final.
+    fn next_attempt_of(&mut self, stage: Stage, student: Option<&str>) -> u32 {
+        match student {
+            Some(s) => {
+                self.account_student_gpu_hours(stage, s);
+                self.stage(stage).next_student_attempt(s)
+            }
+            None => {
+                self.account_gpu_hours(stage, true);
+                self.stage(stage).next_attempt()
+            }
+        }
+    }
+
+    /// An attempt (of the stage, or of one student) ended by what happened to its pods rather
+    /// than by the run (a disruption, [`Activity::disruption`]; a parameter server not Ready
+    /// for too long): retried as the next attempt (from the last checkpoint, with fresh pods),
+    /// counted in `disruptions`, never in `failures`.
+    fn end_uncounted(
+        &mut self,
+        stage: Stage,
+        attempt: u32,
+        student: Option<&str>,
+        reason: &str,
+        message: String,
+    ) {
+        self.stage(stage).disruptions += 1;
+        let next = self.next_attempt_of(stage, student);
+        let (of, alone) = match student {
+            Some(s) => (format!("student {s}: "), format!(" student {s} alone")),
+            None => (String::new(), String::new()),
+        };
         let message = clip(format!(
-            "{message}: retrying as attempt {next}, not counted as a failure"
+            "{of}{message}: retrying{alone} as attempt {next}, not counted as a failure"
         ));
         self.conds()
             .set(stage.complete_condition(), false, reason, &message);
@@ -1259,7 +1364,6 @@ impl Reconciler<'_> {
             &stage_action(stage, attempt),
             message,
         );
-        next
     }
 
     /// `rl.paramServerNotReadySeconds`: a message when a running parameter server of the
@@ -1289,20 +1393,15 @@ impl Reconciler<'_> {
 
     /// `failurePolicy.schedulingTimeoutSeconds`: a message when the attempt's pods have not all
     /// been running within it since its Jobs were created.
-    fn scheduling_timed_out(
-        &mut self,
-        stage: Stage,
-        attempt: u32,
-        done: &[String],
-    ) -> Option<String> {
+    fn scheduling_timed_out(&mut self, stage: Stage, done: &[String]) -> Option<String> {
         let limit = self.p.run.spec.failure_policy.scheduling_timeout_seconds?;
+        let st = self.stage(stage).clone();
         let created = self
             .p
-            .obs
-            .jobs
+            .stage_jobs(stage, &st)
             .iter()
-            .filter(|j| names::stage_of_job(&j.name, &self.p.ctx.name) == Some(stage))
-            .filter(|j| job_attempt(&j.name) == Some(attempt) && j.state == JobState::Running)
+            .filter_map(|j| self.p.obs.job(&j.name))
+            .filter(|j| j.state == JobState::Running)
             .filter_map(|j| j.created.as_ref())
             .map(|t| t.0)
             .min()?;
@@ -1312,8 +1411,8 @@ impl Reconciler<'_> {
             .obs
             .pods
             .iter()
-            .filter(|p| p.stage == Some(stage) && p.attempt == Some(attempt) && !p.deleting)
-            .filter(|p| p.started.is_some())
+            .filter(|p| p.stage == Some(stage) && !p.deleting && p.started.is_some())
+            .filter(|p| p.attempt == Some(st.attempt_of(p.student.as_deref())))
             .count();
         if running >= expected {
             return None;
@@ -1331,8 +1430,8 @@ impl Reconciler<'_> {
 
     /// Tears down an attempt that could not get all its pods running: the GPUs its running
     /// pods hold are freed, and the next attempt starts after as long again (not a failure).
-    fn scheduling_timeout(&mut self, stage: Stage, attempt: u32, message: String) -> u32 {
-        self.account_gpu_hours(stage, attempt, true);
+    fn scheduling_timeout(&mut self, stage: Stage, attempt: u32, message: String) {
+        self.account_gpu_hours(stage, true);
         let limit = self
             .p
             .run
@@ -1343,9 +1442,8 @@ impl Reconciler<'_> {
         let later = self.now.0 + std::time::Duration::from_secs(u64::from(limit));
         let st = self.stage(stage);
         st.scheduling_timeouts += 1;
-        st.attempt += 1;
         st.next_attempt_time = Some(Time(later));
-        let next = st.attempt;
+        let next = st.next_attempt();
         let message = clip(format!(
             "{message}: its pods are stopped and attempt {next} starts in {limit} s (not a failure)"
         ));
@@ -1361,7 +1459,6 @@ impl Reconciler<'_> {
             &stage_action(stage, attempt),
             message,
         );
-        next
     }
 
     /// RL's progress deadline: (seconds without a new step, the limit), once the attempt's
@@ -1407,15 +1504,26 @@ impl Reconciler<'_> {
     /// The stage condition says what the running attempt is doing (or what troubles its pods).
     fn report_running(&mut self, stage: Stage, attempt: u32, problem: Option<(String, String)>) {
         // While an earlier attempt's pods linger, the condition keeps saying why.
+        let st = self.stage(stage).clone();
         if self
             .activity
-            .earlier_attempt_alive(stage, attempt)
+            .earlier_attempts_alive(stage, &st)
+            .next()
             .is_some()
         {
             return;
         }
-        let (reason, message) =
-            problem.unwrap_or_else(|| ("Running".into(), format!("attempt {attempt} running")));
+        let alone: Vec<String> = st
+            .students
+            .iter()
+            .filter(|(name, _)| !st.completed_students.contains(name))
+            .map(|(name, s)| format!("{name} on attempt {}", s.attempt))
+            .collect();
+        let running = match alone.is_empty() {
+            true => format!("attempt {attempt} running"),
+            false => format!("attempt {attempt} running ({})", alone.join(", ")),
+        };
+        let (reason, message) = problem.unwrap_or_else(|| ("Running".into(), running));
         let message = clip(message);
         if self
             .conds()
@@ -1433,53 +1541,61 @@ impl Reconciler<'_> {
         }
     }
 
-    /// The workload of the (possibly new) attempt, once the earlier attempts' pods are gone;
-    /// of a queued run, only the units Kueue admitted, placed as their admission says.
-    fn ensure_workload(&mut self, stage: Stage, attempt: u32, done: &[String]) {
-        self.p.clear_earlier_attempts(stage, attempt);
-        let not_before = self.stage(stage).next_attempt_time.clone();
-        if let Some(t) = not_before.filter(|t| t.0 > self.now.0) {
+    /// The workload of the (possibly new) attempt: each unit's (the stage's, or a student's
+    /// own) once its earlier attempts' pods are gone; of a queued run, only the units Kueue
+    /// admitted, placed as their admission says.
+    fn ensure_workload(&mut self, stage: Stage) {
+        let st = self.stage(stage).clone();
+        self.p.clear_earlier_attempts(stage, &st);
+        if let Some(t) = st.next_attempt_time.as_ref().filter(|t| t.0 > self.now.0) {
             // After a scheduling timeout: the GPUs stay free a while for others.
             self.requeue_within(t.0.duration_since(self.now.0).as_secs());
             return;
         }
-        if self
+        let lingering: Vec<Option<String>> = self
             .activity
-            .earlier_attempt_alive(stage, attempt)
-            .is_none()
-        {
-            let placements: Vec<(Option<String>, String, Option<Placements>)> = self
-                .p
-                .stage_jobs(stage, attempt, done)
-                .into_iter()
-                .filter_map(|(student, job)| {
-                    let placement = self.placement(stage, student.as_deref())?;
-                    Some((student, job, placement))
-                })
-                .collect();
-            let p = &mut self.p;
-            if placements.is_empty() {
-                return;
+            .earlier_attempts_alive(stage, &st)
+            .map(|p| p.student.clone())
+            .collect();
+        let jobs: Vec<(StageJob, Option<Placements>)> = self
+            .p
+            .stage_jobs(stage, &st)
+            .into_iter()
+            .filter(|j| !lingering.contains(&j.student))
+            .filter_map(|j| {
+                let placement = self.placement(stage, j.student.as_deref())?;
+                Some((j, placement))
+            })
+            .collect();
+        let p = &mut self.p;
+        if !jobs.is_empty() {
+            // Each attempt's configuration first: its pods mount it.
+            let attempts: std::collections::BTreeSet<u32> =
+                jobs.iter().map(|(j, _)| j.attempt).collect();
+            for attempt in attempts {
+                let config = names::config_map(&p.ctx.name, stage, attempt);
+                p.create(Kind::ConfigMap, &config, |ctx| {
+                    children::config_map(ctx, stage, attempt)
+                });
             }
-            // The attempt's configuration first: its pods mount it.
-            let config = names::config_map(&p.ctx.name, stage, attempt);
-            p.create(Kind::ConfigMap, &config, |ctx| {
-                children::config_map(ctx, stage, attempt)
-            });
             if stage == Stage::Rl {
                 p.ensure(children::param_server_service(&p.ctx));
                 // Once per attempt: re-applying an edited set would roll its shards under
                 // running learners.
-                let set = names::param_server_set(&p.ctx.name, attempt);
-                let placement = placements[0].2.clone();
+                let set = names::param_server_set(&p.ctx.name, st.attempt);
+                let placement = jobs[0].1.clone();
                 p.create(Kind::StatefulSet, &set, |ctx| {
-                    placed(children::param_server_set(ctx, attempt), placement.as_ref())
+                    placed(
+                        children::param_server_set(ctx, st.attempt),
+                        placement.as_ref(),
+                    )
                 });
             } else if children::needs_ranks_service(p.run) {
                 p.ensure(children::ranks_service(&p.ctx));
             }
-            for (student, job, placement) in placements {
-                p.create_job(stage, attempt, student.as_deref(), &job, placement.as_ref());
+            for (job, placement) in jobs {
+                let student = job.student.as_deref();
+                p.create_job(stage, job.attempt, student, &job.name, placement.as_ref());
             }
         }
         if stage == Stage::Rl {

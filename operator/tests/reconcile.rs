@@ -1857,3 +1857,158 @@ fn a_parameter_server_not_ready_for_too_long_ends_the_attempt_without_a_failure(
         .delete
         .contains(&(Kind::StatefulSet, "tiny-cpu-ps-0".to_string())));
 }
+
+/// Walks a world of two students (`small`, `big`) to the start of distillation.
+fn at_two_students() -> World {
+    let yaml = TINY.replace(
+        "students: [{name: student, model: {tiny: {seed: 2}}}]",
+        "students: [{name: small, model: {tiny: {seed: 2}}}, {name: big, model: {tiny: {seed: 3}}}]",
+    );
+    let mut w = World::new(run_from(&yaml));
+    w.step();
+    w.set_job("tiny-cpu-warmup-0", JobState::Complete);
+    w.step();
+    w.set_job("tiny-cpu-learner-0", JobState::Complete);
+    w.step();
+    assert_eq!(w.phase(), Phase::Distillation);
+    w
+}
+
+fn student_pod(student: &str, attempt: u32) -> PodRef {
+    PodRef {
+        name: format!("tiny-cpu-distill-{student}-{attempt}-0"),
+        stage: Some(Stage::Distillation),
+        attempt: Some(attempt),
+        student: Some(student.into()),
+    }
+}
+
+#[test]
+fn a_failed_student_is_retried_alone_while_the_others_run_on() {
+    let mut w = at_two_students();
+    w.activity.live = vec![student_pod("big", 0)];
+    w.set_job("tiny-cpu-distill-small-0", fail("BackoffLimitExceeded"));
+    let plan = w.step();
+    // big's Job runs on untouched; small alone gets its attempt 1 (and that attempt's config).
+    assert!(plan.delete.is_empty(), "{:?}", plan.delete);
+    assert_eq!(
+        applied(&plan),
+        vec![
+            (
+                Kind::ConfigMap,
+                "tiny-cpu-config-distillation-1".to_string()
+            ),
+            (Kind::Job, "tiny-cpu-distill-small-1".to_string())
+        ]
+    );
+    let st = w.status().stages.distillation.clone().unwrap();
+    assert_eq!(
+        (st.attempt, st.failures),
+        (0, 1),
+        "the stage's attempt stays"
+    );
+    let small = &st.students["small"];
+    assert_eq!((small.attempt, small.failures), (1, 1));
+    assert!(!st.students.contains_key("big"));
+    let (_, reason, message) = w.condition(cond::DISTILLATION_COMPLETE);
+    assert_eq!(reason, "Retrying");
+    assert!(
+        message.starts_with("student small: job tiny-cpu-distill-small-0 failed")
+            && message.contains("retrying student small alone (the others run on) as attempt 1"),
+        "{message}"
+    );
+    assert_eq!(plan.events[0].action, "DistillationAttempt1");
+    // Both run: nothing to create or delete; neither is taken for the other's earlier attempt.
+    w.activity.live = vec![student_pod("big", 0), student_pod("small", 1)];
+    let plan = w.step();
+    assert!(plan.apply.is_empty() && plan.delete.is_empty(), "{plan:#?}");
+    let (_, reason, message) = w.condition(cond::DISTILLATION_COMPLETE);
+    assert_eq!(
+        (reason.as_str(), message.as_str()),
+        ("Running", "attempt 0 running (small on attempt 1)")
+    );
+
+    // small's attempt 1 loses a pod to the cluster: retried alone again, not counted.
+    let disrupted = student_pod("small", 1);
+    w.activity.disrupted = vec![disrupted.clone()];
+    w.activity.live = vec![student_pod("big", 0)];
+    w.set_job("tiny-cpu-distill-small-1", fail("BackoffLimitExceeded"));
+    let plan = w.step();
+    assert_eq!(
+        applied(&plan),
+        vec![
+            (
+                Kind::ConfigMap,
+                "tiny-cpu-config-distillation-2".to_string()
+            ),
+            (Kind::Job, "tiny-cpu-distill-small-2".to_string())
+        ]
+    );
+    let st = w.status().stages.distillation.clone().unwrap();
+    assert_eq!((st.failures, st.disruptions), (1, 1));
+    assert_eq!(st.students["small"].attempt, 2);
+    assert_eq!(w.condition(cond::DISTILLATION_COMPLETE).1, "Disrupted");
+    w.activity.disrupted.clear();
+
+    // big finishes on its first attempt, then small on its third: the stage succeeds.
+    w.set_job("tiny-cpu-distill-big-0", JobState::Complete);
+    w.activity.live = vec![student_pod("small", 2)];
+    w.step();
+    assert_eq!(w.status().progress.as_deref(), Some("3/3 distill 1/2"));
+    w.set_job("tiny-cpu-distill-small-2", JobState::Complete);
+    w.activity.live.clear();
+    w.step();
+    assert_eq!(w.phase(), Phase::Succeeded);
+}
+
+#[test]
+fn a_student_out_of_retries_fails_the_run_and_stops_the_others() {
+    let mut w = at_two_students();
+    w.bump_spec(|r| r.spec.failure_policy.retries = 1);
+    w.step();
+    w.activity.live = vec![student_pod("big", 0)];
+    w.set_job("tiny-cpu-distill-small-0", fail("BackoffLimitExceeded"));
+    w.step();
+    assert_eq!(w.phase(), Phase::Distillation);
+    w.set_job("tiny-cpu-distill-small-1", fail("BackoffLimitExceeded"));
+    let plan = w.step();
+    assert_eq!(w.phase(), Phase::Failed);
+    let (_, reason, message) = w.condition(cond::FAILED);
+    assert_eq!(reason, "DistillationFailed");
+    assert!(
+        message.contains("student small: 2 failures, retries 1"),
+        "{message}"
+    );
+    assert_eq!(
+        plan.delete,
+        vec![(Kind::Job, "tiny-cpu-distill-big-0".to_string())],
+        "the other student's running Job stops; the failed ones stay for their logs"
+    );
+    let st = w.status().stages.distillation.clone().unwrap();
+    assert_eq!((st.failures, st.students["small"].failures), (2, 2));
+}
+
+#[test]
+fn a_stage_wide_new_attempt_moves_every_student_on_past_its_own() {
+    let mut w = at_two_students();
+    w.set_job("tiny-cpu-distill-small-0", fail("BackoffLimitExceeded"));
+    w.step(); // small alone on attempt 1
+    w.bump_spec(|r| r.spec.suspend = true);
+    let plan = w.step();
+    let mut deleted: Vec<_> = plan.delete.iter().map(|(_, n)| n.as_str()).collect();
+    deleted.sort();
+    assert_eq!(
+        deleted,
+        ["tiny-cpu-distill-big-0", "tiny-cpu-distill-small-1"]
+    );
+    w.bump_spec(|r| r.spec.suspend = false);
+    let plan = w.step();
+    let jobs: Vec<String> = applied(&plan)
+        .into_iter()
+        .filter(|(k, _)| *k == Kind::Job)
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(jobs, ["tiny-cpu-distill-small-2", "tiny-cpu-distill-big-1"]);
+    let st = w.status().stages.distillation.clone().unwrap();
+    assert_eq!((st.attempt, st.attempt_of(Some("small"))), (1, 2));
+}

@@ -57,6 +57,9 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a pod's log (and the last line the operator lifts into
+        // the run's condition from it) stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // A role started with RLT_CONFIG (an operator pod) builds its configuration from the run
     // (`runconfig::Staged`); flags given on the command line override it.
