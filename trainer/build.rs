@@ -1,7 +1,7 @@
 // Generates the parameter-server gRPC code from proto/param_server.proto, using the protoc
 // binary vendored as a crate so no system protoc is needed; and makes the binaries load
 // libtorch's CUDA backend.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -14,7 +14,82 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_protos(&["proto/param_server.proto"], &["proto"])?;
     link_cuda_backend();
     cuda_stats();
+    c10d();
     Ok(())
+}
+
+/// Where the installed libtorch is: (its `lib/`, its `include/`, the site-packages around it).
+fn libtorch() -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").ok()?);
+    let torch = lib.parent()?.to_path_buf();
+    let site = torch.parent()?.to_path_buf();
+    Some((lib, torch.join("include"), site))
+}
+
+/// The CUDA runtime's headers beside torch (PyPI's `nvidia-cuda-runtime` and
+/// `nvidia-cuda-crt` wheels), where libtorch has its CUDA backend.
+fn cuda_include(lib: &Path, site: &Path) -> Option<PathBuf> {
+    if !lib.join("libc10_cuda.so").exists() {
+        return None;
+    }
+    std::fs::read_dir(site.join("nvidia"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("include"))
+        .find(|d| d.join("cuda_runtime_api.h").exists() && d.join("crt/host_config.h").exists())
+}
+
+/// `csrc/c10d.cpp`, the C face of libtorch's c10d process groups (`src/c10d.rs`), compiled
+/// against the installed libtorch's headers and Gloo's (ProcessGroupGloo.hpp includes them and
+/// the PyPI wheel leaves them out: Debian's `libgloo-dev`, or `RLT_GLOO_INCLUDE`). With
+/// ProcessGroupNCCL where libtorch has CUDA and NCCL's headers and CUDA's (`nv/target` is
+/// the `nvidia-cuda-cccl` wheel's) are beside it; `rlt_c10d_has_nccl` tells which.
+fn c10d() {
+    println!("cargo:rerun-if-changed=csrc/c10d.cpp");
+    println!("cargo:rerun-if-env-changed=RLT_GLOO_INCLUDE");
+    let Some((lib, include, site)) = libtorch() else {
+        panic!("torch-sys did not say where libtorch is (DEP_TCH_LIBTORCH_LIB)");
+    };
+    let gloo = std::env::var_os("RLT_GLOO_INCLUDE").map(PathBuf::from);
+    let gloo_dir = gloo
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/usr/include"));
+    if !gloo_dir.join("gloo/context.h").exists() {
+        panic!(
+            "no Gloo headers ({}/gloo/context.h): libtorch's ProcessGroupGloo.hpp needs them. \
+             Install Debian's libgloo-dev (scripts/dev setup does) or set RLT_GLOO_INCLUDE",
+            gloo_dir.display()
+        );
+    }
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++20")
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_GLOO", None);
+    if let Some(g) = gloo {
+        build.include(g);
+    }
+    let nccl = site.join("nvidia/nccl/include");
+    match cuda_include(&lib, &site) {
+        Some(cuda) if cuda.join("nv/target").exists() && nccl.join("nccl.h").exists() => {
+            build
+                .include(cuda)
+                .include(nccl)
+                .define("USE_C10D_NCCL", None)
+                .define("RLT_NCCL", None);
+            println!("cargo:rustc-link-lib=torch_cuda");
+        }
+        _ => println!("cargo:warning=no CUDA libtorch, NCCL or CUDA headers: c10d is Gloo only"),
+    }
+    build.file("csrc/c10d.cpp").compile("rlt_c10d");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=torch_cpu");
+    println!("cargo:rustc-link-lib=c10");
 }
 
 /// `csrc/cuda_stats.cpp` (the caching allocator's peak, which tch does not expose), built
@@ -24,21 +99,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 fn cuda_stats() {
     println!("cargo:rustc-check-cfg=cfg(rlt_cuda_stats)");
     println!("cargo:rerun-if-changed=csrc/cuda_stats.cpp");
-    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+    let Some((lib, include, site)) = libtorch() else {
         return;
     };
-    let lib = Path::new(&lib);
-    let site = lib.parent().and_then(Path::parent);
-    let (Some(torch), Some(site)) = (lib.parent(), site) else {
-        return;
-    };
-    let cuda = std::fs::read_dir(site.join("nvidia"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("include"))
-        .find(|d| d.join("cuda_runtime_api.h").exists() && d.join("crt/host_config.h").exists());
-    let (true, Some(cuda)) = (lib.join("libc10_cuda.so").exists(), cuda) else {
+    let Some(cuda) = cuda_include(&lib, &site) else {
         println!("cargo:warning=no CUDA libtorch or CUDA headers: the GPU check reports no allocator peak");
         return;
     };
@@ -46,8 +110,8 @@ fn cuda_stats() {
         .cpp(true)
         .std("c++17")
         .warnings(false)
-        .include(torch.join("include"))
-        .include(torch.join("include/torch/csrc/api/include"))
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
         .include(cuda)
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .file("csrc/cuda_stats.cpp")

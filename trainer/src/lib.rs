@@ -16,7 +16,9 @@
 //! - [`pipeline`]: every stage as local processes; [`bench_effect`]: what RL buys
 //! - [`exit`]: exit codes and the termination message of a failed role
 pub mod bench;
+pub mod bench_collectives;
 pub mod bench_effect;
+pub mod c10d;
 pub mod checkpoint;
 pub mod cli;
 pub mod collective;

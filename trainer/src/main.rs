@@ -48,6 +48,8 @@ enum Command {
     /// The effect of RL, measured: warm-up vs RL teacher reward, and students distilled from
     /// each (and from solutions alone) by held-out accuracy and solution log-likelihood.
     BenchEffect(rlt_trainer::bench_effect::BenchEffectArgs),
+    /// All-reduce across rank processes here: libtorch's c10d (Gloo) beside the TCP ring.
+    BenchCollectives(rlt_trainer::bench_collectives::BenchCollectivesArgs),
 }
 
 fn main() {
@@ -103,5 +105,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pipeline(a) => rlt_trainer::pipeline::pipeline(a).map(|_| ()),
         Command::GpuCheck(a) => rlt_trainer::gpu_check::gpu_check(a),
         Command::BenchEffect(a) => rlt_trainer::bench_effect::bench_effect(a).map(|_| ()),
+        Command::BenchCollectives(a) => rlt_trainer::bench_collectives::bench_collectives(a),
     }
 }
