@@ -71,11 +71,7 @@ fn run_all(a: &BenchCollectivesArgs) -> Result<()> {
         ranks.push(cmd.spawn().context("starting a rank")?);
     }
     let mut rank0 = ranks.remove(0);
-    let out = rank0
-        .stdout
-        .take()
-        .map(std::io::read_to_string)
-        .transpose();
+    let out = rank0.stdout.take().map(std::io::read_to_string).transpose();
     let mut failed = !rank0.wait()?.success();
     for mut r in ranks {
         failed |= !r.wait()?.success();
