@@ -273,47 +273,20 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let k = repeat_kv(&k, self.heads / self.kv_heads);
-        let v = repeat_kv(&v, self.heads / self.kv_heads);
+        // Grouped-query attention inside SDPA (each K/V head serves heads / kv_heads query
+        // heads) rather than K/V copied per query head on every layer and step.
+        let gqa = self.heads != self.kv_heads;
+        let sdpa = |mask: Option<&Tensor>, causal: bool| {
+            Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, gqa)
+        };
         let y = match mask {
-            AttnMask::Causal => Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                true,
-                None,
-                false,
-            ),
-            AttnMask::None => Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                false,
-                None,
-                false,
-            ),
-            AttnMask::Explicit(m) => {
-                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false)
-            }
+            AttnMask::Causal => sdpa(None, true),
+            AttnMask::None => sdpa(None, false),
+            AttnMask::Explicit(m) => sdpa(Some(m), false),
         };
         self.o_proj
             .forward(&y.transpose(1, 2).reshape([b, t, self.heads * d]))
     }
-}
-
-/// `[b, kv, s, d]` -> `[b, kv * n, s, d]`, each kv head repeated for its group of query heads.
-fn repeat_kv(x: &Tensor, n: i64) -> Tensor {
-    if n == 1 {
-        return x.shallow_clone();
-    }
-    let (b, kv, s, d) = x.size4().unwrap();
-    x.unsqueeze(2)
-        .expand([b, kv, n, s, d], false)
-        .reshape([b, kv * n, s, d])
 }
 
 #[derive(Debug)]
