@@ -42,13 +42,13 @@ fn cuda_include(lib: &Path, site: &Path) -> Option<PathBuf> {
 
 /// `csrc/c10d.cpp`, the C face of libtorch's c10d process groups (`src/c10d.rs`), compiled
 /// against the installed libtorch's headers and Gloo's (ProcessGroupGloo.hpp includes them and
-/// the PyPI wheel leaves them out: Debian's `libgloo-dev`, or `RLT_GLOO_INCLUDE`). With
-/// ProcessGroupNCCL where libtorch has CUDA and NCCL's headers and CUDA's (`nv/target` is
-/// the `nvidia-cuda-cccl` wheel's) are beside it; `rlt_c10d_has_nccl` tells which.
+/// the PyPI wheel leaves them out: Debian's `libgloo-dev`, or `RLT_GLOO_INCLUDE`). Gloo only:
+/// ProcessGroupNCCL lives in libtorch_cuda.so, which the CPU image's binary must not need
+/// (images/stage.sh drops it), so NCCL waits for a library of its own loaded at run time.
 fn c10d() {
     println!("cargo:rerun-if-changed=csrc/c10d.cpp");
     println!("cargo:rerun-if-env-changed=RLT_GLOO_INCLUDE");
-    let Some((lib, include, site)) = libtorch() else {
+    let Some((lib, include, _)) = libtorch() else {
         panic!("torch-sys did not say where libtorch is (DEP_TCH_LIBTORCH_LIB)");
     };
     let gloo = std::env::var_os("RLT_GLOO_INCLUDE").map(PathBuf::from);
@@ -73,18 +73,6 @@ fn c10d() {
         .define("USE_C10D_GLOO", None);
     if let Some(g) = gloo {
         build.include(g);
-    }
-    let nccl = site.join("nvidia/nccl/include");
-    match cuda_include(&lib, &site) {
-        Some(cuda) if cuda.join("nv/target").exists() && nccl.join("nccl.h").exists() => {
-            build
-                .include(cuda)
-                .include(nccl)
-                .define("USE_C10D_NCCL", None)
-                .define("RLT_NCCL", None);
-            println!("cargo:rustc-link-lib=torch_cuda");
-        }
-        _ => println!("cargo:warning=no CUDA libtorch, NCCL or CUDA headers: c10d is Gloo only"),
     }
     build.file("csrc/c10d.cpp").compile("rlt_c10d");
     println!("cargo:rustc-link-search=native={}", lib.display());

@@ -1,5 +1,5 @@
-// The data-parallel ranks' process group: libtorch's own c10d (ProcessGroupGloo on CPU,
-// ProcessGroupNCCL on CUDA), met through its TCPStore the way torchrun's ranks meet, behind a
+// The data-parallel ranks' process group: libtorch's own c10d (ProcessGroupGloo; with RLT_NCCL,
+// ProcessGroupNCCL), met through its TCPStore the way torchrun's ranks meet, behind a
 // small C interface for `src/c10d.rs`. Tensors cross as tch's handles (`at::Tensor*`).
 //
 // Only c10d's declarations are compiled here: every Gloo and NCCL object is made and used
@@ -77,8 +77,8 @@ rlt_pg* rlt_c10d_new(const char* master, uint16_t port, int rank, int world,
       backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
 #else
       throw std::runtime_error(
-          "this rlt-trainer was built without NCCL (libtorch without CUDA, or no nccl.h "
-          "beside it when it was built)");
+          "this rlt-trainer was built without NCCL (ProcessGroupNCCL is in libtorch_cuda.so, "
+          "which the CPU image's binary must not need)");
 #endif
     } else {
       auto opts = c10d::ProcessGroupGloo::Options::create();

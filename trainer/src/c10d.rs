@@ -1,7 +1,8 @@
-//! libtorch's c10d collectives for the data-parallel ranks: a process group (Gloo for CPU
-//! tensors, NCCL for CUDA ones) whose ranks meet through c10d's TCPStore as torchrun's do
-//! (`MASTER_ADDR`, `MASTER_PORT`, `WORLD_SIZE`, `RANK`). The group itself is libtorch's
-//! (`csrc/c10d.cpp` is only its C face); tensors cross as tch's handles, without a copy.
+//! libtorch's c10d collectives for the data-parallel ranks: a process group (Gloo; NCCL once it
+//! has a library of its own, see `build.rs`) whose ranks meet through c10d's TCPStore as
+//! torchrun's do (`MASTER_ADDR`, `MASTER_PORT`, `WORLD_SIZE`, `RANK`). The group itself is
+//! libtorch's (`csrc/c10d.cpp` is only its C face); tensors cross as tch's handles, without a
+//! copy.
 use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::{c_char, CStr, CString};
 use std::ptr::NonNull;
@@ -69,8 +70,7 @@ impl Backend {
         }
     }
 
-    /// Whether this build of the trainer can run it (NCCL needs a CUDA libtorch and NCCL's
-    /// headers where it was built).
+    /// Whether this build of the trainer can run it (Gloo only, for now).
     pub fn available(self) -> bool {
         self == Backend::Gloo || unsafe { rlt_c10d_has_nccl() } == 1
     }
@@ -180,7 +180,7 @@ impl ProcessGroup {
         timeout: Duration,
     ) -> Result<ProcessGroup> {
         if !backend.available() {
-            bail!("c10d backend {backend:?} is not in this build of rlt-trainer (CUDA libtorch and NCCL headers are needed where it is built)");
+            bail!("c10d backend {backend:?} is not in this build of rlt-trainer");
         }
         let master = CString::new(rdzv.master_addr.as_str()).context("MASTER_ADDR")?;
         let prefix = CString::new(tag).context("group tag")?;
