@@ -2108,15 +2108,7 @@ async fn s18_one_failing_student_is_retried_alone_and_leaves_the_others_running(
         "steady's pod was not left running: phase {phase_now:?}, deleting {:?}",
         now.metadata.deletion_timestamp
     );
-    let done = wait_for("the run to succeed", secs(600), async || {
-        let run = api.get(name).await?;
-        match phase(&run) {
-            "Succeeded" => Ok(Some(run)),
-            "Failed" => bail!("{name} failed: {}", run.data["status"]),
-            _ => Ok(None),
-        }
-    })
-    .await?;
+    let done = wait_phase(&client, name, "Succeeded", secs(600)).await?;
     // Each student finished on its own attempt: steady on its first, crashy on its second.
     let complete = |job: Option<Job>| {
         job.and_then(|j| j.status?.conditions).is_some_and(|cs| {

@@ -886,7 +886,7 @@ impl Reconciler<'_> {
                 }
             }
             Outcome::Running { problem } => {
-                if let Some(message) = self.scheduling_timed_out(stage, &done) {
+                if let Some(message) = self.scheduling_timed_out(stage) {
                     self.scheduling_timeout(stage, attempt, message);
                 } else if let Some(message) = self.param_server_not_ready(stage, attempt) {
                     self.end_uncounted(stage, attempt, None, PARAM_SERVER_NOT_READY, message);
@@ -1393,7 +1393,7 @@ impl Reconciler<'_> {
 
     /// `failurePolicy.schedulingTimeoutSeconds`: a message when the attempt's pods have not all
     /// been running within it since its Jobs were created.
-    fn scheduling_timed_out(&mut self, stage: Stage, done: &[String]) -> Option<String> {
+    fn scheduling_timed_out(&mut self, stage: Stage) -> Option<String> {
         let limit = self.p.run.spec.failure_policy.scheduling_timeout_seconds?;
         let st = self.stage(stage).clone();
         let created = self
@@ -1405,7 +1405,7 @@ impl Reconciler<'_> {
             .filter_map(|j| j.created.as_ref())
             .map(|t| t.0)
             .min()?;
-        let expected = expected_pods(self.p.run, stage, done);
+        let expected = expected_pods(self.p.run, stage, &st.completed_students);
         let running = self
             .p
             .obs
