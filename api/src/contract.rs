@@ -66,10 +66,20 @@ pub mod env {
     /// data-parallel stage has `RLT_REPLICAS` x this ranks; the rank of local rank `l` is
     /// `RLT_REPLICA_INDEX` x this + `l`.
     pub const RANKS_PER_POD: &str = "RLT_RANKS_PER_POD";
-    /// Comma-separated `host:port` of every pod of a data-parallel stage (warm-up, a student's
-    /// distillation), in index order: where its ranks meet for their collective. Local rank
-    /// `l` of a pod listens on `port + l`. Unset for a single-pod, single-rank stage.
-    pub const PEERS: &str = "RLT_PEERS";
+    /// torchrun's rendezvous, for the ranks of a data-parallel stage (warm-up, a student's
+    /// distillation) with more than one: the host of rank 0 (pod 0's DNS name under the ranks'
+    /// headless Service, loopback when every rank is in one pod), whose c10d TCPStore listens
+    /// on `MASTER_PORT`.
+    pub const MASTER_ADDR: &str = "MASTER_ADDR";
+    pub const MASTER_PORT: &str = "MASTER_PORT";
+    /// All ranks of the stage: `RLT_REPLICAS` x `RLT_RANKS_PER_POD`.
+    pub const WORLD_SIZE: &str = "WORLD_SIZE";
+    /// Ranks in this pod (`RLT_RANKS_PER_POD`, under torchrun's name).
+    pub const LOCAL_WORLD_SIZE: &str = "LOCAL_WORLD_SIZE";
+    /// This process's rank, `RLT_REPLICA_INDEX` x `LOCAL_WORLD_SIZE` + `LOCAL_RANK`: set by the
+    /// operator on a pod of one rank, by the trainer on each process of a pod of several.
+    pub const RANK: &str = "RANK";
+    pub const LOCAL_RANK: &str = "LOCAL_RANK";
     /// Address the trainer's listeners (gRPC, `/metrics`, `/status`) bind; default `0.0.0.0`.
     /// The operator does not set it; the e2e node agent sets it to the pod's IP, since the
     /// pods it plays share the host's network.
@@ -114,15 +124,25 @@ pub struct StageEnv {
     pub student: Option<String>,
     /// Ranks per pod (GPUs requested; 1 without).
     pub ranks_per_pod: u32,
-    /// The data-parallel peers (warm-up and distillation with more than one rank).
-    pub peers: Option<String>,
+    /// Where the data-parallel ranks meet, as (`MASTER_ADDR`, `MASTER_PORT`) (warm-up and
+    /// distillation with more than one rank).
+    pub rendezvous: Option<(String, u16)>,
 }
 
 impl StageEnv {
     /// The variables a role may or may not get: a process that does not get one must not
     /// inherit it from whoever started it.
-    pub const PER_ROLE: [&'static str; 4] =
-        [env::RPC_PORT, env::PARAM_SERVERS, env::STUDENT, env::PEERS];
+    pub const PER_ROLE: [&'static str; 9] = [
+        env::RPC_PORT,
+        env::PARAM_SERVERS,
+        env::STUDENT,
+        env::MASTER_ADDR,
+        env::MASTER_PORT,
+        env::WORLD_SIZE,
+        env::LOCAL_WORLD_SIZE,
+        env::RANK,
+        env::LOCAL_RANK,
+    ];
 
     /// The variables in the contract's order; unset ones are left out.
     pub fn vars(&self) -> Vec<(&'static str, EnvValue)> {
@@ -153,8 +173,17 @@ impl StageEnv {
         if let Some(s) = &self.student {
             out.push((env::STUDENT, lit(s.clone())));
         }
-        if let Some(p) = &self.peers {
-            out.push((env::PEERS, lit(p.clone())));
+        if let Some((addr, port)) = &self.rendezvous {
+            let per_pod = self.ranks_per_pod.max(1);
+            out.push((env::MASTER_ADDR, lit(addr.clone())));
+            out.push((env::MASTER_PORT, lit(port.to_string())));
+            out.push((env::WORLD_SIZE, lit((self.replicas * per_pod).to_string())));
+            out.push((env::LOCAL_WORLD_SIZE, lit(per_pod.to_string())));
+            // A pod of several ranks is one process until it starts them (`RANK` each).
+            if per_pod == 1 {
+                out.push((env::RANK, self.replica_index.clone()));
+                out.push((env::LOCAL_RANK, lit("0".into())));
+            }
         }
         out
     }
@@ -264,7 +293,7 @@ pub const EXIT_PEER_LOST: i32 = 3;
 
 pub const DEFAULT_RPC_PORT: u16 = 50051;
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
-/// Base port of the data-parallel ranks' collective (local rank `l` listens on base + `l`).
+/// `MASTER_PORT` of the data-parallel ranks: rank 0's c10d TCPStore (torchrun's default).
 pub const DEFAULT_COLLECTIVE_PORT: u16 = 29500;
 /// Where the operator mounts the ConfigMap with the rendered run configuration.
 pub const CONFIG_MOUNT_DIR: &str = "/etc/rlt";
@@ -338,7 +367,7 @@ mod tests {
             param_servers: None,
             student: Some("s".into()),
             ranks_per_pod: 1,
-            peers: None,
+            rendezvous: None,
         }
     }
 
@@ -406,7 +435,7 @@ mod tests {
         let all = StageEnv {
             rpc_port: Some(1),
             param_servers: Some("a:1".into()),
-            peers: Some("a:29500,b:29500".into()),
+            rendezvous: Some(("a".into(), 29500)),
             termination_log: Some("/dev/termination-log".into()),
             ..stage_env()
         }

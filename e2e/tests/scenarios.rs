@@ -1228,17 +1228,18 @@ async fn s10_data_parallel_warmup_and_distillation_span_pods_that_find_each_othe
             "warm-up pod {:?} has no DNS name under the ranks Service",
             p.metadata.name
         );
-        // The peers are DNS names, never addresses: what the ranks dialled is what DNS said.
-        let peers = s.containers[0]
+        // Rank 0 is found by its DNS name, never an address: the store the ranks met at is
+        // where DNS said.
+        let master = s.containers[0]
             .env
             .iter()
             .flatten()
-            .find(|e| e.name == "RLT_PEERS")
+            .find(|e| e.name == "MASTER_ADDR")
             .and_then(|e| e.value.clone())
-            .context("no RLT_PEERS")?;
+            .context("no MASTER_ADDR")?;
         ensure!(
-            peers.contains(&format!(".{name}-ranks.{}.svc:", namespace())),
-            "RLT_PEERS is not the ranks' DNS names: {peers}"
+            master.ends_with(&format!("-0.{name}-ranks.{}.svc", namespace())),
+            "MASTER_ADDR is not rank 0's DNS name: {master}"
         );
         // Each rank's pod was published under its hostname with the address it ran at.
         let host = s.hostname.clone().unwrap();

@@ -52,14 +52,17 @@ void finish(const c10::intrusive_ptr<c10d::Work>& work) {
 extern "C" {
 
 // Joins the group `prefix` (the stage attempt: a rank of another attempt never meets this
-// one) of `world` ranks through the TCPStore at master:port, which rank 0 serves. `device_host`
-// is the address Gloo binds to and announces (null: this machine's hostname, as torchrun).
+// one) of `world` ranks through the TCPStore at master:port, which rank 0 serves, waiting up to
+// `timeout_ms` for them; each collective then waits up to `op_timeout_ms` for its peers.
+// `device_host` is the address Gloo binds to and announces (null: this machine's hostname,
+// as torchrun).
 rlt_pg* rlt_c10d_new(const char* master, uint16_t port, int rank, int world,
-                     int64_t timeout_ms, int nccl, const char* prefix,
+                     int64_t timeout_ms, int64_t op_timeout_ms, int nccl, const char* prefix,
                      const char* device_host, char** err) {
   rlt_pg* pg = nullptr;
   guarded(err, [&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
+    auto op_timeout = std::chrono::milliseconds(op_timeout_ms);
     c10d::TCPStoreOptions o;
     o.port = port;
     o.isServer = rank == 0;
@@ -73,7 +76,7 @@ rlt_pg* rlt_c10d_new(const char* master, uint16_t port, int rank, int world,
     if (nccl) {
 #ifdef RLT_NCCL
       auto opts = c10d::ProcessGroupNCCL::Options::create();
-      opts->timeout = timeout;
+      opts->timeout = op_timeout;
       backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
 #else
       throw std::runtime_error(
@@ -82,7 +85,7 @@ rlt_pg* rlt_c10d_new(const char* master, uint16_t port, int rank, int world,
 #endif
     } else {
       auto opts = c10d::ProcessGroupGloo::Options::create();
-      opts->timeout = timeout;
+      opts->timeout = op_timeout;
       opts->devices.push_back(
           device_host ? c10d::ProcessGroupGloo::createDeviceForHostname(device_host)
                       : c10d::ProcessGroupGloo::createDefaultDevice());
@@ -137,8 +140,13 @@ int rlt_c10d_broadcast(rlt_pg* pg, at::Tensor* t, int root, char** err) {
   });
 }
 
-int rlt_c10d_barrier(rlt_pg* pg, char** err) {
-  return guarded(err, [&] { finish(pg->backend->barrier(c10d::BarrierOptions{})); });
+// Waits for every rank, up to `timeout_ms` (0: the group's collective timeout).
+int rlt_c10d_barrier(rlt_pg* pg, int64_t timeout_ms, char** err) {
+  return guarded(err, [&] {
+    c10d::BarrierOptions o;
+    if (timeout_ms > 0) o.timeout = std::chrono::milliseconds(timeout_ms);
+    finish(pg->backend->barrier(o));
+  });
 }
 
 }  // extern "C"

@@ -1,10 +1,12 @@
-//! `rlt-trainer bench-collectives`: the all-reduce of a model's f32 gradients across rank
-//! processes on this machine, by libtorch's c10d (Gloo over loopback TCP) beside the trainer's
-//! own TCP ring ([`crate::collective`]: a reduce-scatter then an all-gather, what its
-//! data-parallel step does), in one run. Prints each one's time and bus bandwidth (as
-//! nccl-tests counts it: 2(W-1)/W of the buffer crosses each rank's link) and their ratio.
+//! `rlt-trainer bench-collectives`: what a data-parallel update moves, across rank processes
+//! on this machine over libtorch's c10d (Gloo over loopback TCP): a reduce-scatter of a model of
+//! `params` parameters' gradients and an all-gather of its weights, by c10d's own two
+//! collectives in f32, and as the update runs them on Gloo ([`Group`]: as all-reduces) in f32
+//! and with bf16 on the wire, in one run. Prints each one's time and bus bandwidth of the f32
+//! bytes (as nccl-tests counts an all-reduce: 2(W-1)/W of the buffer crosses each rank's link)
+//! and the speed-up of the update's bf16 over c10d's f32 pair.
 use crate::c10d::{Backend, ProcessGroup, Rendezvous};
-use crate::collective::{even_bounds, Group, Topology};
+use crate::collective::Group;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
@@ -23,7 +25,7 @@ pub struct BenchCollectivesArgs {
     pub params: Vec<i64>,
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
-    /// First port; the ring takes `world` ports from it, c10d's store the next one.
+    /// Port of rank 0's c10d TCPStores (this one and the next).
     #[arg(long, default_value_t = 29600)]
     pub port: u16,
     /// Set on the rank processes this command starts.
@@ -81,21 +83,31 @@ fn run_all(a: &BenchCollectivesArgs) -> Result<()> {
         bail!("a rank failed (its error is above)");
     }
     println!(
-        "{:>12} {:>6} | {:>10} {:>12} | {:>10} {:>12} | {:>6}",
-        "params", "ranks", "ring s", "ring GB/s", "c10d s", "c10d GB/s", "ratio"
+        "{:>12} {:>6} | {:>14} | {:>14} | {:>14} | {:>7}",
+        "params", "ranks", "c10d RS+AG f32", "update f32", "update bf16", "bf16 vs c10d"
+    );
+    println!(
+        "{:>21} | {:>14} | {:>14} | {:>14} |",
+        "", "s  GB/s", "s  GB/s", "s  GB/s"
     );
     for line in out.lines() {
         let f: Value = serde_json::from_str(line)?;
         let x = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
+        let col = |k: &str| {
+            format!(
+                "{:.3} {:>5.2}",
+                x(&format!("{k}_seconds")),
+                x(&format!("{k}_busbw_gbps"))
+            )
+        };
         println!(
-            "{:>12} {:>6} | {:>10.3} {:>12.2} | {:>10.3} {:>12.2} | {:>5.2}x",
+            "{:>12} {:>6} | {:>14} | {:>14} | {:>14} | {:>6.2}x",
             x("params"),
             a.world,
-            x("ring_seconds"),
-            x("ring_busbw_gbps"),
-            x("c10d_seconds"),
-            x("c10d_busbw_gbps"),
-            x("ring_seconds") / x("c10d_seconds"),
+            col("c10d"),
+            col("f32"),
+            col("bf16"),
+            x("c10d_seconds") / x("bf16_seconds"),
         );
     }
     Ok(())
@@ -120,56 +132,63 @@ fn best(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 fn run_rank(a: &BenchCollectivesArgs, rank: usize) -> Result<()> {
-    let addresses = (0..a.world)
-        .map(|i| format!("127.0.0.1:{}", a.port + i as u16))
-        .collect();
-    let topo = Topology {
-        rank,
-        world: a.world,
-        addresses,
-    };
     let timeout = Duration::from_secs(120);
-    let mut ring = Group::connect(&topo, "127.0.0.1", 0, timeout)?;
     let rdzv = Rendezvous {
         master_addr: "127.0.0.1".into(),
-        master_port: a.port + a.world as u16,
+        master_port: a.port,
         rank,
         world: a.world,
         local_rank: rank,
         local_world: a.world,
     };
-    let mut pg = ProcessGroup::join(&rdzv, Backend::Gloo, "bench", Some("127.0.0.1"), timeout)?;
+    let bind = Some("127.0.0.1");
+    let mut pg = ProcessGroup::join(&rdzv, Backend::Gloo, "bench", bind, timeout, timeout)?;
+    // Its own store, on the next port.
+    let second = Rendezvous {
+        master_port: a.port + 1,
+        ..rdzv.clone()
+    };
+    let mut group = Group::join(&second, Backend::Gloo, "bench-group", bind, timeout)?;
     for &n in &a.params {
-        let n_usize = usize::try_from(n).context("--params")?;
-        // The ring: what a data-parallel step does with its f32 gradient buffer.
-        let bounds = even_bounds(n_usize, a.world);
-        let byte_bounds: Vec<_> = bounds.iter().map(|b| b.start * 4..b.end * 4).collect();
-        let mut buf = vec![1f32; n_usize];
-        let ring_seconds = best(a.iters, || {
-            ring.reduce_scatter(&mut buf, &bounds)?;
-            // SAFETY: f32 has no invalid bit patterns; the view covers exactly `buf`.
-            let bytes = unsafe {
-                std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), buf.len() * 4)
-            };
-            ring.all_gather(bytes, &byte_bounds)
+        // Padded to equal shards, as the data-parallel update lays out its buffer.
+        let shard = (n + a.world as i64 - 1) / a.world as i64;
+        let whole = |kind| Tensor::ones([shard * a.world as i64], (kind, Device::Cpu));
+        // c10d's own reduce-scatter and all-gather, as NCCL would run them.
+        let (mut input, mut gathered) = (whole(Kind::Float), whole(Kind::Float));
+        let mut mine = Tensor::empty([shard], (Kind::Float, Device::Cpu));
+        let c10d_seconds = best(a.iters, || {
+            pg.reduce_scatter_sum(&mut mine, &input)?;
+            pg.all_gather(&mut gathered, &mine)
         })?;
-        drop(buf);
-        let mut t = Tensor::ones([n], (Kind::Float, Device::Cpu));
-        let c10d_seconds = best(a.iters, || pg.all_reduce_sum(&mut t))?;
-        drop(t);
+        // What the update runs on Gloo (`Group`: both as all-reduces), in f32 and in bf16.
+        let mut seconds = |kind: Kind| {
+            let (mut input, mut gathered) = (whole(kind), whole(kind));
+            let mut mine = Tensor::empty([shard], (kind, Device::Cpu));
+            best(a.iters, || {
+                group.reduce_scatter_sum(&mut mine, &mut input)?;
+                group.all_gather(&mut gathered, &mine)
+            })
+        };
+        let f32_seconds = seconds(Kind::Float)?;
+        let bf16_seconds = seconds(Kind::BFloat16)?;
+        drop((input, gathered));
         if rank == 0 {
+            // Bandwidth of the gradients' bytes in f32 either way: what an update achieves.
             let bytes = n as f64 * 4.0;
+            let bw = |s: f64| bus_bandwidth(bytes, a.world, s);
             println!(
                 "{}",
                 json!({
                     "params": n,
-                    "ring_seconds": ring_seconds,
-                    "ring_busbw_gbps": bus_bandwidth(bytes, a.world, ring_seconds),
                     "c10d_seconds": c10d_seconds,
-                    "c10d_busbw_gbps": bus_bandwidth(bytes, a.world, c10d_seconds),
+                    "c10d_busbw_gbps": bw(c10d_seconds),
+                    "f32_seconds": f32_seconds,
+                    "f32_busbw_gbps": bw(f32_seconds),
+                    "bf16_seconds": bf16_seconds,
+                    "bf16_busbw_gbps": bw(bf16_seconds),
                 })
             );
         }
     }
-    pg.barrier()
+    pg.barrier(None)
 }

@@ -23,6 +23,7 @@ extern "C" {
         rank: i32,
         world: i32,
         timeout_ms: i64,
+        op_timeout_ms: i64,
         nccl: i32,
         prefix: *const c_char,
         device_host: *const c_char,
@@ -50,7 +51,7 @@ extern "C" {
         root: i32,
         err: *mut *mut c_char,
     ) -> i32;
-    fn rlt_c10d_barrier(pg: *mut RawGroup, err: *mut *mut c_char) -> i32;
+    fn rlt_c10d_barrier(pg: *mut RawGroup, timeout_ms: i64, err: *mut *mut c_char) -> i32;
 }
 
 /// The c10d backend of a group: NCCL moves CUDA tensors GPU to GPU (NVLink, InfiniBand),
@@ -168,7 +169,8 @@ fn take_error(err: *mut c_char) -> String {
 
 impl ProcessGroup {
     /// Joins the group: rank 0 serves the TCPStore at `MASTER_ADDR:MASTER_PORT`, every rank
-    /// waits there for all `world` ranks within `timeout` (pods start at different times).
+    /// waits there for all `world` ranks within `timeout` (pods start at different times);
+    /// a collective then fails when a peer is not there within `op_timeout`.
     /// `tag` names the group in the store (the stage attempt: a straggler of another attempt
     /// never meets this one). Gloo binds to `bind` (this pod's address), else to what this
     /// machine's hostname resolves to, as torchrun does.
@@ -178,6 +180,7 @@ impl ProcessGroup {
         tag: &str,
         bind: Option<&str>,
         timeout: Duration,
+        op_timeout: Duration,
     ) -> Result<ProcessGroup> {
         if !backend.available() {
             bail!("c10d backend {backend:?} is not in this build of rlt-trainer");
@@ -192,7 +195,8 @@ impl ProcessGroup {
                 rdzv.master_port,
                 rdzv.rank as i32,
                 rdzv.world as i32,
-                timeout.as_millis().min(i64::MAX as u128) as i64,
+                millis(timeout),
+                millis(op_timeout),
                 i32::from(backend == Backend::Nccl),
                 prefix.as_ptr(),
                 bind.as_ref().map_or(std::ptr::null(), |b| b.as_ptr()),
@@ -252,9 +256,11 @@ impl ProcessGroup {
         })
     }
 
-    pub fn barrier(&mut self) -> Result<()> {
+    /// Waits for every rank, up to `timeout` (`None`: the group's collective timeout).
+    pub fn barrier(&mut self, timeout: Option<Duration>) -> Result<()> {
         let pg = self.raw.as_ptr();
-        call("barrier", |e| unsafe { rlt_c10d_barrier(pg, e) })
+        let ms = timeout.map_or(0, millis);
+        call("barrier", |e| unsafe { rlt_c10d_barrier(pg, ms, e) })
     }
 
     /// c10d's single-tensor collectives take one shard and `world` of them: said here with
@@ -269,6 +275,10 @@ impl ProcessGroup {
         }
         Ok(())
     }
+}
+
+fn millis(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
 }
 
 impl Drop for ProcessGroup {

@@ -454,7 +454,7 @@ pub fn warmup(a: WarmupArgs) -> Result<()> {
         published: if local == 0 { publish(&a.stage)? } else { None },
         progress_bar: std::io::stderr().is_terminal(),
     };
-    let mut group = a.ranks.join(&a.stage.bind, a.stage.attempt)?;
+    let mut group = a.ranks.join(&a.stage.bind, a.stage.attempt, job.device)?;
     let out = crate::sft::run_sft_ranks(job, &cfg, &mut group)?;
     if group.rank != 0 {
         return Ok(());

@@ -48,7 +48,7 @@ enum Command {
     /// The effect of RL, measured: warm-up vs RL teacher reward, and students distilled from
     /// each (and from solutions alone) by held-out accuracy and solution log-likelihood.
     BenchEffect(rlt_trainer::bench_effect::BenchEffectArgs),
-    /// All-reduce across rank processes here: libtorch's c10d (Gloo) beside the TCP ring.
+    /// What a data-parallel update moves across rank processes here, over libtorch's c10d (Gloo).
     BenchCollectives(rlt_trainer::bench_collectives::BenchCollectivesArgs),
 }
 

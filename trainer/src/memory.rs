@@ -704,20 +704,34 @@ pub fn micro_batches(shape: &Shape, stage: &Stage, grad_accum: u32, available: f
     })
 }
 
+/// What the preflight settles for a fine-tune.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fit {
+    /// Micro-batches per update.
+    pub grad_accum: usize,
+    /// Whether each rank keeps f32 sums of the whole model's gradients over an update's
+    /// micro-batches ([`crate::sft::SftConfig::local_sums`]).
+    pub local_sums: bool,
+}
+
 /// The preflight of a fine-tune of the model in `model_dir` (its `config.json` only): the
 /// gradient accumulation to use (more micro-batches than `grad_accum` when a rank's whole
-/// share of the batch would not fit at once), or the error naming the fields to change.
-/// Unknown device memory is logged and let through with `grad_accum` as it is.
+/// share of the batch would not fit at once) and whether the local f32 sums fit beside it,
+/// or the error naming the fields to change. Unknown device memory is logged and let through
+/// with `grad_accum` as it is and no local sums.
 pub fn check_stage(
     model_dir: &std::path::Path,
     stage: &Stage,
     grad_accum: usize,
     device: tch::Device,
-) -> Result<usize> {
+) -> Result<Fit> {
     let shape = shape_of(model_dir)?;
     let Some(available) = available(device, stage.ranks_per_pod) else {
         tracing::warn!(stage = %stage.what, "device memory unknown (set RLT_DEVICE_MEMORY_GIB); memory preflight skipped");
-        return Ok(grad_accum);
+        return Ok(Fit {
+            grad_accum,
+            local_sums: false,
+        });
     };
     let g = micro_batches(&shape, stage, grad_accum as u32, available);
     // Refused at one sequence per micro-batch: the fixes are judged at the trainer's best.
@@ -731,15 +745,25 @@ pub fn check_stage(
     };
     let need = preflight(&shape, &stage, available).map_err(|m| anyhow!(m))?;
     let g = g.unwrap_or(grad_accum as u32);
+    // Local sums only pay where there are peers to reduce with and micro-batches to sum.
+    let with_sums = Estimate {
+        optimizer: need.optimizer + 4.0 * shape.params,
+        ..need
+    };
+    let local_sums = stage.plan.ranks > 1 && g > 1 && with_sums.total() <= available;
     tracing::info!(
         stage = %stage.what,
         need_gib = format!("{:.1}", need.total() / GIB),
         available_gib = format!("{:.1}", available / GIB),
         micro_batches = g,
+        local_sums,
         "memory preflight: fits ({})",
         breakdown(&need)
     );
-    Ok(g as usize)
+    Ok(Fit {
+        grad_accum: g as usize,
+        local_sums,
+    })
 }
 
 pub fn shape_of(model_dir: &std::path::Path) -> Result<Shape> {

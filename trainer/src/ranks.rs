@@ -1,11 +1,14 @@
 //! Who this process is among a data-parallel stage's ranks (warm-up, a student's
 //! distillation), from the stage contract: `RLT_REPLICAS` pods, this one `RLT_REPLICA_INDEX`,
-//! each running `RLT_RANKS_PER_POD` ranks (one per GPU), meeting at `RLT_PEERS`.
+//! each running `RLT_RANKS_PER_POD` ranks (one per GPU), meeting as torchrun's ranks do
+//! (`MASTER_ADDR`, `MASTER_PORT`, `WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`).
 //!
 //! A pod with several ranks starts as one process, which runs one child process per local
-//! rank (each on its own GPU, like `torchrun`) and ends as they end: the first to fail stops
-//! the others, and its exit code and message become the pod's.
-use crate::collective::{Group, Topology};
+//! rank (each on its own GPU, with its `RANK` and `LOCAL_RANK`, like `torchrun`) and ends as
+//! they end: the first to fail stops the others, and its exit code and message become the
+//! pod's.
+use crate::c10d::{Backend, Rendezvous};
+use crate::collective::Group;
 use crate::exit;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -13,9 +16,6 @@ use rlt_api::contract::env;
 use std::process::{Child, Command};
 use std::time::Duration;
 use tch::Device;
-
-/// Set by a pod's first process on each local rank it starts.
-pub const LOCAL_RANK: &str = "RLT_LOCAL_RANK";
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct RankArgs {
@@ -28,11 +28,9 @@ pub struct RankArgs {
     /// Ranks in this pod (one per GPU).
     #[arg(long, env = env::RANKS_PER_POD, default_value_t = 1)]
     pub ranks_per_pod: usize,
-    /// `host:port` of every pod, comma-separated; local rank `l` listens on `port + l`.
-    #[arg(long, env = env::PEERS)]
-    pub peers: Option<String>,
-    /// This process's rank within its pod (set on the processes a pod starts per rank).
-    #[arg(long, env = LOCAL_RANK, hide = true)]
+    /// This process's rank within its pod (set by the operator on a pod of one rank, and by a
+    /// pod's first process on each local rank it starts).
+    #[arg(long, env = env::LOCAL_RANK, hide = true)]
     pub local_rank: Option<usize>,
     /// How long a rank waits for the others to come up (pods are scheduled one by one).
     #[arg(long, default_value_t = 900)]
@@ -58,47 +56,56 @@ impl RankArgs {
         }
     }
 
-    /// Joins the stage's ranks (a group of one when there is a single rank). `tag` is the
-    /// stage attempt: ranks of different attempts never pair up.
-    pub fn join(&self, bind: &str, tag: u32) -> Result<Group> {
+    /// Joins the stage's ranks (a group of one when there is a single rank) with c10d: NCCL
+    /// where the model is on CUDA and this build has it, Gloo otherwise. `bind` is the address
+    /// Gloo announces (`0.0.0.0`: this pod's hostname, as torchrun); `attempt` names the group,
+    /// so ranks of different attempts never pair up.
+    pub fn join(&self, bind: &str, attempt: u32, device: Device) -> Result<Group> {
         if self.world() == 1 {
             return Ok(Group::single());
         }
-        let peers = self.peers.as_deref().ok_or_else(|| {
-            exit::bad_config(anyhow!(
-                "{} ranks ({} pods x {} per pod) but no peers ({} / --peers)",
-                self.world(),
-                self.pods,
-                self.ranks_per_pod,
-                env::PEERS
-            ))
-        })?;
-        let topo = Topology::from_pods(
-            peers,
-            self.ranks_per_pod,
-            self.pod,
-            self.local_rank.unwrap_or(0),
-        )
-        .map_err(exit::bad_config)?;
-        if topo.world != self.world() {
+        let rdzv = Rendezvous::from_env()
+            .map_err(exit::bad_config)?
+            .ok_or_else(|| {
+                exit::bad_config(anyhow!(
+                    "{} ranks ({} pods x {} per pod) but no rendezvous: {}, {}, {} and {} are \
+                     not set",
+                    self.world(),
+                    self.pods,
+                    self.ranks_per_pod,
+                    env::MASTER_ADDR,
+                    env::MASTER_PORT,
+                    env::WORLD_SIZE,
+                    env::RANK
+                ))
+            })?;
+        if rdzv.world != self.world() {
             return Err(exit::bad_config(anyhow!(
-                "{} lists {} ranks, the stage has {} ({} pods x {} per pod)",
-                env::PEERS,
-                topo.world,
+                "{}={} but the stage has {} ranks ({} pods x {} per pod)",
+                env::WORLD_SIZE,
+                rdzv.world,
                 self.world(),
                 self.pods,
                 self.ranks_per_pod
             )));
         }
+        let backend = match Backend::for_device(device) {
+            Backend::Nccl if Backend::Nccl.available() => Backend::Nccl,
+            _ => Backend::Gloo,
+        };
         tracing::info!(
-            rank = topo.rank,
-            world = topo.world,
+            rank = rdzv.rank,
+            world = rdzv.world,
+            master = format!("{}:{}", rdzv.master_addr, rdzv.master_port),
+            ?backend,
             "joining the data-parallel ranks"
         );
-        let group = Group::connect(
-            &topo,
+        let bind = (!matches!(bind, "0.0.0.0" | "::")).then_some(bind);
+        let group = Group::join(
+            &rdzv,
+            backend,
+            &format!("attempt-{attempt}"),
             bind,
-            tag,
             Duration::from_secs(self.rendezvous_timeout_s),
         )?;
         tracing::info!(rank = group.rank, world = group.world, "ranks connected");
@@ -122,8 +129,9 @@ pub fn prepare_stage(
     check_batch(world, cfg.batch_size, &format!("{section}.batchSize"))
         .map_err(exit::bad_config)?;
     let stage = crate::memory::Stage::sft(what, section, cfg, kind, world, ranks.ranks_per_pod);
-    cfg.grad_accum = crate::memory::check_stage(model, &stage, cfg.grad_accum, device)
+    let fit = crate::memory::check_stage(model, &stage, cfg.grad_accum, device)
         .map_err(exit::bad_config)?;
+    (cfg.grad_accum, cfg.local_sums) = (fit.grad_accum, fit.local_sums);
     let disk = crate::memory::sft_disk_bytes(
         &crate::memory::shape_of(model)?,
         kind.elt_size_in_bytes() as u32,
@@ -131,16 +139,16 @@ pub fn prepare_stage(
     );
     crate::memory::check_disk(stage_dir, disk, &stage.what).map_err(exit::bad_config)?;
     if ranks.starts_local_ranks() {
-        run_local_ranks(ranks.ranks_per_pod)?;
+        run_local_ranks(ranks.ranks_per_pod, ranks.pod)?;
         return Ok(true);
     }
     Ok(false)
 }
 
-/// Runs this very command once per local rank (`RLT_LOCAL_RANK` = 0..n) and waits for all of
-/// them. The first failure stops the rest and is returned with its exit code kept (a bad
+/// Runs this very command once per local rank (`LOCAL_RANK` = 0..n, `RANK` = this pod's
+/// first rank + that) and waits for all of them. The first failure stops the rest and is returned with its exit code kept (a bad
 /// configuration stays one) and its message (the child's termination message).
-pub fn run_local_ranks(n: usize) -> Result<()> {
+pub fn run_local_ranks(n: usize, pod: usize) -> Result<()> {
     let exe = std::env::current_exe().context("locating the rlt-trainer binary")?;
     let scratch = std::env::temp_dir().join(format!("rlt-ranks-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
@@ -149,7 +157,8 @@ pub fn run_local_ranks(n: usize) -> Result<()> {
     for l in 0..n {
         let child = Command::new(&exe)
             .args(std::env::args_os().skip(1))
-            .env(LOCAL_RANK, l.to_string())
+            .env(env::LOCAL_RANK, l.to_string())
+            .env(env::RANK, (pod * n + l).to_string())
             .env(env::TERMINATION_LOG, log(l))
             .spawn()
             .with_context(|| format!("starting local rank {l}"));

@@ -59,6 +59,12 @@ pub struct SftConfig {
     #[serde(default)]
     pub keep_after_final: usize,
     pub seed: u64,
+    /// With several ranks and micro-batches: sum each update's micro-batches locally in f32
+    /// (a whole-model buffer per rank) and reduce them over the ranks once per update, rather
+    /// than once per micro-batch into a 1/W share. Set by the memory preflight where the
+    /// buffer fits ([`crate::memory::check_stage`]).
+    #[serde(default)]
+    pub local_sums: bool,
     /// Stop after this many updates (default: epochs x batches per epoch).
     pub max_steps: Option<u64>,
     pub log_every: u64,
@@ -121,6 +127,7 @@ impl SftConfig {
             keep_checkpoints: 2,
             keep_after_final: defaults::workspace().keep_checkpoints as usize,
             seed: 0,
+            local_sums: false,
             max_steps: None,
             log_every: 10,
         }
@@ -432,7 +439,8 @@ impl<'c> SftRun<'c> {
             }
             None => load_checkpoint(&job.init_model, job.device, job.kind)?,
         };
-        let mut update = Update::new(lm.vs.variables().into_iter().collect(), group, cfg.adamw);
+        let vars = lm.vs.variables().into_iter().collect();
+        let mut update = Update::new(vars, group, cfg.adamw, cfg.local_sums);
         let start = match &resume {
             Some((step, dir)) => {
                 update.load(dir)?;

@@ -50,7 +50,14 @@ const DONE: &str = "rank checks held";
 
 fn join(timeout: Duration) -> anyhow::Result<ProcessGroup> {
     let rdzv = Rendezvous::from_env()?.expect("torchrun's variables are set");
-    ProcessGroup::join(&rdzv, Backend::Gloo, "test", Some("127.0.0.1"), timeout)
+    ProcessGroup::join(
+        &rdzv,
+        Backend::Gloo,
+        "test",
+        Some("127.0.0.1"),
+        timeout,
+        timeout,
+    )
 }
 
 /// Rank `r`'s input: what every rank can also compute for the others.
@@ -128,7 +135,7 @@ fn gloo_collectives_across_processes_give_the_single_process_result() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("pad to a multiple of the world size"), "{err}");
-    pg.barrier().unwrap();
+    pg.barrier(None).unwrap();
     println!("{DONE}");
 }
 

@@ -1,5 +1,5 @@
 //! Data-parallel warm-up with real rank processes (`rlt-trainer warmup` as the pods run it,
-//! the ranks meeting over TCP on loopback): 1, 2 and 4 ranks reach the same weights from the
+//! the ranks meeting on c10d's Gloo over loopback): 1, 2 and 4 ranks reach the same weights from the
 //! same global batch, whether the ranks are pods or several ranks in one pod; a rank killed
 //! mid-epoch brings its group down and the next attempt resumes from the last checkpoint to the
 //! same result; every rank's share of the optimizer state is in each checkpoint.
@@ -33,34 +33,24 @@ fn model(root: &Path) -> PathBuf {
     dir
 }
 
-/// A port `p` with `p..p + n` all free now (a pod's local ranks listen on consecutive ports).
-fn free_run(n: usize, taken: &mut Vec<TcpListener>) -> u16 {
-    loop {
-        let first = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = first.local_addr().unwrap().port();
-        let rest: Option<Vec<TcpListener>> = (1..n as u16)
-            .map(|i| {
-                base.checked_add(i)
-                    .and_then(|p| TcpListener::bind(("127.0.0.1", p)).ok())
-            })
-            .collect();
-        if let Some(rest) = rest {
-            // Held until every pod has its ports, so two pods never get overlapping runs.
-            taken.push(first);
-            taken.extend(rest);
-            return base;
-        }
-    }
+/// A free loopback port (bound, read, released: rank 0's store binds it right after).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
-/// One pod's process: `pods` pods of `per_pod` ranks each, this one `pod`.
+/// One pod's process: `pods` pods of `per_pod` ranks each, this one `pod`, meeting at rank 0's
+/// store on `port` (0: no rendezvous given), with the variables the operator sets.
 fn warmup(
     model: &Path,
     ws: &Path,
     pods: usize,
     per_pod: usize,
     pod: usize,
-    peers: &str,
+    port: u16,
     attempt: u32,
 ) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rlt-trainer"));
@@ -95,7 +85,6 @@ fn warmup(
     ]);
     c.arg("--model").arg(model).arg("--workspace").arg(ws);
     c.env_remove("RLT_METRICS_PORT")
-        .env_remove("RLT_LOCAL_RANK")
         .env("RLT_ATTEMPT", attempt.to_string())
         .env("RLT_REPLICAS", pods.to_string())
         .env("RLT_REPLICA_INDEX", pod.to_string())
@@ -103,25 +92,27 @@ fn warmup(
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if pods * per_pod > 1 {
-        c.env("RLT_PEERS", peers);
-    } else {
-        c.env_remove("RLT_PEERS");
+    for v in rlt_api::contract::StageEnv::PER_ROLE {
+        c.env_remove(v);
+    }
+    if port != 0 {
+        c.env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("WORLD_SIZE", (pods * per_pod).to_string())
+            .env("LOCAL_WORLD_SIZE", per_pod.to_string());
+        if per_pod == 1 {
+            c.env("RANK", pod.to_string()).env("LOCAL_RANK", "0");
+        }
     }
     c
 }
 
-/// Starts every pod of a group, each with its own run of loopback ports.
+/// Starts every pod of a group.
 fn start(model: &Path, ws: &Path, pods: usize, per_pod: usize, attempt: u32) -> Vec<Child> {
-    let mut taken = Vec::new();
-    let peers: Vec<String> = (0..pods)
-        .map(|_| format!("127.0.0.1:{}", free_run(per_pod, &mut taken)))
-        .collect();
-    drop(taken);
-    let peers = peers.join(",");
+    let port = if pods * per_pod > 1 { free_port() } else { 0 };
     (0..pods)
         .map(|pod| {
-            warmup(model, ws, pods, per_pod, pod, &peers, attempt)
+            warmup(model, ws, pods, per_pod, pod, port, attempt)
                 .spawn()
                 .unwrap()
         })
@@ -218,7 +209,7 @@ fn a_killed_rank_fails_its_group_and_the_next_attempt_resumes_to_the_same_weight
     let outs = wait_all(pods);
     assert!(!outs[0].status.success(), "rank 0 went on without rank 1");
     let err = String::from_utf8_lossy(&outs[0].stderr);
-    assert!(err.contains("did it exit?"), "{err}");
+    assert!(err.contains("did one exit?"), "{err}");
     // The peer-lost exit code: the failure is rank 1's, not rank 0's.
     assert_eq!(outs[0].status.code(), Some(3), "{err}");
     assert!(
@@ -251,19 +242,19 @@ fn a_killed_rank_fails_its_group_and_the_next_attempt_resumes_to_the_same_weight
 }
 
 #[test]
-fn a_group_without_peers_is_a_bad_configuration() {
+fn a_group_without_a_rendezvous_is_a_bad_configuration() {
     let root = tmpdir("nopeers");
     let model = model(&root);
-    let mut c = warmup(&model, &root.join("ws"), 2, 1, 0, "", 0);
-    c.env_remove("RLT_PEERS");
-    let out = c.output().unwrap();
+    let out = warmup(&model, &root.join("ws"), 2, 1, 0, 0, 0)
+        .output()
+        .unwrap();
     assert_eq!(
         out.status.code(),
         Some(2),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("RLT_PEERS"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MASTER_ADDR"));
     std::fs::remove_dir_all(&root).unwrap();
 }
 
@@ -272,14 +263,7 @@ fn sigterm_ends_a_rank_at_once_even_while_it_waits_for_its_peers() {
     let root = tmpdir("sigterm");
     let model = model(&root);
     // Pod 0 of a group of two whose other pod never comes: it waits at the rendezvous.
-    let mut taken = Vec::new();
-    let peers = format!(
-        "127.0.0.1:{},127.0.0.1:{}",
-        free_run(1, &mut taken),
-        free_run(1, &mut taken)
-    );
-    drop(taken);
-    let mut child = warmup(&model, &root.join("ws"), 2, 1, 0, &peers, 0)
+    let mut child = warmup(&model, &root.join("ws"), 2, 1, 0, free_port(), 0)
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));

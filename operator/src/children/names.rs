@@ -62,12 +62,10 @@ pub fn param_server_host(run: &str, namespace: &str, attempt: u32, shard: u32) -
 pub fn ranks(run: &str) -> String {
     format!("{run}-ranks")
 }
-/// `host:port` of every pod of a data-parallel Job (`RLT_PEERS`), in index order.
-pub fn rank_addresses(run: &str, namespace: &str, job: &str, pods: u32, port: u16) -> String {
-    (0..pods)
-        .map(|i| format!("{job}-{i}.{}.{namespace}.svc:{port}", ranks(run)))
-        .collect::<Vec<_>>()
-        .join(",")
+/// The DNS name of pod `index` of a data-parallel Job under the ranks Service (pod 0's is
+/// `MASTER_ADDR`).
+pub fn rank_host(run: &str, namespace: &str, job: &str, index: u32) -> String {
+    format!("{job}-{index}.{}.{namespace}.svc", ranks(run))
 }
 /// The Kueue Workload of one admission unit of a stage (RL's parameter servers and learners,
 /// a warm-up's ranks, one distillation student): it spans the unit's attempts.
@@ -148,8 +146,7 @@ mod tests {
             assert!(label.len() <= 63, "{label}");
         }
         let job = distill_job(&run, &student, attempt);
-        let peers = rank_addresses(&run, "ns", &job, 256, 29500);
-        for label in peers.rsplit(',').next().unwrap().split([':', '.']) {
+        for label in rank_host(&run, "ns", &job, 255).split('.') {
             assert!(label.len() <= 63, "{label}");
         }
     }
@@ -179,8 +176,8 @@ mod tests {
             "run-ps-2-0.run-ps.ml.svc:50051,run-ps-2-1.run-ps.ml.svc:50051"
         );
         assert_eq!(
-            rank_addresses("run", "ml", "run-warmup-0", 2, 29500),
-            "run-warmup-0-0.run-ranks.ml.svc:29500,run-warmup-0-1.run-ranks.ml.svc:29500"
+            rank_host("run", "ml", "run-warmup-0", 1),
+            "run-warmup-0-1.run-ranks.ml.svc"
         );
     }
 }

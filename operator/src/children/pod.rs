@@ -68,21 +68,16 @@ pub(super) fn spans_pods(p: &PodParts) -> bool {
     p.job.is_some() && p.replicas > 1
 }
 
-/// `RLT_PEERS` of a data-parallel role: every pod's collective address when the ranks span
-/// pods, loopback when they all live in this pod, nothing for a single rank.
-fn peers(ctx: &Ctx, p: &PodParts, ranks_per_pod: u32) -> Option<String> {
+/// Where the ranks of a data-parallel role meet (`MASTER_ADDR`, `MASTER_PORT`): pod 0 by its
+/// DNS name when the ranks span pods, loopback when they all live in this pod, nowhere for a
+/// single rank.
+fn rendezvous(ctx: &Ctx, p: &PodParts, ranks_per_pod: u32) -> Option<(String, u16)> {
     let port = contract::DEFAULT_COLLECTIVE_PORT;
     let job = p.job.as_deref()?;
     if spans_pods(p) {
-        Some(names::rank_addresses(
-            &ctx.name,
-            &ctx.namespace,
-            job,
-            p.replicas,
-            port,
-        ))
+        Some((names::rank_host(&ctx.name, &ctx.namespace, job, 0), port))
     } else {
-        (ranks_per_pod > 1).then(|| format!("127.0.0.1:{port}"))
+        (ranks_per_pod > 1).then(|| ("127.0.0.1".to_string(), port))
     }
 }
 
@@ -117,7 +112,7 @@ pub(super) fn env(ctx: &Ctx, p: &PodParts) -> Vec<EnvVar> {
         }),
         student: p.student.map(|s| s.name.clone()),
         ranks_per_pod,
-        peers: peers(ctx, p, ranks_per_pod),
+        rendezvous: rendezvous(ctx, p, ranks_per_pod),
     };
     let contract_env: Vec<EnvVar> = stage_env
         .vars()

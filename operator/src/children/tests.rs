@@ -567,12 +567,14 @@ fn data_parallel_pods_get_one_rank_per_gpu_and_find_their_peers_by_dns() {
     assert_eq!(value(spec, env::RANKS_PER_POD), Some("4"));
     assert_eq!(value(spec, env::REPLICAS), Some("2"));
     assert_eq!(
-        value(spec, env::PEERS),
-        Some(
-            "tiny-cpu-warmup-1-0.tiny-cpu-ranks.ml.svc:29500,\
-             tiny-cpu-warmup-1-1.tiny-cpu-ranks.ml.svc:29500"
-        )
+        value(spec, env::MASTER_ADDR),
+        Some("tiny-cpu-warmup-1-0.tiny-cpu-ranks.ml.svc")
     );
+    assert_eq!(value(spec, env::MASTER_PORT), Some("29500"));
+    assert_eq!(value(spec, env::WORLD_SIZE), Some("8"));
+    assert_eq!(value(spec, env::LOCAL_WORLD_SIZE), Some("4"));
+    // Each of a pod's four processes gets its own RANK from the trainer, not the pod.
+    assert_eq!(value(spec, env::RANK), None);
     assert_eq!(spec.subdomain.as_deref(), Some("tiny-cpu-ranks"));
     let Child::Service(svc) = ranks_service(&ctx) else {
         panic!()
@@ -595,7 +597,8 @@ fn data_parallel_pods_get_one_rank_per_gpu_and_find_their_peers_by_dns() {
     let distill = distill_job(&ctx, student, 1);
     let spec = pod(&distill);
     assert_eq!(value(spec, env::RANKS_PER_POD), Some("8"));
-    assert_eq!(value(spec, env::PEERS), Some("127.0.0.1:29500"));
+    assert_eq!(value(spec, env::MASTER_ADDR), Some("127.0.0.1"));
+    assert_eq!(value(spec, env::WORLD_SIZE), Some("8"));
     assert_eq!(spec.subdomain, None);
     let labels = template(&distill)
         .unwrap()
@@ -615,7 +618,7 @@ fn data_parallel_pods_get_one_rank_per_gpu_and_find_their_peers_by_dns() {
             "{}",
             child.name()
         );
-        assert_eq!(value(spec, env::PEERS), None, "{}", child.name());
+        assert_eq!(value(spec, env::MASTER_ADDR), None, "{}", child.name());
     }
 
     // A single-pod, CPU-only run needs none of it.
@@ -624,5 +627,5 @@ fn data_parallel_pods_get_one_rank_per_gpu_and_find_their_peers_by_dns() {
     let ctx = Ctx::new(&plain);
     let spec = pod(&warmup_job(&ctx, 0)).clone();
     assert_eq!(value(&spec, env::RANKS_PER_POD), Some("1"));
-    assert_eq!(value(&spec, env::PEERS), None);
+    assert_eq!(value(&spec, env::MASTER_ADDR), None);
 }

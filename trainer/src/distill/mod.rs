@@ -153,7 +153,7 @@ pub fn distill(a: DistillArgs) -> Result<()> {
             None
         },
     };
-    let mut group = a.ranks.join(&a.stage.bind, a.stage.attempt)?;
+    let mut group = a.ranks.join(&a.stage.bind, a.stage.attempt, job.device)?;
     run_distill_ranks(job, &mut group).map(|_| ())
 }
 

@@ -61,17 +61,17 @@ pub fn run_stage(
         .map(|p| format!("127.0.0.1:{p}"))
         .collect::<Vec<_>>()
         .join(",");
-    // The data-parallel ranks of warm-up and of each student meet on loopback ports.
-    let mut collective: std::collections::BTreeMap<Option<String>, Vec<String>> =
+    // The data-parallel ranks of warm-up and of each student meet on loopback, each group at
+    // its own rank 0's TCPStore port.
+    let mut rendezvous: std::collections::BTreeMap<Option<String>, (String, u16)> =
         Default::default();
     for p in procs
         .iter()
         .filter(|p| p.replicas > 1 && matches!(p.role, Role::Warmup | Role::Distill))
     {
-        collective
-            .entry(p.student.clone())
-            .or_default()
-            .push(format!("127.0.0.1:{}", free_port()?));
+        if !rendezvous.contains_key(&p.student) {
+            rendezvous.insert(p.student.clone(), ("127.0.0.1".into(), free_port()?));
+        }
     }
     let bars = indicatif::MultiProgress::new();
     let exe = std::env::current_exe().context("locating the rlt-trainer binary")?;
@@ -96,7 +96,7 @@ pub fn run_stage(
             param_servers: (stage == Stage::Rl).then(|| addresses.clone()),
             student: p.student.clone(),
             ranks_per_pod: 1,
-            peers: collective.get(&p.student).map(|a| a.join(",")),
+            rendezvous: rendezvous.get(&p.student).cloned(),
         };
         for name in StageEnv::PER_ROLE {
             cmd.env_remove(name);
@@ -108,7 +108,7 @@ pub fn run_stage(
             };
         }
         cmd.env("RUST_LOG", &base.log);
-        if server || collective.contains_key(&p.student) {
+        if server || rendezvous.contains_key(&p.student) {
             // Loopback only: a local try-run must not listen on the network.
             cmd.args(["--bind", "127.0.0.1"]);
         }
