@@ -154,7 +154,7 @@ fn run_rank(a: &BenchCollectivesArgs, rank: usize) -> Result<()> {
         let shard = (n + a.world as i64 - 1) / a.world as i64;
         let whole = |kind| Tensor::ones([shard * a.world as i64], (kind, Device::Cpu));
         // c10d's own reduce-scatter and all-gather, as NCCL would run them.
-        let (mut input, mut gathered) = (whole(Kind::Float), whole(Kind::Float));
+        let (input, mut gathered) = (whole(Kind::Float), whole(Kind::Float));
         let mut mine = Tensor::empty([shard], (Kind::Float, Device::Cpu));
         let c10d_seconds = best(a.iters, || {
             pg.reduce_scatter_sum(&mut mine, &input)?;

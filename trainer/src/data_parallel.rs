@@ -165,7 +165,7 @@ impl Update {
         for start in (0..part).step_by(BUCKET) {
             let bucket = start..(start + BUCKET).min(part);
             let n = bucket.len() as i64;
-            let mut input = match local {
+            let input = match local {
                 Some(sums) => sums
                     .view([w, part as i64])
                     .narrow(1, start as i64, n)

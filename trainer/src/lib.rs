@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod bench_collectives;
 pub mod bench_effect;
+pub mod bench_generation;
 pub mod c10d;
 pub mod checkpoint;
 pub mod cli;

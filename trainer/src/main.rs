@@ -50,6 +50,8 @@ enum Command {
     BenchEffect(rlt_trainer::bench_effect::BenchEffectArgs),
     /// What a data-parallel update moves across rank processes here, over libtorch's c10d (Gloo).
     BenchCollectives(rlt_trainer::bench_collectives::BenchCollectivesArgs),
+    /// An RL group's generation (G samples of one prompt), rlt-trainer beside transformers.
+    BenchGeneration(rlt_trainer::bench_generation::BenchGenerationArgs),
 }
 
 fn main() {
@@ -106,5 +108,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::GpuCheck(a) => rlt_trainer::gpu_check::gpu_check(a),
         Command::BenchEffect(a) => rlt_trainer::bench_effect::bench_effect(a).map(|_| ()),
         Command::BenchCollectives(a) => rlt_trainer::bench_collectives::bench_collectives(a),
+        Command::BenchGeneration(a) => rlt_trainer::bench_generation::bench_generation(a),
     }
 }

@@ -13,13 +13,16 @@ use tch::{nn, nn::Module, Kind, Tensor};
 /// Key/value cache for incremental decoding: per layer, keys and values in buffers
 /// `[batch, kv_heads, capacity, head_dim]` (before the grouped heads are repeated) of which the
 /// first `len` positions are filled. A decoded token is written in place; a buffer is only
-/// reallocated (doubling) when a call outgrows it, so a cache made with the whole generation's
-/// length ([`Qwen2::new_cache_for`]) never copies what it holds.
+/// reallocated (doubling, up to its limit) when a call outgrows it, so a cache made with the
+/// whole generation's length ([`Qwen2::new_cache_for`]) never copies what it holds, and one
+/// that starts smaller ([`Qwen2::new_growing_cache`]) holds what the tokens so far need.
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
     /// Positions to allocate on the first write.
     reserve: i64,
+    /// Positions a buffer grows to at most (when more are known never to come); 0 = no limit.
+    limit: i64,
 }
 
 #[derive(Debug)]
@@ -27,6 +30,7 @@ struct LayerCache {
     k: Tensor,
     v: Tensor,
     len: i64,
+    limit: i64,
 }
 
 impl LayerCache {
@@ -36,7 +40,11 @@ impl LayerCache {
         let t = k.size()[2];
         let capacity = self.k.size()[2];
         if self.len + t > capacity {
-            let grown = (2 * capacity).max(self.len + t);
+            let doubled = match self.limit {
+                0 => 2 * capacity,
+                limit => (2 * capacity).min(limit),
+            };
+            let grown = doubled.max(self.len + t);
             let grow = |old: &Tensor| {
                 let mut shape = old.size();
                 shape[2] = grown;
@@ -64,6 +72,7 @@ impl KvCache {
         KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
             reserve: positions,
+            limit: 0,
         }
     }
     /// Number of positions already cached.
@@ -89,7 +98,7 @@ impl KvCache {
     }
     /// Appends layer `i`'s new keys and values; returns all of that layer's cached ones.
     fn append(&mut self, i: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
-        let reserve = self.reserve;
+        let (reserve, limit) = (self.reserve, self.limit);
         let layer = self.layers[i].get_or_insert_with(|| {
             let mut shape = k.size();
             shape[2] = reserve.max(shape[2]);
@@ -97,6 +106,7 @@ impl KvCache {
                 k: Tensor::empty(shape.as_slice(), (k.kind(), k.device())),
                 v: Tensor::empty(shape.as_slice(), (v.kind(), v.device())),
                 len: 0,
+                limit,
             }
         });
         layer.append(&k, &v)
@@ -421,6 +431,14 @@ impl Qwen2 {
     /// A cache preallocated for `positions` tokens (prompt plus everything to be generated).
     pub fn new_cache_for(&self, positions: i64) -> KvCache {
         KvCache::with_capacity(self.layers.len(), positions)
+    }
+
+    /// A cache for `first` positions that grows as tokens arrive, to `limit` at most.
+    pub fn new_growing_cache(&self, first: i64, limit: i64) -> KvCache {
+        KvCache {
+            limit,
+            ..KvCache::with_capacity(self.layers.len(), first.min(limit))
+        }
     }
 
     /// Logits `[batch, seq, vocab]` (in the model's dtype) for `input_ids` `[batch, seq]`.

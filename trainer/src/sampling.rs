@@ -252,7 +252,22 @@ fn row_seed(seed: u64, row: u64) -> u64 {
     SplitMix64::mix(seed ^ (row + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
 }
 
+/// Decoding steps between two looks at which rows emitted a stop token: a look copies to the
+/// host, which waits for the device; a row that stopped in between decodes a few more tokens,
+/// written as padding.
+const STOP_CHECK_EVERY: i64 = 8;
+
+/// New positions the KV cache holds before it first grows (it doubles when full): most
+/// explanations end well before their budget, and 64 rows of a 16k budget reserved up front
+/// would hold tens of GB for tokens never generated.
+const KV_FIRST_NEW_TOKENS: i64 = 256;
+
 /// [`generate`] of prompts that are rows `first_row..` of a larger batch.
+///
+/// A group's samples of one prompt (every prompt the same) prefill it once and start from
+/// copies of its keys and values; prompts of one length need no attention mask, so attention
+/// takes SDPA's fused causal path. Stop tokens are tracked on the device and looked at every
+/// [`STOP_CHECK_EVERY`] steps, when the rows that stopped leave the batch.
 fn generate_rows(
     model: &Qwen2,
     prompts: &[Vec<i64>],
@@ -271,29 +286,44 @@ fn generate_rows(
     let b = prompts.len() as i64;
     let p = prompt_ids.size()[1];
     let max_new = cfg.max_new_tokens as i64;
+    let shared = prompts.iter().all(|q| q == &prompts[0]);
+    let padded = prompts.iter().any(|q| q.len() != prompts[0].len());
     let mut rngs: Vec<SplitMix64> = (0..b as u64)
         .map(|r| SplitMix64::new(row_seed(cfg.seed, first_row + r)))
         .collect();
     let stop = Tensor::from_slice(&cfg.stop_tokens).to(device);
+    let pad = Tensor::from(pad_id).to(device);
     tch::no_grad(|| {
-        let mut cache = model.new_cache_for(p + max_new);
-        let hidden = model.forward_hidden(&prompt_ids, Some(&prompt_mask), Some(&mut cache));
-        let mut logits = model.lm_logits(&hidden.narrow(1, p - 1, 1)).squeeze_dim(1);
+        let mut cache = model.new_growing_cache(p + KV_FIRST_NEW_TOKENS, p + max_new);
+        let mut logits = if shared {
+            let h = model.forward_hidden(&prompt_ids.narrow(0, 0, 1), None, Some(&mut cache));
+            cache.select_rows(&Tensor::zeros([b], (Kind::Int64, device)));
+            let last = model.lm_logits(&h.narrow(1, p - 1, 1)).squeeze_dim(1);
+            last.expand([b, -1], false)
+        } else {
+            let mask = padded.then_some(&prompt_mask);
+            let h = model.forward_hidden(&prompt_ids, mask, Some(&mut cache));
+            model.lm_logits(&h.narrow(1, p - 1, 1)).squeeze_dim(1)
+        };
         // Outputs of all rows, filled column by column at the rows still decoding.
         let tokens = Tensor::full([b, max_new], pad_id, (Kind::Int64, device));
         let logprobs = Tensor::zeros([b, max_new], (Kind::Float, device));
         let mask = Tensor::zeros([b, max_new], (Kind::Int64, device));
-        // The attention mask of the rows still decoding, for every position they will reach.
-        let mut attention = Tensor::cat(
-            &[
-                &prompt_mask,
-                &Tensor::ones([b, max_new], (Kind::Int64, device)),
-            ],
-            1,
-        );
+        // With left padding: the attention mask of the rows in the batch, for every position
+        // they will reach.
+        let mut attention = padded.then(|| {
+            Tensor::cat(
+                &[
+                    &prompt_mask,
+                    &Tensor::ones([b, max_new], (Kind::Int64, device)),
+                ],
+                1,
+            )
+        });
+        // The rows in the batch, and which of them have not emitted a stop token yet.
         let mut live: Vec<i64> = (0..b).collect();
         let mut live_t = Tensor::arange(b, (Kind::Int64, device));
-        let mut stopped = vec![false; b as usize];
+        let mut running = Tensor::ones([b], (Kind::Bool, device));
         let mut steps = 0;
         for step in 0..max_new {
             steps = step + 1;
@@ -304,47 +334,69 @@ fn generate_rows(
                     .map(|&r| rngs[r as usize].next_f64() as f32)
                     .collect()
             };
-            let (mut tok, lp) = sample_with(&logits, cfg, &u);
+            let (tok, lp) = sample_with(&logits, cfg, &u);
+            let mut tok = tok.where_self(&running, &pad);
             // In place into the outputs' column `step` (the returned handles are not needed).
             let _ = tokens.select(1, step).index_copy_(0, &live_t, &tok);
-            let _ = logprobs.select(1, step).index_copy_(0, &live_t, &lp);
-            let _ = mask.select(1, step).index_fill_(0, &live_t, 1);
-            let ended = if cfg.stop_tokens.is_empty() {
-                vec![false; live.len()]
-            } else {
-                Vec::<bool>::try_from(
-                    Tensor::isin(&tok, &stop, false, false).to_device(Device::Cpu),
-                )?
-            };
-            for (&r, _) in live.iter().zip(&ended).filter(|(_, &e)| e) {
-                stopped[r as usize] = true;
+            let _ = logprobs.select(1, step).index_copy_(
+                0,
+                &live_t,
+                &(lp * running.to_kind(Kind::Float)),
+            );
+            let _ = mask
+                .select(1, step)
+                .index_copy_(0, &live_t, &running.to_kind(Kind::Int64));
+            if !cfg.stop_tokens.is_empty() {
+                running =
+                    running.logical_and(&Tensor::isin(&tok, &stop, false, false).logical_not());
             }
-            if steps == max_new || ended.iter().all(|&e| e) {
+            if steps == max_new {
                 break;
             }
-            if ended.iter().any(|&e| e) {
-                let keep: Vec<i64> = (0..live.len() as i64)
-                    .filter(|&i| !ended[i as usize])
-                    .collect();
-                let keep_t = Tensor::from_slice(&keep).to(device);
-                live = keep.iter().map(|&i| live[i as usize]).collect();
-                live_t = Tensor::from_slice(&live).to(device);
-                cache.select_rows(&keep_t);
-                attention = attention.index_select(0, &keep_t);
-                tok = tok.index_select(0, &keep_t);
+            if !cfg.stop_tokens.is_empty() && steps % STOP_CHECK_EVERY == 0 {
+                let still = Vec::<bool>::try_from(running.to_device(Device::Cpu))?;
+                if still.iter().all(|&r| !r) {
+                    break;
+                }
+                if still.iter().any(|&r| !r) {
+                    let keep: Vec<i64> = (0..live.len() as i64)
+                        .filter(|&i| still[i as usize])
+                        .collect();
+                    let keep_t = Tensor::from_slice(&keep).to(device);
+                    live = keep.iter().map(|&i| live[i as usize]).collect();
+                    live_t = Tensor::from_slice(&live).to(device);
+                    cache.select_rows(&keep_t);
+                    attention = attention.map(|a| a.index_select(0, &keep_t));
+                    tok = tok.index_select(0, &keep_t);
+                    running = running.index_select(0, &keep_t);
+                }
             }
             logits = model
                 .forward(
                     &tok.unsqueeze(1),
-                    Some(&attention.narrow(1, 0, p + steps)),
+                    attention
+                        .as_ref()
+                        .map(|a| a.narrow(1, 0, p + steps))
+                        .as_ref(),
                     Some(&mut cache),
                 )
                 .squeeze_dim(1);
         }
+        // How far the longest row went (rows that stopped between two looks left padding
+        // columns behind), and which rows ended on a stop token.
+        let lengths = mask.sum_dim_intlist(1, false, Kind::Int64);
+        let lengths = Vec::<i64>::try_from(lengths.to_device(Device::Cpu))?;
+        let width = lengths.iter().copied().max().unwrap_or(0).clamp(1, steps);
+        let rows = Vec::<Vec<i64>>::try_from(tokens.narrow(1, 0, width).to_device(Device::Cpu))?;
+        let stopped = lengths
+            .iter()
+            .zip(&rows)
+            .map(|(&n, row)| n > 0 && cfg.stop_tokens.contains(&row[n as usize - 1]))
+            .collect();
         Ok(Generation {
-            tokens: tokens.narrow(1, 0, steps),
-            logprobs: logprobs.narrow(1, 0, steps),
-            mask: mask.narrow(1, 0, steps),
+            tokens: tokens.narrow(1, 0, width),
+            logprobs: logprobs.narrow(1, 0, width),
+            mask: mask.narrow(1, 0, width),
             prompt_ids: prompt_ids.shallow_clone(),
             prompt_mask: prompt_mask.shallow_clone(),
             stopped,

@@ -329,6 +329,59 @@ fn generating_in_batches_samples_what_one_batch_samples() {
     }
 }
 
+#[test]
+fn a_group_of_one_prompt_samples_what_the_same_rows_sample_in_a_padded_batch() {
+    // A group (every row the same prompt) prefills once and decodes without a mask; beside a
+    // prompt of another length, the same rows are left-padded, prefilled each and masked.
+    let (lm, tok) = tiny();
+    let q = tok.encode("What is 7*6? Answer:").unwrap();
+    let other = tok.encode("x").unwrap();
+    let group = vec![q.clone(); 5];
+    let mut mixed = group.clone();
+    mixed.push(other);
+    let cfg = SamplingConfig {
+        max_new_tokens: 24,
+        temperature: 0.9,
+        top_p: 0.95,
+        stop_tokens: vec![],
+        seed: 3,
+    };
+    // The stop token: one row 1 samples, which as few other rows as possible do.
+    let free = generate(&lm.model, &group, tok.pad_id(), &cfg)
+        .unwrap()
+        .token_lists();
+    let rows_with = |t: &i64| free.iter().filter(|r| r.contains(t)).count();
+    let stop = *free[1].iter().min_by_key(|t| rows_with(t)).unwrap();
+    let cfg = SamplingConfig {
+        stop_tokens: vec![stop],
+        ..cfg
+    };
+    let alone = generate(&lm.model, &group, tok.pad_id(), &cfg).unwrap();
+    let beside = generate(&lm.model, &mixed, tok.pad_id(), &cfg).unwrap();
+    let (a, b) = (alone.token_lists(), beside.token_lists());
+    assert_eq!(a[..], b[..5]);
+    assert_eq!(alone.stopped[..], beside.stopped[..5]);
+    // Rows differ from each other (their own streams), and some stop before the budget: the
+    // stop tokens were seen on the device and those rows left the batch.
+    assert!(a.iter().any(|r| r != &a[0]), "{a:?}");
+    assert!(
+        alone.stopped.iter().any(|&s| s) && alone.stopped.iter().any(|&s| !s),
+        "{:?}",
+        alone.stopped
+    );
+    let width = alone.tokens.size()[1] as usize;
+    assert_eq!(
+        width,
+        a.iter().map(Vec::len).max().unwrap(),
+        "no all-padding columns"
+    );
+    let d = max_abs_diff(
+        &alone.logprobs,
+        &beside.logprobs.narrow(0, 0, 5).narrow(1, 0, width as i64),
+    );
+    assert!(d < 1e-4, "log-probs differ by {d}");
+}
+
 /// This process's current and peak resident memory in bytes, after resetting the peak.
 fn rss() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
