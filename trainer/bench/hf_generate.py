@@ -1,5 +1,6 @@
 """transformers side of `rlt-trainer bench-generation`: a group of G samples of one prompt by
-`model.generate`, on the same checkpoint and torch build; prints the best tokens/s as JSON.
+`model.generate`, on the same checkpoint and torch build, ending at the same stop tokens;
+prints the best tokens/s (of the tokens up to each row's stop) as JSON.
 
   hf_generate.py SPEC.json   (written by `rlt-trainer bench-generation`)
 """
@@ -20,8 +21,12 @@ def main(spec_path):
                                              attn_implementation="sdpa").to(device).eval()
     ids = torch.tensor([spec["prompt"]] * spec["group"], device=device)
     new = spec["max_new_tokens"]
-    kwargs = dict(max_new_tokens=new, min_new_tokens=new, pad_token_id=spec["pad_id"], eos_token_id=None,
-                  attention_mask=torch.ones_like(ids))
+    stops = spec["stops"]
+    kwargs = dict(max_new_tokens=new, pad_token_id=spec["pad_id"], attention_mask=torch.ones_like(ids))
+    if stops:
+        kwargs.update(eos_token_id=stops)
+    else:
+        kwargs.update(min_new_tokens=new, eos_token_id=None)
     if spec["temperature"] > 0:
         kwargs.update(do_sample=True, temperature=spec["temperature"], top_p=spec["top_p"], top_k=0)
     else:
@@ -33,9 +38,19 @@ def main(spec_path):
             t = time.perf_counter()
             g = model.generate(input_ids=ids, **kwargs)
             sync(device)
+            dt = time.perf_counter() - t
             if i > 0:
-                best = max(best, (g.shape[1] - ids.shape[1]) * g.shape[0] / (time.perf_counter() - t))
+                best = max(best, generated(g[:, ids.shape[1]:], stops) / dt)
     print(json.dumps({"tokens_per_second": best}))
+
+
+def generated(new, stops):
+    """Tokens up to and including each row's first stop token (generate pads after it)."""
+    if not stops:
+        return new.numel()
+    hit = torch.isin(new, torch.tensor(stops, device=new.device))
+    first = torch.where(hit.any(1), hit.int().argmax(1) + 1, torch.full_like(hit[:, 0], new.shape[1], dtype=torch.long))
+    return int(first.sum())
 
 
 def sync(device):

@@ -24,9 +24,15 @@ pub struct BenchGenerationArgs {
     pub groups: Vec<usize>,
     #[arg(long, default_value_t = 64)]
     pub prompt_len: usize,
-    /// New tokens per sample (every sample runs to it: no stop token, as on both sides).
+    /// New tokens per sample at most.
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
+    /// Stop tokens (ids 100.. of the tiny vocabulary), as RL's explanations end: with random
+    /// weights each is about as likely as any token, so 8 end a sample after ~40 tokens on
+    /// average, and the group's samples end at different lengths. 0: every sample runs to
+    /// `max_new_tokens`. Tokens/s counts the tokens up to each sample's stop, on both sides.
+    #[arg(long, default_value_t = 0)]
+    pub stops: usize,
     #[arg(long, default_value_t = 0.7)]
     pub temperature: f64,
     #[arg(long, default_value_t = 0.95)]
@@ -57,11 +63,13 @@ pub fn bench_generation(a: BenchGenerationArgs) -> Result<()> {
     let root = std::env::temp_dir().join(format!("rlt-bench-gen-{}", std::process::id()));
     println!(
         "device {} dtype {} threads {threads}; a group of G samples of one {}-token prompt, {} new \
-         tokens each (T={}, top-p={}); tokens/s, best of {} rounds x {} iters",
+         tokens each at most, {} stop tokens (T={}, top-p={}); tokens/s, best of {} rounds x {} \
+         iters",
         a.device,
         a.dtype,
         a.prompt_len,
         a.max_new_tokens,
+        a.stops,
         a.temperature,
         a.top_p,
         a.rounds,
@@ -116,6 +124,10 @@ fn checkpoint(size: &str, dir: &Path) -> Result<(i64, i64)> {
     Ok((lm.num_parameters(), tok.pad_id()))
 }
 
+fn stop_ids(n: usize) -> Vec<i64> {
+    (100..100 + n as i64).collect()
+}
+
 /// Generated tokens per second of the best of `iters` runs.
 fn run_rust(
     dir: &Path,
@@ -131,7 +143,7 @@ fn run_rust(
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
         top_p: a.top_p,
-        stop_tokens: vec![],
+        stop_tokens: stop_ids(a.stops),
         seed: 0,
     };
     let mut best = 0f64;
@@ -158,6 +170,7 @@ fn run_python(
         "model": dir, "device": a.device, "dtype": a.dtype, "threads": threads,
         "prompt": prompt, "group": g, "pad_id": pad, "max_new_tokens": a.max_new_tokens,
         "temperature": a.temperature, "top_p": a.top_p, "iters": a.iters,
+        "stops": stop_ids(a.stops),
     });
     let spec_path: PathBuf = dir.join("generation_spec.json");
     std::fs::write(&spec_path, spec.to_string())?;
