@@ -87,7 +87,7 @@ impl TinySpec {
             "small" => (spec(512, 8, 8, 2, 1408), None),
             "medium" => (spec(512, 8, 8, 4, 1408), None),
             "0.5b" => {
-                let c = crate::memory::qwen2_shape("0.5B").expect("a published shape");
+                let c = qwen2_shape("0.5B").expect("a published shape");
                 let s = spec(
                     c.hidden_size,
                     c.num_hidden_layers,
@@ -236,6 +236,31 @@ impl Qwen2Config {
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_hidden_layers * layer + h + head
     }
+}
+
+/// The published Qwen2.5 shapes the README's table covers.
+pub fn qwen2_shapes() -> Vec<(&'static str, Qwen2Config)> {
+    let shape = |v: i64, h: i64, i: i64, l: i64, heads: i64, kv: i64, tied: bool| {
+        serde_json::from_value::<Qwen2Config>(serde_json::json!({
+            "vocab_size": v, "hidden_size": h, "intermediate_size": i,
+            "num_hidden_layers": l, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "tie_word_embeddings": tied,
+        }))
+        .expect("a valid Qwen2 config")
+    };
+    vec![
+        ("0.5B", shape(151_936, 896, 4864, 24, 14, 2, true)),
+        ("1.5B", shape(151_936, 1536, 8960, 28, 12, 2, true)),
+        ("7B", shape(152_064, 3584, 18_944, 28, 28, 4, false)),
+        ("32B", shape(152_064, 5120, 27_648, 64, 40, 8, false)),
+    ]
+}
+
+/// One of [`qwen2_shapes`] by name ("7B").
+pub fn qwen2_shape(name: &str) -> Option<Qwen2Config> {
+    qwen2_shapes()
+        .into_iter()
+        .find_map(|(n, c)| (n == name).then_some(c))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //!
 //! - every rank holds the whole model in the training dtype and runs forward and backward on
 //!   its share of the global batch;
-//! - each rank owns whole parameters (balanced by size: [`crate::rl::shard::assign_shards`],
+//! - each rank owns whole parameters (balanced by size: [`crate::optim::assign_shards`],
 //!   the split the RL parameter servers use), laid out flat by owner, each owner's part padded
 //!   to the largest so that c10d's equal-shard collectives cut the buffer at the owners;
 //! - the gradients are summed over the ranks by reduce-scatter, in buckets of a bounded size,
@@ -19,8 +19,7 @@
 //! With one rank it is the same arithmetic without collectives: one code path, whose result
 //! does not depend on the number of ranks beyond float summation order.
 use crate::collective::Group;
-use crate::optim::{clip_coefficient, AdamW, AdamWConfig};
-use crate::rl::shard::assign_shards;
+use crate::optim::{assign_shards, clip_coefficient, AdamW, AdamWConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::ops::Range;

@@ -13,7 +13,7 @@
 //! cannot fit stops with the spec fields to change. [`table`] is the README's table. The RL
 //! stage has its own arithmetic: [`learner_estimate`] (three whole models, sampling and
 //! backward passes over a few rows of a group) and [`server_bytes`] (one shard's state).
-use crate::config::Qwen2Config;
+use crate::config::{qwen2_shapes, Qwen2Config};
 use anyhow::{anyhow, Result};
 use std::fmt::Write as _;
 
@@ -59,31 +59,6 @@ impl Shape {
     fn layer_elements_per_token(&self) -> f64 {
         5.0 * self.hidden + 6.0 * self.q_dim + 3.0 * self.kv_dim + 4.0 * self.intermediate
     }
-}
-
-/// The published Qwen2.5 shapes the README's table covers.
-pub fn qwen2_shapes() -> Vec<(&'static str, Qwen2Config)> {
-    let shape = |v: i64, h: i64, i: i64, l: i64, heads: i64, kv: i64, tied: bool| {
-        serde_json::from_value::<Qwen2Config>(serde_json::json!({
-            "vocab_size": v, "hidden_size": h, "intermediate_size": i,
-            "num_hidden_layers": l, "num_attention_heads": heads,
-            "num_key_value_heads": kv, "tie_word_embeddings": tied,
-        }))
-        .expect("a valid Qwen2 config")
-    };
-    vec![
-        ("0.5B", shape(151_936, 896, 4864, 24, 14, 2, true)),
-        ("1.5B", shape(151_936, 1536, 8960, 28, 12, 2, true)),
-        ("7B", shape(152_064, 3584, 18_944, 28, 28, 4, false)),
-        ("32B", shape(152_064, 5120, 27_648, 64, 40, 8, false)),
-    ]
-}
-
-/// One of [`qwen2_shapes`] by name ("7B").
-pub fn qwen2_shape(name: &str) -> Option<Qwen2Config> {
-    qwen2_shapes()
-        .into_iter()
-        .find_map(|(n, c)| (n == name).then_some(c))
 }
 
 /// One fine-tune's settings, as far as memory goes.
@@ -298,7 +273,7 @@ pub struct LearnerPlan {
     pub generation_batch: u32,
     pub checkpointing: bool,
     /// GPUs the learner's models are spread over: 1, or 2 (the reference and the student on
-    /// the second: [`crate::rl::learner::Placement`]).
+    /// the second: `rl::learner::Placement`).
     pub devices: u32,
 }
 
@@ -310,7 +285,7 @@ impl LearnerPlan {
 }
 
 /// The fuller of a learner's devices. The policy's device holds the teacher, its gradient and
-/// (bf16) the gradient's f32 sums ([`crate::rl::rollout::GradSum`]); per group it first
+/// (bf16) the gradient's f32 sums (`rl::rollout::GradSum`); per group it first
 /// samples (a KV cache of `generation_batch` rows, and each decoding step repeats one layer's
 /// cached keys and values to the query heads), then scores and backpropagates `micro_batch`
 /// rows at a time over left-padded sequences with an explicit attention mask; sampling and the
@@ -993,6 +968,7 @@ pub fn check_server(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::qwen2_shape;
 
     fn shape(name: &str) -> Shape {
         Shape::of(&qwen2_shape(name).unwrap())

@@ -340,6 +340,24 @@ impl LrSchedule {
     }
 }
 
+/// Deterministic shard of every parameter, balanced by size: largest first (ties by name),
+/// each to the currently lightest shard (ties to the lowest index). Every parameter server, learner and
+/// data-parallel rank computes the same map from the same (name, numel) list, so nothing needs to agree at run
+/// time beyond the parameter list itself.
+pub fn assign_shards(params: &[(String, i64)], num_shards: usize) -> BTreeMap<String, usize> {
+    assert!(num_shards > 0);
+    let mut order: Vec<&(String, i64)> = params.iter().collect();
+    order.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut load = vec![0i64; num_shards];
+    let mut out = BTreeMap::new();
+    for (name, numel) in order {
+        let shard = (0..num_shards).min_by_key(|&i| (load[i], i)).unwrap();
+        load[shard] += numel;
+        out.insert(name.clone(), shard);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ fn example() -> RltRun {
 }
 
 fn seven_b() -> Shape {
-    Shape::of(&memory::qwen2_shape("7B").unwrap())
+    Shape::of(&rlt_trainer::config::qwen2_shape("7B").unwrap())
 }
 
 fn bytes(q: &str) -> f64 {

@@ -5,10 +5,10 @@
 //! naming the fields.
 use rlt_api::layout::RunDir;
 use rlt_trainer::checkpoint::{init_tiny, CausalLm};
+use rlt_trainer::config::qwen2_shape;
 use rlt_trainer::config::{Qwen2Config, TinySpec};
 use rlt_trainer::data::synthetic::{generate, SyntheticSpec};
 use rlt_trainer::data::{teacher_chat, Prompts};
-use rlt_trainer::memory::qwen2_shape;
 use rlt_trainer::sft::{completion_loss, completion_loss_checkpointed, run_sft, SftConfig, SftJob};
 use std::path::{Path, PathBuf};
 use std::process::Command;

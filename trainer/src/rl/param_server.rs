@@ -22,8 +22,9 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::grpo::GrpoConfig;
-use super::shard::{assign_shards, prune_checkpoints, shard_names, RlOptimizer, ShardState};
+use super::shard::{prune_checkpoints, shard_names, RlOptimizer, ShardState};
 use super::wire::{self, pb, KIND_POLICY, KIND_REFERENCE, PROTOCOL_VERSION};
+use crate::optim::assign_shards;
 use crate::optim::{clip_coefficient, squared_norm};
 
 #[derive(Debug, Clone)]

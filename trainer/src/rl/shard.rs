@@ -44,24 +44,6 @@ impl Default for RlOptimizer {
     }
 }
 
-/// Deterministic shard of every parameter, balanced by size: largest first (ties by name),
-/// each to the currently lightest shard (ties to the lowest index). Every server and learner
-/// computes the same map from the same (name, numel) list, so nothing needs to agree at run
-/// time beyond the parameter list itself.
-pub fn assign_shards(params: &[(String, i64)], num_shards: usize) -> BTreeMap<String, usize> {
-    assert!(num_shards > 0);
-    let mut order: Vec<&(String, i64)> = params.iter().collect();
-    order.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    let mut load = vec![0i64; num_shards];
-    let mut out = BTreeMap::new();
-    for (name, numel) in order {
-        let shard = (0..num_shards).min_by_key(|&i| (load[i], i)).unwrap();
-        load[shard] += numel;
-        out.insert(name.clone(), shard);
-    }
-    out
-}
-
 /// The names a shard owns, in a fixed (sorted) order.
 pub fn shard_names(assignment: &BTreeMap<String, usize>, shard: usize) -> Vec<String> {
     assignment
@@ -295,6 +277,7 @@ pub fn prune_checkpoints(stage: &layout::StageDir, shard: usize, num_shards: usi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::assign_shards;
 
     #[test]
     fn assignment_is_deterministic_balanced_and_complete() {
