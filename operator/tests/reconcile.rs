@@ -1114,7 +1114,7 @@ fn refused(w: &mut World, stage: Stage, job: &str, refusal: &str) -> (Plan, Stri
 #[test]
 fn a_memory_preflight_refusal_fails_the_run_at_once_naming_the_fields_to_change() {
     // What `rlt-trainer warmup` writes to its termination log and exits 2 with when the stage
-    // cannot fit its GPUs (trainer/src/memory.rs), as the kubelet reports it.
+    // cannot fit its GPUs (trainer/src/train/memory.rs), as the kubelet reports it.
     let refusal = "memory preflight: warm-up needs about 96.4 GiB per GPU (80.0 GiB available) \
                    for a 7.6B-parameter model at maxLength 16384 with 1 rank; raise \
                    warmup.replicas (or the GPUs per pod) to 4, or lower warmup.maxLength";
@@ -1141,7 +1141,7 @@ fn a_memory_preflight_refusal_fails_the_run_at_once_naming_the_fields_to_change(
 #[test]
 fn a_learner_memory_refusal_fails_rl_at_once_naming_the_fields_to_change() {
     // What `rlt-trainer learner` writes to its termination log and exits 2 with when a
-    // learner cannot fit its GPU (trainer/src/memory.rs: learner_preflight).
+    // learner cannot fit its GPU (trainer/src/train/memory.rs: learner_preflight).
     let refusal = "memory preflight: an RL learner needs about 97.2 GiB per GPU (79.6 GiB \
                    available) for a 7.6B-parameter teacher and a 7.6B-parameter student with \
                    sequences up to 17408 tokens, one at a time: weights 42.6, gradients 14.2, \

@@ -12,7 +12,7 @@
 //! (Stratos style). A malformed row is an error naming the file and row (1-based line for
 //! JSONL, array index for JSON, row number for Parquet), unless the caller asks to skip bad
 //! rows, in which case every skipped row is counted and reported.
-use crate::tokenizer::{
+use crate::model::tokenizer::{
     BEGIN_OF_EXPLANATION, BEGIN_OF_SOLUTION, BEGIN_OF_THOUGHT, ENDOFTEXT, END_OF_EXPLANATION,
     END_OF_SOLUTION, END_OF_THOUGHT, IM_END, IM_START,
 };

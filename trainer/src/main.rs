@@ -3,7 +3,8 @@
 //! the termination message (see [`rlt_trainer::exit`]).
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use rlt_trainer::{cli, exit};
+use rlt_trainer::exit;
+use rlt_trainer::stage::cli;
 
 #[derive(Parser)]
 #[command(name = "rlt-trainer", version, about = "RLT trainer (tch/libtorch)")]
@@ -26,7 +27,7 @@ enum Command {
     /// Write the synthetic arithmetic task (train.jsonl, heldout.jsonl).
     Synth(cli::SynthArgs),
     /// Time the SFT step and batched sampling here and in transformers, side by side.
-    Bench(rlt_trainer::bench::BenchArgs),
+    Bench(rlt_trainer::bench::versus_transformers::BenchArgs),
     /// RL stage: a parameter server owning one shard of the teacher and its AdamW state.
     ParamServer(rlt_trainer::rl::cli::ParamServerArgs),
     /// RL stage: a learner (sample, score with the frozen student, GRPO gradients).
@@ -44,14 +45,14 @@ enum Command {
     Pipeline(rlt_trainer::pipeline::PipelineArgs),
     /// The trainer on a device in one JSON report: numerics and speed against transformers,
     /// an RL group's memory against its preflight (the GPU kit's check; CPU at small shapes).
-    GpuCheck(rlt_trainer::gpu_check::GpuCheckArgs),
+    GpuCheck(rlt_trainer::bench::gpu_check::GpuCheckArgs),
     /// The effect of RL, measured: warm-up vs RL teacher reward, and students distilled from
     /// each (and from solutions alone) by held-out accuracy and solution log-likelihood.
-    BenchEffect(rlt_trainer::bench_effect::BenchEffectArgs),
+    BenchEffect(rlt_trainer::bench::effect::BenchEffectArgs),
     /// What a data-parallel update moves across rank processes here, over libtorch's c10d (Gloo).
-    BenchCollectives(rlt_trainer::bench_collectives::BenchCollectivesArgs),
+    BenchCollectives(rlt_trainer::bench::collectives::BenchCollectivesArgs),
     /// An RL group's generation (G samples of one prompt), rlt-trainer beside transformers.
-    BenchGeneration(rlt_trainer::bench_generation::BenchGenerationArgs),
+    BenchGeneration(rlt_trainer::bench::generation::BenchGenerationArgs),
 }
 
 fn main() {
@@ -88,7 +89,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => cli::generate(a),
         Command::Warmup(a) => cli::warmup(a),
         Command::Memory => {
-            use rlt_trainer::memory;
+            use rlt_trainer::train::memory;
             print!(
                 "{}\n{}",
                 memory::table(&memory::README_LENGTHS, &memory::README_RANKS),
@@ -97,7 +98,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Synth(a) => cli::synth(a),
-        Command::Bench(a) => rlt_trainer::bench::bench(a),
+        Command::Bench(a) => rlt_trainer::bench::versus_transformers::bench(a),
         Command::ParamServer(a) => rlt_trainer::rl::cli::param_server(a),
         Command::Learner(a) => rlt_trainer::rl::cli::learner(a),
         Command::Score(a) => rlt_trainer::rl::score::score(a),
@@ -105,9 +106,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Distill(a) => rlt_trainer::distill::distill(a),
         Command::Eval(a) => rlt_trainer::eval::run::eval(a).map(|_| ()),
         Command::Pipeline(a) => rlt_trainer::pipeline::pipeline(a).map(|_| ()),
-        Command::GpuCheck(a) => rlt_trainer::gpu_check::gpu_check(a),
-        Command::BenchEffect(a) => rlt_trainer::bench_effect::bench_effect(a).map(|_| ()),
-        Command::BenchCollectives(a) => rlt_trainer::bench_collectives::bench_collectives(a),
-        Command::BenchGeneration(a) => rlt_trainer::bench_generation::bench_generation(a),
+        Command::GpuCheck(a) => rlt_trainer::bench::gpu_check::gpu_check(a),
+        Command::BenchEffect(a) => rlt_trainer::bench::effect::bench_effect(a).map(|_| ()),
+        Command::BenchCollectives(a) => rlt_trainer::bench::collectives::bench_collectives(a),
+        Command::BenchGeneration(a) => rlt_trainer::bench::generation::bench_generation(a),
     }
 }

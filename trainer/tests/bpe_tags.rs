@@ -3,9 +3,9 @@
 //! after it) and the chat special tokens, so `.<|end_of_explanation|>` is spelled with a token
 //! that holds the `.` and the tag's start, and `.\n\n` can be one token.
 use rlt_trainer::data::{student_segments, Example, Prompts};
+use rlt_trainer::model::tokenizer::{Tokenizer, END_OF_EXPLANATION, END_OF_THOUGHT};
 use rlt_trainer::rl::completion::{find_subsequence, parse_completion};
 use rlt_trainer::rl::rollout::GroupPrompt;
-use rlt_trainer::tokenizer::{Tokenizer, END_OF_EXPLANATION, END_OF_THOUGHT};
 use tokenizers::models::bpe::BpeTrainerBuilder;
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;

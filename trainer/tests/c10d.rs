@@ -1,7 +1,7 @@
-//! libtorch's c10d through `rlt_trainer::c10d`, across real processes (this test binary run
+//! libtorch's c10d through `rlt_trainer::train::c10d`, across real processes (this test binary run
 //! again as each rank), on Gloo over loopback: what the ranks get equals what one process
 //! computes from every rank's input.
-use rlt_trainer::c10d::{Backend, ProcessGroup, Rendezvous};
+use rlt_trainer::train::c10d::{Backend, ProcessGroup, Rendezvous};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};

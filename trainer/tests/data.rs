@@ -1,7 +1,7 @@
 //! Dataset files: the shipped fixtures parse; malformed rows fail with file and row, or are
 //! skipped and counted when asked.
 use rlt_trainer::data::{load_examples, student_chat, teacher_chat, teacher_rl_prompt, Prompts};
-use rlt_trainer::tokenizer::Tokenizer;
+use rlt_trainer::model::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {

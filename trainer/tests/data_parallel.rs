@@ -4,8 +4,8 @@
 //! mid-epoch brings its group down and the next attempt resumes from the last checkpoint to the
 //! same result; every rank's share of the optimizer state is in each checkpoint.
 use rlt_api::layout::{latest_checkpoint, RunDir};
-use rlt_trainer::checkpoint::{init_tiny, load_checkpoint};
-use rlt_trainer::config::TinySpec;
+use rlt_trainer::model::checkpoint::{init_tiny, load_checkpoint};
+use rlt_trainer::model::config::TinySpec;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -4,16 +4,16 @@
 //! with every default means.
 use clap::{Args, Parser};
 use rlt_api::spec::{defaults, TinyModel};
-use rlt_trainer::cli::{TinyArgs, WarmupArgs};
-use rlt_trainer::config::TinySpec;
 use rlt_trainer::data::Prompts;
 use rlt_trainer::distill::collect::CollectConfig;
 use rlt_trainer::distill::DistillArgs;
+use rlt_trainer::model::config::TinySpec;
 use rlt_trainer::rl::cli::{LearnerArgs, ParamServerArgs};
 use rlt_trainer::rl::reward::RewardConfig;
 use rlt_trainer::rl::shard::RlOptimizer;
-use rlt_trainer::runconfig::{Inputs, Staged};
-use rlt_trainer::sft::SftConfig;
+use rlt_trainer::stage::cli::{TinyArgs, WarmupArgs};
+use rlt_trainer::stage::runconfig::{Inputs, Staged};
+use rlt_trainer::train::sft::SftConfig;
 
 #[derive(Parser)]
 struct Hand<A: Args> {
@@ -94,7 +94,7 @@ fn staged(yaml: &str) -> Staged {
             students: vec![("s".into(), "/w/s".into())],
             train: "/w/train.jsonl".into(),
             held_out: None,
-            prompts: rlt_trainer::cli::PromptStyle::Standard,
+            prompts: rlt_trainer::stage::cli::PromptStyle::Standard,
         },
     }
 }

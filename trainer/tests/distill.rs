@@ -2,13 +2,13 @@
 //! explanations per row that fit the student's context), the student's fine-tune into a
 //! loadable HF checkpoint.
 use rlt_api::layout::{RunDir, COMPLETE_MARKER};
-use rlt_trainer::checkpoint::{init_tiny, load_checkpoint};
-use rlt_trainer::config::TinySpec;
 use rlt_trainer::data::{synthetic, Example, Prompts};
 use rlt_trainer::distill::collect::{collect, student_pairs, trace_budget, CollectConfig};
 use rlt_trainer::distill::traces::{read_rows, TraceFile, TraceRow};
 use rlt_trainer::distill::{run_distill, DistillJob};
-use rlt_trainer::sft::SftConfig;
+use rlt_trainer::model::checkpoint::{init_tiny, load_checkpoint};
+use rlt_trainer::model::config::TinySpec;
+use rlt_trainer::train::sft::SftConfig;
 use std::path::PathBuf;
 use tch::{Device, Kind};
 

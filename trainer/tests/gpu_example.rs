@@ -5,8 +5,8 @@
 use rlt_api::contract;
 use rlt_api::quantity::Quantity;
 use rlt_api::spec::RltRun;
-use rlt_trainer::memory::{self, LearnerPlan, Shape, Stage, GIB, H100_80GB};
-use rlt_trainer::sft::SftConfig;
+use rlt_trainer::train::memory::{self, LearnerPlan, Shape, Stage, GIB, H100_80GB};
+use rlt_trainer::train::sft::SftConfig;
 
 fn example() -> RltRun {
     let path = concat!(
@@ -20,7 +20,7 @@ fn example() -> RltRun {
 }
 
 fn seven_b() -> Shape {
-    Shape::of(&rlt_trainer::config::qwen2_shape("7B").unwrap())
+    Shape::of(&rlt_trainer::model::config::qwen2_shape("7B").unwrap())
 }
 
 fn bytes(q: &str) -> f64 {

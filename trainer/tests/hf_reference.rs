@@ -2,10 +2,10 @@
 //! same libtorch. Checkpoints we save load in transformers and give the same logits and greedy
 //! generations; checkpoints transformers saves (untied head, sharded) load here likewise.
 //! Needs Python with torch + transformers: `RLT_PYTHON`, else `python3` (see scripts/dev).
-use rlt_trainer::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
-use rlt_trainer::config::{Qwen2Config, TinySpec};
-use rlt_trainer::sampling::{generate, left_pad, SamplingConfig};
-use rlt_trainer::tokenizer::Tokenizer;
+use rlt_trainer::engine::sampling::{generate, left_pad, SamplingConfig};
+use rlt_trainer::model::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
+use rlt_trainer::model::config::{Qwen2Config, TinySpec};
+use rlt_trainer::model::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;

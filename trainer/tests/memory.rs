@@ -4,12 +4,14 @@
 //! preflight stops a warm-up or an RL learner that cannot fit before loading any weights,
 //! naming the fields.
 use rlt_api::layout::RunDir;
-use rlt_trainer::checkpoint::{init_tiny, CausalLm};
-use rlt_trainer::config::qwen2_shape;
-use rlt_trainer::config::{Qwen2Config, TinySpec};
 use rlt_trainer::data::synthetic::{generate, SyntheticSpec};
 use rlt_trainer::data::{teacher_chat, Prompts};
-use rlt_trainer::sft::{completion_loss, completion_loss_checkpointed, run_sft, SftConfig, SftJob};
+use rlt_trainer::model::checkpoint::{init_tiny, CausalLm};
+use rlt_trainer::model::config::qwen2_shape;
+use rlt_trainer::model::config::{Qwen2Config, TinySpec};
+use rlt_trainer::train::sft::{
+    completion_loss, completion_loss_checkpointed, run_sft, SftConfig, SftJob,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};

@@ -1,10 +1,10 @@
 //! Model, checkpoint and sampler behaviour on tiny random models (CPU, f32).
-use rlt_trainer::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
-use rlt_trainer::config::{Qwen2Config, TinySpec};
-use rlt_trainer::logprobs::sequence_logprobs;
-use rlt_trainer::model::KvCache;
-use rlt_trainer::sampling::{generate, generate_in_batches, left_pad, SamplingConfig};
-use rlt_trainer::tokenizer::Tokenizer;
+use rlt_trainer::engine::logprobs::sequence_logprobs;
+use rlt_trainer::engine::sampling::{generate, generate_in_batches, left_pad, SamplingConfig};
+use rlt_trainer::model::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
+use rlt_trainer::model::config::{Qwen2Config, TinySpec};
+use rlt_trainer::model::qwen2::KvCache;
+use rlt_trainer::model::tokenizer::Tokenizer;
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 

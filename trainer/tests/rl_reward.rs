@@ -4,17 +4,17 @@
 use std::path::{Path, PathBuf};
 
 use rlt_api::layout::RunDir;
-use rlt_trainer::checkpoint::{save_checkpoint, CausalLm};
-use rlt_trainer::config::TinySpec;
 use rlt_trainer::data::synthetic::{generate, SyntheticSpec};
 use rlt_trainer::data::{student_chat, student_segments, teacher_chat, Example, Prompts};
+use rlt_trainer::model::checkpoint::{save_checkpoint, CausalLm};
+use rlt_trainer::model::config::TinySpec;
+use rlt_trainer::model::tokenizer::Tokenizer;
 use rlt_trainer::rl::grpo::GrpoConfig;
 use rlt_trainer::rl::learner::{compute_step, LocalRun, Models};
 use rlt_trainer::rl::reward::RewardConfig;
 use rlt_trainer::rl::rollout::{score_completions, with_first_column, GroupPrompt, RolloutConfig};
 use rlt_trainer::rl::shard::RlOptimizer;
-use rlt_trainer::sft::{run_sft, SftConfig, SftJob};
-use rlt_trainer::tokenizer::Tokenizer;
+use rlt_trainer::train::sft::{run_sft, SftConfig, SftJob};
 use tch::{Device, Kind, Tensor};
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -153,9 +153,9 @@ fn score_texts(models: &Models, prompt: &GroupPrompt, texts: &[String]) -> (Vec<
         .iter()
         .map(|c| [prompt.teacher_prompt.clone(), c.clone()].concat())
         .collect();
-    let (t_ids, t_mask) = rlt_trainer::sampling::right_pad(&rows, ids.pad, Device::Cpu);
+    let (t_ids, t_mask) = rlt_trainer::engine::sampling::right_pad(&rows, ids.pad, Device::Cpu);
     let t_lp = tch::no_grad(|| {
-        with_first_column(rlt_trainer::logprobs::sequence_logprobs(
+        with_first_column(rlt_trainer::engine::logprobs::sequence_logprobs(
             &models.teacher.model,
             &t_ids,
             Some(&t_mask),

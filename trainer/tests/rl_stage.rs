@@ -7,16 +7,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rlt_api::layout::RunDir;
-use rlt_trainer::checkpoint::{save_checkpoint, CausalLm};
-use rlt_trainer::cli::{DataArgs, PromptArgs, PromptStyle};
-use rlt_trainer::config::TinySpec;
 use rlt_trainer::data::{Example, Prompts};
+use rlt_trainer::model::checkpoint::{save_checkpoint, CausalLm};
+use rlt_trainer::model::config::TinySpec;
+use rlt_trainer::model::tokenizer::Tokenizer;
 use rlt_trainer::rl::grpo::GrpoConfig;
 use rlt_trainer::rl::learner::{compute_step, LocalRun, Models};
 use rlt_trainer::rl::reward::RewardConfig;
 use rlt_trainer::rl::rollout::RolloutConfig;
 use rlt_trainer::rl::shard::RlOptimizer;
-use rlt_trainer::tokenizer::Tokenizer;
+use rlt_trainer::stage::cli::{DataArgs, PromptArgs, PromptStyle};
 use tch::{Device, Kind, Tensor};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rlt-trainer");
@@ -590,7 +590,7 @@ fn micro_batches_and_checkpointing_change_memory_not_the_gradient() {
 /// drift from 1 (and the clip drop tokens).
 #[test]
 fn a_bf16_learner_sums_row_gradients_in_f32_at_ratio_one() {
-    use rlt_trainer::logprobs::token_logprobs;
+    use rlt_trainer::engine::logprobs::token_logprobs;
     use rlt_trainer::rl::grpo::token_weights;
     use rlt_trainer::rl::rollout::{
         policy_gradient, sample_and_score, zero_gradients, GradSum, StepContribution,

@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rlt_trainer::checkpoint::{save_checkpoint, CausalLm};
-use rlt_trainer::config::TinySpec;
 use rlt_trainer::data::synthetic::{generate, SyntheticSpec};
 use rlt_trainer::data::{write_jsonl, Example};
+use rlt_trainer::model::checkpoint::{save_checkpoint, CausalLm};
+use rlt_trainer::model::config::TinySpec;
 use serde_json::Value;
 use tch::{Device, Kind};
 
@@ -27,7 +27,7 @@ fn tiny(dir: &Path, seed: u64) {
         intermediate_size: 64,
         seed,
     };
-    let tok = rlt_trainer::tokenizer::Tokenizer::tiny();
+    let tok = rlt_trainer::model::tokenizer::Tokenizer::tiny();
     save_checkpoint(
         dir,
         &CausalLm::tiny(&spec, &tok, Device::Cpu, Kind::Float).unwrap(),

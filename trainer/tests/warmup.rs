@@ -2,12 +2,12 @@
 //! resumes from its checkpoint and ends where an uninterrupted run ends, and a NaN loss stops
 //! the stage keeping the last good checkpoint.
 use rlt_api::layout::{latest_checkpoint, RunDir, COMPLETE_MARKER};
-use rlt_trainer::checkpoint::{init_tiny, load_checkpoint, save_checkpoint, CausalLm};
-use rlt_trainer::config::{Qwen2Config, TinySpec};
 use rlt_trainer::data::synthetic::{generate, SyntheticSpec};
 use rlt_trainer::data::{teacher_chat, Example, Prompts};
-use rlt_trainer::sft::{run_sft, SftConfig, SftJob, TrainerState};
-use rlt_trainer::tokenizer::Tokenizer;
+use rlt_trainer::model::checkpoint::{init_tiny, load_checkpoint, save_checkpoint, CausalLm};
+use rlt_trainer::model::config::{Qwen2Config, TinySpec};
+use rlt_trainer::model::tokenizer::Tokenizer;
+use rlt_trainer::train::sft::{run_sft, SftConfig, SftJob, TrainerState};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};

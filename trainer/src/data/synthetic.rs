@@ -3,7 +3,7 @@
 //! question `Compute 7 + 5 - 3 * 2.` (left to right), reasoning `7 + 5 = 12. 12 - 3 = 9.
 //! 9 * 2 = 18.`, solution `18`.
 use super::Example;
-use crate::sampling::SplitMix64;
+use crate::engine::sampling::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

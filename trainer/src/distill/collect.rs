@@ -13,10 +13,10 @@
 //! its own example would duplicate questions, over-weight short explanations and multiply the
 //! fine-tune's steps.)
 use super::traces::{TraceFile, TraceRow};
-use crate::checkpoint::CausalLm;
 use crate::data::{self, Example, Prompts};
-use crate::sampling::{generate, SamplingConfig};
-use crate::tokenizer::{Tokenizer, END_OF_EXPLANATION};
+use crate::engine::sampling::{generate, SamplingConfig};
+use crate::model::checkpoint::CausalLm;
+use crate::model::tokenizer::{Tokenizer, END_OF_EXPLANATION};
 use anyhow::{bail, Result};
 use rlt_api::spec::DistillationStage;
 use rlt_api::RltRunSpec;

@@ -5,21 +5,21 @@
 //!    [`traces`]).
 //! 2. The student is fine-tuned on question -> explanation + solution in the student's format
 //!    with the loss on completion tokens only, by the same SFT code as the warm-up
-//!    ([`crate::sft::run_sft`]: checkpoints in `distill/<student>/checkpoints/`, resume after a
+//!    ([`crate::train::sft::run_sft`]: checkpoints in `distill/<student>/checkpoints/`, resume after a
 //!    kill, the final HF checkpoint in `distill/<student>/final/`).
 //!
 //! Several students each get their own job (and `RLT_STUDENT`) and their own directory.
 pub mod collect;
 pub mod traces;
 
-use crate::checkpoint::load_checkpoint;
-use crate::cli::{DataArgs, DeviceArgs, SftArgs, StageArgs};
-use crate::collective::Group;
 use crate::data::{Example, Prompts};
 use crate::metrics::Published;
-use crate::runconfig::{flag_or_run, Staged};
-use crate::sft::{run_sft_ranks, SftConfig, SftJob, SftOutcome};
-use crate::tokenizer::Tokenizer;
+use crate::model::checkpoint::load_checkpoint;
+use crate::model::tokenizer::Tokenizer;
+use crate::stage::cli::{DataArgs, DeviceArgs, SftArgs, StageArgs};
+use crate::stage::runconfig::{flag_or_run, Staged};
+use crate::train::collective::Group;
+use crate::train::sft::{run_sft_ranks, SftConfig, SftJob, SftOutcome};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use collect::CollectConfig;
@@ -60,7 +60,7 @@ pub struct DistillArgs {
     #[command(flatten)]
     pub stage: StageArgs,
     #[command(flatten)]
-    pub ranks: crate::ranks::RankArgs,
+    pub ranks: crate::train::ranks::RankArgs,
     #[command(flatten)]
     pub sft: SftArgs,
     #[command(flatten)]
@@ -101,7 +101,7 @@ impl DistillArgs {
     pub fn sft_config(&self, run: Option<&Staged>) -> SftConfig {
         let d = run.map_or_else(defaults::distillation, |s| s.spec().distillation.clone());
         SftConfig {
-            keep_after_final: crate::cli::keep_after_final(run),
+            keep_after_final: crate::stage::cli::keep_after_final(run),
             ..self.sft.over(SftConfig::distillation(&d))
         }
     }
@@ -118,7 +118,7 @@ pub fn distill(a: DistillArgs) -> Result<()> {
         (None, None) => flag_or_run(None, None, "--student-model")?,
     };
     let (device, kind) = a.device.resolve_for(run)?;
-    if crate::ranks::prepare_stage(
+    if crate::train::ranks::prepare_stage(
         &a.ranks,
         &mut sft,
         &student_model,
@@ -148,7 +148,7 @@ pub fn distill(a: DistillArgs) -> Result<()> {
         kind,
         // One metrics server per pod: its first local rank's.
         published: if a.ranks.local_rank.unwrap_or(0) == 0 {
-            crate::cli::publish(&a.stage)?
+            crate::stage::cli::publish(&a.stage)?
         } else {
             None
         },
@@ -196,7 +196,7 @@ pub fn run_distill_ranks(job: DistillJob, group: &mut Group) -> Result<DistillOu
         published,
     } = job;
     for (what, dir) in [("teacher", &teacher), ("student", &student_model)] {
-        if !dir.join(crate::checkpoint::CONFIG_FILE).exists() {
+        if !dir.join(crate::model::checkpoint::CONFIG_FILE).exists() {
             bail!(
                 "{what} checkpoint {} does not exist (no config.json)",
                 dir.display()
@@ -332,7 +332,7 @@ impl Collector<'_> {
             );
         }
         let cfg = CollectConfig {
-            batch_size: crate::memory::check_collection(
+            batch_size: crate::train::memory::check_collection(
                 self.teacher,
                 self.kind.elt_size_in_bytes() as u32,
                 self.cfg.batch_size,

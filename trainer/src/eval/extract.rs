@@ -6,7 +6,7 @@
 //! explicit "answer is (X)" / "Answer: X" statement.
 
 use super::normalize::split_group;
-use crate::tokenizer::{BEGIN_OF_SOLUTION, END_OF_SOLUTION};
+use crate::model::tokenizer::{BEGIN_OF_SOLUTION, END_OF_SOLUTION};
 
 /// The content of the last `\boxed{...}` / `\fbox{...}` in `text`, braces matched.
 ///

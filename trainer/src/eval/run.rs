@@ -5,12 +5,12 @@
 //! log-prob per token of the gold solution after the model's own (first) thought.
 use super::bench::{self, Benchmark, Problem};
 use super::report::{self, Report, Sampling};
-use crate::checkpoint::{load_checkpoint, CausalLm};
-use crate::cli::{DeviceArgs, PromptStyle};
 use crate::data::{self, Example, Prompts};
-use crate::logprobs::sequence_logprobs;
-use crate::sampling::{generate, SamplingConfig};
-use crate::tokenizer::{Tokenizer, BEGIN_OF_SOLUTION, BEGIN_OF_THOUGHT, END_OF_THOUGHT};
+use crate::engine::logprobs::sequence_logprobs;
+use crate::engine::sampling::{generate, SamplingConfig};
+use crate::model::checkpoint::{load_checkpoint, CausalLm};
+use crate::model::tokenizer::{Tokenizer, BEGIN_OF_SOLUTION, BEGIN_OF_THOUGHT, END_OF_THOUGHT};
+use crate::stage::cli::{DeviceArgs, PromptStyle};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;

@@ -19,7 +19,7 @@ pub mod plan;
 mod procs;
 mod state;
 
-use crate::runconfig::{read_run, Inputs};
+use crate::stage::runconfig::{read_run, Inputs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rlt_api::contract::TrainingFigures;
@@ -55,7 +55,7 @@ pub fn pipeline(a: PipelineArgs) -> Result<Outcome> {
     std::fs::create_dir_all(&a.workspace)
         .with_context(|| format!("creating {}", a.workspace.display()))?;
     let workspace = a.workspace.canonicalize()?;
-    let run_dir = RunDir::new(&workspace, &crate::runconfig::run_directory(&run)?);
+    let run_dir = RunDir::new(&workspace, &crate::stage::runconfig::run_directory(&run)?);
     std::fs::create_dir_all(run_dir.root())?;
     let config_path = run_dir.root().join(rlt_api::contract::CONFIG_FILE);
     std::fs::write(&config_path, rlt_api::contract::render_config(&run))

@@ -19,12 +19,12 @@ use super::param_server::{read_checkpoint_tensors, ParamServer, ServeUntil, Serv
 use super::reward::RewardConfig;
 use super::rollout::RolloutConfig;
 use super::shard::RlOptimizer;
-use crate::checkpoint::{save_checkpoint, CausalLm};
-use crate::config::TinySpec;
 use crate::data::synthetic::{generate, SyntheticSpec};
 use crate::data::Prompts;
 use crate::device::{parse_device, parse_kind};
-use crate::tokenizer::Tokenizer;
+use crate::model::checkpoint::{save_checkpoint, CausalLm};
+use crate::model::config::TinySpec;
+use crate::model::tokenizer::Tokenizer;
 
 #[derive(Args, Debug)]
 pub struct RlBenchArgs {
@@ -153,7 +153,7 @@ pub fn rl_bench(a: RlBenchArgs) -> Result<()> {
             );
         }
     }
-    if let Some(mib) = crate::memory::peak_rss_mib() {
+    if let Some(mib) = crate::train::memory::peak_rss_mib() {
         println!("peak resident memory of this process (servers and learners): {mib:.0} MiB");
     }
     let _ = std::fs::remove_dir_all(&root);

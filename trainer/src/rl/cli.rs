@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::runconfig::{flag_or_run, Staged};
+use crate::stage::runconfig::{flag_or_run, Staged};
 use anyhow::{Context, Result};
 use clap::Args;
 use rlt_api::contract::{self, env};
@@ -18,9 +18,9 @@ use super::param_server::{self, ServerConfig};
 use super::reward::{RewardConfig, WeightedReductions};
 use super::rollout::RolloutConfig;
 use super::shard::RlOptimizer;
-use crate::cli::{DataArgs, DeviceArgs};
-use crate::memory;
-use crate::optim::AdamWConfig;
+use crate::stage::cli::{DataArgs, DeviceArgs};
+use crate::train::memory;
+use crate::train::optim::AdamWConfig;
 
 /// Where the run lives in the shared workspace.
 #[derive(Args, Debug, Clone)]
@@ -38,7 +38,7 @@ pub struct RunArgs {
 
 impl RunArgs {
     pub fn run_dir(&self, run: Option<&Staged>) -> Result<RunDir> {
-        crate::runconfig::run_dir(&self.workspace, self.run_name.as_deref(), run)
+        crate::stage::runconfig::run_dir(&self.workspace, self.run_name.as_deref(), run)
     }
 }
 
@@ -361,7 +361,7 @@ pub fn learner(a: LearnerArgs) -> Result<()> {
         rollout,
         retry_for: Duration::from_secs(a.retry_secs),
         final_dir: Some(run_dir.rl().final_dir()),
-        prune_after_final: Some((run_dir.rl(), crate::cli::keep_after_final(run))),
+        prune_after_final: Some((run_dir.rl(), crate::stage::cli::keep_after_final(run))),
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(run_learner(&models, &examples, &prompts, &cfg, |_| {}))?;
@@ -388,7 +388,7 @@ fn longest_prompt(
     prompts: &crate::data::Prompts,
     examples: &[crate::data::Example],
 ) -> Result<u32> {
-    let tok = crate::tokenizer::Tokenizer::from_dir(teacher)
+    let tok = crate::model::tokenizer::Tokenizer::from_dir(teacher)
         .with_context(|| format!("teacher tokenizer in {}", teacher.display()))?;
     let mut longest = 0;
     for e in examples {

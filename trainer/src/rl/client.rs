@@ -510,11 +510,11 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optim::assign_shards;
-    use crate::optim::{clip_coefficient, squared_norm, AdamWConfig};
     use crate::rl::grpo::GrpoConfig;
     use crate::rl::param_server::{ParamServer, ServeUntil, ServerConfig};
     use crate::rl::shard::{RlOptimizer, ShardState};
+    use crate::train::optim::assign_shards;
+    use crate::train::optim::{clip_coefficient, squared_norm, AdamWConfig};
     use rlt_api::layout::RunDir;
     use tch::Kind;
 

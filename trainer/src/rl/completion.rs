@@ -10,7 +10,7 @@
 use anyhow::Result;
 
 use crate::data::explanation_of;
-use crate::tokenizer::Tokenizer;
+use crate::model::tokenizer::Tokenizer;
 
 /// The explanation inside a teacher completion. `well_formed` is false when the closing tag
 /// never came (e.g. the token limit cut the explanation); then the whole completion up to any

@@ -19,11 +19,11 @@ use super::rollout::{
 };
 use super::shard::{RlOptimizer, ShardState};
 use super::wire::pb;
-use crate::checkpoint::{save_checkpoint, CausalLm};
 use crate::data::{Example, Prompts};
-use crate::optim::{clip_coefficient, squared_norm};
-use crate::sampling::SplitMix64;
-use crate::tokenizer::Tokenizer;
+use crate::engine::sampling::SplitMix64;
+use crate::model::checkpoint::{save_checkpoint, CausalLm};
+use crate::model::tokenizer::Tokenizer;
+use crate::train::optim::{clip_coefficient, squared_norm};
 
 /// The three models a learner holds: the policy (trained), its GRPO reference, the frozen
 /// student; and the shared tokenizer.
@@ -360,7 +360,7 @@ pub async fn run_learner(
             tracing::info!(dir = %dir.display(), "wrote the final teacher");
             if let Some((stage, keep)) = &cfg.prune_after_final {
                 for shard in 0..cfg.param_servers.len() {
-                    crate::sft::prune_checkpoints(&stage.shard(shard), *keep);
+                    crate::train::sft::prune_checkpoints(&stage.shard(shard), *keep);
                 }
             }
         }

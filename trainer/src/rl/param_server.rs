@@ -24,8 +24,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::grpo::GrpoConfig;
 use super::shard::{prune_checkpoints, shard_names, RlOptimizer, ShardState};
 use super::wire::{self, pb, KIND_POLICY, KIND_REFERENCE, PROTOCOL_VERSION};
-use crate::optim::assign_shards;
-use crate::optim::{clip_coefficient, squared_norm};
+use crate::train::optim::assign_shards;
+use crate::train::optim::{clip_coefficient, squared_norm};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {

@@ -19,12 +19,12 @@ use super::grpo::{
     group_advantages, grpo_sequence_loss, grpo_token_loss, token_weights, GrpoConfig,
 };
 use super::reward::{rlt_reward, RewardBreakdown, RewardConfig, RewardInputs, Span};
-use crate::checkpoint::CausalLm;
 use crate::data::{student_segments, teacher_rl_prompt, Example, Prompts};
-use crate::logprobs::{sequence_logprobs, sequence_logprobs_in_batches, token_logprobs};
-use crate::model::{Qwen2, LOGIT_CHUNK};
-use crate::sampling::{generate_in_batches, left_pad, SamplingConfig};
-use crate::tokenizer::Tokenizer;
+use crate::engine::logprobs::{sequence_logprobs, sequence_logprobs_in_batches, token_logprobs};
+use crate::engine::sampling::{generate_in_batches, left_pad, SamplingConfig};
+use crate::model::checkpoint::CausalLm;
+use crate::model::qwen2::{Qwen2, LOGIT_CHUNK};
+use crate::model::tokenizer::Tokenizer;
 
 /// One (question, solution): the teacher's prompt, and the student's chat around the place
 /// where the explanation goes.

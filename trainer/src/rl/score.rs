@@ -17,12 +17,12 @@ use super::reward::{RewardBreakdown, RewardConfig};
 use super::rollout::{
     group_seed, score_completions, with_first_column, GroupPrompt, RolloutConfig, SpecialIds,
 };
-use crate::checkpoint::{load_checkpoint, CausalLm};
-use crate::cli::{DeviceArgs, PromptArgs};
 use crate::data::{self, Example, Prompts, PAD};
-use crate::logprobs::sequence_logprobs;
-use crate::sampling::{generate, right_pad, SamplingConfig};
-use crate::tokenizer::{Tokenizer, END_OF_EXPLANATION, IM_END};
+use crate::engine::logprobs::sequence_logprobs;
+use crate::engine::sampling::{generate, right_pad, SamplingConfig};
+use crate::model::checkpoint::{load_checkpoint, CausalLm};
+use crate::model::tokenizer::{Tokenizer, END_OF_EXPLANATION, IM_END};
+use crate::stage::cli::{DeviceArgs, PromptArgs};
 
 use super::cli::RolloutArgs;
 

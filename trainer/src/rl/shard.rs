@@ -10,7 +10,7 @@ use rlt_api::spec::{defaults, RlStage};
 use tch::{Kind, Tensor};
 
 use super::grpo::{ref_mix, ref_sync_due, GrpoConfig};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::train::optim::{AdamW, AdamWConfig};
 
 /// The shard's files in a checkpoint directory.
 const PARAMS_FILE: &str = "params.safetensors";
@@ -277,7 +277,7 @@ pub fn prune_checkpoints(stage: &layout::StageDir, shard: usize, num_shards: usi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optim::assign_shards;
+    use crate::train::optim::assign_shards;
 
     #[test]
     fn assignment_is_deterministic_balanced_and_complete() {

@@ -2,22 +2,22 @@
 //! report, the GPU kit's command (`scripts/dev gpu-kit`): the device and driver; the model's
 //! logits and greedy continuations against transformers' for a random Qwen2 in bf16 and fp32;
 //! an SFT step's time and MFU, and sampling tokens/s, against transformers on the same batch
-//! ([`crate::bench`]); one RL group of a learner, with the memory preflight's estimate beside
+//! ([`crate::bench::versus_transformers`]); one RL group of a learner, with the memory preflight's estimate beside
 //! what the CUDA caching allocator really peaked at (`torch.cuda.max_memory_allocated`; on the
 //! CPU, the process's peak resident memory). On a GPU it runs at Qwen2.5-0.5B's shape; CI runs
 //! it on the CPU at the tiny shape so it cannot rot.
-use crate::bench::{self, BenchArgs};
-use crate::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
-use crate::config::{Qwen2Config, TinySpec};
+use crate::bench::versus_transformers::{self, BenchArgs};
 use crate::device::{cuda_peak_allocated, cuda_reset_peak, gpu_name, nvidia_smi, parse_device};
-use crate::memory::{self, LearnerPlan, Shape, GIB};
+use crate::engine::sampling::{generate, left_pad, SamplingConfig, SplitMix64};
+use crate::model::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
+use crate::model::config::{Qwen2Config, TinySpec};
+use crate::model::tokenizer::Tokenizer;
 use crate::rl::cli::RolloutArgs;
 use crate::rl::learner::{Models, Placement};
 use crate::rl::rollout::{
     policy_gradient, sample_and_score, zero_gradients, GradSum, RolloutConfig, StepContribution,
 };
-use crate::sampling::{generate, left_pad, SamplingConfig, SplitMix64};
-use crate::tokenizer::Tokenizer;
+use crate::train::memory::{self, LearnerPlan, Shape, GIB};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use rlt_api::spec::defaults;
@@ -75,11 +75,16 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
     let kind = if device.is_cuda() { "bf16" } else { "f32" };
     let b = bench_args(&a, &size, kind, &root);
     let peak = match device {
-        Device::Cuda(i) => gpu_name(i).and_then(|g| crate::flops::bf16_peak_tflops(&g)),
+        Device::Cuda(i) => gpu_name(i).and_then(|g| crate::model::flops::bf16_peak_tflops(&g)),
         _ => None,
     };
-    report["bench"] =
-        bench::bench_size(&b, &size, &root.join("bench"), peak, tch::get_num_threads())?;
+    report["bench"] = versus_transformers::bench_size(
+        &b,
+        &size,
+        &root.join("bench"),
+        peak,
+        tch::get_num_threads(),
+    )?;
     let rl = rl_group(&a, device, &model, &shape)?;
     eprintln!("rl group: {rl}");
     report["rl_group"] = rl;
@@ -220,7 +225,7 @@ fn numerics(
     let (spec_path, out_path) = (root.join("numerics.json"), root.join("numerics.out.json"));
     std::fs::write(&spec_path, spec.to_string())?;
     let script = root.join("hf_numerics.py");
-    std::fs::write(&script, include_str!("../gpu/hf_numerics.py"))?;
+    std::fs::write(&script, include_str!("../../gpu/hf_numerics.py"))?;
     let out = std::process::Command::new(&a.python)
         .arg(&script)
         .args([&spec_path, &out_path])

@@ -1,6 +1,6 @@
 //! Per-token log-probabilities of given target tokens: what the SFT loss, the RLT reward and
 //! GRPO all score. Computed in f32 whatever the model's dtype.
-use crate::model::{Qwen2, LOGIT_CHUNK};
+use crate::model::qwen2::{Qwen2, LOGIT_CHUNK};
 use tch::{Kind, Tensor};
 
 /// `log softmax(logits / temperature)` at `targets`: logits `[.., vocab]`, targets `[..]` (i64)

@@ -7,9 +7,9 @@
 //! rank (each on its own GPU, with its `RANK` and `LOCAL_RANK`, like `torchrun`) and ends as
 //! they end: the first to fail stops the others, and its exit code and message become the
 //! pod's.
-use crate::c10d::{Backend, Rendezvous};
-use crate::collective::Group;
 use crate::exit;
+use crate::train::c10d::{Backend, Rendezvous};
+use crate::train::collective::Group;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use rlt_api::contract::env;
@@ -119,7 +119,7 @@ impl RankArgs {
 /// several ranks, runs them. `true`: this process ran its pod's local ranks and is done.
 pub fn prepare_stage(
     ranks: &RankArgs,
-    cfg: &mut crate::sft::SftConfig,
+    cfg: &mut crate::train::sft::SftConfig,
     model: &std::path::Path,
     (what, section): (String, &'static str),
     stage_dir: &std::path::Path,
@@ -128,16 +128,17 @@ pub fn prepare_stage(
     let world = ranks.world();
     check_batch(world, cfg.batch_size, &format!("{section}.batchSize"))
         .map_err(exit::bad_config)?;
-    let stage = crate::memory::Stage::sft(what, section, cfg, kind, world, ranks.ranks_per_pod);
-    let fit = crate::memory::check_stage(model, &stage, cfg.grad_accum, device)
+    let stage =
+        crate::train::memory::Stage::sft(what, section, cfg, kind, world, ranks.ranks_per_pod);
+    let fit = crate::train::memory::check_stage(model, &stage, cfg.grad_accum, device)
         .map_err(exit::bad_config)?;
     (cfg.grad_accum, cfg.local_sums) = (fit.grad_accum, fit.local_sums);
-    let disk = crate::memory::sft_disk_bytes(
-        &crate::memory::shape_of(model)?,
+    let disk = crate::train::memory::sft_disk_bytes(
+        &crate::train::memory::shape_of(model)?,
         kind.elt_size_in_bytes() as u32,
         cfg.keep_checkpoints as u32,
     );
-    crate::memory::check_disk(stage_dir, disk, &stage.what).map_err(exit::bad_config)?;
+    crate::train::memory::check_disk(stage_dir, disk, &stage.what).map_err(exit::bad_config)?;
     if ranks.starts_local_ranks() {
         run_local_ranks(ranks.ranks_per_pod, ranks.pod)?;
         return Ok(true);

@@ -7,7 +7,7 @@
 //! Positions come from the attention mask (`cumsum(mask) - 1`), as transformers' `generate`
 //! computes them: a left-padded row gets the same positions, hence the same logits, as the same
 //! row without padding. That is what lets the RL and distillation code batch ragged sequences.
-use crate::config::Qwen2Config;
+use crate::model::config::Qwen2Config;
 use tch::{nn, nn::Module, Kind, Tensor};
 
 /// Key/value cache for incremental decoding: per layer, keys and values in buffers

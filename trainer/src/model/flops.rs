@@ -6,7 +6,7 @@
 //! attention scores and their weighted sum over the positions a query sees; a backward pass
 //! costs twice its forward. Recomputation (activation checkpointing) is not counted: MFU, not
 //! hardware utilisation.
-use crate::config::Qwen2Config;
+use crate::model::config::Qwen2Config;
 
 /// Multiply-accumulates per token of the weight matrices: the decoder layers and the LM head.
 fn matmul_params(c: &Qwen2Config) -> f64 {
@@ -72,7 +72,7 @@ pub fn bf16_peak_tflops(gpu: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::TinySpec;
+    use crate::model::config::TinySpec;
 
     #[test]
     fn counts_match_a_hand_count() {

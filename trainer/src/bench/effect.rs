@@ -17,19 +17,19 @@
 //!     solution after its own thought.
 //!
 //! Figures are printed side by side and written to `<run>/bench-effect/report.json`.
-use crate::checkpoint::load_checkpoint;
 use crate::data::{self, Example, Prompts};
 use crate::distill::collect::CollectConfig;
 use crate::distill::{run_distill, DistillJob};
 use crate::eval::bench::{self, Benchmark};
 use crate::eval::run::{evaluate, EvalArgs};
 use crate::eval::Sampling;
+use crate::model::checkpoint::load_checkpoint;
 use crate::pipeline::{pipeline, PipelineArgs};
 use crate::rl::reward::RewardConfig;
 use crate::rl::rollout::GroupPrompt;
 use crate::rl::score::Scorer;
-use crate::runconfig::{read_run, Inputs};
-use crate::sft::{run_sft, SftConfig, SftJob};
+use crate::stage::runconfig::{read_run, Inputs};
+use crate::train::sft::{run_sft, SftConfig, SftJob};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rlt_api::layout::RunDir;
@@ -235,7 +235,7 @@ pub fn bench_effect(a: BenchEffectArgs) -> Result<EffectReport> {
         prompts: inputs.prompts,
         out: None,
         keep_completions: false,
-        device: crate::cli::DeviceArgs {
+        device: crate::stage::cli::DeviceArgs {
             device: "cpu".into(),
             dtype: Some("f32".into()),
             threads: None,

@@ -6,7 +6,7 @@
 //! on its shard of the variables with gradients that arrive over the wire
 //! ([`AdamW::step_with`]). tch 0.26 exposes neither libtorch's fused nor its foreach AdamW
 //! kernels; `rlt-trainer bench` times this update against libtorch's own C++ AdamW.
-use crate::checkpoint::{read_safetensors, write_safetensors};
+use crate::model::checkpoint::{read_safetensors, write_safetensors};
 use anyhow::{anyhow, bail, Result};
 use rlt_api::spec::{defaults, Optimizer};
 use serde::{Deserialize, Serialize};

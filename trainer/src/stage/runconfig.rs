@@ -17,11 +17,11 @@
 //! An invalid run configuration or a missing input is a bad configuration
 //! ([`crate::exit::BAD_CONFIG`]: retrying cannot help); failing to write a prepared input is
 //! not.
-use crate::checkpoint;
-use crate::cli::{PromptStyle, SYNTHETIC_HELD_OUT};
-use crate::config::TinySpec;
 use crate::data::{self, synthetic};
 use crate::exit::bad_config;
+use crate::model::checkpoint;
+use crate::model::config::TinySpec;
+use crate::stage::cli::{PromptStyle, SYNTHETIC_HELD_OUT};
 use anyhow::{anyhow, bail, Context, Result};
 use rlt_api::contract::env;
 use rlt_api::layout::{is_complete, RunDir, COMPLETE_MARKER};

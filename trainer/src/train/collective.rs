@@ -1,9 +1,9 @@
 //! The data-parallel ranks of a fine-tune as one group: libtorch's c10d process group
-//! ([`crate::c10d`]) when there are several, nothing at all when there is one, behind the few
+//! ([`crate::train::c10d`]) when there are several, nothing at all when there is one, behind the few
 //! operations the ranks need. A collective that fails after the ranks met means a peer went
 //! away (exited, its pod lost, or hung past the timeout): the error says so and carries the
 //! peer-lost exit code, so the operator blames the lost pod and not this one.
-use crate::c10d::{Backend, ProcessGroup, Rendezvous};
+use crate::train::c10d::{Backend, ProcessGroup, Rendezvous};
 use anyhow::{Context, Result};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};

@@ -1,14 +1,14 @@
 //! One optimizer update shared by the data-parallel ranks of a fine-tune (ZeRO stage 2 in
-//! DeepSpeed's terms, over the c10d group of [`crate::collective`]):
+//! DeepSpeed's terms, over the c10d group of [`crate::train::collective`]):
 //!
 //! - every rank holds the whole model in the training dtype and runs forward and backward on
 //!   its share of the global batch;
-//! - each rank owns whole parameters (balanced by size: [`crate::optim::assign_shards`],
+//! - each rank owns whole parameters (balanced by size: [`crate::train::optim::assign_shards`],
 //!   the split the RL parameter servers use), laid out flat by owner, each owner's part padded
 //!   to the largest so that c10d's equal-shard collectives cut the buffer at the owners;
 //! - the gradients are summed over the ranks by reduce-scatter, in buckets of a bounded size,
 //!   in the training dtype on the wire (bf16 halves the bytes), into the owner's f32 share.
-//!   Where the memory preflight finds room ([`crate::sft::SftConfig::local_sums`]), the
+//!   Where the memory preflight finds room ([`crate::train::sft::SftConfig::local_sums`]), the
 //!   micro-batches of an update are first summed locally in f32 and reduced once per update;
 //!   otherwise each micro-batch is reduced as it ends, keeping the f32 sums a 1/W share;
 //! - the global gradient norm is the sum of the ranks' parts, so clipping is the same on every
@@ -18,8 +18,8 @@
 //!
 //! With one rank it is the same arithmetic without collectives: one code path, whose result
 //! does not depend on the number of ranks beyond float summation order.
-use crate::collective::Group;
-use crate::optim::{assign_shards, clip_coefficient, AdamW, AdamWConfig};
+use crate::train::collective::Group;
+use crate::train::optim::{assign_shards, clip_coefficient, AdamW, AdamWConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -309,7 +309,7 @@ impl Update {
         let mut state = BTreeMap::new();
         for f in files {
             state.extend(
-                crate::checkpoint::read_safetensors(&f)
+                crate::model::checkpoint::read_safetensors(&f)
                     .with_context(|| format!("reading {}", f.display()))?,
             );
         }
@@ -344,7 +344,7 @@ pub fn local_rows<T>(batch: &[T], rank: usize, world: usize) -> Vec<&T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::c10d::{Backend, Rendezvous};
+    use crate::train::c10d::{Backend, Rendezvous};
     use std::time::Duration;
 
     /// Values that depend only on `seed` (the ranks run as threads: libtorch's global random

@@ -9,18 +9,18 @@
 //! stays the last good state.
 //!
 //! Data-parallel: W ranks ([`run_sft_ranks`]) each take every W-th example of the global batch
-//! and make one update together ([`crate::data_parallel`]); they reach the weights one rank
+//! and make one update together ([`crate::train::data_parallel`]); they reach the weights one rank
 //! reaches with the same global batch. Rank 0 writes the model, each rank its share of the
 //! optimizer state, into the same checkpoint.
-use crate::checkpoint::{load_checkpoint, save_dir_atomically, CausalLm};
-use crate::collective::Group;
 use crate::data::PromptCompletion;
-use crate::data_parallel::{local_rows, Update};
+use crate::engine::sampling::{right_pad, SplitMix64};
 use crate::metrics::Published;
-use crate::model::{Qwen2, LOGIT_CHUNK};
-use crate::optim::{AdamWConfig, LrSchedule};
-use crate::sampling::{right_pad, SplitMix64};
-use crate::tokenizer::Tokenizer;
+use crate::model::checkpoint::{load_checkpoint, save_dir_atomically, CausalLm};
+use crate::model::qwen2::{Qwen2, LOGIT_CHUNK};
+use crate::model::tokenizer::Tokenizer;
+use crate::train::collective::Group;
+use crate::train::data_parallel::{local_rows, Update};
+use crate::train::optim::{AdamWConfig, LrSchedule};
 use anyhow::{bail, Context, Result};
 use rlt_api::contract::TrainingFigures;
 use rlt_api::layout::{
@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-pub use crate::data_parallel::OPTIMIZER_FILE;
+pub use crate::train::data_parallel::OPTIMIZER_FILE;
 pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,7 +62,7 @@ pub struct SftConfig {
     /// With several ranks and micro-batches: sum each update's micro-batches locally in f32
     /// (a whole-model buffer per rank) and reduce them over the ranks once per update, rather
     /// than once per micro-batch into a 1/W share. Set by the memory preflight where the
-    /// buffer fits ([`crate::memory::check_stage`]).
+    /// buffer fits ([`crate::train::memory::check_stage`]).
     #[serde(default)]
     pub local_sums: bool,
     /// Stop after this many updates (default: epochs x batches per epoch).
@@ -305,7 +305,7 @@ pub fn completion_loss(
 ) -> Tensor {
     // Right padding needs no attention mask: real tokens never attend to later pads.
     let t = ids.size()[1];
-    let lp = crate::logprobs::sequence_logprobs(model, ids, None, 1.0);
+    let lp = crate::engine::logprobs::sequence_logprobs(model, ids, None, 1.0);
     let m = loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
     -(lp * m).sum(Kind::Float) / denominator.max(1) as f64
 }
@@ -329,7 +329,8 @@ pub fn completion_loss_checkpointed(
             return Tensor::from(0.0);
         }
         let logits = model.lm_logits(&h.narrow(1, 0, len));
-        let lp = crate::logprobs::token_logprobs(&logits, &targets.narrow(1, start, len), 1.0);
+        let lp =
+            crate::engine::logprobs::token_logprobs(&logits, &targets.narrow(1, start, len), 1.0);
         -(lp * m.narrow(1, start, len)).sum(Kind::Float) / denominator.max(1) as f64
     })
 }

@@ -5,8 +5,8 @@
 //! and with bf16 on the wire, in one run. Prints each one's time and bus bandwidth of the f32
 //! bytes (as nccl-tests counts an all-reduce: 2(W-1)/W of the buffer crosses each rank's link)
 //! and the speed-up of the update's bf16 over c10d's f32 pair.
-use crate::c10d::{Backend, ProcessGroup, Rendezvous};
-use crate::collective::Group;
+use crate::train::c10d::{Backend, ProcessGroup, Rendezvous};
+use crate::train::collective::Group;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};

@@ -1,10 +1,10 @@
 //! Argument types and entry points of the `rlt-trainer` subcommands (kept in the library so
 //! other roles and tests can call them directly).
-use crate::checkpoint;
-use crate::config::TinySpec;
 use crate::device::{parse_device, parse_kind};
-use crate::runconfig::{flag_or_run, Staged};
-use crate::sampling::{generate as sample, SamplingConfig};
+use crate::engine::sampling::{generate as sample, SamplingConfig};
+use crate::model::checkpoint;
+use crate::model::config::TinySpec;
+use crate::stage::runconfig::{flag_or_run, Staged};
 use anyhow::Result;
 use clap::Args;
 use rlt_api::contract::env;
@@ -225,7 +225,7 @@ impl DataArgs {
             });
             return Ok(synthetic::split(all, SYNTHETIC_HELD_OUT, 0).0);
         }
-        let path = &crate::runconfig::flag_or_run(
+        let path = &crate::stage::runconfig::flag_or_run(
             self.data.clone(),
             run.map(|s| s.inputs.train.clone()),
             "--data (or --synthetic)",
@@ -314,7 +314,7 @@ pub struct SftArgs {
 
 impl SftArgs {
     /// `base` with every setting the flags give replaced.
-    pub fn over(&self, base: crate::sft::SftConfig) -> crate::sft::SftConfig {
+    pub fn over(&self, base: crate::train::sft::SftConfig) -> crate::train::sft::SftConfig {
         fn set<T: Copy>(dst: &mut T, flag: Option<T>) {
             if let Some(v) = flag {
                 *dst = v;
@@ -349,7 +349,7 @@ impl SftArgs {
 impl StageArgs {
     /// The run's directory in the workspace.
     pub fn run_dir(&self, run: Option<&Staged>) -> Result<rlt_api::layout::RunDir> {
-        crate::runconfig::run_dir(&self.workspace, self.run.as_deref(), run)
+        crate::stage::runconfig::run_dir(&self.workspace, self.run.as_deref(), run)
     }
 }
 
@@ -368,16 +368,16 @@ pub struct WarmupArgs {
     #[command(flatten)]
     pub device: DeviceArgs,
     #[command(flatten)]
-    pub ranks: crate::ranks::RankArgs,
+    pub ranks: crate::train::ranks::RankArgs,
 }
 
 impl WarmupArgs {
     /// The run's warm-up (a hand run: the spec's default one) with the flags given over it.
-    pub fn sft_config(&self, run: Option<&Staged>) -> crate::sft::SftConfig {
+    pub fn sft_config(&self, run: Option<&Staged>) -> crate::train::sft::SftConfig {
         let warmup = run.map_or_else(defaults::warmup, |s| s.spec().warmup.clone());
-        crate::sft::SftConfig {
+        crate::train::sft::SftConfig {
             keep_after_final: keep_after_final(run),
-            ..self.sft.over(crate::sft::SftConfig::warmup(&warmup))
+            ..self.sft.over(crate::train::sft::SftConfig::warmup(&warmup))
         }
     }
 }
@@ -412,7 +412,7 @@ pub fn warmup(a: WarmupArgs) -> Result<()> {
     )?;
     let (device, kind) = a.device.resolve_for(run)?;
     let run_dir = a.stage.run_dir(run)?;
-    if crate::ranks::prepare_stage(
+    if crate::train::ranks::prepare_stage(
         &a.ranks,
         &mut cfg,
         &model,
@@ -442,7 +442,7 @@ pub fn warmup(a: WarmupArgs) -> Result<()> {
         tracing::warn!(skipped = no_trace, "rows without a reasoning trace skipped");
     }
     let local = a.ranks.local_rank.unwrap_or(0);
-    let job = crate::sft::SftJob {
+    let job = crate::train::sft::SftJob {
         name: "warmup".into(),
         stage: run_dir.warmup(),
         attempt: a.stage.attempt,
@@ -455,7 +455,7 @@ pub fn warmup(a: WarmupArgs) -> Result<()> {
         progress_bar: std::io::stderr().is_terminal(),
     };
     let mut group = a.ranks.join(&a.stage.bind, a.stage.attempt, job.device)?;
-    let out = crate::sft::run_sft_ranks(job, &cfg, &mut group)?;
+    let out = crate::train::sft::run_sft_ranks(job, &cfg, &mut group)?;
     if group.rank != 0 {
         return Ok(());
     }
@@ -466,7 +466,7 @@ pub fn warmup(a: WarmupArgs) -> Result<()> {
         first_loss = out.first_losses,
         last_loss = out.last_losses,
         tokens_per_s = out.tokens_per_second as u64,
-        peak_rss_mib = crate::memory::peak_rss_mib().unwrap_or(f64::NAN) as u64,
+        peak_rss_mib = crate::train::memory::peak_rss_mib().unwrap_or(f64::NAN) as u64,
         "warm-up complete"
     );
     println!("{}", out.final_dir.display());

@@ -4,9 +4,9 @@
 //! [`CausalLm`] is a model with its variables; [`save_dir_atomically`] writes any directory
 //! under a temporary name, puts the `COMPLETE` marker in it and renames it into place, so a
 //! reader never sees a half-written checkpoint (the contract of `rlt_api::layout`).
-use crate::config::{Qwen2Config, TinySpec};
-use crate::model::Qwen2;
-use crate::tokenizer::Tokenizer;
+use crate::model::config::{Qwen2Config, TinySpec};
+use crate::model::qwen2::Qwen2;
+use crate::model::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use rlt_api::layout::COMPLETE_MARKER;
 use serde_json::{json, Value};

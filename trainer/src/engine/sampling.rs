@@ -4,8 +4,8 @@
 //! Besides the tokens it returns what RL needs: the log-prob of every sampled token under
 //! the distribution it was sampled from (`log_softmax(logits / temperature)`, before the
 //! top-p cut, as vLLM/TRL report them) and the mask of real generated tokens.
-use crate::logprobs::token_logprobs;
-use crate::model::Qwen2;
+use crate::engine::logprobs::token_logprobs;
+use crate::model::qwen2::Qwen2;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 

@@ -1,19 +1,19 @@
 //! `rlt-trainer bench`: the SFT training step and batched sampling, timed in rlt-trainer and in
 //! Hugging Face transformers (trainer/bench/hf_bench.py) on the same checkpoint, the same batch
 //! and the same torch build, at the model sizes asked for; prints both, the ratio, the model
-//! TFLOP/s of each ([`crate::flops`]) and, where the device's bf16 peak is known (a GPU by
+//! TFLOP/s of each ([`crate::model::flops`]) and, where the device's bf16 peak is known (a GPU by
 //! name, or `--peak-tflops`), the model FLOP utilisation (MFU). Also one AdamW
-//! update over the model's parameters: the trainer's own ([`crate::optim::AdamW`], what every
+//! update over the model's parameters: the trainer's own ([`crate::train::optim::AdamW`], what every
 //! stage runs) against libtorch's C++ `torch::optim::AdamW` (tch exposes neither the fused nor
 //! the foreach kernels, so that is the libtorch implementation within reach).
-use crate::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
-use crate::config::{Qwen2Config, TinySpec};
 use crate::device::{gpu_name, parse_device, parse_kind};
-use crate::flops;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::sampling::{generate, right_pad, SamplingConfig, SplitMix64};
-use crate::sft::completion_loss;
-use crate::tokenizer::Tokenizer;
+use crate::engine::sampling::{generate, right_pad, SamplingConfig, SplitMix64};
+use crate::model::checkpoint::{load_checkpoint, save_checkpoint, CausalLm};
+use crate::model::config::{Qwen2Config, TinySpec};
+use crate::model::flops;
+use crate::model::tokenizer::Tokenizer;
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::sft::completion_loss;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
@@ -198,7 +198,7 @@ fn run_python(dir: &Path, w: &Workload, a: &BenchArgs, pad: i64, threads: i32) -
     std::fs::write(&spec_path, spec.to_string())?;
     // Embedded, so the binary alone (the GPU kit) carries it.
     let script = dir.join("hf_bench.py");
-    std::fs::write(&script, include_str!("../bench/hf_bench.py"))?;
+    std::fs::write(&script, include_str!("../../bench/hf_bench.py"))?;
     let out = std::process::Command::new(&a.python)
         .arg(&script)
         .arg(&spec_path)
@@ -315,7 +315,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         a.dtype, a.batch, a.seq_len, a.batch, a.prompt_len, a.max_new_tokens, a.temperature, a.top_p, a.rounds, a.iters
     );
     match peak {
-        Some(p) => println!("MFU against a peak of {p} TFLOP/s (model FLOPs: crate::flops)"),
+        Some(p) => println!("MFU against a peak of {p} TFLOP/s (model FLOPs: crate::model::flops)"),
         None => println!("MFU: no peak known for this device (pass --peak-tflops)"),
     }
     println!(

@@ -1,12 +1,12 @@
 //! `rlt-trainer bench-generation`: an RL step's generation, a group of G samples of one prompt,
-//! timed in rlt-trainer ([`crate::sampling::generate`], as a rollout calls it) and in Hugging
+//! timed in rlt-trainer ([`crate::engine::sampling::generate`], as a rollout calls it) and in Hugging
 //! Face transformers' `generate` (trainer/bench/hf_generate.py) on the same checkpoint, prompt
 //! and torch build, alternating rounds; prints tokens/s of each and the ratio.
-use crate::checkpoint::{save_checkpoint, CausalLm};
-use crate::config::{Qwen2Config, TinySpec};
 use crate::device::{parse_device, parse_kind};
-use crate::sampling::{generate, SamplingConfig, SplitMix64};
-use crate::tokenizer::Tokenizer;
+use crate::engine::sampling::{generate, SamplingConfig, SplitMix64};
+use crate::model::checkpoint::{save_checkpoint, CausalLm};
+use crate::model::config::{Qwen2Config, TinySpec};
+use crate::model::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
@@ -137,7 +137,7 @@ fn run_rust(
     a: &BenchGenerationArgs,
 ) -> Result<f64> {
     let device = parse_device(&a.device)?;
-    let (lm, _) = crate::checkpoint::load_checkpoint(dir, device, parse_kind(&a.dtype)?)?;
+    let (lm, _) = crate::model::checkpoint::load_checkpoint(dir, device, parse_kind(&a.dtype)?)?;
     let prompts = vec![prompt.to_vec(); g];
     let cfg = SamplingConfig {
         max_new_tokens: a.max_new_tokens,
@@ -175,7 +175,7 @@ fn run_python(
     let spec_path: PathBuf = dir.join("generation_spec.json");
     std::fs::write(&spec_path, spec.to_string())?;
     let script = dir.join("hf_generate.py");
-    std::fs::write(&script, include_str!("../bench/hf_generate.py"))?;
+    std::fs::write(&script, include_str!("../../bench/hf_generate.py"))?;
     let out = std::process::Command::new(&a.python)
         .arg(&script)
         .arg(&spec_path)

@@ -3,17 +3,17 @@
 //!
 //! - weights and their gradients in the training dtype, whole on every rank;
 //! - f32 master weights (bf16 training only), AdamW's two f32 moments and the f32 gradient
-//!   accumulator, each a 1/W share per rank ([`crate::data_parallel`]);
+//!   accumulator, each a 1/W share per rank ([`crate::train::data_parallel`]);
 //! - activations of one micro-batch: every decoder layer's saved tensors, or with activation
 //!   checkpointing only each layer's input plus one layer recomputed at a time, and the logits
-//!   (over chunks of [`crate::model::LOGIT_CHUNK`] tokens when checkpointing);
+//!   (over chunks of [`crate::model::qwen2::LOGIT_CHUNK`] tokens when checkpointing);
 //! - a fixed allowance for the CUDA context and the allocator's fragmentation.
 //!
 //! [`preflight`] runs at the start of the stage, before anything is loaded: a stage that
 //! cannot fit stops with the spec fields to change. [`table`] is the README's table. The RL
 //! stage has its own arithmetic: [`learner_estimate`] (three whole models, sampling and
 //! backward passes over a few rows of a group) and [`server_bytes`] (one shard's state).
-use crate::config::{qwen2_shapes, Qwen2Config};
+use crate::model::config::{qwen2_shapes, Qwen2Config};
 use anyhow::{anyhow, Result};
 use std::fmt::Write as _;
 
@@ -131,10 +131,10 @@ fn activations(s: &Shape, tokens: f64, b: f64, checkpointing: bool) -> f64 {
 }
 
 /// Logits in the training dtype, their f32 log-softmax, and both gradients: of every token,
-/// or of one chunk of [`crate::model::LOGIT_CHUNK`] tokens when checkpointing.
+/// or of one chunk of [`crate::model::qwen2::LOGIT_CHUNK`] tokens when checkpointing.
 fn logits(s: &Shape, tokens: f64, b: f64, checkpointing: bool) -> f64 {
     let logit_tokens = if checkpointing {
-        tokens.min(crate::model::LOGIT_CHUNK as f64)
+        tokens.min(crate::model::qwen2::LOGIT_CHUNK as f64)
     } else {
         tokens
     };
@@ -159,7 +159,7 @@ impl Stage {
     pub fn sft(
         what: String,
         section: &'static str,
-        cfg: &crate::sft::SftConfig,
+        cfg: &crate::train::sft::SftConfig,
         kind: tch::Kind,
         world: usize,
         ranks_per_pod: usize,
@@ -685,7 +685,7 @@ pub struct Fit {
     /// Micro-batches per update.
     pub grad_accum: usize,
     /// Whether each rank keeps f32 sums of the whole model's gradients over an update's
-    /// micro-batches ([`crate::sft::SftConfig::local_sums`]).
+    /// micro-batches ([`crate::train::sft::SftConfig::local_sums`]).
     pub local_sums: bool,
 }
 
@@ -742,7 +742,7 @@ pub fn check_stage(
 }
 
 pub fn shape_of(model_dir: &std::path::Path) -> Result<Shape> {
-    let config = Qwen2Config::from_file(&model_dir.join(crate::checkpoint::CONFIG_FILE))?;
+    let config = Qwen2Config::from_file(&model_dir.join(crate::model::checkpoint::CONFIG_FILE))?;
     Ok(Shape::of(&config))
 }
 
@@ -968,7 +968,7 @@ pub fn check_server(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::qwen2_shape;
+    use crate::model::config::qwen2_shape;
 
     fn shape(name: &str) -> Shape {
         Shape::of(&qwen2_shape(name).unwrap())
