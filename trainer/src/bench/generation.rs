@@ -2,21 +2,21 @@
 //! timed in rlt-trainer ([`crate::engine::sampling::generate`], as a rollout calls it) and in Hugging
 //! Face transformers' `generate` (trainer/bench/hf_generate.py) on the same checkpoint, prompt
 //! and torch build, alternating rounds; prints tokens/s of each and the ratio.
+use crate::bench::versus_transformers::{bench_model, run_embedded_python};
 use crate::device::{parse_device, parse_kind};
 use crate::engine::sampling::{generate, SamplingConfig, SplitMix64};
-use crate::model::checkpoint::{save_checkpoint, CausalLm};
-use crate::model::config::{Qwen2Config, TinySpec};
+use crate::model::checkpoint::save_checkpoint;
 use crate::model::tokenizer::Tokenizer;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Result};
 use clap::Args;
-use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use serde_json::json;
+use std::path::Path;
 use std::time::Instant;
-use tch::{Device, Kind};
+use tch::Kind;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchGenerationArgs {
-    /// Model sizes ([`TinySpec::bench_shape`]): tiny (~0.1M parameters), small (22.7M), ...
+    /// Model sizes ([`crate::model::config::TinySpec::bench_shape`]): tiny (~0.1M parameters), small (22.7M), ...
     #[arg(long, value_delimiter = ',', default_value = "tiny,small")]
     pub sizes: Vec<String>,
     /// Samples per prompt (the RL group size).
@@ -107,19 +107,10 @@ pub fn bench_generation(a: BenchGenerationArgs) -> Result<()> {
     Ok(())
 }
 
-/// A random model of `size` saved in `dir`: (parameters, pad id).
+/// The random model of `size` saved in `dir`: (parameters, pad id).
 fn checkpoint(size: &str, dir: &Path) -> Result<(i64, i64)> {
     let tok = Tokenizer::tiny();
-    let (spec, vocab) = TinySpec::bench_shape(size)?;
-    let lm = match vocab {
-        Some(v) => CausalLm::random(
-            &Qwen2Config::tiny(&spec, v),
-            spec.seed,
-            Device::Cpu,
-            Kind::Float,
-        )?,
-        None => CausalLm::tiny(&spec, &tok, Device::Cpu, Kind::Float)?,
-    };
+    let lm = bench_model(size, &tok)?;
     save_checkpoint(dir, &lm, &tok)?;
     Ok((lm.num_parameters(), tok.pad_id()))
 }
@@ -172,24 +163,8 @@ fn run_python(
         "temperature": a.temperature, "top_p": a.top_p, "iters": a.iters,
         "stops": stop_ids(a.stops),
     });
-    let spec_path: PathBuf = dir.join("generation_spec.json");
-    std::fs::write(&spec_path, spec.to_string())?;
-    let script = dir.join("hf_generate.py");
-    std::fs::write(&script, include_str!("../../bench/hf_generate.py"))?;
-    let out = std::process::Command::new(&a.python)
-        .arg(&script)
-        .arg(&spec_path)
-        .output()
-        .with_context(|| format!("running {} {}", a.python, script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "transformers generation bench failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .map_err(|e| anyhow!("parsing the transformers output: {e}\n{stdout}"))?;
+    let script = ("hf_generate.py", include_str!("../../bench/hf_generate.py"));
+    let v = run_embedded_python(&a.python, dir, script, &spec)?;
     v["tokens_per_second"]
         .as_f64()
         .ok_or_else(|| anyhow!("no tokens_per_second in {v}"))

@@ -194,25 +194,9 @@ fn run_python(dir: &Path, w: &Workload, a: &BenchArgs, pad: i64, threads: i32) -
         "temperature": a.temperature, "top_p": a.top_p,
         "iters": a.iters, "warmup_iters": a.warmup_iters,
     });
-    let spec_path = dir.join("bench_spec.json");
-    std::fs::write(&spec_path, spec.to_string())?;
     // Embedded, so the binary alone (the GPU kit) carries it.
-    let script = dir.join("hf_bench.py");
-    std::fs::write(&script, include_str!("../../bench/hf_bench.py"))?;
-    let out = std::process::Command::new(&a.python)
-        .arg(&script)
-        .arg(&spec_path)
-        .output()
-        .with_context(|| format!("running {} {}", a.python, script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "transformers bench failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .map_err(|e| anyhow!("parsing transformers bench output: {e}\n{stdout}"))?;
+    let script = ("hf_bench.py", include_str!("../../bench/hf_bench.py"));
+    let v = run_embedded_python(&a.python, dir, script, &spec)?;
     let f = |a: &str, b: &str| {
         v[a][b]
             .as_f64()
@@ -224,6 +208,45 @@ fn run_python(dir: &Path, w: &Workload, a: &BenchArgs, pad: i64, threads: i32) -
         sample_seconds: f("sampling", "seconds_per_batch")?,
         sample_tokens_per_second: f("sampling", "tokens_per_second")?,
     })
+}
+
+/// Writes `spec` and the embedded script `(name, text)` into `dir`, runs the script on the
+/// spec with `python`, and returns the JSON of its last line of output.
+pub fn run_embedded_python(
+    python: &str,
+    dir: &Path,
+    (name, text): (&str, &str),
+    spec: &Value,
+) -> Result<Value> {
+    let spec_path = dir.join(format!("{}.spec.json", name.trim_end_matches(".py")));
+    std::fs::write(&spec_path, spec.to_string())?;
+    let script = dir.join(name);
+    std::fs::write(&script, text)?;
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg(&spec_path)
+        .output()
+        .with_context(|| format!("running {python} {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .map_err(|e| anyhow!("parsing the output of {name}: {e}\n{stdout}"))
+}
+
+/// The random model of a bench size ([`TinySpec::bench_shape`]), on the CPU in f32.
+pub fn bench_model(size: &str, tok: &Tokenizer) -> Result<CausalLm> {
+    let (spec, vocab) = TinySpec::bench_shape(size)?;
+    match vocab {
+        Some(v) => CausalLm::random(
+            &Qwen2Config::tiny(&spec, v),
+            spec.seed,
+            Device::Cpu,
+            Kind::Float,
+        ),
+        None => CausalLm::tiny(&spec, tok, Device::Cpu, Kind::Float),
+    }
 }
 
 /// Seconds per AdamW update over `lm`'s parameters with fixed random gradients, best of
@@ -341,16 +364,7 @@ pub fn bench_size(
     threads: i32,
 ) -> Result<Value> {
     let tok = Tokenizer::tiny();
-    let (spec, vocab) = TinySpec::bench_shape(size)?;
-    let lm = match vocab {
-        Some(v) => CausalLm::random(
-            &Qwen2Config::tiny(&spec, v),
-            spec.seed,
-            Device::Cpu,
-            Kind::Float,
-        )?,
-        None => CausalLm::tiny(&spec, &tok, Device::Cpu, Kind::Float)?,
-    };
+    let lm = bench_model(size, &tok)?;
     let config = lm.config.clone();
     let params = lm.num_parameters();
     save_checkpoint(dir, &lm, &tok)?;

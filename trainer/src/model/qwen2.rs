@@ -30,17 +30,17 @@ struct LayerCache {
     k: Tensor,
     v: Tensor,
     len: i64,
-    limit: i64,
 }
 
 impl LayerCache {
     /// Writes `k`, `v` (`[batch, kv_heads, t, head_dim]`) after the cached positions and
-    /// returns views of everything cached so far.
-    fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+    /// returns views of everything cached so far; a full buffer doubles, to `limit` at most
+    /// (0: none).
+    fn append(&mut self, k: &Tensor, v: &Tensor, limit: i64) -> (Tensor, Tensor) {
         let t = k.size()[2];
         let capacity = self.k.size()[2];
         if self.len + t > capacity {
-            let doubled = match self.limit {
+            let doubled = match limit {
                 0 => 2 * capacity,
                 limit => (2 * capacity).min(limit),
             };
@@ -106,10 +106,9 @@ impl KvCache {
                 k: Tensor::empty(shape.as_slice(), (k.kind(), k.device())),
                 v: Tensor::empty(shape.as_slice(), (v.kind(), v.device())),
                 len: 0,
-                limit,
             }
         });
-        layer.append(&k, &v)
+        layer.append(&k, &v, limit)
     }
 }
 
